@@ -1,0 +1,121 @@
+"""Which kernel runs where, and why the others do not: the one place that decides.
+
+"auto" never fails: where a fused kernel cannot run it uses the reference and warns once,
+saying why. An explicit backend either runs its kernel or raises an error saying why not.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from . import _ext, env
+
+_warned: set[str] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested kernel cannot run here; the message says why."""
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@functools.cache
+def _triton() -> tuple[ModuleType | None, str | None]:
+    if env.flag("BAM_FUSED_DISABLE_TRITON"):
+        return None, "disabled by BAM_FUSED_DISABLE_TRITON=1"
+    try:
+        return importlib.import_module("bam_fused.ops.gate_triton"), None
+    except ImportError as exc:
+        return None, f"Triton is not importable ({exc})"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reason(device: torch.device) -> str | None:
+    """Why the Triton gate cannot run on this device, or None when it can."""
+    module, why = _triton()
+    if module is None:
+        return why
+    if device.type == "cuda" or triton_interpreted():
+        return None
+    return f"Triton kernels run on CUDA devices (on {device.type} only under TRITON_INTERPRET=1)"
+
+
+def cpp_reason(device: torch.device) -> str | None:
+    """Why the C++ CPU gate cannot run on this device, or None when it can."""
+    if device.type != "cpu":
+        return f"the C++ gate kernels are CPU kernels, x is on {device}"
+    return _ext.reason()
+
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _dtype_reason(impl: str, dtype: torch.dtype) -> str | None:
+    allowed = TRITON_DTYPES if impl == "triton" else CPP_DTYPES
+    if dtype in allowed:
+        return None
+    names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+    return f"the {impl} gate supports {names}; x has dtype {str(dtype).replace('torch.', '')}"
+
+
+def gate_impl(backend: str, x: torch.Tensor) -> str:
+    """Resolves a bam_gate backend to the kernel that runs: "triton", "cpp" or "reference"."""
+    return _gate_impl(backend, x.device.type, x.dtype)
+
+
+# A constant for torch.compile: the answer depends only on the arguments and the
+# environment, and compiled graphs already guard on x's device and dtype.
+@torch.compiler.assume_constant_result
+def _gate_impl(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    device = torch.device(device_type)
+    if backend == "reference":
+        return "reference"
+    if backend in ("triton", "cpp"):
+        why = (triton_reason if backend == "triton" else cpp_reason)(device)
+        if why is not None:
+            raise BackendUnavailable(f"backend={backend!r} cannot run: {why}")
+        why = _dtype_reason(backend, dtype)
+        if why is not None:
+            raise TypeError(f"x: {why}")
+        return backend
+    impl = "triton" if device_type == "cuda" else "cpp"
+    why = (triton_reason if impl == "triton" else cpp_reason)(device) or _dtype_reason(impl, dtype)
+    if why is None:
+        return impl
+    warn_once(f"gate:{device_type}:{dtype}:{why}", f"bam_fused: using the reference gate: {why}")
+    return "reference"
+
+
+@torch.compiler.assume_constant_result
+def branch_kernel_reason(device_type: str) -> str | None:
+    """Why the branch op cannot run on this device type, or None when it can."""
+    if device_type not in ("cpu", "cuda"):
+        return f"no branch kernel for {device_type}"
+    why = _ext.reason()
+    if why is None and device_type == "cuda" and not _ext.has_cuda_kernels():
+        why = "the extension was built without CUDA kernels"
+    return why
+
+
+def kernels(impl: str) -> ModuleType:
+    """The module holding gate_forward / gate_backward for a kernel impl."""
+    if impl == "triton":
+        module, why = _triton()
+        if module is None:
+            raise BackendUnavailable(why)
+        return module
+    return importlib.import_module("bam_fused.ops.gate_cpp")

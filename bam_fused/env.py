@@ -1,0 +1,33 @@
+"""Every environment variable the package reads, in one place (README: "Environment variables").
+
+| variable                 | default | effect                                                        |
+|--------------------------|---------|---------------------------------------------------------------|
+| BAM_FUSED_DISABLE_EXT    | 0       | 1: never load or build the C++/CUDA extension                 |
+| BAM_FUSED_JIT            | 1       | 0: do not JIT-build the extension when the prebuilt one fails |
+| BAM_FUSED_VERBOSE_BUILD  | 0       | 1: show the compiler's output during a JIT build              |
+| BAM_FUSED_DISABLE_TRITON | 0       | 1: act as if Triton were missing                              |
+| TRITON_INTERPRET         | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |
+
+Build-time only (setup.py): BAM_FUSED_SKIP_EXT, BAM_FUSED_FORCE_CUDA, TORCH_CUDA_ARCH_LIST,
+CUDA_HOME, MAX_JOBS.
+"""
+
+from __future__ import annotations
+
+import os
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def flag(name: str, default: bool = False) -> bool:
+    """Reads a boolean variable; anything but a clear yes/no is an error that names it."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name} must be 0 or 1, got {raw!r}")

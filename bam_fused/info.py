@@ -1,0 +1,79 @@
+"""bam_fused.info(): versions, device, which kernels are active and why others are not."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+
+from . import __version__, _backends, _ext
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def info() -> dict[str, Any]:
+    """A dict a user can paste into a bug report: versions, device and kernel status."""
+    device = default_device()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def status(reason: str | None) -> dict[str, Any]:
+        return {"active": reason is None, "reason": reason}
+
+    build = _ext.build_info()
+    cuda_branch = _ext.reason()
+    if cuda_branch is None and not build.get("with_cuda"):
+        cuda_branch = "the extension was built without CUDA kernels"
+    if cuda_branch is None and not torch.cuda.is_available():
+        cuda_branch = "no CUDA device is visible"
+    triton_cuda = _backends.triton_reason(cuda)
+    if triton_cuda is None and not torch.cuda.is_available():
+        triton_cuda = "no CUDA device is visible"
+    return {
+        "bam_fused": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "cuda_runtime": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "extension": build,
+        "kernels": {
+            "gate (Triton, CUDA)": status(triton_cuda),
+            "gate (C++, CPU)": status(_backends.cpp_reason(cpu)),
+            "branches (C++, CPU)": status(_ext.reason()),
+            "branches (CUDA)": status(cuda_branch),
+        },
+    }
+
+
+def format_info(data: dict[str, Any]) -> str:
+    lines = []
+    for key, value in data.items():
+        if key == "kernels":
+            lines.append("kernels:")
+            for name, st in value.items():
+                lines.append(f"  {name:22s} {'active' if st['active'] else 'inactive: ' + st['reason']}")
+        elif key == "extension":
+            lines.append("extension: " + ", ".join(f"{k}={v}" for k, v in value.items()))
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)

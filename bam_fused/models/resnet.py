@@ -1,0 +1,67 @@
+"""BAM at the bottlenecks of a ResNet: after layer1, layer2 and layer3, before each
+down-sampling stage. Each BAM is appended to its stage as ``layer<i>.bam``, so every key
+of the original network is unchanged and its pretrained weights still load (strict=False
+reports only the new BAM keys as missing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..modules import BAM
+
+STAGES = ("layer1", "layer2", "layer3")
+
+
+def _stage_channels(stage: nn.Module, name: str) -> int:
+    """Output channels of a ResNet stage: the last BatchNorm2d of its last block."""
+    blocks = list(stage.children())
+    bns = [m for m in blocks[-1].modules() if isinstance(m, nn.BatchNorm2d)] if blocks else []
+    if not bns:
+        raise ValueError(f"model.{name} does not look like a ResNet stage (no BatchNorm2d in its last block)")
+    return bns[-1].num_features
+
+
+def insert_bam(model: nn.Module, **bam_kwargs: Any) -> nn.Module:
+    """Adds a ``bam_fused.BAM`` after layer1, layer2 and layer3 of a torchvision or timm
+    ResNet, in place, and returns the model. ``bam_kwargs`` go to ``BAM``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name in STAGES:
+        stage = getattr(model, name, None)
+        if not isinstance(stage, nn.Sequential):
+            raise ValueError(
+                f"model must be a torchvision or timm ResNet with nn.Sequential stages layer1..layer3; "
+                f"model.{name} is {type(stage).__name__}"
+            )
+        if "bam" in stage._modules:
+            raise ValueError(f"model.{name} already has a BAM; insert_bam was applied twice")
+    for name in STAGES:
+        stage = getattr(model, name)
+        ref = next(stage.parameters())
+        bam = BAM(_stage_channels(stage, name), **bam_kwargs).to(device=ref.device, dtype=ref.dtype)
+        stage.add_module("bam", bam.train(model.training))
+    return model
+
+
+def _resnet(arch: str, num_classes: int, bam_kwargs: dict) -> nn.Module:
+    import torchvision
+
+    return insert_bam(getattr(torchvision.models, arch)(weights=None, num_classes=num_classes), **bam_kwargs)
+
+
+def resnet18_bam(num_classes: int = 1000, **bam_kwargs: Any) -> nn.Module:
+    return _resnet("resnet18", num_classes, bam_kwargs)
+
+
+def resnet34_bam(num_classes: int = 1000, **bam_kwargs: Any) -> nn.Module:
+    return _resnet("resnet34", num_classes, bam_kwargs)
+
+
+def resnet50_bam(num_classes: int = 1000, **bam_kwargs: Any) -> nn.Module:
+    return _resnet("resnet50", num_classes, bam_kwargs)
+
+
+def resnet101_bam(num_classes: int = 1000, **bam_kwargs: Any) -> nn.Module:
+    return _resnet("resnet101", num_classes, bam_kwargs)

@@ -1,0 +1,155 @@
+"""bam_fused.BAM: the reference BAM's parameters and keys, routed to the fused kernels.
+
+Data path (backend "fused", or "auto" where the kernels are available):
+- eval mode without autograd: branch op (one pass over x: pooled means and spatial map, with
+  BatchNorm folded into the weights) -> channel MLP on (N, C) -> fused gate;
+- otherwise (training, or gradients wanted): the branches as PyTorch modules -> fused gate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _backends, reference
+from ._checks import check_choice, check_feature_map
+from .ops.branches import bam_branches
+from .ops.gate import bam_gate
+
+MODULE_BACKENDS = ("auto", "fused", "reference")
+BRANCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fold_bn(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and shift with bn(y) == y * scale + shift in eval mode, in fp32."""
+    var, mean = bn.running_var.float(), bn.running_mean.float()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    return scale, shift
+
+
+def _fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folds bn(weight @ y + bias) into one (weight, bias) pair, fp32. Works for convs too."""
+    scale, shift = _fold_bn(bn)
+    w = weight.float() * scale.view(-1, *([1] * (weight.dim() - 1)))
+    b = shift if bias is None else bias.float() * scale + shift
+    return w, b
+
+
+class BAM(reference.BAM):
+    """Bottleneck Attention Module with fused kernels.
+
+    Same signature, parameters and state_dict keys as ``bam_fused.reference.BAM``, plus
+    ``backend``: "auto" (fused where available, else the reference with one warning saying
+    why), "fused" (raise if the fused kernels cannot run) or "reference".
+    """
+
+    def __init__(
+        self,
+        gate_channels: int,
+        reduction_ratio: int = 16,
+        dilation: int = 4,
+        num_dilated_convs: int = 2,
+        combine: str = "sum",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(gate_channels, reduction_ratio, dilation, num_dilated_convs, combine)
+        self.backend = check_choice("backend", backend, MODULE_BACKENDS)
+        self._folded: dict | None = None
+        self._folded_key: tuple | None = None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    # -- routing -----------------------------------------------------------------------
+    def _gate_impl(self, x: torch.Tensor) -> str:
+        if self.backend == "reference":
+            return "reference"
+        if self.backend == "auto":
+            return _backends.gate_impl("auto", x)
+        return _backends.gate_impl("triton" if x.device.type == "cuda" else "cpp", x)
+
+    def _branch_mode_reason(self, x: torch.Tensor) -> str | None:
+        """Why this call must run the branches as PyTorch modules, or None when the op fits."""
+        if self.training:
+            return "training mode needs BatchNorm batch statistics"
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return "gradients are wanted (the branch op is inference-only)"
+        if x.dtype not in BRANCH_DTYPES:
+            return f"the branch op supports float32, float16 and bfloat16, x is {x.dtype}"
+        return None
+
+    # -- BatchNorm folding, cached until a weight, buffer or the mode changes -------------
+    def _fold_key(self) -> tuple:
+        tensors = list(self.parameters()) + list(self.buffers())
+        return (self.training,) + tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+    def folded(self) -> dict:
+        """The eval-mode weights with every BatchNorm folded in (fp32)."""
+        if not torch.compiler.is_compiling():
+            key = self._fold_key()
+            if self._folded is not None and key == self._folded_key:
+                return self._folded
+        with torch.no_grad():
+            gc, gs = self.channel_att.gate_c, self.spatial_att.gate_s
+            fc0_w, fc0_b = _fold_linear(gc.gate_c_fc_0.weight, gc.gate_c_fc_0.bias, gc.gate_c_bn_1)
+            red_w, red_b = _fold_linear(
+                gs.gate_s_conv_reduce0.weight, gs.gate_s_conv_reduce0.bias, gs.gate_s_bn_reduce0
+            )
+            dil = [
+                _fold_linear(getattr(gs, f"gate_s_conv_di_{i}").weight, getattr(gs, f"gate_s_conv_di_{i}").bias,
+                             getattr(gs, f"gate_s_bn_di_{i}"))
+                for i in range(self.num_dilated_convs)
+            ]  # fmt: skip
+            folded = {
+                "fc0_w": fc0_w, "fc0_b": fc0_b,
+                "fc1_w": gc.gate_c_fc_final.weight.float(), "fc1_b": gc.gate_c_fc_final.bias.float(),
+                "red_w": red_w, "red_b": red_b,
+                "dil_w": [w for w, _ in dil], "dil_b": [b for _, b in dil],
+                "fin_w": gs.gate_s_conv_final.weight.float(), "fin_b": gs.gate_s_conv_final.bias.float(),
+            }  # fmt: skip
+        if not torch.compiler.is_compiling():
+            self._folded, self._folded_key = folded, key
+        return folded
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._folded = self._folded_key = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> BAM:
+        self._folded = self._folded_key = None
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        state["_folded"] = state["_folded_key"] = None  # derived; rebuilt on first use
+        return state
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map(x, self.gate_channels)
+        impl = self._gate_impl(x)
+        if impl == "reference":
+            return reference.bam_gate_reference(x, self.channel_att(x), self.spatial_att(x), self.combine)
+        use_op = self._branch_mode_reason(x) is None
+        if use_op:
+            why = _backends.branch_kernel_reason(x.device.type)
+            if why is not None:
+                if self.backend == "fused":
+                    raise _backends.BackendUnavailable(f"backend='fused' cannot run the branch op: {why}")
+                _backends.warn_once(f"branches:{why}", f"bam_fused: BAM branches run as PyTorch modules: {why}")
+                use_op = False
+        if use_op:
+            f = self.folded()
+            pooled, spatial = bam_branches(
+                x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], self.dilation, f["fin_w"], f["fin_b"]
+            )
+            channel = F.linear(F.relu(F.linear(pooled, f["fc0_w"], f["fc0_b"])), f["fc1_w"], f["fc1_b"])
+        else:
+            channel, spatial = self.channel_att(x), self.spatial_att(x)
+        return bam_gate(x, channel, spatial, self.combine, backend=impl)

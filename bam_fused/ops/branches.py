@@ -1,0 +1,83 @@
+"""bam_branches: both BAM branches' passes over x in one op (the C++/CUDA extension).
+
+Given x and the spatial branch's weights with BatchNorm folded in (eval mode), returns the
+pooled channel means (N, C) and the spatial attention map (N, H, W), both fp32. Inference
+only: the op has no autograd (training uses PyTorch convs; see bam_fused.BAM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ext
+from .._checks import check_feature_map, check_float_tensor, check_positive_int
+from .gate import memory_format
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """The extension defines the op; its fake kernel lives here, registered once it loads."""
+    global _fake_registered
+    if _fake_registered:
+        return
+
+    @torch.library.register_fake("bam_fused_C::branches")
+    def _(x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final):
+        n, c, h, w = x.shape
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return x.new_empty((n, c), **f32), x.new_empty((n, h, w), **f32)
+
+    _fake_registered = True
+
+
+def load_op():
+    """Loads the extension (raising ExtensionUnavailable with the reason) and returns the op."""
+    _ext.load()
+    _register_fake()
+    return torch.ops.bam_fused_C.branches
+
+
+def bam_branches(
+    x: torch.Tensor,
+    w_reduce: torch.Tensor,
+    b_reduce: torch.Tensor,
+    w_dilated: Sequence[torch.Tensor],
+    b_dilated: Sequence[torch.Tensor],
+    dilation: int,
+    w_final: torch.Tensor,
+    b_final: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled means (N, C) and spatial map (N, H, W) of x, reading x once.
+
+    Weights (fp32, BatchNorm folded in): w_reduce (Cr, C) or (Cr, C, 1, 1), b_reduce (Cr,),
+    w_dilated[i] (Cr, Cr, 3, 3), b_dilated[i] (Cr,), w_final (Cr,) or (1, Cr, 1, 1), b_final (1,).
+    """
+    x = check_feature_map(x)
+    check_positive_int("dilation", dilation)
+    c = x.shape[1]
+    w_reduce = check_float_tensor("w_reduce", w_reduce)
+    if w_reduce.dim() not in (2, 4) or w_reduce.shape[1] != c or w_reduce[0].numel() != c:
+        raise ValueError(f"w_reduce must have shape (Cr, {c}) or (Cr, {c}, 1, 1), got {tuple(w_reduce.shape)}")
+    if len(w_dilated) != len(b_dilated):
+        raise ValueError(
+            f"w_dilated and b_dilated must have one entry per conv, got {len(w_dilated)} and {len(b_dilated)}"
+        )
+    op = load_op()
+    x = x.contiguous(memory_format=memory_format(x))
+
+    def f32(name: str, t: torch.Tensor) -> torch.Tensor:
+        t = check_float_tensor(name, t)
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
+        return t.to(torch.float32).contiguous()
+
+    cr = w_reduce.shape[0]
+    return op(
+        x, f32("w_reduce", w_reduce.reshape(cr, c)), f32("b_reduce", b_reduce.reshape(-1)),
+        [f32(f"w_dilated[{i}]", w) for i, w in enumerate(w_dilated)],
+        [f32(f"b_dilated[{i}]", b) for i, b in enumerate(b_dilated)], dilation,
+        f32("w_final", w_final.reshape(-1)), f32("b_final", b_final.reshape(-1)),
+    )  # fmt: skip

@@ -1,0 +1,193 @@
+"""Triton kernels of the fused gate and their launchers.
+
+Both memory layouts reduce to one problem. x is viewed as (N, R, L) with L contiguous:
+NCHW gives R = C, L = H*W; channels_last gives R = H*W, L = C. Each row r carries a scalar
+``row[n, r]`` and each column l a scalar ``col[n, l]`` (Mc and Ms, in the order the layout
+implies); the gate is out = x * (1 + sigmoid(row (+) col)) on every (r, l).
+
+Forward: one program per (n, block of rows, block of columns), a 2-D tile.
+Backward: one program per (n, block of columns, chunk of rows) walks its rows in tiles: it
+writes dx, keeps the column gradient of its chunk in registers, and writes per-tile row
+gradients. Both partials are summed afterwards by a fixed-order torch.sum: no atomics, so the
+result is bitwise repeatable.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INT32_LIMIT = 2**31 - 1
+# dtypes the kernels store; math is always fp32.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _gate_fwd_kernel(
+    x_ptr, row_ptr, col_ptr, out_ptr, R, L, n_rb, n_lb,
+    PRODUCT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    L_DIV: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    lb = pid % n_lb
+    rest = pid // n_lb
+    rb = rest % n_rb
+    n = rest // n_rb
+    if INT64:
+        n = n.to(tl.int64)
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    l_idx = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+    r_ok = r < R
+    l_ok = l_idx < L
+    rv = tl.load(row_ptr + n * R + r, mask=r_ok, other=0.0)
+    cv = tl.load(col_ptr + n * L + l_idx, mask=l_ok, other=0.0)
+    if PRODUCT:
+        a = rv[:, None] * cv[None, :]
+    else:
+        a = rv[:, None] + cv[None, :]
+    # Row starts are multiples of L_DIV (the power of two dividing L): lets Triton vectorise.
+    row_start = tl.multiple_of((n * R + r) * L, L_DIV)
+    offs = row_start[:, None] + l_idx[None, :]
+    mask = r_ok[:, None] & l_ok[None, :]
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = xv + xv * tl.sigmoid(a)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd_kernel(
+    g_ptr, x_ptr, row_ptr, col_ptr, dx_ptr, drow_part_ptr, dcol_part_ptr,
+    R, L, n_lb, n_rc, rows_per_chunk,
+    PRODUCT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    L_DIV: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    lb = pid % n_lb
+    rest = pid // n_lb
+    rc = rest % n_rc
+    n = rest // n_rc
+    if INT64:
+        n = n.to(tl.int64)
+    l_idx = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_ok = l_idx < L
+    cv = tl.load(col_ptr + n * L + l_idx, mask=l_ok, other=0.0)
+    dcol = tl.zeros([BLOCK_L], dtype=tl.float32)
+    r_begin = rc * rows_per_chunk
+    r_end = tl.minimum(r_begin + rows_per_chunk, R)
+    for r0 in tl.range(r_begin, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < r_end
+        rv = tl.load(row_ptr + n * R + r, mask=r_ok, other=0.0)
+        if PRODUCT:
+            a = rv[:, None] * cv[None, :]
+        else:
+            a = rv[:, None] + cv[None, :]
+        row_start = tl.multiple_of((n * R + r) * L, L_DIV)
+        offs = row_start[:, None] + l_idx[None, :]
+        mask = r_ok[:, None] & l_ok[None, :]
+        # Masked lanes load g = 0, so they add nothing to either gradient.
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(a)
+        tl.store(dx_ptr + offs, (g + g * s).to(dx_ptr.dtype.element_ty), mask=mask)
+        dz = g * xv * s * (1.0 - s)
+        if PRODUCT:
+            drow = tl.sum(dz * cv[None, :], axis=1)
+            dcol += tl.sum(dz * rv[:, None], axis=0)
+        else:
+            drow = tl.sum(dz, axis=1)
+            dcol += tl.sum(dz, axis=0)
+        tl.store(drow_part_ptr + (n * n_lb + lb) * R + r, drow, mask=r_ok)
+    tl.store(dcol_part_ptr + (n * n_rc + rc) * L + l_idx, dcol, mask=l_ok)
+
+
+def _pow2_divisor(value: int, cap: int = 16) -> int:
+    d = 1
+    while d < cap and value % (2 * d) == 0:
+        d *= 2
+    return d
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_r: int
+    block_l: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    block_r: int
+    block_l: int
+    rows_per_chunk: int
+    num_warps: int
+
+
+def fwd_config(R: int, L: int) -> FwdConfig:
+    """Tiles of about 4096 elements, as wide along the contiguous axis as L allows."""
+    block_l = min(triton.next_power_of_2(L), 1024)
+    block_r = min(max(4096 // block_l, 1), triton.next_power_of_2(R))
+    return FwdConfig(block_r, block_l, num_warps=8 if block_r * block_l >= 4096 else 4)
+
+
+@functools.cache
+def _target_programs(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return 512
+    return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def bwd_config(N: int, R: int, L: int, device_index: int | None = None) -> BwdConfig:
+    """Splits the rows into chunks only as far as needed to fill the GPU (fewer partials)."""
+    block_l = min(triton.next_power_of_2(L), 256)
+    block_r = min(max(2048 // block_l, 1), triton.next_power_of_2(R))
+    n_lb = triton.cdiv(L, block_l)
+    row_tiles = triton.cdiv(R, block_r)
+    n_rc = min(max(triton.cdiv(_target_programs(device_index), max(N * n_lb, 1)), 1), row_tiles)
+    rows_per_chunk = triton.cdiv(row_tiles, n_rc) * block_r
+    return BwdConfig(block_r, block_l, rows_per_chunk, num_warps=4)
+
+
+def _device_index(t: torch.Tensor) -> int | None:
+    return t.device.index if t.is_cuda else None
+
+
+def gate_forward(x3: torch.Tensor, row: torch.Tensor, col: torch.Tensor, product: bool) -> torch.Tensor:
+    """x3: (N, R, L) contiguous; row: (N, R) and col: (N, L) fp32 contiguous."""
+    N, R, L = x3.shape
+    out = torch.empty_like(x3)
+    if x3.numel() == 0:
+        return out
+    cfg = fwd_config(R, L)
+    n_rb, n_lb = triton.cdiv(R, cfg.block_r), triton.cdiv(L, cfg.block_l)
+    _gate_fwd_kernel[(N * n_rb * n_lb,)](
+        x3, row, col, out, R, L, n_rb, n_lb,
+        PRODUCT=product, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l,
+        L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return out
+
+
+def gate_backward(
+    g3: torch.Tensor, x3: torch.Tensor, row: torch.Tensor, col: torch.Tensor, product: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dx (like x3), drow (N, R) and dcol (N, L) in fp32."""
+    N, R, L = x3.shape
+    dx = torch.empty_like(x3)
+    if x3.numel() == 0:
+        return dx, torch.zeros_like(row), torch.zeros_like(col)
+    cfg = bwd_config(N, R, L, _device_index(x3))
+    n_lb = triton.cdiv(L, cfg.block_l)
+    n_rc = triton.cdiv(R, cfg.rows_per_chunk)
+    drow_part = torch.empty((N, n_lb, R), device=x3.device, dtype=torch.float32)
+    dcol_part = torch.empty((N, n_rc, L), device=x3.device, dtype=torch.float32)
+    _gate_bwd_kernel[(N * n_rc * n_lb,)](
+        g3, x3, row, col, dx, drow_part, dcol_part, R, L, n_lb, n_rc, cfg.rows_per_chunk,
+        PRODUCT=product, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l,
+        L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return dx, drow_part.sum(dim=1), dcol_part.sum(dim=1)

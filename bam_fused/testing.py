@@ -1,0 +1,78 @@
+"""What `bam-fused verify` and the tests share: the tolerance table and the comparison rule.
+
+Rule (flash-attention's): compare against the reference computed in float64. In float32 and
+float64 the error must be within the table's atol + rtol * |ref|. In float16 and bfloat16 a
+kernel's error may be at most twice that of eager PyTorch in the same dtype, plus the
+table's atol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# dtype -> (atol, rtol); the one table of tolerances.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 0.0),
+    torch.bfloat16: (1.6e-2, 0.0),
+}
+
+
+@dataclass
+class Comparison:
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    passed: bool
+
+    def __str__(self) -> str:
+        verdict = "pass" if self.passed else "FAIL"
+        return f"max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g} tol={self.tolerance:.3g} {verdict}"
+
+
+def compare(out: torch.Tensor, truth: torch.Tensor, eager: torch.Tensor | None = None) -> Comparison:
+    """Compares a kernel's result with the float64 truth (and eager PyTorch in out's dtype).
+
+    NaN and Inf must sit at the same places with the same values as in the truth.
+    """
+    if out.shape != truth.shape:
+        raise AssertionError(f"shape {tuple(out.shape)} != reference shape {tuple(truth.shape)}")
+    out64, truth64 = out.detach().double().cpu(), truth.detach().double().cpu()
+    finite = torch.isfinite(truth64)
+    same_nonfinite = bool(torch.equal(torch.isfinite(out64), finite)) and bool(
+        torch.equal(out64[~finite].nan_to_num(), truth64[~finite].nan_to_num())
+    )
+    err = (out64 - truth64).abs()[finite]
+    scale = truth64.abs()[finite]
+    max_abs = float(err.max()) if err.numel() else 0.0
+    max_rel = float((err / scale.clamp_min(1e-6)).max()) if err.numel() else 0.0
+    atol, rtol = TOLERANCES[out.dtype]
+    if eager is not None and out.dtype in (torch.float16, torch.bfloat16):
+        eager_err = (eager.detach().double().cpu() - truth64).abs()[finite]
+        bound = 2 * (float(eager_err.max()) if eager_err.numel() else 0.0) + atol
+        passed = max_abs <= bound
+        tolerance = bound
+    else:
+        bound_t = atol + rtol * scale
+        passed = bool((err <= bound_t).all())
+        tolerance = atol + rtol * (float(scale.max()) if scale.numel() else 0.0)
+    return Comparison(max_abs, max_rel, tolerance, passed and same_nonfinite)
+
+
+def randomize_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Random weights and BatchNorm statistics away from their defaults (in place), so that
+    a test would notice BatchNorm folded wrongly or skipped."""
+    with torch.no_grad():
+        for p in module.parameters():
+            std = p[0].numel() ** -0.5 if p.dim() > 1 else 0.2  # keep activations O(1)
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+    return module

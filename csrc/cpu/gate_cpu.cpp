@@ -1,0 +1,194 @@
+// CPU kernels of the fused gate on the (N, R, L) view of x (L contiguous; see
+// bam_fused/ops/gate_triton.py): out = x * (1 + sigmoid(row[n, r] (+) col[n, l])).
+//
+// The forward streams whole rows. The backward cuts rows into fixed tiles, independent of the
+// thread count, and writes per-tile partial column sums that are added in a fixed order
+// afterwards: results are bitwise the same for any number of threads.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../fast_math.h"
+
+namespace bam_fused {
+namespace {
+
+constexpr int64_t kTileR = 32;  // rows per backward tile (fixed: results do not depend on threads)
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+// One copy of each hot loop per instruction set, chosen at load time (GCC ifunc).
+#define BAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BAM_CLONES
+#endif
+#define BAM_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+struct Tile {
+  const T* x;       // (R, L) of sample n
+  const T* g;       // backward only
+  T* out;           // out or dx
+  int64_t r0, r1, L;  // rows [r0, r1) of L columns
+};
+
+template <typename T, typename A, bool kProduct>
+BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col) {
+  for (int64_t r = t.r0; r < t.r1; ++r) {
+    const A rv = row[r];
+    const T* xr = t.x + r * t.L;
+    T* outr = t.out + r * t.L;
+#pragma omp simd
+    for (int64_t l = 0; l < t.L; ++l) {
+      const A a = kProduct ? rv * col[l] : rv + col[l];
+      const A xv = static_cast<A>(xr[l]);
+      outr[l] = static_cast<T>(xv + xv * sigmoid(a));
+    }
+  }
+}
+
+// Writes dx; drow[r] gets row r's sum over the columns; dcol[l] accumulates the tile's sum
+// over its rows.
+template <typename T, typename A, bool kProduct>
+BAM_INLINE void bwd_tile(const Tile<T>& t, const A* row, const A* col, A* drow, A* dcol) {
+  for (int64_t r = t.r0; r < t.r1; ++r) {
+    const A rv = row[r];
+    const T* xr = t.x + r * t.L;
+    const T* gr = t.g + r * t.L;
+    T* dxr = t.out + r * t.L;
+    A rsum = 0;
+#pragma omp simd reduction(+ : rsum)
+    for (int64_t l = 0; l < t.L; ++l) {
+      const A cv = col[l];
+      const A s = sigmoid(kProduct ? rv * cv : rv + cv);
+      const A gv = static_cast<A>(gr[l]);
+      const A xv = static_cast<A>(xr[l]);
+      dxr[l] = static_cast<T>(gv + gv * s);
+      const A dz = gv * xv * s * (A(1) - s);
+      rsum += kProduct ? dz * cv : dz;
+      dcol[l] += kProduct ? dz * rv : dz;
+    }
+    drow[r] = rsum;
+  }
+}
+
+#define BAM_DEFINE_TILES(NAME, T, A, P)                                                     \
+  BAM_CLONES void fwd_##NAME(const Tile<T>& t, const A* row, const A* col) {                \
+    fwd_tile<T, A, P>(t, row, col);                                                         \
+  }                                                                                         \
+  BAM_CLONES void bwd_##NAME(const Tile<T>& t, const A* row, const A* col, A* drow, A* dcol) { \
+    bwd_tile<T, A, P>(t, row, col, drow, dcol);                                             \
+  }
+
+BAM_DEFINE_TILES(f32_sum, float, float, false)
+BAM_DEFINE_TILES(f32_prod, float, float, true)
+BAM_DEFINE_TILES(f16_sum, at::Half, float, false)
+BAM_DEFINE_TILES(f16_prod, at::Half, float, true)
+BAM_DEFINE_TILES(bf16_sum, at::BFloat16, float, false)
+BAM_DEFINE_TILES(bf16_prod, at::BFloat16, float, true)
+BAM_DEFINE_TILES(f64_sum, double, double, false)
+BAM_DEFINE_TILES(f64_prod, double, double, true)
+
+template <typename T>
+struct Kernels;
+#define BAM_KERNELS(T, A, NAME)                                                     \
+  template <>                                                                       \
+  struct Kernels<T> {                                                               \
+    using acc = A;                                                                  \
+    static void fwd(bool p, const Tile<T>& t, const A* r, const A* c) {             \
+      p ? fwd_##NAME##_prod(t, r, c) : fwd_##NAME##_sum(t, r, c);                   \
+    }                                                                               \
+    static void bwd(bool p, const Tile<T>& t, const A* r, const A* c, A* dr, A* dc) { \
+      p ? bwd_##NAME##_prod(t, r, c, dr, dc) : bwd_##NAME##_sum(t, r, c, dr, dc);   \
+    }                                                                               \
+  };
+BAM_KERNELS(float, float, f32)
+BAM_KERNELS(at::Half, float, f16)
+BAM_KERNELS(at::BFloat16, float, bf16)
+BAM_KERNELS(double, double, f64)
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& row, const at::Tensor& col) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), op, ": x must be a contiguous (N, R, L) tensor, got sizes ",
+              x.sizes(), " strides ", x.strides());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(row.dim() == 2 && row.size(0) == x.size(0) && row.size(1) == x.size(1) && row.is_contiguous() &&
+                  row.scalar_type() == acc,
+              op, ": row must be contiguous (N, R) = ", x.size(0), "x", x.size(1), " ", acc, ", got ", row.sizes(),
+              " ", row.scalar_type());
+  TORCH_CHECK(col.dim() == 2 && col.size(0) == x.size(0) && col.size(1) == x.size(2) && col.is_contiguous() &&
+                  col.scalar_type() == acc,
+              op, ": col must be contiguous (N, L) = ", x.size(0), "x", x.size(2), " ", acc, ", got ", col.sizes(),
+              " ", col.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && row.device().is_cpu() && col.device().is_cpu(), op,
+              ": all tensors must be on the CPU");
+}
+
+at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product) {
+  check_inputs("bam_fused_C::gate_forward", x, row, col);
+  auto out = at::empty_like(x);
+  const int64_t N = x.size(0), R = x.size(1), L = x.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bam_gate_forward_cpu", [&] {
+    using K = Kernels<scalar_t>;
+    using A = typename K::acc;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const A* rp = row.const_data_ptr<A>();
+    const A* cp = col.const_data_ptr<A>();
+    // Whole rows, so that each thread streams one contiguous range of memory.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
+    at::parallel_for(0, N * R, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t nr = begin; nr < end;) {
+        const int64_t n = nr / R, r0 = nr % R, r1 = std::min(R, r0 + (end - nr));
+        Tile<scalar_t> t{xp + n * R * L, nullptr, op + n * R * L, r0, r1, L};
+        K::fwd(product, t, rp + n * R, cp + n * L);
+        nr += r1 - r0;
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                 const at::Tensor& row, const at::Tensor& col,
+                                                                 bool product) {
+  check_inputs("bam_fused_C::gate_backward", x, row, col);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
+              "bam_fused_C::gate_backward: grad must be contiguous with x's sizes ", x.sizes(), " and dtype ",
+              x.scalar_type(), ", got ", grad.sizes(), " ", grad.scalar_type());
+  auto dx = at::empty_like(x);
+  const int64_t N = x.size(0), R = x.size(1), L = x.size(2);
+  const int64_t n_rt = (R + kTileR - 1) / kTileR;
+  // Row sums are complete per tile; column sums get one partial per tile of rows, added
+  // below in a fixed order.
+  auto drow = at::empty({N, R}, row.options());
+  auto dcol_part = at::zeros({N, n_rt, L}, col.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bam_gate_backward_cpu", [&] {
+    using K = Kernels<scalar_t>;
+    using A = typename K::acc;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    const A* rp = row.const_data_ptr<A>();
+    const A* cp = col.const_data_ptr<A>();
+    A* drp = drow.mutable_data_ptr<A>();
+    A* dcp = dcol_part.mutable_data_ptr<A>();
+    at::parallel_for(0, N * n_rt, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t rt = task % n_rt, n = task / n_rt;
+        const int64_t off = n * R * L;
+        Tile<scalar_t> t{xp + off, gp + off, dxp + off, rt * kTileR, std::min(R, (rt + 1) * kTileR), L};
+        K::bwd(product, t, rp + n * R, cp + n * L, drp + n * R, dcp + task * L);
+      }
+    });
+  });
+  return {dx, drow, dcol_part.sum(1)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
+  m.impl("gate_forward", &gate_forward_cpu);
+  m.impl("gate_backward", &gate_backward_cpu);
+}
+
+}  // namespace bam_fused

@@ -1,0 +1,37 @@
+"""Small builders the tests share."""
+
+import torch
+
+from bam_fused.reference import bam_gate_reference
+
+LAYOUTS = ("nchw", "channels_last", "strided")
+
+
+def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout; "strided" is neither NCHW nor channels_last."""
+    if layout == "nchw":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    big = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
+    big[..., ::2] = x
+    out = big[..., ::2]
+    assert not out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def gate_inputs(n=2, c=37, h=7, w=9, dtype=torch.float32, device="cpu", layout="nchw", requires_grad=False):
+    x = make_layout(torch.randn(n, c, h, w, dtype=dtype, device=device), layout)
+    ca = torch.randn(n, c, dtype=dtype, device=device)
+    sa = torch.randn(n, h, w, dtype=dtype, device=device)
+    if requires_grad:
+        for t in (x, ca, sa):
+            t.requires_grad_()
+    return x, ca, sa
+
+
+def truth(x, ca, sa, combine):
+    """The gate and its input gradients for a ones-like upstream gradient, in float64."""
+    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, ca, sa))
+    out = bam_gate_reference(x64, c64, s64, combine)
+    return out, x64, c64, s64

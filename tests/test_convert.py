@@ -1,0 +1,116 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bam_fused
+from bam_fused.testing import randomize_
+
+
+# The authors' modules, rebuilt here from their published code (layout and math, product).
+class Flatten(nn.Module):
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+class AuthorsChannelGate(nn.Module):
+    def __init__(self, gate_channel, reduction_ratio=16, num_layers=1):
+        super().__init__()
+        self.gate_c = nn.Sequential()
+        self.gate_c.add_module("flatten", Flatten())
+        gate_channels = [gate_channel] + [gate_channel // reduction_ratio] * num_layers + [gate_channel]
+        for i in range(len(gate_channels) - 2):
+            self.gate_c.add_module(f"gate_c_fc_{i}", nn.Linear(gate_channels[i], gate_channels[i + 1]))
+            self.gate_c.add_module(f"gate_c_bn_{i + 1}", nn.BatchNorm1d(gate_channels[i + 1]))
+            self.gate_c.add_module(f"gate_c_relu_{i + 1}", nn.ReLU())
+        self.gate_c.add_module("gate_c_fc_final", nn.Linear(gate_channels[-2], gate_channels[-1]))
+
+    def forward(self, x):
+        avg_pool = F.avg_pool2d(x, x.size(2), stride=x.size(2))
+        return self.gate_c(avg_pool).unsqueeze(2).unsqueeze(3).expand_as(x)
+
+
+class AuthorsSpatialGate(nn.Module):
+    def __init__(self, gate_channel, reduction_ratio=16, dilation_conv_num=2, dilation_val=4):
+        super().__init__()
+        r = gate_channel // reduction_ratio
+        self.gate_s = nn.Sequential()
+        self.gate_s.add_module("gate_s_conv_reduce0", nn.Conv2d(gate_channel, r, kernel_size=1))
+        self.gate_s.add_module("gate_s_bn_reduce0", nn.BatchNorm2d(r))
+        self.gate_s.add_module("gate_s_relu_reduce0", nn.ReLU())
+        for i in range(dilation_conv_num):
+            self.gate_s.add_module(
+                f"gate_s_conv_di_{i}", nn.Conv2d(r, r, kernel_size=3, padding=dilation_val, dilation=dilation_val)
+            )
+            self.gate_s.add_module(f"gate_s_bn_di_{i}", nn.BatchNorm2d(r))
+            self.gate_s.add_module(f"gate_s_relu_di_{i}", nn.ReLU())
+        self.gate_s.add_module("gate_s_conv_final", nn.Conv2d(r, 1, kernel_size=1))
+
+    def forward(self, x):
+        return self.gate_s(x).expand_as(x)
+
+
+class AuthorsBAM(nn.Module):
+    def __init__(self, gate_channel, **kw):
+        super().__init__()
+        self.channel_att = AuthorsChannelGate(gate_channel)
+        self.spatial_att = AuthorsSpatialGate(gate_channel, **kw)
+
+    def forward(self, x):
+        att = 1 + torch.sigmoid(self.channel_att(x) * self.spatial_att(x))
+        return att * x
+
+
+class Net(nn.Module):
+    def __init__(self, bam_cls=AuthorsBAM, **kw):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.bam1 = bam_cls(32, **kw)
+        self.body = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), bam_cls(64, **kw))
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        x = self.body(self.bam1(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("kw", [{}, {"dilation_val": 2, "dilation_conv_num": 3}])
+def test_convert_authors_layout_keeps_keys_and_outputs(kw):
+    net = randomize_(Net(**kw)).eval()
+    x = torch.randn(2, 3, 12, 12)  # square: the authors' pooling assumes H == W
+    before, keys = net(x), list(net.state_dict())
+    converted = bam_fused.convert(net, backend="reference")
+    assert converted is not net and isinstance(net.bam1, AuthorsBAM)  # not in place by default
+    assert isinstance(converted.bam1, bam_fused.BAM) and isinstance(converted.body[1], bam_fused.BAM)
+    assert converted.bam1.combine == "product"
+    assert converted.bam1.dilation == kw.get("dilation_val", 4)
+    assert list(converted.state_dict()) == keys
+    torch.testing.assert_close(converted(x), before, rtol=1e-5, atol=1e-5)
+    # The default backend gives the same outputs through whatever kernels are active.
+    with torch.no_grad():
+        torch.testing.assert_close(bam_fused.convert(net)(x), before, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_inplace_and_root_and_reference_bams():
+    net = Net(bam_cls=lambda c: bam_fused.reference.BAM(c, combine="sum"))
+    assert bam_fused.convert(net, inplace=True) is net
+    assert type(net.bam1) is bam_fused.BAM and net.bam1.combine == "sum"
+    root = bam_fused.convert(bam_fused.reference.BAM(32), combine="product", backend="reference")
+    assert type(root) is bam_fused.BAM and root.combine == "product" and root.backend == "reference"
+
+
+def test_convert_leaves_mismatching_module_alone_with_warning():
+    net = Net()
+    net.bam1.spatial_att.gate_s.gate_s_conv_di_0 = nn.Conv2d(2, 2, 5, padding=2)
+    with pytest.warns(RuntimeWarning, match=r"left bam1 \(AuthorsBAM\) alone: gate_s_conv_di_0 is not a 3x3 conv"):
+        out = bam_fused.convert(net)
+    assert isinstance(out.bam1, AuthorsBAM) and isinstance(out.body[1], bam_fused.BAM)
+
+
+def test_convert_errors():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        bam_fused.convert(42)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bam_fused.convert(Net(), backend="triton")
+    with pytest.raises(ValueError, match="combine must be one of"):
+        bam_fused.convert(Net(), combine="mul")

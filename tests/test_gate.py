@@ -1,0 +1,177 @@
+"""bam_gate against the float64 reference: every backend, layout, dtype and combine mode."""
+
+import pytest
+import torch
+from helpers import LAYOUTS, gate_inputs, make_layout, truth
+
+from bam_fused import _backends
+from bam_fused.ops import bam_gate
+from bam_fused.reference import bam_gate_reference
+from bam_fused.testing import compare
+
+KERNELS = ["triton", "cpp"]
+SHAPES = [(2, 37, 7, 9), (1, 37, 7, 9), (3, 5, 1, 1), (1, 1, 4, 4), (2, 64, 8, 8)]
+
+
+def run_case(backend, shape, dtype, layout, combine):
+    x, ca, sa = gate_inputs(*shape, dtype=dtype, layout=layout, requires_grad=True)
+    out = bam_gate(x, ca, sa, combine, backend=backend)
+    assert out.dtype == dtype and out.shape == x.shape
+    expected_cl = layout == "channels_last"
+    assert out.is_contiguous(memory_format=torch.channels_last if expected_cl else torch.contiguous_format)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    t_out, x64, c64, s64 = truth(x, ca, sa, combine)
+    t_out.backward(grad.double())
+    eager = bam_gate_reference(x.detach(), ca.detach(), sa.detach(), combine)
+    assert compare(out, t_out, eager).passed, compare(out, t_out, eager)
+    # Gradients: the same rule, eager gradients in the same dtype as the yardstick.
+    xe, ce, se = (t.detach().clone().requires_grad_() for t in (x, ca, sa))
+    bam_gate_reference(xe, ce, se, combine).backward(grad)
+    for name, got, want, eag in (("dx", x.grad, x64.grad, xe.grad), ("dc", ca.grad, c64.grad, ce.grad),
+                                 ("ds", sa.grad, s64.grad, se.grad)):  # fmt: skip
+        assert got.dtype == dtype and got.shape == want.shape, name
+        result = compare(got, want, eag)
+        if dtype in (torch.float16, torch.bfloat16) or got.dtype == torch.float32:
+            # Reductions over up to C*H*W terms: allow the float32 sum-order error.
+            result.passed = result.passed or result.max_abs <= 2e-5 * max(1.0, float(want.abs().max()))
+        assert result.passed, f"{name}: {result}"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_kernels_fp32(backend, shape, layout, combine):
+    run_case(backend, shape, torch.float32, layout, combine)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_kernels_low_precision(backend, dtype, layout, combine):
+    run_case(backend, (2, 37, 7, 9), dtype, layout, combine)
+
+
+def test_cpp_float64_and_reference_backend():
+    run_case("cpp", (2, 37, 7, 9), torch.float64, "nchw", "product")
+    run_case("reference", (2, 37, 7, 9), torch.float32, "channels_last", "sum")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_attention_shapes_accepted(backend):
+    x, ca, sa = gate_inputs()
+    want = bam_gate(x, ca, sa, backend=backend)
+    got = bam_gate(x, ca[:, :, None, None], sa[:, None], backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_batch_zero(backend, layout):
+    x, ca, sa = gate_inputs(0, 37, 7, 9, layout=layout, requires_grad=True)
+    out = bam_gate(x, ca, sa, backend=backend)
+    assert out.shape == (0, 37, 7, 9)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and ca.grad.shape == (0, 37) and sa.grad.shape == (0, 7, 9)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_attention_dtypes_follow_inputs(backend):
+    x, ca, sa = gate_inputs(dtype=torch.bfloat16, requires_grad=True)
+    ca16 = ca.detach().half().requires_grad_()
+    bam_gate(x, ca16, sa, backend=backend).sum().backward()
+    assert ca16.grad.dtype == torch.float16 and sa.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_nan_and_inf_propagate_like_reference(backend):
+    x, ca, sa = gate_inputs()
+    x[0, 0, 0, 0], x[0, 1, 2, 3], x[1, 5, 6, 8] = float("nan"), float("inf"), float("-inf")
+    ca[1, 3] = float("nan")
+    out = bam_gate(x, ca, sa, backend=backend)
+    ref = bam_gate_reference(x.double(), ca.double(), sa.double())
+    assert compare(out, ref).passed
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_backward_is_bitwise_repeatable(backend, layout):
+    x, ca, sa = gate_inputs(2, 64, 9, 13, layout=layout)
+    g = make_layout(torch.randn(x.shape), layout)
+
+    def grads():
+        xs, cs, ss = (t.clone().requires_grad_() for t in (x, ca, sa))
+        bam_gate(xs, cs, ss, "product", backend=backend).backward(g)
+        return xs.grad, cs.grad, ss.grad
+
+    first = grads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        second = grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradcheck_float64(backend, combine, layout):
+    x, ca, sa = gate_inputs(2, 5, 3, 4, dtype=torch.float64, layout=layout, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: bam_gate(a, b, c, combine, backend=backend), (x, ca, sa))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck(backend):
+    from bam_fused.ops.gate import _gate_backward_op, _gate_op
+
+    for layout in ("nchw", "channels_last"):
+        x, ca, sa = gate_inputs(2, 6, 3, 5, layout=layout, requires_grad=True)
+        c, s = ca.detach().reshape(2, 6).requires_grad_(), sa.detach().reshape(2, 15).requires_grad_()
+        torch.library.opcheck(_gate_op, (x, c, s, True, backend))
+        g = make_layout(torch.randn(x.shape), layout)
+        torch.library.opcheck(_gate_backward_op, (g, x.detach(), c.detach(), s.detach(), False, backend))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_torch_compile_fullgraph(backend):
+    x, ca, sa = gate_inputs(2, 8, 4, 5, requires_grad=True)
+    fn = torch.compile(lambda a, b, c: bam_gate(a, b, c, "sum", backend=backend), fullgraph=True, backend="eager")
+    out = fn(x, ca, sa)
+    out.sum().backward()
+    torch.testing.assert_close(out, bam_gate_reference(x, ca, sa), rtol=1e-5, atol=1e-5)
+    assert x.grad is not None and ca.grad is not None
+
+
+def test_bad_inputs_name_the_argument():
+    x, ca, sa = gate_inputs()
+    with pytest.raises(ValueError, match=r"channel_att must have shape \(N, C\) = \(2, 37\).*got \(2, 36\)"):
+        bam_gate(x, ca[:, :36], sa)
+    with pytest.raises(ValueError, match=r"spatial_att must have shape \(N, H, W\) = \(2, 7, 9\).*got \(2, 9, 7\)"):
+        bam_gate(x, ca, sa.transpose(1, 2))
+    with pytest.raises(ValueError, match=r"channel_att must have shape .* got \(1, 37\)"):
+        bam_gate(x, ca[:1], sa)
+    with pytest.raises(ValueError, match=r"x must be 4-D"):
+        bam_gate(x[0], ca, sa)
+    with pytest.raises(TypeError, match="channel_att must have a floating dtype .* got bool"):
+        bam_gate(x, ca > 0, sa)
+    with pytest.raises(TypeError, match="x must have a floating dtype .* got int32"):
+        bam_gate(x.int(), ca, sa)
+    with pytest.raises(ValueError, match="combine must be one of 'sum', 'product', got 'max'"):
+        bam_gate(x, ca, sa, combine="max")
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'triton', 'cpp', 'reference', got 'cuda'"):
+        bam_gate(x, ca, sa, backend="cuda")
+    with pytest.raises(TypeError, match="x: the triton gate supports float32, float16, bfloat16; x has dtype float64"):
+        bam_gate(x.double(), ca.double(), sa.double(), backend="triton")
+    with pytest.raises(ValueError, match="spatial_att is on meta but x is on cpu"):
+        bam_gate(x, ca, sa.to("meta"))
+
+
+def test_triton_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, ca, sa = gate_inputs()
+    with pytest.raises(_backends.BackendUnavailable, match="Triton kernels run on CUDA devices"):
+        bam_gate(x, ca, sa, backend="triton")
