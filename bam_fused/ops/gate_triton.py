@@ -32,6 +32,7 @@ def _gate_fwd_kernel(
     PRODUCT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
     L_DIV: tl.constexpr, INT64: tl.constexpr,
 ):  # fmt: skip
+    L = tl.multiple_of(L, L_DIV)  # row length: lets masks and loads be vectorised
     pid = tl.program_id(0)
     lb = pid % n_lb
     rest = pid // n_lb
@@ -50,7 +51,7 @@ def _gate_fwd_kernel(
     else:
         a = rv[:, None] + cv[None, :]
     # Row starts are multiples of L_DIV (the power of two dividing L): lets Triton vectorise.
-    row_start = tl.multiple_of((n * R + r) * L, L_DIV)
+    row_start = (n * R + r) * L
     offs = row_start[:, None] + l_idx[None, :]
     mask = r_ok[:, None] & l_ok[None, :]
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -65,6 +66,7 @@ def _gate_bwd_kernel(
     PRODUCT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
     L_DIV: tl.constexpr, INT64: tl.constexpr,
 ):  # fmt: skip
+    L = tl.multiple_of(L, L_DIV)
     pid = tl.program_id(0)
     lb = pid % n_lb
     rest = pid // n_lb
@@ -86,7 +88,7 @@ def _gate_bwd_kernel(
             a = rv[:, None] * cv[None, :]
         else:
             a = rv[:, None] + cv[None, :]
-        row_start = tl.multiple_of((n * R + r) * L, L_DIV)
+        row_start = (n * R + r) * L
         offs = row_start[:, None] + l_idx[None, :]
         mask = r_ok[:, None] & l_ok[None, :]
         # Masked lanes load g = 0, so they add nothing to either gradient.
@@ -144,7 +146,7 @@ def _target_programs(device_index: int | None) -> int:
 def bwd_config(N: int, R: int, L: int, device_index: int | None = None) -> BwdConfig:
     """Splits the rows into chunks only as far as needed to fill the GPU (fewer partials)."""
     block_l = min(triton.next_power_of_2(L), 256)
-    block_r = min(max(2048 // block_l, 1), triton.next_power_of_2(R))
+    block_r = min(max(1024 // block_l, 1), triton.next_power_of_2(R))
     n_lb = triton.cdiv(L, block_l)
     row_tiles = triton.cdiv(R, block_r)
     n_rc = min(max(triton.cdiv(_target_programs(device_index), max(N * n_lb, 1)), 1), row_tiles)

@@ -1,0 +1,174 @@
+"""The branch op and the fused BAM module against the reference."""
+
+import pytest
+import torch
+from helpers import LAYOUTS, make_layout
+
+import bam_fused
+from bam_fused import _backends, _ext
+from bam_fused.ops import bam_branches
+from bam_fused.reference import BAM as RefBAM
+from bam_fused.testing import compare, randomize_
+
+GRID = [(48, 9, 13, 1, 8), (48, 9, 13, 2, 16), (48, 9, 13, 4, 16), (64, 7, 7, 4, 8), (37, 7, 9, 4, 16)]
+
+
+def make_pair(c, dilation, r, combine="sum", convs=2, backend="auto"):
+    ref = randomize_(RefBAM(c, r, dilation, convs, combine)).eval()
+    fused = bam_fused.BAM(c, r, dilation, convs, combine, backend=backend).eval()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+@pytest.mark.parametrize("c,h,w,dilation,r", GRID)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_branch_op_matches_reference(c, h, w, dilation, r, layout, dtype):
+    ref, fused = make_pair(c, dilation, r)
+    x = make_layout(torch.randn(2, c, h, w).to(dtype), layout)
+    f = fused.folded()
+    pooled, spatial = bam_branches(x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"])
+    assert pooled.dtype == spatial.dtype == torch.float32
+    assert pooled.shape == (2, c) and spatial.shape == (2, h, w)
+    ref64 = ref.double()
+    x64 = x.double()
+    with torch.no_grad():
+        torch.testing.assert_close(pooled.double(), x64.mean((2, 3)), rtol=1e-5, atol=1e-6)
+        want = ref64.spatial_att(x64)[:, 0]
+        assert compare(spatial, want).max_abs <= 1e-4 * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("c,h,w,dilation,r", GRID)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_bam_eval_matches_reference(c, h, w, dilation, r, layout, combine, dtype):
+    ref, fused = make_pair(c, dilation, r, combine, backend="fused")
+    x = make_layout(torch.randn(3, c, h, w).to(dtype), layout)
+    with torch.no_grad():
+        out = fused(x)
+        truth = ref.double()(x.double())
+        eager = ref.to(dtype)(x)
+    assert out.dtype == dtype
+    cl = layout == "channels_last"
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    result = compare(out, truth, eager)
+    assert result.passed, result
+
+
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_training_mode_fused_gate_forward_backward(combine, layout):
+    ref, fused = make_pair(48, 4, 8, combine, backend="fused")
+    ref.train()
+    fused.train()
+    x = make_layout(torch.randn(4, 48, 9, 13), layout)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(x.shape)
+    out_r, out_f = ref(xr), fused(xf)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    out_r.backward(g)
+    out_f.backward(g)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    for (name, pr), pf in zip(ref.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # Running statistics were updated identically.
+    for (name, br), bf in zip(ref.named_buffers(), fused.buffers(), strict=True):
+        torch.testing.assert_close(bf, br, msg=name)
+
+
+def test_eval_with_gradients_uses_modules_and_gives_input_gradients():
+    ref, fused = make_pair(48, 4, 8)
+    x = torch.randn(2, 48, 9, 13, requires_grad=True)
+    fused(x).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    ref(xr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_folding_cache_follows_weight_updates_state_dict_and_mode():
+    ref, fused = make_pair(48, 2, 8)
+    x = torch.randn(2, 48, 9, 13)
+    with torch.no_grad():
+        fused(x)
+        first = fused.folded()
+        assert fused.folded() is first  # cached
+        for m in (fused, ref):
+            m.spatial_att.gate_s.gate_s_conv_di_1.weight.mul_(1.5)  # in-place update, as an optimizer does
+            m.channel_att.gate_c.gate_c_bn_1.running_var.add_(0.3)
+        assert fused.folded() is not first
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        other = randomize_(RefBAM(48, 8, 2)).eval()
+        fused.load_state_dict(other.state_dict())
+        torch.testing.assert_close(fused(x), other(x), rtol=1e-5, atol=1e-5)
+        fused.train().eval()
+        assert fused._folded is None
+
+
+def test_batch_zero_and_one_pixel():
+    ref, fused = make_pair(32, 4, 8)
+    with torch.no_grad():
+        assert fused(torch.randn(0, 32, 5, 5)).shape == (0, 32, 5, 5)
+        x = torch.randn(3, 32, 1, 1)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_runs_through_reference_branches():
+    ref, fused = make_pair(32, 4, 8)
+    x = torch.randn(2, 32, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.double()(x), ref.double()(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """Simulates an extension that neither imports nor builds."""
+
+    def broken():
+        raise _ext.ExtensionUnavailable("simulated: bam_fused._C is not importable; JIT build failed")
+
+    monkeypatch.setattr(_ext, "load", broken)
+    monkeypatch.setattr(_backends, "_warned", set())
+
+
+def test_fallback_when_extension_is_missing(no_extension):
+    ref, fused = make_pair(48, 4, 8)
+    x = torch.randn(2, 48, 9, 13)
+    with pytest.warns(RuntimeWarning, match="using the reference gate: simulated"):
+        with torch.no_grad():
+            out = fused(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(x), rtol=1e-6, atol=1e-6)
+    info = bam_fused.info()
+    assert not info["kernels"]["gate (C++, CPU)"]["active"]
+    assert "simulated" in info["kernels"]["branches (C++, CPU)"]["reason"]
+    strict = bam_fused.BAM(48, 8, backend="fused").eval()
+    with pytest.raises(_backends.BackendUnavailable, match="backend='cpp' cannot run: simulated"):
+        strict(x)
+
+
+def test_branch_op_bad_inputs():
+    _, fused = make_pair(32, 4, 8)
+    f = fused.folded()
+    x = torch.randn(2, 32, 5, 5)
+    args = (f["red_b"], f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
+    with pytest.raises(ValueError, match=r"w_reduce must have shape \(Cr, 32\)"):
+        bam_branches(x, f["red_w"][:, :16], *args)
+    with pytest.raises(ValueError, match="dilation must be an integer >= 1, got 0"):
+        bam_branches(x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], 0, f["fin_w"], f["fin_b"])
+    with pytest.raises(ValueError, match="w_dilated and b_dilated must have one entry per conv"):
+        bam_branches(x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"][:1], 4, f["fin_w"], f["fin_b"])
+    with pytest.raises(ValueError, match="b_reduce is on meta but x is on cpu"):
+        bam_branches(x, f["red_w"], f["red_b"].to("meta"), *args[1:])
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        bam_branches(x.long(), f["red_w"], *args)
+
+
+def test_branch_op_opcheck():
+    _, fused = make_pair(16, 2, 4)
+    f = fused.folded()
+    op = bam_fused.ops.branches.load_op()
+    for x in (torch.randn(2, 16, 5, 7), torch.randn(2, 16, 5, 7).to(memory_format=torch.channels_last)):
+        args = (x, f["red_w"].reshape(4, 16).contiguous(), f["red_b"], f["dil_w"], f["dil_b"], 2,
+                f["fin_w"].reshape(-1).contiguous(), f["fin_b"])  # fmt: skip
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
