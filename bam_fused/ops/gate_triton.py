@@ -55,7 +55,7 @@ def _gate_fwd_kernel(
     offs = row_start[:, None] + l_idx[None, :]
     mask = r_ok[:, None] & l_ok[None, :]
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = xv + xv * tl.sigmoid(a)
+    out = xv * (1.0 + tl.sigmoid(a))  # the reference's form and rounding
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,7 +95,7 @@ def _gate_bwd_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(a)
-        tl.store(dx_ptr + offs, (g + g * s).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, (g * (1.0 + s)).to(dx_ptr.dtype.element_ty), mask=mask)
         dz = g * xv * s * (1.0 - s)
         if PRODUCT:
             drow = tl.sum(dz * cv[None, :], axis=1)

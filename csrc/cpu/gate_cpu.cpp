@@ -9,6 +9,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <vector>
+
 #include "../fast_math.h"
 
 namespace bam_fused {
@@ -32,17 +35,27 @@ struct Tile {
   int64_t r0, r1, L;  // rows [r0, r1) of L columns
 };
 
+// ecol[l] = exp(-col[l]) when every |col| <= kSplitExpLimit (sum only), else nullptr.
 template <typename T, typename A, bool kProduct>
-BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col) {
+BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col, const A* ecol) {
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const A rv = row[r];
     const T* xr = t.x + r * t.L;
     T* outr = t.out + r * t.L;
+    if (!kProduct && ecol != nullptr && std::abs(rv) <= A(kSplitExpLimit)) {
+      const A er = exp_approx(-rv);
+#pragma omp simd
+      for (int64_t l = 0; l < t.L; ++l) {
+        const A xv = static_cast<A>(xr[l]);
+        outr[l] = static_cast<T>(xv * (A(1) + A(1) / (A(1) + er * ecol[l])));
+      }
+      continue;
+    }
 #pragma omp simd
     for (int64_t l = 0; l < t.L; ++l) {
       const A a = kProduct ? rv * col[l] : rv + col[l];
       const A xv = static_cast<A>(xr[l]);
-      outr[l] = static_cast<T>(xv + xv * sigmoid(a));
+      outr[l] = static_cast<T>(xv * (A(1) + sigmoid(a)));  // the reference's form and rounding
     }
   }
 }
@@ -50,20 +63,22 @@ BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col) {
 // Writes dx; drow[r] gets row r's sum over the columns; dcol[l] accumulates the tile's sum
 // over its rows.
 template <typename T, typename A, bool kProduct>
-BAM_INLINE void bwd_tile(const Tile<T>& t, const A* row, const A* col, A* drow, A* dcol) {
+BAM_INLINE void bwd_tile(const Tile<T>& t, const A* row, const A* col, const A* ecol, A* drow, A* dcol) {
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const A rv = row[r];
     const T* xr = t.x + r * t.L;
     const T* gr = t.g + r * t.L;
     T* dxr = t.out + r * t.L;
     A rsum = 0;
+    const bool split = !kProduct && ecol != nullptr && std::abs(rv) <= A(kSplitExpLimit);
+    const A er = split ? exp_approx(-rv) : A(0);
 #pragma omp simd reduction(+ : rsum)
     for (int64_t l = 0; l < t.L; ++l) {
       const A cv = col[l];
-      const A s = sigmoid(kProduct ? rv * cv : rv + cv);
+      const A s = split ? A(1) / (A(1) + er * ecol[l]) : sigmoid(kProduct ? rv * cv : rv + cv);
       const A gv = static_cast<A>(gr[l]);
       const A xv = static_cast<A>(xr[l]);
-      dxr[l] = static_cast<T>(gv + gv * s);
+      dxr[l] = static_cast<T>(gv * (A(1) + s));
       const A dz = gv * xv * s * (A(1) - s);
       rsum += kProduct ? dz * cv : dz;
       dcol[l] += kProduct ? dz * rv : dz;
@@ -72,13 +87,30 @@ BAM_INLINE void bwd_tile(const Tile<T>& t, const A* row, const A* col, A* drow, 
   }
 }
 
-#define BAM_DEFINE_TILES(NAME, T, A, P)                                                     \
-  BAM_CLONES void fwd_##NAME(const Tile<T>& t, const A* row, const A* col) {                \
-    fwd_tile<T, A, P>(t, row, col);                                                         \
-  }                                                                                         \
-  BAM_CLONES void bwd_##NAME(const Tile<T>& t, const A* row, const A* col, A* drow, A* dcol) { \
-    bwd_tile<T, A, P>(t, row, col, drow, dcol);                                             \
+// Fills ecol with exp(-col); returns whether the split-exp path is valid for this column set.
+template <typename A>
+BAM_INLINE bool split_exp(const A* col, int64_t L, A* ecol) {
+  bool ok = true;
+  for (int64_t l = 0; l < L; ++l) ok &= std::abs(col[l]) <= A(kSplitExpLimit);  // false for NaN
+  if (!ok) return false;
+#pragma omp simd
+  for (int64_t l = 0; l < L; ++l) ecol[l] = exp_approx(-col[l]);
+  return true;
+}
+
+#define BAM_DEFINE_TILES(NAME, T, A, P)                                                             \
+  BAM_CLONES void fwd_##NAME(const Tile<T>& t, const A* row, const A* col, const A* ecol) {        \
+    fwd_tile<T, A, P>(t, row, col, ecol);                                                           \
+  }                                                                                                 \
+  BAM_CLONES void bwd_##NAME(const Tile<T>& t, const A* row, const A* col, const A* ecol, A* drow,  \
+                             A* dcol) {                                                             \
+    bwd_tile<T, A, P>(t, row, col, ecol, drow, dcol);                                               \
   }
+
+BAM_CLONES bool split_exp_f32(const float* col, int64_t L, float* ecol) { return split_exp(col, L, ecol); }
+BAM_CLONES bool split_exp_f64(const double* col, int64_t L, double* ecol) { return split_exp(col, L, ecol); }
+inline bool split_exp_any(const float* col, int64_t L, float* ecol) { return split_exp_f32(col, L, ecol); }
+inline bool split_exp_any(const double* col, int64_t L, double* ecol) { return split_exp_f64(col, L, ecol); }
 
 BAM_DEFINE_TILES(f32_sum, float, float, false)
 BAM_DEFINE_TILES(f32_prod, float, float, true)
@@ -91,16 +123,16 @@ BAM_DEFINE_TILES(f64_prod, double, double, true)
 
 template <typename T>
 struct Kernels;
-#define BAM_KERNELS(T, A, NAME)                                                     \
-  template <>                                                                       \
-  struct Kernels<T> {                                                               \
-    using acc = A;                                                                  \
-    static void fwd(bool p, const Tile<T>& t, const A* r, const A* c) {             \
-      p ? fwd_##NAME##_prod(t, r, c) : fwd_##NAME##_sum(t, r, c);                   \
-    }                                                                               \
-    static void bwd(bool p, const Tile<T>& t, const A* r, const A* c, A* dr, A* dc) { \
-      p ? bwd_##NAME##_prod(t, r, c, dr, dc) : bwd_##NAME##_sum(t, r, c, dr, dc);   \
-    }                                                                               \
+#define BAM_KERNELS(T, A, NAME)                                                                  \
+  template <>                                                                                    \
+  struct Kernels<T> {                                                                            \
+    using acc = A;                                                                               \
+    static void fwd(bool p, const Tile<T>& t, const A* r, const A* c, const A* e) {              \
+      p ? fwd_##NAME##_prod(t, r, c, e) : fwd_##NAME##_sum(t, r, c, e);                          \
+    }                                                                                            \
+    static void bwd(bool p, const Tile<T>& t, const A* r, const A* c, const A* e, A* dr, A* dc) { \
+      p ? bwd_##NAME##_prod(t, r, c, e, dr, dc) : bwd_##NAME##_sum(t, r, c, e, dr, dc);          \
+    }                                                                                            \
   };
 BAM_KERNELS(float, float, f32)
 BAM_KERNELS(at::Half, float, f16)
@@ -137,10 +169,12 @@ at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at
     // Whole rows, so that each thread streams one contiguous range of memory.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
     at::parallel_for(0, N * R, grain, [&](int64_t begin, int64_t end) {
+      std::vector<A> ecol(product ? 0 : L);
       for (int64_t nr = begin; nr < end;) {
         const int64_t n = nr / R, r0 = nr % R, r1 = std::min(R, r0 + (end - nr));
+        const bool split = !product && split_exp_any(cp + n * L, L, ecol.data());
         Tile<scalar_t> t{xp + n * R * L, nullptr, op + n * R * L, r0, r1, L};
-        K::fwd(product, t, rp + n * R, cp + n * L);
+        K::fwd(product, t, rp + n * R, cp + n * L, split ? ecol.data() : nullptr);
         nr += r1 - r0;
       }
     });
@@ -173,11 +207,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_cpu(const at::Tenso
     A* drp = drow.mutable_data_ptr<A>();
     A* dcp = dcol_part.mutable_data_ptr<A>();
     at::parallel_for(0, N * n_rt, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> ecol(product ? 0 : L);
+      int64_t ecol_n = -1;
+      bool split = false;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rt = task % n_rt, n = task / n_rt;
+        if (!product && n != ecol_n) {
+          split = split_exp_any(cp + n * L, L, ecol.data());
+          ecol_n = n;
+        }
         const int64_t off = n * R * L;
         Tile<scalar_t> t{xp + off, gp + off, dxp + off, rt * kTileR, std::min(R, (rt + 1) * kTileR), L};
-        K::bwd(product, t, rp + n * R, cp + n * L, drp + n * R, dcp + task * L);
+        K::bwd(product, t, rp + n * R, cp + n * L, split ? ecol.data() : nullptr, drp + n * R, dcp + task * L);
       }
     });
   });

@@ -1,0 +1,307 @@
+"""`bam-fused bench`: eager reference, torch.compile of the reference and fused, side by side.
+
+Every row reports its time against the copy bandwidth measured in the same run on the same
+tensor (GB/s = bytes / time; bytes per benchmark are the roofline traffic of DESIGN.md):
+
+    gate_fwd      2|x|   read x, write out
+    gate_fwd_bwd  5|x|   forward, then read g and x, write dx
+    bam_eval      3|x|   branches read x once, the gate reads x and writes out
+    bam_train     9|x|   forward 3|x|, gate backward 3|x|, branch backward 3|x| (read x, update dx)
+    resnet50      -      end to end: how much of the network's time its BAMs cost
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .info import _triton_version, device_name
+from .models import resnet50_bam
+from .modules import BAM
+from .ops.gate import bam_gate
+from .reference import BAM as RefBAM
+from .reference import bam_gate_reference
+from .testing import randomize_
+
+ROOFLINE_BYTES = {"gate_fwd": 2, "gate_fwd_bwd": 5, "bam_eval": 3, "bam_train": 9}
+CONTENDERS = ("eager", "compiled", "fused")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    bench: str
+    shape: tuple
+    dtype: str
+    layout: str
+    contender: str
+    median_ms: float
+    iqr_ms: float
+    gbps: float | None
+    pct_copy: float | None
+    roofline_ratio: float | None
+    copy_gbps: float | None
+    speedup: dict = field(default_factory=dict)  # fused over each contender (fused rows only)
+    device: str = ""
+    device_name: str = ""
+    torch: str = torch.__version__
+    triton: str | None = None
+    bam_fused: str = __version__
+    note: str = ""
+
+
+# -- timing ------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 0.4) -> tuple[float, float]:
+    """(median, interquartile range) in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        q25, med, q75 = triton.testing.do_bench(fn, quantiles=[0.25, 0.5, 0.75], rep=int(budget_s * 1000))
+        return med, q75 - q25
+    import torch.utils.benchmark as tb
+
+    fn()  # warm-up: allocator, caches, lazy compilation
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=budget_s
+    )
+    return m.median * 1e3, m.iqr * 1e3
+
+
+def copy_gbps(x: torch.Tensor, device: torch.device) -> float:
+    dst = torch.empty_like(x)
+    med, _ = time_ms(lambda: dst.copy_(x), device)
+    return 2 * x.numel() * x.element_size() / (med * 1e-3) / 1e9
+
+
+# -- the benchmarks: each returns {contender: thunk} --------------------------------------
+def _layout(x, layout):
+    return x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+def _compile(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def gate_contenders(shape, dtype, layout, device, backward: bool) -> dict[str, Callable]:
+    n, c, h, w = shape
+    x = _layout(torch.randn(shape, device=device, dtype=dtype), layout).requires_grad_(backward)
+    ca = torch.randn(n, c, device=device, dtype=dtype, requires_grad=backward)
+    sa = torch.randn(n, h, w, device=device, dtype=dtype, requires_grad=backward)
+    g = _layout(torch.randn(shape, device=device, dtype=dtype), layout)
+    compiled = _compile(bam_gate_reference)
+    fns = {
+        "eager": lambda: bam_gate_reference(x, ca, sa),
+        "compiled": lambda: compiled(x, ca, sa),
+        "fused": lambda: bam_gate(x, ca, sa),
+    }
+    if not backward:
+        return {k: (lambda f=f: _no_grad(f)) for k, f in fns.items()}
+    return {k: (lambda f=f: f().backward(g)) for k, f in fns.items()}
+
+
+def _no_grad(f):
+    with torch.no_grad():
+        return f()
+
+
+def bam_contenders(shape, dtype, layout, device, train: bool) -> dict[str, Callable]:
+    n, c, h, w = shape
+    ref = randomize_(RefBAM(c)).to(device=device, dtype=dtype).train(train)
+    fused = BAM(c).to(device=device, dtype=dtype).train(train)
+    fused.load_state_dict(ref.state_dict())
+    compiled = _compile(ref)
+    x = _layout(torch.randn(shape, device=device, dtype=dtype), layout).requires_grad_(train)
+    g = _layout(torch.randn(shape, device=device, dtype=dtype), layout)
+    modules = {"eager": ref, "compiled": compiled, "fused": fused}
+    if not train:
+        return {k: (lambda m=m: _no_grad(lambda: m(x))) for k, m in modules.items()}
+    return {k: (lambda m=m: m(x).backward(g)) for k, m in modules.items()}
+
+
+def resnet_contenders(batch: int, dtype, layout, device, with_compile: bool) -> dict[str, Callable]:
+    """ResNet-50 eval forward at 224x224: without BAM, with the reference BAMs, with fused."""
+    import torchvision
+
+    plain = torchvision.models.resnet50().to(device=device, dtype=dtype).eval()
+    with_ref = resnet50_bam(backend="reference").to(device=device, dtype=dtype).eval()
+    with_fused = resnet50_bam(backend="auto").to(device=device, dtype=dtype).eval()
+    with_fused.load_state_dict(with_ref.state_dict())
+    x = _layout(torch.randn(batch, 3, 224, 224, device=device, dtype=dtype), layout)
+    models = {"no_bam": plain, "eager": with_ref, "fused": with_fused}
+    if layout == "channels_last":
+        for m in models.values():
+            m.to(memory_format=torch.channels_last)
+    if with_compile:
+        models["compiled"] = _compile(with_ref)
+    return {k: (lambda m=m: _no_grad(lambda: m(x))) for k, m in models.items()}
+
+
+# -- the sweep -------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    device: torch.device
+    shapes: list
+    dtypes: list
+    layouts: list
+    resnet_batch: int
+    compile_resnet: bool
+    budget_s: float
+
+
+def plan(device: torch.device, quick: bool) -> Plan:
+    if device.type == "cuda":
+        shapes = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14)]
+        return Plan(device, shapes, ["fp32", "bf16"], ["nchw", "channels_last"] if not quick else ["nchw"],
+                    32, not quick, 0.2 if quick else 0.5)  # fmt: skip
+    shapes = [(8, 256, 56, 56)] + ([] if quick else [(8, 512, 28, 28), (8, 1024, 14, 14)])
+    return Plan(device, shapes, ["fp32"] if quick else ["fp32", "bf16"], ["nchw"] if quick else ["nchw", "channels_last"],
+                1 if quick else 8, False, 0.3 if quick else 1.0)  # fmt: skip
+
+
+def tasks(p: Plan) -> list[tuple[str, tuple, str, str]]:
+    out = []
+    for shape in p.shapes:
+        for dtype in p.dtypes:
+            for layout in p.layouts:
+                for bench in ROOFLINE_BYTES:
+                    out.append((bench, shape, dtype, layout))
+    out.append(("resnet50", (p.resnet_batch, 3, 224, 224), p.dtypes[0], p.layouts[0]))
+    return out
+
+
+def run_task(p: Plan, bench: str, shape: tuple, dtype_name: str, layout: str) -> list[Row]:
+    device, dtype = p.device, DTYPES[dtype_name]
+    meta = dict(device=str(device), device_name=device_name(device), triton=_triton_version())
+    if bench == "resnet50":
+        fns = resnet_contenders(shape[0], dtype, layout, device, p.compile_resnet)
+        times = {k: time_ms(f, device, p.budget_s) for k, f in fns.items()}
+        base = times.pop("no_bam")[0]
+        rows = []
+        for k, (med, iqr) in times.items():
+            note = f"BAM share {100 * (med - base) / med:.1f}% of {med:.2f} ms (no-BAM net {base:.2f} ms)"
+            rows.append(Row(bench, shape, dtype_name, layout, k, med, iqr, None, None, None, None, note=note, **meta))
+        _speedups(rows)
+        if not p.compile_resnet:
+            rows.append(Row(bench, shape, dtype_name, layout, "compiled", float("nan"), float("nan"), None, None, None,
+                            None, note="skipped: compiling ResNet-50 is slow here (--quick or CPU)", **meta))  # fmt: skip
+        return rows
+    if bench.startswith("gate"):
+        fns = gate_contenders(shape, dtype, layout, device, backward=bench == "gate_fwd_bwd")
+    else:
+        fns = bam_contenders(shape, dtype, layout, device, train=bench == "bam_train")
+    numel = 1
+    for d in shape:
+        numel *= d
+    x_bytes = numel * torch.empty((), dtype=dtype).element_size()
+    bw = copy_gbps(torch.empty(shape, device=device, dtype=dtype).normal_(), device)
+    moved = ROOFLINE_BYTES[bench] * x_bytes
+    rows = []
+    for k, f in fns.items():
+        med, iqr = time_ms(f, device, p.budget_s)
+        gbps = moved / (med * 1e-3) / 1e9
+        rows.append(Row(bench, shape, dtype_name, layout, k, med, iqr, gbps, 100 * gbps / bw,
+                        med / (moved / (bw * 1e9) * 1e3), bw, **meta))  # fmt: skip
+    _speedups(rows)
+    return rows
+
+
+def _speedups(rows: list[Row]) -> None:
+    fused = next(r for r in rows if r.contender == "fused")
+    fused.speedup = {r.contender: r.median_ms / fused.median_ms for r in rows if r.contender != "fused"}
+
+
+def run(p: Plan, progress: bool = True) -> list[Row]:
+    from tqdm import tqdm
+
+    rows: list[Row] = []
+    todo = tasks(p)
+    for bench, shape, dtype, layout in tqdm(todo, desc="bench", disable=not progress, unit="case"):
+        rows += run_task(p, bench, shape, dtype, layout)
+    return rows
+
+
+# -- reporting ---------------------------------------------------------------------------------
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'bench':13s} {'shape':18s} {'dtype':5s} {'layout':13s} {'contender':9s} {'median ms':>10s} "
+            f"{'iqr ms':>8s} {'GB/s':>8s} {'% copy':>7s} {'x roof':>7s}  speed-up of fused")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+
+        def num(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+
+        sp = ", ".join(f"{k} {v:.2f}x" for k, v in r.speedup.items())
+        lines.append(
+            f"{r.bench:13s} {str(tuple(r.shape)):18s} {r.dtype:5s} {r.layout:13s} {r.contender:9s} "
+            f"{r.median_ms:10.3f} {r.iqr_ms:8.3f} {num(r.gbps, '8.1f')} {num(r.pct_copy, '7.1f')} "
+            f"{num(r.roofline_ratio, '7.2f')}  {sp}{('  ' + r.note) if r.note else ''}"
+        )
+    return "\n".join(lines)
+
+
+def write_results(rows: list[Row], out_dir: Path) -> list[Path]:
+    """results.json plus two plots; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": rows[0].device if rows else None,
+        "device_name": rows[0].device_name if rows else None,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "bam_fused": __version__,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    path = out_dir / "results.json"
+    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1, default=str))
+    return [path, *_plots(rows, out_dir, meta)]
+
+
+def _plots(rows: list[Row], out_dir: Path, meta: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fused = [r for r in rows if r.contender == "fused" and r.speedup]
+    labels = [f"{r.bench}\n{r.shape[1]}x{r.shape[2]}x{r.shape[3]} {r.dtype} {r.layout[:4]}" for r in fused]
+    written = []
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(fused) + 2), 4.5))
+    width = 0.4
+    for i, other in enumerate(("eager", "compiled")):
+        vals = [r.speedup.get(other, float("nan")) for r in fused]
+        ax.bar([j + (i - 0.5) * width for j in range(len(fused))], vals, width, label=f"fused vs {other}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(fused)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speed-up (x)")
+    ax.set_title(f"bam_fused speed-up on {meta['device_name']} (torch {meta['torch']})")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out_dir / "speedup.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    bw_rows = [r for r in rows if r.pct_copy is not None]
+    keys = sorted({(r.bench, tuple(r.shape), r.dtype, r.layout) for r in bw_rows}, key=str)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys) + 2), 4.5))
+    width = 0.27
+    for i, contender in enumerate(("eager", "compiled", "fused")):
+        vals = []
+        for key in keys:
+            match = [r.pct_copy for r in bw_rows if (r.bench, tuple(r.shape), r.dtype, r.layout) == key
+                     and r.contender == contender]  # fmt: skip
+            vals.append(match[0] if match else float("nan"))
+        ax.bar([j + (i - 1) * width for j in range(len(keys))], vals, width, label=contender)
+    ax.set_xticks(range(len(keys)), [f"{k[0]}\n{k[1][1]}x{k[1][2]} {k[2]} {k[3][:4]}" for k in keys], rotation=60,
+                  ha="right", fontsize=7)  # fmt: skip
+    ax.set_ylabel("% of copy bandwidth (same run)")
+    ax.set_title(f"Roofline traffic / time on {meta['device_name']}")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out_dir / "bandwidth.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written

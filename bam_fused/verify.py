@@ -1,0 +1,153 @@
+"""`bam-fused verify`: every active fused path against the float64 reference, one row per case."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import _backends
+from .modules import BAM
+from .ops.gate import bam_gate
+from .reference import BAM as RefBAM
+from .reference import bam_gate_reference
+from .testing import compare, randomize_
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LAYOUTS = ("nchw", "channels_last")
+# (C, H, W): the ResNet BAM stages, then odd shapes.
+RESNET_SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14)]
+ODD_SHAPES = [(37, 7, 9), (48, 9, 13), (5, 1, 1)]
+
+
+@dataclass
+class Row:
+    path: str
+    shape: tuple
+    dtype: str
+    layout: str
+    combine: str
+    quantity: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    passed: bool
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+def active_paths(device: torch.device) -> tuple[list[str], list[str]]:
+    """(fused paths that run on device, reasons for the ones that do not)."""
+    paths, why_not = [], []
+    kernels = (["triton"] if device.type == "cuda" else ["cpp"]) + (
+        ["triton"] if device.type == "cpu" and _backends.triton_interpreted() else []
+    )
+    for impl in kernels:
+        why = (_backends.triton_reason if impl == "triton" else _backends.cpp_reason)(device)
+        (why_not.append(f"gate[{impl}]: {why}") if why else paths.append(f"gate[{impl}]"))
+    why = _backends.branch_kernel_reason(device.type)
+    (why_not.append(f"bam: {why}") if why else paths.append("bam"))
+    return paths, why_not
+
+
+def _rows(path, shape, dtype, layout, combine, results: Iterable[tuple[str, object]]) -> list[Row]:
+    return [
+        Row(path, shape, dtype, layout, combine, q, r.max_abs, r.max_rel, r.tolerance, r.passed) for q, r in results
+    ]
+
+
+def check_gate(impl: str, device, shape, dtype_name: str, layout: str, combine: str) -> list[Row]:
+    dtype = DTYPES[dtype_name]
+    n, c, h, w = shape
+    x = _layout(torch.randn(shape, device=device).to(dtype), layout).requires_grad_()
+    ca = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
+    sa = torch.randn(n, h, w, device=device, dtype=dtype, requires_grad=True)
+    g = _layout(torch.randn(shape, device=device).to(dtype), layout)
+    out = bam_gate(x, ca, sa, combine, backend=impl)
+    out.backward(g)
+    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, ca, sa))
+    truth = bam_gate_reference(x64, c64, s64, combine)
+    truth.backward(g.double())
+    xe, ce, se = (t.detach().clone().requires_grad_() for t in (x, ca, sa))
+    eager = bam_gate_reference(xe, ce, se, combine)
+    eager.backward(g)
+    return _rows(f"gate[{impl}]", shape, dtype_name, layout, combine, [
+        ("out", compare(out, truth, eager)), ("d_x", compare(x.grad, x64.grad, xe.grad)),
+        ("d_channel", compare(ca.grad, c64.grad, ce.grad)), ("d_spatial", compare(sa.grad, s64.grad, se.grad)),
+    ])  # fmt: skip
+
+
+def check_bam(device, shape, dtype_name: str, layout: str, combine: str) -> list[Row]:
+    """Eval forward (branch op + gate) and train forward + backward (PyTorch branches + gate)."""
+    dtype = DTYPES[dtype_name]
+    n, c, h, w = shape
+    r = 16 if c >= 32 else 1
+    # Weights rounded to dtype once; the float64 truth uses the same rounded weights.
+    eager = randomize_(RefBAM(c, r, combine=combine)).to(device=device, dtype=dtype)
+    truth = copy.deepcopy(eager).double()
+    fused = BAM(c, r, combine=combine, backend="fused").to(device=device, dtype=dtype)
+    fused.load_state_dict(eager.state_dict())
+    x = _layout(torch.randn(shape, device=device).to(dtype), layout)
+    modules = {"fused": fused, "truth": truth, "eager": eager}
+    with torch.no_grad():
+        outs = {k: m.eval()(x.to(torch.float64 if k == "truth" else dtype)) for k, m in modules.items()}
+    rows = _rows("bam[eval]", shape, dtype_name, layout, combine,
+                 [("out", compare(outs["fused"], outs["truth"], outs["eager"]))])  # fmt: skip
+    if n > 1:  # BatchNorm's batch statistics need more than one sample
+        g = torch.randn(shape, device=device)
+        res = {}
+        for k, m in modules.items():
+            dt = torch.float64 if k == "truth" else dtype
+            xi = x.detach().to(dt).requires_grad_()
+            out = m.train()(xi)
+            out.backward(g.to(dt))
+            res[k] = (out, xi.grad)
+        rows += _rows("bam[train]", shape, dtype_name, layout, combine, [
+            ("out", compare(res["fused"][0], res["truth"][0], res["eager"][0])),
+            ("d_x", compare(res["fused"][1], res["truth"][1], res["eager"][1])),
+        ])  # fmt: skip
+    return rows
+
+
+def cases(device: torch.device, quick: bool, dtypes: list[str]) -> list[tuple[Callable[[], list[Row]], str]]:
+    """The grid, as (thunk, label) pairs, for the active paths on device."""
+    paths, _ = active_paths(device)
+    n_big = 8 if device.type == "cuda" else 2
+    shapes = [(n_big, *s) for s in (RESNET_SHAPES[:1] if quick else RESNET_SHAPES)]
+    shapes += [(2, *ODD_SHAPES[0]), (1, *ODD_SHAPES[1])] + ([] if quick else [(3, *ODD_SHAPES[2])])
+    out = []
+    for path in paths:
+        for shape in shapes:
+            if path == "gate[triton]" and device.type == "cpu" and shape[0] * shape[1] * shape[2] * shape[3] > 1e5:
+                continue  # the interpreter is slow: small shapes only
+            for dtype in dtypes:
+                for layout in LAYOUTS:
+                    for combine in ("sum", "product"):
+                        if path == "bam":
+                            out.append((lambda s=shape, d=dtype, lay=layout, cb=combine:
+                                        check_bam(device, s, d, lay, cb), f"{path} {shape} {dtype} {layout}"))  # fmt: skip
+                        else:
+                            impl = path[5:-1]
+                            out.append((lambda i=impl, s=shape, d=dtype, lay=layout, cb=combine:
+                                        check_gate(i, device, s, d, lay, cb), f"{path} {shape} {dtype} {layout}"))  # fmt: skip
+    return out
+
+
+def format_rows(rows: list[Row]) -> str:
+    head = f"{'path':13s} {'shape':20s} {'dtype':5s} {'layout':13s} {'combine':8s} {'quantity':10s} " \
+           f"{'max_abs':>9s} {'max_rel':>9s} {'tol':>9s}  result"  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.path:13s} {str(tuple(r.shape)):20s} {r.dtype:5s} {r.layout:13s} {r.combine:8s} {r.quantity:10s} "
+            f"{r.max_abs:9.2e} {r.max_rel:9.2e} {r.tolerance:9.2e}  {'pass' if r.passed else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+def to_json(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]
