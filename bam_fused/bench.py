@@ -159,8 +159,9 @@ def plan(device: torch.device, quick: bool) -> Plan:
         return Plan(device, shapes, ["fp32", "bf16"], ["nchw", "channels_last"] if not quick else ["nchw"],
                     32, not quick, 0.2 if quick else 0.5)  # fmt: skip
     shapes = [(8, 256, 56, 56)] + ([] if quick else [(8, 512, 28, 28), (8, 1024, 14, 14)])
-    return Plan(device, shapes, ["fp32"] if quick else ["fp32", "bf16"], ["nchw"] if quick else ["nchw", "channels_last"],
-                1 if quick else 8, False, 0.3 if quick else 1.0)  # fmt: skip
+    dtypes = ["fp32"] if quick else ["fp32", "bf16"]
+    layouts = ["nchw"] if quick else ["nchw", "channels_last"]
+    return Plan(device, shapes, dtypes, layouts, 1 if quick else 8, False, 0.3 if quick else 1.0)
 
 
 def tasks(p: Plan) -> list[tuple[str, tuple, str, str]]:
@@ -187,8 +188,10 @@ def run_task(p: Plan, bench: str, shape: tuple, dtype_name: str, layout: str) ->
             rows.append(Row(bench, shape, dtype_name, layout, k, med, iqr, None, None, None, None, note=note, **meta))
         _speedups(rows)
         if not p.compile_resnet:
-            rows.append(Row(bench, shape, dtype_name, layout, "compiled", float("nan"), float("nan"), None, None, None,
-                            None, note="skipped: compiling ResNet-50 is slow here (--quick or CPU)", **meta))  # fmt: skip
+            note = "skipped: compiling ResNet-50 is slow here (--quick or CPU)"
+            nan = float("nan")
+            rows.append(Row(bench, shape, dtype_name, layout, "compiled", nan, nan, None, None, None, None, note=note,
+                            **meta))  # fmt: skip
         return rows
     if bench.startswith("gate"):
         fns = gate_contenders(shape, dtype, layout, device, backward=bench == "gate_fwd_bwd")

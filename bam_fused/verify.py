@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -127,13 +128,12 @@ def cases(device: torch.device, quick: bool, dtypes: list[str]) -> list[tuple[Ca
             for dtype in dtypes:
                 for layout in LAYOUTS:
                     for combine in ("sum", "product"):
+                        label = f"{path} {shape} {dtype} {layout} {combine}"
                         if path == "bam":
-                            out.append((lambda s=shape, d=dtype, lay=layout, cb=combine:
-                                        check_bam(device, s, d, lay, cb), f"{path} {shape} {dtype} {layout}"))  # fmt: skip
+                            thunk = functools.partial(check_bam, device, shape, dtype, layout, combine)
                         else:
-                            impl = path[5:-1]
-                            out.append((lambda i=impl, s=shape, d=dtype, lay=layout, cb=combine:
-                                        check_gate(i, device, s, d, lay, cb), f"{path} {shape} {dtype} {layout}"))  # fmt: skip
+                            thunk = functools.partial(check_gate, path[5:-1], device, shape, dtype, layout, combine)
+                        out.append((thunk, label))
     return out
 
 
