@@ -219,11 +219,8 @@ def _speedups(rows: list[Row]) -> None:
 
 
 def run(p: Plan, progress: bool = True) -> list[Row]:
-    from tqdm import tqdm
-
     rows: list[Row] = []
-    todo = tasks(p)
-    for bench, shape, dtype, layout in tqdm(todo, desc="bench", disable=not progress, unit="case"):
+    for bench, shape, dtype, layout in progress_bar(tasks(p), "bench", progress):
         rows += run_task(p, bench, shape, dtype, layout)
     return rows
 
@@ -263,8 +260,21 @@ def write_results(rows: list[Row], out_dir: Path) -> list[Path]:
     return [path, *_plots(rows, out_dir, meta)]
 
 
+def progress_bar(items: list, desc: str, enabled: bool = True):
+    """tqdm where it is installed (it is optional on bare GPU machines)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, disable=not enabled, unit="case")
+
+
 def _plots(rows: list[Row], out_dir: Path, meta: dict) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plots written")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -29,9 +29,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from . import verify
+    from .bench import progress_bar
 
     device = _device(args.device)
     dtypes = list(verify.DTYPES) if args.dtype == "all" else [args.dtype]
@@ -43,8 +42,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     torch.manual_seed(0)
     rows = []
-    for thunk, _label in tqdm(verify.cases(device, args.quick, dtypes), desc="verify", unit="case",
-                              disable=not sys.stderr.isatty()):  # fmt: skip
+    for thunk, _label in progress_bar(verify.cases(device, args.quick, dtypes), "verify", sys.stderr.isatty()):
         rows += thunk()
     print(verify.format_rows(rows))
     failed = [r for r in rows if not r.passed]

@@ -1,0 +1,69 @@
+"""The main job's commands: info, verify and bench, run as a user would (in-process)."""
+
+import json
+
+import pytest
+
+from bam_fused import cli
+from bam_fused.ops import gate_cpp
+
+
+def test_info_text_and_json(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "torch:" in text and "gate (C++, CPU)" in text and "branches (CUDA)" in text
+    assert cli.main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["kernels"]["gate (C++, CPU)"]["active"] is True
+    assert data["kernels"]["gate (Triton, CUDA)"]["reason"]  # no GPU here: says why
+
+
+def test_verify_quick_passes_and_writes_rows(tmp_path, capsys):
+    assert cli.main(["verify", "--quick", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert " passed, 0 failed" in out and "bam[eval]" in out and "bam[train]" in out and "d_channel" in out
+    rows = json.loads((tmp_path / "verify.json").read_text())
+    assert rows and {"path", "shape", "dtype", "max_abs", "tolerance", "passed"} <= set(rows[0])
+
+
+def test_verify_fails_on_a_broken_kernel(monkeypatch, capsys):
+    real = gate_cpp.gate_forward
+
+    def off_by_a_little(x3, row, col, product):
+        out = real(x3, row, col, product)
+        out.view(-1)[::97] += 1e-2  # a few wrong elements
+        return out
+
+    monkeypatch.setattr(gate_cpp, "gate_forward", off_by_a_little)
+    assert cli.main(["verify", "--quick", "--dtype", "fp32"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_quick_writes_json_and_plots(tmp_path, capsys):
+    assert cli.main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "speed-up of fused" in table and "resnet50" in table
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {"device", "device_name", "torch", "triton", "bam_fused"} <= set(data["meta"])
+    rows = data["rows"]
+    benches = {r["bench"] for r in rows}
+    assert benches == {"gate_fwd", "gate_fwd_bwd", "bam_eval", "bam_train", "resnet50"}
+    for r in rows:
+        assert {"median_ms", "iqr_ms", "gbps", "pct_copy", "roofline_ratio", "device_name", "torch"} <= set(r)
+        if r["bench"] != "resnet50":
+            assert r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
+            assert r["roofline_ratio"] == pytest.approx(100 / r["pct_copy"], rel=1e-6)
+    fused = [r for r in rows if r["contender"] == "fused" and r["bench"] == "bam_eval"]
+    assert set(fused[0]["speedup"]) == {"eager", "compiled"}
+    for name in ("speedup.png", "bandwidth.png"):
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_cli_rejects_cuda_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="no CUDA device is visible"):
+        cli.main(["verify", "--device", "cuda"])
