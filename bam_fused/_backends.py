@@ -105,7 +105,11 @@ def branch_kernel_reason(device_type: str) -> str | None:
     """Why the branch op cannot run on this device type, or None when it can."""
     if device_type not in ("cpu", "cuda"):
         return f"no branch kernel for {device_type}"
-    why = _ext.reason()
+    try:
+        importlib.import_module("bam_fused.ops.branches").load_op()  # the op and its fake kernel
+    except _ext.ExtensionUnavailable as exc:
+        return str(exc)
+    why = None
     if why is None and device_type == "cuda" and not _ext.has_cuda_kernels():
         why = "the extension was built without CUDA kernels"
     return why

@@ -84,6 +84,12 @@ def _layout(x, layout):
 
 
 def _compile(fn):
+    # Dynamo's cache is per code object: every shape and dtype of the sweep recompiles the
+    # same reference function, and past the default limit it would silently run eager.
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))
     return torch.compile(fn, dynamic=False)
 
 
@@ -244,6 +250,31 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def markdown_summary(rows: list[Row]) -> str:
+    """One line per benchmark case: the three contenders' medians, fused's bandwidth, speed-ups."""
+    lines = [
+        "| bench | shape | dtype | layout | eager ms | compiled ms | fused ms | fused % copy | vs eager "
+        "| vs compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_case: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault((r.bench, tuple(r.shape), r.dtype, r.layout), {})[r.contender] = r
+    for (bench, shape, dtype, layout), same in by_case.items():
+        fused = same.get("fused")
+        if fused is None:
+            continue
+        ms = {k: "-" if r.median_ms != r.median_ms else f"{r.median_ms:.3f}" for k, r in same.items()}
+        up = {k: f"{v:.2f}x" for k, v in fused.speedup.items()}
+        pct = "-" if fused.pct_copy is None else f"{fused.pct_copy:.0f}%"
+        lines.append(
+            f"| {bench} | {'x'.join(map(str, shape))} | {dtype} | {layout} | {ms.get('eager', '-')} | "
+            f"{ms.get('compiled', '-')} | {ms['fused']} | {pct} | {up.get('eager', '-')} | "
+            f"{up.get('compiled', '-')} |"
+        )
+    return "\n".join(lines)
+
+
 def write_results(rows: list[Row], out_dir: Path) -> list[Path]:
     """results.json plus two plots; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +288,11 @@ def write_results(rows: list[Row], out_dir: Path) -> list[Path]:
     }
     path = out_dir / "results.json"
     path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1, default=str))
-    return [path, *_plots(rows, out_dir, meta)]
+    summary = out_dir / "summary.md"
+    summary.write_text(f"Device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
+                       f"triton {meta['triton']}, bam_fused {meta['bam_fused']}, {meta['cpu_threads']} CPU threads\n\n"
+                       + markdown_summary(rows) + "\n")  # fmt: skip
+    return [path, summary, *_plots(rows, out_dir, meta)]
 
 
 def progress_bar(items: list, desc: str, enabled: bool = True):

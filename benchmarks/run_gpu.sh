@@ -20,7 +20,7 @@ status=0
 } > "$OUT/setup.log" 2>&1
 
 timeout 270 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider tests > "$OUT/tests.log" 2>&1 || status=1
-timeout 90 $PY -m bam_fused.cli verify --out "$OUT" > "$OUT/verify.log" 2>&1 || status=1
+timeout 90 $PY -m bam_fused.cli verify > "$OUT/verify.log" 2>&1 || status=1
 timeout 180 $PY -m bam_fused.cli bench --no-progress --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 tail -n 3 "$OUT"/tests.log "$OUT"/verify.log
 exit $status

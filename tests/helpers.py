@@ -16,7 +16,8 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     big = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
     big[..., ::2] = x
     out = big[..., ::2]
-    assert not out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
+    if x.numel() > 0 and x.shape[3] > 1:  # with W == 1 every stride order is dense
+        assert not out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
     return out
 
 

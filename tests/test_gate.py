@@ -172,3 +172,20 @@ def test_triton_needs_cuda_or_interpreter(monkeypatch):
     x, ca, sa = gate_inputs()
     with pytest.raises(_backends.BackendUnavailable, match="Triton kernels run on CUDA devices"):
         bam_gate(x, ca, sa, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_storage_conversions_are_exact_for_every_bit_pattern(dtype):
+    """With sigmoid ~ 0 the gate is the identity: every 16-bit pattern must come back."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(1, 1, 256, 256)
+    out = bam_gate(x, torch.full((1, 1), -60.0), torch.full((1, 256, 256), -60.0), backend="cpp")
+    same = out.view(torch.int16) == bits.reshape(out.shape)
+    nan = torch.isnan(x)
+    assert bool(same[~nan].all()) and bool(torch.isnan(out[nan]).all())
+    # Rounding of the store: x * (1 + s) in fp32, stored in dtype, as eager PyTorch rounds.
+    y = torch.randn(1, 4, 64, 64).to(dtype)
+    c, s = torch.randn(1, 4), torch.randn(1, 64, 64)
+    want = (y.float() * (1 + torch.sigmoid(c[:, :, None, None] + s[:, None]))).to(dtype)
+    got = bam_gate(y, c, s, backend="cpp")
+    assert (got.float() - want.float()).abs().max() <= (want.float().abs() * 2**-7).max()

@@ -29,6 +29,10 @@ def test_every_config_compiles_for_both_archs(aot_results):
                     assert (arch, kernel, dtype, product) in seen
 
 
+def test_64_bit_offsets_compile(aot_results):
+    assert {r["arch"] for r in aot_results if r["constexprs"]["INT64"]} == {80, 90}
+
+
 def test_zero_register_spills(aot_results):
     spilled = [r for r in aot_results if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled

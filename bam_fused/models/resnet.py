@@ -37,11 +37,12 @@ def insert_bam(model: nn.Module, **bam_kwargs: Any) -> nn.Module:
             )
         if "bam" in stage._modules:
             raise ValueError(f"model.{name} already has a BAM; insert_bam was applied twice")
+    # Build every BAM before touching the model: a bad argument leaves it unchanged.
+    bams = {name: BAM(_stage_channels(getattr(model, name), name), **bam_kwargs) for name in STAGES}
     for name in STAGES:
         stage = getattr(model, name)
         ref = next(stage.parameters())
-        bam = BAM(_stage_channels(stage, name), **bam_kwargs).to(device=ref.device, dtype=ref.dtype)
-        stage.add_module("bam", bam.train(model.training))
+        stage.add_module("bam", bams[name].to(device=ref.device, dtype=ref.dtype).train(model.training))
     return model
 
 

@@ -65,7 +65,9 @@ def bam_branches(
         raise ValueError(
             f"w_dilated and b_dilated must have one entry per conv, got {len(w_dilated)} and {len(b_dilated)}"
         )
-    op = load_op()
+    # Under torch.compile the op was loaded while tracing (BAM checks it first); loading
+    # imports modules, which Dynamo must not trace.
+    op = torch.ops.bam_fused_C.branches if torch.compiler.is_compiling() else load_op()
     x = x.contiguous(memory_format=memory_format(x))
 
     def f32(name: str, t: torch.Tensor) -> torch.Tensor:

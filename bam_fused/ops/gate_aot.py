@@ -66,8 +66,10 @@ def configs() -> list[dict]:
         for R, L in ((c, h * w), (h * w, c)):  # NCHW, channels_last
             f, b = gt.fwd_config(R, L), gt.bwd_config(n, R, L)
             for dtype in DTYPES:
-                for product in (False, True):
-                    common = dict(PRODUCT=product, L_DIV=gt._pow2_divisor(L), INT64=False)
+                # 64-bit offsets (tensors past 2^31 elements) for one shape: same code path.
+                int64s = (False, True) if (n, c, h, w) == SHAPES[1] else (False,)
+                for product, int64 in ((p, i) for p in (False, True) for i in int64s):
+                    common = dict(PRODUCT=product, L_DIV=gt._pow2_divisor(L), INT64=int64)
                     for kernel, cfg in (("fwd", f), ("bwd", b)):
                         const = dict(common, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l)
                         key = (kernel, dtype, tuple(sorted(const.items())), cfg.num_warps, L % 16 == 0)

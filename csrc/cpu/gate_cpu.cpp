@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../fast_math.h"
@@ -26,6 +28,63 @@ constexpr int64_t kTileR = 32;  // rows per backward tile (fixed: results do not
 #define BAM_CLONES
 #endif
 #define BAM_INLINE inline __attribute__((always_inline))
+
+// Loads and stores between storage and math types, written so that compilers vectorise them
+// (c10's conversions branch and stay scalar). Rounding is c10's: nearest-even; NaN becomes
+// 0x7FC0 (bfloat16) or 0x7E00 (half).
+BAM_INLINE float ld(const float* p) { return *p; }
+BAM_INLINE double ld(const double* p) { return *p; }
+BAM_INLINE float ld(const at::BFloat16* p) {
+  uint16_t b;
+  std::memcpy(&b, p, sizeof(b));
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+BAM_INLINE float as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+BAM_INLINE uint32_t as_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+// IEEE half <-> float without branches (after F. Giesen's public-domain versions).
+BAM_INLINE float ld(const at::Half* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+  constexpr uint32_t kShiftedExp = 0x7c00u << 13;
+  const uint32_t o = ((h & 0x7fffu) << 13) + ((127u - 15u) << 23);
+  const uint32_t exp = (static_cast<uint32_t>(h & 0x7c00u)) << 13;
+  const uint32_t inf_nan = o + ((128u - 16u) << 23);
+  const uint32_t subnormal = as_bits(as_float(o + (1u << 23)) - as_float(113u << 23));
+  const uint32_t bits = exp == kShiftedExp ? inf_nan : (exp == 0 ? subnormal : o);
+  return as_float(bits | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+BAM_INLINE void st(float* p, float v) { *p = v; }
+BAM_INLINE void st(double* p, double v) { *p = v; }
+BAM_INLINE void st(at::BFloat16* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t b = v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+  std::memcpy(p, &b, sizeof(b));
+}
+BAM_INLINE void st(at::Half* p, float v) {
+  uint32_t f = as_bits(v);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  constexpr uint32_t kDenormMagic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  const uint32_t big = f > (255u << 23) ? 0x7e00u : 0x7c00u;  // NaN or overflow to inf
+  const uint32_t small = as_bits(as_float(f) + as_float(kDenormMagic)) - kDenormMagic;
+  const uint32_t normal = (f + ((15u - 127u) << 23) + 0xfffu + ((f >> 13) & 1u)) >> 13;
+  const uint32_t o = f >= ((127u + 16u) << 23) ? big : (f < (113u << 23) ? small : normal);
+  const uint16_t h = static_cast<uint16_t>(o | (sign >> 16));
+  std::memcpy(p, &h, sizeof(h));
+}
 
 template <typename T>
 struct Tile {
@@ -46,22 +105,30 @@ BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col, const A* 
       const A er = exp_approx(-rv);
 #pragma omp simd
       for (int64_t l = 0; l < t.L; ++l) {
-        const A xv = static_cast<A>(xr[l]);
-        outr[l] = static_cast<T>(xv * (A(1) + A(1) / (A(1) + er * ecol[l])));
+        const A xv = ld(xr + l);
+        st(outr + l, xv * (A(1) + A(1) / (A(1) + er * ecol[l])));
       }
       continue;
     }
 #pragma omp simd
     for (int64_t l = 0; l < t.L; ++l) {
       const A a = kProduct ? rv * col[l] : rv + col[l];
-      const A xv = static_cast<A>(xr[l]);
-      outr[l] = static_cast<T>(xv * (A(1) + sigmoid(a)));  // the reference's form and rounding
+      const A xv = ld(xr + l);
+      st(outr + l, xv * (A(1) + sigmoid(a)));  // the reference's form and rounding
     }
   }
 }
 
+// Writes dx and returns dz = g * x * s * (1 - s) for one element.
+template <typename T, typename A>
+BAM_INLINE A bwd_element(const T* g, const T* x, T* dx, A s) {
+  const A gv = ld(g);
+  st(dx, gv * (A(1) + s));
+  return gv * ld(x) * s * (A(1) - s);
+}
+
 // Writes dx; drow[r] gets row r's sum over the columns; dcol[l] accumulates the tile's sum
-// over its rows.
+// over its rows. Two loops rather than a select inside one, which would compute both.
 template <typename T, typename A, bool kProduct>
 BAM_INLINE void bwd_tile(const Tile<T>& t, const A* row, const A* col, const A* ecol, A* drow, A* dcol) {
   for (int64_t r = t.r0; r < t.r1; ++r) {
@@ -70,18 +137,22 @@ BAM_INLINE void bwd_tile(const Tile<T>& t, const A* row, const A* col, const A* 
     const T* gr = t.g + r * t.L;
     T* dxr = t.out + r * t.L;
     A rsum = 0;
-    const bool split = !kProduct && ecol != nullptr && std::abs(rv) <= A(kSplitExpLimit);
-    const A er = split ? exp_approx(-rv) : A(0);
+    if (!kProduct && ecol != nullptr && std::abs(rv) <= A(kSplitExpLimit)) {
+      const A er = exp_approx(-rv);
 #pragma omp simd reduction(+ : rsum)
-    for (int64_t l = 0; l < t.L; ++l) {
-      const A cv = col[l];
-      const A s = split ? A(1) / (A(1) + er * ecol[l]) : sigmoid(kProduct ? rv * cv : rv + cv);
-      const A gv = static_cast<A>(gr[l]);
-      const A xv = static_cast<A>(xr[l]);
-      dxr[l] = static_cast<T>(gv * (A(1) + s));
-      const A dz = gv * xv * s * (A(1) - s);
-      rsum += kProduct ? dz * cv : dz;
-      dcol[l] += kProduct ? dz * rv : dz;
+      for (int64_t l = 0; l < t.L; ++l) {
+        const A dz = bwd_element(gr + l, xr + l, dxr + l, A(1) / (A(1) + er * ecol[l]));
+        rsum += dz;
+        dcol[l] += dz;
+      }
+    } else {
+#pragma omp simd reduction(+ : rsum)
+      for (int64_t l = 0; l < t.L; ++l) {
+        const A cv = col[l];
+        const A dz = bwd_element(gr + l, xr + l, dxr + l, sigmoid(kProduct ? rv * cv : rv + cv));
+        rsum += kProduct ? dz * cv : dz;
+        dcol[l] += kProduct ? dz * rv : dz;
+      }
     }
     drow[r] = rsum;
   }

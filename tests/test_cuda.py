@@ -1,0 +1,85 @@
+"""GPU tests: the Triton gate and the CUDA branch op on a real device (skipped without one)."""
+
+import pytest
+import torch
+from helpers import make_layout
+
+import bam_fused
+from bam_fused import _ext
+from bam_fused.ops import bam_branches, bam_gate
+from bam_fused.reference import bam_gate_reference
+from bam_fused.testing import compare, randomize_
+
+pytestmark = pytest.mark.cuda
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 7, 9), (4, 256, 56, 56), (8, 1024, 14, 14), (3, 5, 1, 1), (0, 8, 3, 3)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_triton_gate_on_gpu(shape, layout, dtype, combine):
+    n, c, h, w = shape
+    x = make_layout(torch.randn(shape, device="cuda").to(dtype), layout).requires_grad_()
+    ca = torch.randn(n, c, device="cuda", dtype=dtype, requires_grad=True)
+    sa = torch.randn(n, h, w, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.randn(shape, device="cuda").to(dtype)
+    out = bam_gate(x, ca, sa, combine, backend="triton")
+    out.backward(g)
+    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, ca, sa))
+    truth = bam_gate_reference(x64, c64, s64, combine)
+    truth.backward(g.double())
+    xe, ce, se = (t.detach().clone().requires_grad_() for t in (x, ca, sa))
+    eager = bam_gate_reference(xe, ce, se, combine)
+    eager.backward(g)
+    for got, want, eag in ((out, truth, eager), (x.grad, x64.grad, xe.grad), (ca.grad, c64.grad, ce.grad),
+                           (sa.grad, s64.grad, se.grad)):  # fmt: skip
+        result = compare(got, want, eag)
+        assert result.passed, result
+
+
+def test_triton_backward_bitwise_repeatable_on_gpu():
+    x = torch.randn(8, 512, 28, 28, device="cuda")
+    ca, sa = torch.randn(8, 512, device="cuda"), torch.randn(8, 28, 28, device="cuda")
+
+    def grads():
+        xs, cs, ss = (t.clone().requires_grad_() for t in (x, ca, sa))
+        bam_gate(xs, cs, ss, backend="triton").backward(torch.ones_like(xs))
+        return xs.grad, cs.grad, ss.grad
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(), grads(), strict=True))
+
+
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="extension built without CUDA kernels")
+@pytest.mark.parametrize("c,h,w,dilation,r", [(48, 9, 13, 1, 8), (256, 56, 56, 4, 16), (1024, 14, 14, 4, 16),
+                                              (2048, 7, 7, 2, 16), (37, 7, 9, 4, 16)])  # fmt: skip
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_branch_op_and_module(c, h, w, dilation, r, layout, dtype):
+    ref = randomize_(bam_fused.reference.BAM(c, r, dilation)).eval()
+    fused = bam_fused.BAM(c, r, dilation, backend="fused").eval()
+    fused.load_state_dict(ref.state_dict())
+    x_cpu = torch.randn(3, c, h, w).to(dtype)
+    x = make_layout(x_cpu.cuda(), layout)
+    f = fused.cuda().folded()
+    pooled, spatial = bam_branches(x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"])
+    with torch.no_grad():
+        ref64 = ref.double()
+        want = ref64.spatial_att(x_cpu.double())[:, 0]
+        torch.testing.assert_close(pooled.cpu().double(), x_cpu.double().mean((2, 3)), rtol=1e-5, atol=1e-5)
+        assert compare(spatial.cpu(), want).max_abs <= 1e-3 * max(1.0, float(want.abs().max()))
+        out = fused.to(dtype)(x)
+        truth = ref64(x_cpu.double())
+        eager = ref.to(dtype)(x_cpu) if dtype != torch.float16 else ref.cuda().half()(x)
+    assert compare(out.cpu(), truth, eager.cpu()).passed
+
+
+def test_compile_module_on_gpu():
+    m = randomize_(bam_fused.BAM(64, 8)).cuda().eval()
+    x = torch.randn(4, 64, 14, 14, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=1e-5, atol=1e-5)
+    m.train()
+    xg = x.clone().requires_grad_()
+    torch.compile(m, fullgraph=True)(xg).sum().backward()
+    assert xg.grad is not None

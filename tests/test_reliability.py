@@ -1,0 +1,294 @@
+"""Trying to break the public entry points: properties, numerics, compilers, export,
+multi-process training, pickling and fallbacks."""
+
+import copy
+import os
+import pickle
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import make_layout
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bam_fused
+from bam_fused import _backends, cli
+from bam_fused.models import insert_bam, resnet18_bam, resnet50_bam
+from bam_fused.ops import bam_gate
+from bam_fused.reference import bam_gate_reference
+from bam_fused.testing import compare, randomize_
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# -- property tests ----------------------------------------------------------------------
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 3), c=st.integers(1, 40), h=st.integers(1, 9), w=st.integers(1, 9),
+    layout=st.sampled_from(["nchw", "channels_last", "strided"]), dtype=st.sampled_from(list(DTYPES)),
+    combine=st.sampled_from(["sum", "product"]), backend=st.sampled_from(["cpp", "triton"]),
+    scale=st.sampled_from([1.0, 30.0]),
+)  # fmt: skip
+def test_property_gate_matches_reference(n, c, h, w, layout, dtype, combine, backend, scale):
+    torch.manual_seed(n * 1000 + c * 100 + h * 10 + w)  # each example reproducible
+    dt = DTYPES[dtype]
+    x = make_layout(torch.randn(n, c, h, w).to(dt), layout).requires_grad_()
+    ca = (torch.randn(n, c) * scale).to(dt).requires_grad_()
+    sa = (torch.randn(n, h, w) * scale).to(dt).requires_grad_()
+    g = torch.randn(n, c, h, w).to(dt)
+    out = bam_gate(x, ca, sa, combine, backend=backend)
+    out.backward(g)
+    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, ca, sa))
+    truth = bam_gate_reference(x64, c64, s64, combine)
+    truth.backward(g.double())
+    xe, ce, se = (t.detach().clone().requires_grad_() for t in (x, ca, sa))
+    eager = bam_gate_reference(xe, ce, se, combine)
+    eager.backward(g)
+    for got, want, eag in ((out, truth, eager), (x.grad, x64.grad, xe.grad), (ca.grad, c64.grad, ce.grad),
+                           (sa.grad, s64.grad, se.grad)):  # fmt: skip
+        result = compare(got, want, eag)
+        assert result.passed, result
+
+
+# -- numerics --------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_gradcheck_module_float64(training, combine):
+    m = randomize_(bam_fused.BAM(8, 2, dilation=1, combine=combine)).double().train(training)
+    x = torch.randn(3, 8, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,))
+
+
+def test_module_backward_is_bitwise_repeatable():
+    m = randomize_(bam_fused.BAM(48, 8)).train()
+    x = torch.randn(4, 48, 9, 13)
+
+    def grads():
+        xi = x.clone().requires_grad_()
+        m.zero_grad()
+        m(xi).square().sum().backward()
+        return [xi.grad] + [p.grad.clone() for p in m.parameters()]
+
+    first = grads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        second = grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.slow
+def test_sixty_four_bit_indexing_cpp_gate():
+    """2^31 + elements (4.3 GB in fp16): offsets past int32 must land where they should."""
+    n, c, h, w = 1, 33, 8192, 8000
+    assert n * c * h * w > 2**31
+    x = torch.empty(n, c, h, w, dtype=torch.float16).normal_()
+    ca, sa = torch.randn(n, c), torch.randn(n, h, w)
+    out = bam_gate(x, ca, sa, backend="cpp")
+    for ci, hi, wi in ((0, 0, 0), (32, 8191, 7999), (16, 4095, 123), (32, 0, 5)):
+        want = x[0, ci, hi, wi].float() * (1 + torch.sigmoid(ca[0, ci] + sa[0, hi, wi]))
+        assert torch.allclose(out[0, ci, hi, wi].float(), want, rtol=2e-3, atol=1e-3)
+
+
+# -- compilers and export ---------------------------------------------------------------------
+@pytest.mark.parametrize("training", [False, True])
+def test_compile_fullgraph_module(training):
+    m = randomize_(bam_fused.BAM(32, 4)).train(training)
+    x = torch.randn(2, 32, 6, 7, requires_grad=training)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    ctx = torch.enable_grad() if training else torch.no_grad()
+    with ctx:
+        out = compiled(x)
+        want = copy.deepcopy(m)(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    if training:
+        out.sum().backward()
+        assert x.grad is not None
+
+
+def test_compile_fullgraph_module_inductor_eval():
+    m = randomize_(bam_fused.BAM(32, 4)).eval()
+    x = torch.randn(2, 32, 6, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_compile_fullgraph_resnet50_bam(training):
+    model = resnet50_bam(num_classes=10).train(training)
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    if training:
+        compiled(x).sum().backward()
+        assert model.layer1.bam.channel_att.gate_c.gate_c_fc_final.weight.grad is not None
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_eval_model():
+    model = randomize_(resnet18_bam(num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,))
+        ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+        assert any("bam_fused" in op for op in ops), ops
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# -- multi-process training ------------------------------------------------------------------
+def _small_net() -> torch.nn.Module:
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), bam_fused.BAM(32, 4, dilation=2), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(32, 5),
+    )  # fmt: skip
+    randomize_(net)
+    # Frozen BatchNorm statistics: under DDP each process would otherwise normalise with its
+    # own half of the batch, which one process on the whole batch cannot reproduce.
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return net
+
+
+def _batches():
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(8, 3, 10, 11, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
+
+
+def _train(net, batches, rank=0, world=1):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for x, y in batches:
+        half = x.shape[0] // world
+        xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xs), ys).backward()
+        opt.step()
+    return net
+
+
+def _ddp_worker(rank, world, port, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        net = torch.nn.parallel.DistributedDataParallel(_small_net())
+        _train(net, _batches(), rank, world)
+        if rank == 0:
+            torch.save(net.module.state_dict(), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_match_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_path = str(tmp_path / "ddp.pt")
+    mp.start_processes(_ddp_worker, args=(2, port, out_path), nprocs=2, join=True, start_method="spawn")
+    single = _train(_small_net(), _batches())
+    ddp_state = torch.load(out_path)
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_sync_batchnorm_conversion_and_pickling():
+    m = randomize_(bam_fused.BAM(32, 4)).eval()
+    x = torch.randn(2, 32, 5, 6)
+    with torch.no_grad():
+        want = m(x)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(m))
+    bns = [mod for mod in synced.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 4 and all(isinstance(b, torch.nn.SyncBatchNorm) for b in bns)
+    with torch.no_grad():
+        torch.testing.assert_close(synced(x), want, rtol=1e-5, atol=1e-5)
+        m(x)  # fills the fold cache, which must not travel
+        restored = pickle.loads(pickle.dumps(m))
+        assert restored._folded is None
+        torch.testing.assert_close(restored(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(m)(x), want, rtol=0, atol=0)
+
+
+# -- edge cases and fallbacks ------------------------------------------------------------------
+def test_valid_edge_cases_of_the_module():
+    m = randomize_(bam_fused.BAM(16, 4)).eval()
+    ref = bam_fused.reference.BAM(16, 4).eval()
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for x in (torch.randn(0, 16, 5, 5), torch.randn(2, 16, 1, 1), torch.randn(1, 16, 7, 9)[..., ::2]):
+            torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_missing_fallback(monkeypatch):
+    monkeypatch.setattr(_backends, "_triton", lambda: (None, "simulated: Triton is not importable"))
+    monkeypatch.setattr(_backends, "_warned", set())
+    x, ca, sa = torch.randn(2, 8, 3, 3), torch.randn(2, 8), torch.randn(2, 3, 3)
+    with pytest.raises(_backends.BackendUnavailable, match="simulated: Triton is not importable"):
+        bam_gate(x, ca, sa, backend="triton")
+    info = bam_fused.info()
+    assert "simulated" in info["kernels"]["gate (Triton, CUDA)"]["reason"]
+
+
+def test_jit_build_failure_is_reported(monkeypatch):
+    from bam_fused import _ext
+
+    monkeypatch.setattr(_ext.importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError("gone")))
+
+    def failing_build():
+        raise RuntimeError("ninja: build stopped: subcommand failed.")
+
+    monkeypatch.setattr(_ext, "_jit_build", failing_build)
+    _ext.load.cache_clear()
+    try:
+        why = _ext.reason()
+    finally:
+        _ext.load.cache_clear()
+    assert why == "bam_fused._C is not importable (gone); JIT build failed: ninja: build stopped: subcommand failed."
+
+
+def test_env_flag_values_are_checked(monkeypatch):
+    from bam_fused import env
+
+    monkeypatch.setenv("BAM_FUSED_JIT", "maybe")
+    with pytest.raises(ValueError, match="BAM_FUSED_JIT must be 0 or 1, got 'maybe'"):
+        env.flag("BAM_FUSED_JIT")
+
+
+def test_insert_bam_validates_bam_arguments_before_changing_the_model():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3)
+    with pytest.raises(ValueError, match="combine must be one of 'sum', 'product', got 'max'"):
+        insert_bam(model, combine="max")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        insert_bam(model, backend="gpu")
+    assert not any(isinstance(m, bam_fused.BAM) for m in model.modules())
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["verify", "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
+
+
+@pytest.mark.skipif(os.cpu_count() is None, reason="unknown CPU count")
+def test_cpu_gate_same_bits_for_any_thread_count():
+    x, ca, sa = torch.randn(4, 64, 13, 11), torch.randn(4, 64), torch.randn(4, 13, 11)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xs, cs, ss = (t.clone().requires_grad_() for t in (x, ca, sa))
+            out = bam_gate(xs, cs, ss, backend="cpp")
+            out.backward(torch.ones_like(out))
+            results.append((out, xs.grad, cs.grad, ss.grad))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
