@@ -314,42 +314,45 @@ def _plots(rows: list[Row], out_dir: Path, meta: dict) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fused = [r for r in rows if r.contender == "fused" and r.speedup]
-    labels = [f"{r.bench}\n{r.shape[1]}x{r.shape[2]}x{r.shape[3]} {r.dtype} {r.layout[:4]}" for r in fused]
-    written = []
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(fused) + 2), 4.5))
-    width = 0.4
-    for i, other in enumerate(("eager", "compiled")):
-        vals = [r.speedup.get(other, float("nan")) for r in fused]
-        ax.bar([j + (i - 0.5) * width for j in range(len(fused))], vals, width, label=f"fused vs {other}")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(fused)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speed-up (x)")
-    ax.set_title(f"bam_fused speed-up on {meta['device_name']} (torch {meta['torch']})")
-    ax.legend()
-    fig.tight_layout()
-    written.append(out_dir / "speedup.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    benches = [b for b in (*ROOFLINE_BYTES, "resnet50") if any(r.bench == b for r in rows)]
 
-    bw_rows = [r for r in rows if r.pct_copy is not None]
-    keys = sorted({(r.bench, tuple(r.shape), r.dtype, r.layout) for r in bw_rows}, key=str)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys) + 2), 4.5))
-    width = 0.27
-    for i, contender in enumerate(("eager", "compiled", "fused")):
-        vals = []
-        for key in keys:
-            match = [r.pct_copy for r in bw_rows if (r.bench, tuple(r.shape), r.dtype, r.layout) == key
-                     and r.contender == contender]  # fmt: skip
-            vals.append(match[0] if match else float("nan"))
-        ax.bar([j + (i - 1) * width for j in range(len(keys))], vals, width, label=contender)
-    ax.set_xticks(range(len(keys)), [f"{k[0]}\n{k[1][1]}x{k[1][2]} {k[2]} {k[3][:4]}" for k in keys], rotation=60,
-                  ha="right", fontsize=7)  # fmt: skip
-    ax.set_ylabel("% of copy bandwidth (same run)")
-    ax.set_title(f"Roofline traffic / time on {meta['device_name']}")
-    ax.legend()
-    fig.tight_layout()
-    written.append(out_dir / "bandwidth.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    def case(r: Row) -> str:
+        return f"{'x'.join(map(str, r.shape[1:]))}\n{r.dtype} {r.layout.replace('channels_last', 'CL')}"
+
+    def panels(title: str, ylabel: str, series, hline=None) -> plt.Figure:
+        fig, axes = plt.subplots(len(benches), 1, figsize=(11, 2.6 * len(benches)), squeeze=False)
+        for ax, bench in zip(axes[:, 0], benches, strict=True):
+            mine = [r for r in rows if r.bench == bench]
+            labels = list(dict.fromkeys(case(r) for r in mine))
+            width = 0.8 / len(series)
+            for i, (name, value) in enumerate(series):
+                vals = [next((value(r) for r in mine if case(r) == lab and value(r) is not None), float("nan"))
+                        for lab in labels]  # fmt: skip
+                ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))], vals, width, label=name)
+            if hline is not None:
+                ax.axhline(hline, color="k", lw=0.8)
+            ax.set_xticks(range(len(labels)), labels, fontsize=7)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(bench, fontsize=9, loc="left")
+        axes[0, 0].legend(fontsize=8)
+        fig.suptitle(f"{title} on {meta['device_name']} (torch {meta['torch']})", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def speedup_of(other):
+        return lambda r: r.speedup.get(other) if r.contender == "fused" else None
+
+    def pct_of(contender):
+        return lambda r: r.pct_copy if r.contender == contender else None
+
+    written = []
+    for name, fig in (
+        ("speedup.png", panels("Speed-up of fused", "x faster", [(f"vs {o}", speedup_of(o)) for o in
+                                                                ("eager", "compiled")], hline=1.0)),
+        ("bandwidth.png", panels("Roofline traffic / time as % of copy bandwidth", "% of copy",
+                                 [(c, pct_of(c)) for c in CONTENDERS])),
+    ):  # fmt: skip
+        written.append(out_dir / name)
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
     return written

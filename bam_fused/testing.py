@@ -86,3 +86,29 @@ def randomize_(module: nn.Module, generator: torch.Generator | None = None) -> n
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) * 1.5 + 0.5)
                 m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
     return module
+
+
+def gate_comparisons(
+    fn, x: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tensor, combine: str, grad: torch.Tensor
+) -> list[tuple[str, Comparison]]:
+    """Runs ``fn(x, channel_att, spatial_att)`` forward and backward (leaf inputs; it sets
+    requires_grad) and compares the output and all three gradients with the float64
+    reference, eager PyTorch in the same dtype as the yardstick."""
+    from .reference import bam_gate_reference
+
+    for t in (x, channel_att, spatial_att):
+        t.requires_grad_()
+    out = fn(x, channel_att, spatial_att)
+    out.backward(grad)
+    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, channel_att, spatial_att))
+    truth = bam_gate_reference(x64, c64, s64, combine)
+    truth.backward(grad.double())
+    xe, ce, se = (t.detach().clone().requires_grad_() for t in (x, channel_att, spatial_att))
+    eager = bam_gate_reference(xe, ce, se, combine)
+    eager.backward(grad)
+    return [
+        ("out", compare(out, truth, eager)),
+        ("d_x", compare(x.grad, x64.grad, xe.grad)),
+        ("d_channel", compare(channel_att.grad, c64.grad, ce.grad)),
+        ("d_spatial", compare(spatial_att.grad, s64.grad, se.grad)),
+    ]

@@ -13,8 +13,7 @@ from . import _backends
 from .modules import BAM
 from .ops.gate import bam_gate
 from .reference import BAM as RefBAM
-from .reference import bam_gate_reference
-from .testing import compare, randomize_
+from .testing import compare, gate_comparisons, randomize_
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
@@ -64,22 +63,12 @@ def _rows(path, shape, dtype, layout, combine, results: Iterable[tuple[str, obje
 def check_gate(impl: str, device, shape, dtype_name: str, layout: str, combine: str) -> list[Row]:
     dtype = DTYPES[dtype_name]
     n, c, h, w = shape
-    x = _layout(torch.randn(shape, device=device).to(dtype), layout).requires_grad_()
-    ca = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
-    sa = torch.randn(n, h, w, device=device, dtype=dtype, requires_grad=True)
+    x = _layout(torch.randn(shape, device=device).to(dtype), layout)
+    ca = torch.randn(n, c, device=device, dtype=dtype)
+    sa = torch.randn(n, h, w, device=device, dtype=dtype)
     g = _layout(torch.randn(shape, device=device).to(dtype), layout)
-    out = bam_gate(x, ca, sa, combine, backend=impl)
-    out.backward(g)
-    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, ca, sa))
-    truth = bam_gate_reference(x64, c64, s64, combine)
-    truth.backward(g.double())
-    xe, ce, se = (t.detach().clone().requires_grad_() for t in (x, ca, sa))
-    eager = bam_gate_reference(xe, ce, se, combine)
-    eager.backward(g)
-    return _rows(f"gate[{impl}]", shape, dtype_name, layout, combine, [
-        ("out", compare(out, truth, eager)), ("d_x", compare(x.grad, x64.grad, xe.grad)),
-        ("d_channel", compare(ca.grad, c64.grad, ce.grad)), ("d_spatial", compare(sa.grad, s64.grad, se.grad)),
-    ])  # fmt: skip
+    results = gate_comparisons(functools.partial(bam_gate, combine=combine, backend=impl), x, ca, sa, combine, g)
+    return _rows(f"gate[{impl}]", shape, dtype_name, layout, combine, results)
 
 
 def check_bam(device, shape, dtype_name: str, layout: str, combine: str) -> list[Row]:

@@ -2,8 +2,6 @@
 
 import torch
 
-from bam_fused.reference import bam_gate_reference
-
 LAYOUTS = ("nchw", "channels_last", "strided")
 
 
@@ -29,10 +27,3 @@ def gate_inputs(n=2, c=37, h=7, w=9, dtype=torch.float32, device="cpu", layout="
         for t in (x, ca, sa):
             t.requires_grad_()
     return x, ca, sa
-
-
-def truth(x, ca, sa, combine):
-    """The gate and its input gradients for a ones-like upstream gradient, in float64."""
-    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, ca, sa))
-    out = bam_gate_reference(x64, c64, s64, combine)
-    return out, x64, c64, s64

@@ -1,5 +1,7 @@
 """GPU tests: the Triton gate and the CUDA branch op on a real device (skipped without one)."""
 
+import functools
+
 import pytest
 import torch
 from helpers import make_layout
@@ -7,8 +9,7 @@ from helpers import make_layout
 import bam_fused
 from bam_fused import _ext
 from bam_fused.ops import bam_branches, bam_gate
-from bam_fused.reference import bam_gate_reference
-from bam_fused.testing import compare, randomize_
+from bam_fused.testing import compare, gate_comparisons, randomize_
 
 pytestmark = pytest.mark.cuda
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -20,22 +21,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("combine", ["sum", "product"])
 def test_triton_gate_on_gpu(shape, layout, dtype, combine):
     n, c, h, w = shape
-    x = make_layout(torch.randn(shape, device="cuda").to(dtype), layout).requires_grad_()
-    ca = torch.randn(n, c, device="cuda", dtype=dtype, requires_grad=True)
-    sa = torch.randn(n, h, w, device="cuda", dtype=dtype, requires_grad=True)
+    x = make_layout(torch.randn(shape, device="cuda").to(dtype), layout)
+    ca = torch.randn(n, c, device="cuda", dtype=dtype)
+    sa = torch.randn(n, h, w, device="cuda", dtype=dtype)
     g = torch.randn(shape, device="cuda").to(dtype)
-    out = bam_gate(x, ca, sa, combine, backend="triton")
-    out.backward(g)
-    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, ca, sa))
-    truth = bam_gate_reference(x64, c64, s64, combine)
-    truth.backward(g.double())
-    xe, ce, se = (t.detach().clone().requires_grad_() for t in (x, ca, sa))
-    eager = bam_gate_reference(xe, ce, se, combine)
-    eager.backward(g)
-    for got, want, eag in ((out, truth, eager), (x.grad, x64.grad, xe.grad), (ca.grad, c64.grad, ce.grad),
-                           (sa.grad, s64.grad, se.grad)):  # fmt: skip
-        result = compare(got, want, eag)
-        assert result.passed, result
+    fn = functools.partial(bam_gate, combine=combine, backend="triton")
+    for name, result in gate_comparisons(fn, x, ca, sa, combine, g):
+        assert result.passed, (name, result)
 
 
 def test_triton_backward_bitwise_repeatable_on_gpu():

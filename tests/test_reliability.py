@@ -2,6 +2,7 @@
 multi-process training, pickling and fallbacks."""
 
 import copy
+import functools
 import os
 import pickle
 import socket
@@ -18,8 +19,7 @@ import bam_fused
 from bam_fused import _backends, cli
 from bam_fused.models import insert_bam, resnet18_bam, resnet50_bam
 from bam_fused.ops import bam_gate
-from bam_fused.reference import bam_gate_reference
-from bam_fused.testing import compare, randomize_
+from bam_fused.testing import gate_comparisons, randomize_
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,22 +35,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def test_property_gate_matches_reference(n, c, h, w, layout, dtype, combine, backend, scale):
     torch.manual_seed(n * 1000 + c * 100 + h * 10 + w)  # each example reproducible
     dt = DTYPES[dtype]
-    x = make_layout(torch.randn(n, c, h, w).to(dt), layout).requires_grad_()
-    ca = (torch.randn(n, c) * scale).to(dt).requires_grad_()
-    sa = (torch.randn(n, h, w) * scale).to(dt).requires_grad_()
+    x = make_layout(torch.randn(n, c, h, w).to(dt), layout)
+    ca = (torch.randn(n, c) * scale).to(dt)
+    sa = (torch.randn(n, h, w) * scale).to(dt)
     g = torch.randn(n, c, h, w).to(dt)
-    out = bam_gate(x, ca, sa, combine, backend=backend)
-    out.backward(g)
-    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, ca, sa))
-    truth = bam_gate_reference(x64, c64, s64, combine)
-    truth.backward(g.double())
-    xe, ce, se = (t.detach().clone().requires_grad_() for t in (x, ca, sa))
-    eager = bam_gate_reference(xe, ce, se, combine)
-    eager.backward(g)
-    for got, want, eag in ((out, truth, eager), (x.grad, x64.grad, xe.grad), (ca.grad, c64.grad, ce.grad),
-                           (sa.grad, s64.grad, se.grad)):  # fmt: skip
-        result = compare(got, want, eag)
-        assert result.passed, result
+    fn = functools.partial(bam_gate, combine=combine, backend=backend)
+    for name, result in gate_comparisons(fn, x, ca, sa, combine, g):
+        assert result.passed, (name, result)
 
 
 # -- numerics --------------------------------------------------------------------------------
