@@ -133,6 +133,9 @@ class BAM(reference.BAM):
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.gate_channels)
+        weight = self.channel_att.gate_c.gate_c_fc_0.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but this BAM's parameters are on {weight.device}; move one of them")
         impl = self._gate_impl(x)
         if impl == "reference":
             return reference.bam_gate_reference(x, self.channel_att(x), self.spatial_att(x), self.combine)

@@ -119,3 +119,9 @@ def test_call_errors(cls):
         m(torch.ones(2, 32, 5, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         m([1.0])
+
+
+def test_fused_module_rejects_mixed_devices():
+    m = bam_fused.BAM(32, 4).to("meta")
+    with pytest.raises(ValueError, match="x is on cpu but this BAM's parameters are on meta"):
+        m(torch.randn(2, 32, 5, 5))
