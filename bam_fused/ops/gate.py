@@ -16,7 +16,6 @@ from .._checks import check_choice, check_combine, check_feature_map, normalize_
 from ..reference import bam_gate_reference
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
-KERNEL_IMPLS = ("triton", "cpp")
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
