@@ -27,17 +27,30 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _split_pid(pid, n_fast, n_mid):
+    """Program id -> (fast, mid, slow) coordinates; consecutive programs walk memory in order."""
+    rest = pid // n_fast
+    return pid % n_fast, rest % n_mid, rest // n_mid
+
+
+@triton.jit
+def _attention(rv, cv, PRODUCT: tl.constexpr):
+    """row (+) col as an outer sum or product: (BLOCK_R, BLOCK_L)."""
+    if PRODUCT:
+        a = rv[:, None] * cv[None, :]
+    else:
+        a = rv[:, None] + cv[None, :]
+    return a
+
+
+@triton.jit
 def _gate_fwd_kernel(
     x_ptr, row_ptr, col_ptr, out_ptr, R, L, n_rb, n_lb,
     PRODUCT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
     L_DIV: tl.constexpr, INT64: tl.constexpr,
 ):  # fmt: skip
     L = tl.multiple_of(L, L_DIV)  # row length: lets masks and loads be vectorised
-    pid = tl.program_id(0)
-    lb = pid % n_lb
-    rest = pid // n_lb
-    rb = rest % n_rb
-    n = rest // n_rb
+    lb, rb, n = _split_pid(tl.program_id(0), n_lb, n_rb)
     if INT64:
         n = n.to(tl.int64)
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -46,10 +59,7 @@ def _gate_fwd_kernel(
     l_ok = l_idx < L
     rv = tl.load(row_ptr + n * R + r, mask=r_ok, other=0.0)
     cv = tl.load(col_ptr + n * L + l_idx, mask=l_ok, other=0.0)
-    if PRODUCT:
-        a = rv[:, None] * cv[None, :]
-    else:
-        a = rv[:, None] + cv[None, :]
+    a = _attention(rv, cv, PRODUCT)
     # Row starts are multiples of L_DIV (the power of two dividing L): lets Triton vectorise.
     row_start = (n * R + r) * L
     offs = row_start[:, None] + l_idx[None, :]
@@ -67,11 +77,7 @@ def _gate_bwd_kernel(
     L_DIV: tl.constexpr, INT64: tl.constexpr,
 ):  # fmt: skip
     L = tl.multiple_of(L, L_DIV)
-    pid = tl.program_id(0)
-    lb = pid % n_lb
-    rest = pid // n_lb
-    rc = rest % n_rc
-    n = rest // n_rc
+    lb, rc, n = _split_pid(tl.program_id(0), n_lb, n_rc)
     if INT64:
         n = n.to(tl.int64)
     l_idx = lb * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -84,10 +90,7 @@ def _gate_bwd_kernel(
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < r_end
         rv = tl.load(row_ptr + n * R + r, mask=r_ok, other=0.0)
-        if PRODUCT:
-            a = rv[:, None] * cv[None, :]
-        else:
-            a = rv[:, None] + cv[None, :]
+        a = _attention(rv, cv, PRODUCT)
         row_start = (n * R + r) * L
         offs = row_start[:, None] + l_idx[None, :]
         mask = r_ok[:, None] & l_ok[None, :]
