@@ -60,6 +60,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    meta = {"malloc": "system defaults"}
+    if device.type == "cpu" and not args.system_malloc:
+        took = bench.keep_freed_memory()
+        meta["malloc"] = "glibc keeps freed memory (mallopt)" if took else "system defaults (mallopt unavailable)"
+        print(f"allocator: glibc keeps freed memory ({'on' if took else 'unavailable'}; --system-malloc to keep "
+              "its defaults): timings measure kernels, not page faults")  # fmt: skip
     p = bench.plan(device, args.quick)
     if args.dtype != "default":
         p.dtypes = [args.dtype]
@@ -68,7 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(bench.format_table(rows))
     print(f"\n{len(rows)} rows on {rows[0].device_name if rows else device} in {time.perf_counter() - start:.0f} s")
     if args.out:
-        for path in bench.write_results(rows, Path(args.out)):
+        for path in bench.write_results(rows, Path(args.out), meta):
             print(f"wrote {path}")
     return 0
 
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write results.json, speedup.png and bandwidth.png here")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--system-malloc", action="store_true", help="CPU: leave glibc's trimming of freed memory on")
     p.set_defaults(func=cmd_bench)
     return parser
 
