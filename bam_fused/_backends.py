@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import warnings
 from types import ModuleType
 
@@ -40,7 +39,10 @@ def _triton() -> tuple[ModuleType | None, str | None]:
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the Triton kernels were decorated under TRITON_INTERPRET=1 (Triton reads the
+    variable when the kernels are defined, so setting it later changes nothing)."""
+    module, _ = _triton()
+    return module is not None and type(module._gate_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def triton_reason(device: torch.device) -> str | None:

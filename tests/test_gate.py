@@ -161,7 +161,7 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_triton_needs_cuda_or_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_backends, "triton_interpreted", lambda: False)
     x, ca, sa = gate_inputs()
     with pytest.raises(_backends.BackendUnavailable, match="Triton kernels run on CUDA devices"):
         bam_gate(x, ca, sa, backend="triton")
