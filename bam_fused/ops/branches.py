@@ -1,4 +1,7 @@
-"""bam_branches: both BAM branches' passes over x in one op (the C++/CUDA extension).
+"""bam_branches: both BAM branches' reads of x in one op (the C++/CUDA extension).
+
+On CUDA one kernel pass over x gives the pooled means and the 1x1 reduce conv; on the CPU the
+op runs oneDNN's 1x1 conv and a mean (measured faster there; csrc/cpu/reduce_pool_cpu.cpp).
 
 Given x and the spatial branch's weights with BatchNorm folded in (eval mode), returns the
 pooled channel means (N, C) and the spatial attention map (N, H, W), both fp32. Inference
@@ -50,7 +53,7 @@ def bam_branches(
     w_final: torch.Tensor,
     b_final: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled means (N, C) and spatial map (N, H, W) of x, reading x once.
+    """Pooled means (N, C) and spatial map (N, H, W) of x (one pass over x on CUDA).
 
     Weights (fp32, BatchNorm folded in): w_reduce (Cr, C) or (Cr, C, 1, 1), b_reduce (Cr,),
     w_dilated[i] (Cr, Cr, 3, 3), b_dilated[i] (Cr,), w_final (Cr,) or (1, Cr, 1, 1), b_final (1,).
