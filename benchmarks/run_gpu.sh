@@ -19,8 +19,10 @@ status=0
   echo "== info"; $PY -m bam_fused.cli info
 } > "$OUT/setup.log" 2>&1
 
-timeout 270 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider tests > "$OUT/tests.log" 2>&1 || status=1
-timeout 90 $PY -m bam_fused.cli verify > "$OUT/verify.log" 2>&1 || status=1
-timeout 180 $PY -m bam_fused.cli bench --no-progress --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
+timeout 240 $PY -m pytest -q -m "not slow" -p no:cacheprovider --continue-on-collection-errors tests > "$OUT/tests.log" 2>&1 || status=1
+timeout 100 $PY -m bam_fused.cli verify > "$OUT/verify.log" 2>&1 || status=1
+# --quick: compiling every reference graph with Inductor for the full sweep does not fit ten
+# minutes; run the full `bam-fused bench --out DIR` when a longer session allows.
+timeout 150 $PY -m bam_fused.cli bench --quick --no-progress --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 tail -n 3 "$OUT"/tests.log "$OUT"/verify.log
 exit $status

@@ -19,7 +19,16 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    from bam_fused import _backends
+
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    # With a GPU the kernels are compiled, not interpreted, and cannot take CPU tensors;
+    # tests/test_cuda.py covers them there.
+    skip_cpu_triton = pytest.mark.skip(reason="Triton runs compiled for the GPU here (see test_cuda.py)")
+    interpreted = _backends.triton_interpreted()
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
-            item.add_marker(skip)
+            item.add_marker(skip_cuda)
+        params = getattr(item, "callspec", None)
+        if params is not None and params.params.get("backend") == "triton" and not interpreted:
+            item.add_marker(skip_cpu_triton)

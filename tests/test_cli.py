@@ -19,7 +19,7 @@ def test_info_text_and_json(capsys):
 
 
 def test_verify_quick_passes_and_writes_rows(tmp_path, capsys):
-    assert cli.main(["verify", "--quick", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
+    assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert " passed, 0 failed" in out and "bam[eval]" in out and "bam[train]" in out and "d_channel" in out
     rows = json.loads((tmp_path / "verify.json").read_text())
@@ -35,12 +35,12 @@ def test_verify_fails_on_a_broken_kernel(monkeypatch, capsys):
         return out
 
     monkeypatch.setattr(gate_cpp, "gate_forward", off_by_a_little)
-    assert cli.main(["verify", "--quick", "--dtype", "fp32"]) == 1
+    assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "fp32"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
 def test_bench_quick_writes_json_and_plots(tmp_path, capsys):
-    assert cli.main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "speed-up of fused" in table and "resnet50" in table
     data = json.loads((tmp_path / "results.json").read_text())
