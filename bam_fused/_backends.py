@@ -87,12 +87,12 @@ def _gate_impl(backend: str, device_type: str, dtype: torch.dtype) -> str:
     if backend == "reference":
         return "reference"
     if backend in ("triton", "cpp"):
+        why = _dtype_reason(backend, dtype)  # a property of the kernel, whatever the machine
+        if why is not None:
+            raise TypeError(f"x: {why}")
         why = (triton_reason if backend == "triton" else cpp_reason)(device)
         if why is not None:
             raise BackendUnavailable(f"backend={backend!r} cannot run: {why}")
-        why = _dtype_reason(backend, dtype)
-        if why is not None:
-            raise TypeError(f"x: {why}")
         return backend
     impl = "triton" if device_type == "cuda" else "cpp"
     why = (triton_reason if impl == "triton" else cpp_reason)(device) or _dtype_reason(impl, dtype)
