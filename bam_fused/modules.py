@@ -14,8 +14,8 @@ from torch import nn
 
 from . import _backends, reference
 from ._checks import check_choice, check_feature_map
-from .ops.branches import bam_branches
-from .ops.gate import bam_gate
+from .ops.branches import load_op
+from .ops.gate import bam_gate, memory_format
 
 MODULE_BACKENDS = ("auto", "fused", "reference")
 BRANCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -85,33 +85,42 @@ class BAM(reference.BAM):
         return None
 
     # -- BatchNorm folding, cached until a weight, buffer or the mode changes -------------
+    def _fold_inputs(self) -> list[tuple[nn.Module, nn.Module | None]]:
+        """(layer, BatchNorm after it or None) for every layer the fold reads."""
+        gc, gs = self.channel_att.gate_c, self.spatial_att.gate_s
+        pairs = [(gc.gate_c_fc_0, gc.gate_c_bn_1), (gc.gate_c_fc_final, None),
+                 (gs.gate_s_conv_reduce0, gs.gate_s_bn_reduce0)]  # fmt: skip
+        pairs += [(getattr(gs, f"gate_s_conv_di_{i}"), getattr(gs, f"gate_s_bn_di_{i}"))
+                  for i in range(self.num_dilated_convs)]  # fmt: skip
+        return pairs + [(gs.gate_s_conv_final, None)]
+
     def _fold_key(self) -> tuple:
-        tensors = list(self.parameters()) + list(self.buffers())
-        return (self.training,) + tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        # Reads the tensors through the layers each time (cheap, unlike walking the module
+        # tree), so replaced parameters and in-place updates (_version) both refresh the fold.
+        key: list = [self.training]
+        for layer, bn in self._fold_inputs():
+            for t in (layer.weight, layer.bias) + ((bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn else ()):
+                key.append(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device))
+        return tuple(key)
 
     def folded(self) -> dict:
-        """The eval-mode weights with every BatchNorm folded in (fp32)."""
+        """The eval-mode weights with every BatchNorm folded in, fp32, in the shapes the branch
+        op takes: red_w (Cr, C), red_b, dil_w[i] (Cr, Cr, 3, 3), dil_b[i], fin_w (Cr,), fin_b (1,),
+        and the channel MLP's fc0_w, fc0_b, fc1_w, fc1_b."""
         if not torch.compiler.is_compiling():
             key = self._fold_key()
             if self._folded is not None and key == self._folded_key:
                 return self._folded
         with torch.no_grad():
-            gc, gs = self.channel_att.gate_c, self.spatial_att.gate_s
-            fc0_w, fc0_b = _fold_linear(gc.gate_c_fc_0.weight, gc.gate_c_fc_0.bias, gc.gate_c_bn_1)
-            red_w, red_b = _fold_linear(
-                gs.gate_s_conv_reduce0.weight, gs.gate_s_conv_reduce0.bias, gs.gate_s_bn_reduce0
-            )
-            dil = [
-                _fold_linear(getattr(gs, f"gate_s_conv_di_{i}").weight, getattr(gs, f"gate_s_conv_di_{i}").bias,
-                             getattr(gs, f"gate_s_bn_di_{i}"))
-                for i in range(self.num_dilated_convs)
-            ]  # fmt: skip
+            (fc0, bn1), (fc1, _), (red, red_bn), *dilated, (fin, _) = self._fold_inputs()
+            fc0_w, fc0_b = _fold_linear(fc0.weight, fc0.bias, bn1)
+            red_w, red_b = _fold_linear(red.weight, red.bias, red_bn)
+            dil = [_fold_linear(conv.weight, conv.bias, bn) for conv, bn in dilated]
             folded = {
-                "fc0_w": fc0_w, "fc0_b": fc0_b,
-                "fc1_w": gc.gate_c_fc_final.weight.float(), "fc1_b": gc.gate_c_fc_final.bias.float(),
-                "red_w": red_w, "red_b": red_b,
-                "dil_w": [w for w, _ in dil], "dil_b": [b for _, b in dil],
-                "fin_w": gs.gate_s_conv_final.weight.float(), "fin_b": gs.gate_s_conv_final.bias.float(),
+                "fc0_w": fc0_w, "fc0_b": fc0_b, "fc1_w": fc1.weight.float(), "fc1_b": fc1.bias.float(),
+                "red_w": red_w.reshape(red_w.shape[0], -1).contiguous(), "red_b": red_b.contiguous(),
+                "dil_w": [w.contiguous() for w, _ in dil], "dil_b": [b.contiguous() for _, b in dil],
+                "fin_w": fin.weight.float().reshape(-1).contiguous(), "fin_b": fin.bias.float().reshape(-1),
             }  # fmt: skip
         if not torch.compiler.is_compiling():
             self._folded, self._folded_key = folded, key
@@ -149,9 +158,12 @@ class BAM(reference.BAM):
                 use_op = False
         if use_op:
             f = self.folded()
-            pooled, spatial = bam_branches(
-                x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], self.dilation, f["fin_w"], f["fin_b"]
-            )
+            # The folded weights are known-good: call the op itself, not bam_branches's checks.
+            op = torch.ops.bam_fused_C.branches if torch.compiler.is_compiling() else load_op()
+            pooled, spatial = op(
+                x.contiguous(memory_format=memory_format(x)), f["red_w"], f["red_b"], f["dil_w"], f["dil_b"],
+                self.dilation, f["fin_w"], f["fin_b"],
+            )  # fmt: skip
             channel = F.linear(F.relu(F.linear(pooled, f["fc0_w"], f["fc0_b"])), f["fc1_w"], f["fc1_b"])
         else:
             channel, spatial = self.channel_att(x), self.spatial_att(x)
