@@ -107,7 +107,7 @@ def test_folding_cache_follows_weight_updates_state_dict_and_mode():
         assert fused._folded is None
         # A replaced parameter (not an in-place update) refreshes the fold too.
         for m in (fused, other):
-            m.spatial_att.gate_s.gate_s_conv_final.weight = torch.nn.Parameter(torch.full((1, 8, 1, 1), 0.3))
+            m.spatial_att.gate_s.gate_s_conv_final.weight = torch.nn.Parameter(torch.full((1, 6, 1, 1), 0.3))
         torch.testing.assert_close(fused(x), other(x), rtol=1e-5, atol=1e-5)
 
 
