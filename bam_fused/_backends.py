@@ -111,10 +111,9 @@ def branch_kernel_reason(device_type: str) -> str | None:
         importlib.import_module("bam_fused.ops.branches").load_op()  # the op and its fake kernel
     except _ext.ExtensionUnavailable as exc:
         return str(exc)
-    why = None
-    if why is None and device_type == "cuda" and not _ext.has_cuda_kernels():
-        why = "the extension was built without CUDA kernels"
-    return why
+    if device_type == "cuda" and not _ext.has_cuda_kernels():
+        return "the extension was built without CUDA kernels"
+    return None
 
 
 def kernels(impl: str) -> ModuleType:

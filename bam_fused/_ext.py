@@ -65,14 +65,6 @@ def load() -> ModuleType:
         raise ExtensionUnavailable(f"{prebuilt_error}; JIT build failed: {first}") from exc
 
 
-def available() -> bool:
-    try:
-        load()
-    except ExtensionUnavailable:
-        return False
-    return True
-
-
 def reason() -> str | None:
     """Why the extension is unavailable, or None when it loads."""
     try:

@@ -26,11 +26,10 @@ from .modules import BAM
 from .ops.gate import bam_gate
 from .reference import BAM as RefBAM
 from .reference import bam_gate_reference
-from .testing import randomize_
+from .testing import DTYPES, as_layout, randomize_
 
 ROOFLINE_BYTES = {"gate_fwd": 2, "gate_fwd_bwd": 5, "bam_eval": 3, "bam_train": 9}
 CONTENDERS = ("eager", "compiled", "fused")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -98,10 +97,6 @@ def copy_gbps(x: torch.Tensor, device: torch.device) -> float:
 
 
 # -- the benchmarks: each returns {contender: thunk} --------------------------------------
-def _layout(x, layout):
-    return x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-
-
 def _compile(fn):
     # Dynamo's cache is per code object: every shape and dtype of the sweep recompiles the
     # same reference function, and past the default limit it would silently run eager.
@@ -114,10 +109,10 @@ def _compile(fn):
 
 def gate_contenders(shape, dtype, layout, device, backward: bool) -> dict[str, Callable]:
     n, c, h, w = shape
-    x = _layout(torch.randn(shape, device=device, dtype=dtype), layout).requires_grad_(backward)
+    x = as_layout(torch.randn(shape, device=device, dtype=dtype), layout).requires_grad_(backward)
     ca = torch.randn(n, c, device=device, dtype=dtype, requires_grad=backward)
     sa = torch.randn(n, h, w, device=device, dtype=dtype, requires_grad=backward)
-    g = _layout(torch.randn(shape, device=device, dtype=dtype), layout)
+    g = as_layout(torch.randn(shape, device=device, dtype=dtype), layout)
     compiled = _compile(bam_gate_reference)
     fns = {
         "eager": lambda: bam_gate_reference(x, ca, sa),
@@ -140,8 +135,8 @@ def bam_contenders(shape, dtype, layout, device, train: bool) -> dict[str, Calla
     fused = BAM(c).to(device=device, dtype=dtype).train(train)
     fused.load_state_dict(ref.state_dict())
     compiled = _compile(ref)
-    x = _layout(torch.randn(shape, device=device, dtype=dtype), layout).requires_grad_(train)
-    g = _layout(torch.randn(shape, device=device, dtype=dtype), layout)
+    x = as_layout(torch.randn(shape, device=device, dtype=dtype), layout).requires_grad_(train)
+    g = as_layout(torch.randn(shape, device=device, dtype=dtype), layout)
     modules = {"eager": ref, "compiled": compiled, "fused": fused}
     if not train:
         return {k: (lambda m=m: _no_grad(lambda: m(x))) for k, m in modules.items()}
@@ -156,7 +151,7 @@ def resnet_contenders(batch: int, dtype, layout, device, with_compile: bool) -> 
     with_ref = resnet50_bam(backend="reference").to(device=device, dtype=dtype).eval()
     with_fused = resnet50_bam(backend="auto").to(device=device, dtype=dtype).eval()
     with_fused.load_state_dict(with_ref.state_dict())
-    x = _layout(torch.randn(batch, 3, 224, 224, device=device, dtype=dtype), layout)
+    x = as_layout(torch.randn(batch, 3, 224, 224, device=device, dtype=dtype), layout)
     models = {"no_bam": plain, "eager": with_ref, "fused": with_fused}
     if layout == "channels_last":
         for m in models.values():
@@ -222,12 +217,9 @@ def run_task(p: Plan, bench: str, shape: tuple, dtype_name: str, layout: str) ->
         fns = gate_contenders(shape, dtype, layout, device, backward=bench == "gate_fwd_bwd")
     else:
         fns = bam_contenders(shape, dtype, layout, device, train=bench == "bam_train")
-    numel = 1
-    for d in shape:
-        numel *= d
-    x_bytes = numel * torch.empty((), dtype=dtype).element_size()
-    bw = copy_gbps(torch.empty(shape, device=device, dtype=dtype).normal_(), device)
-    moved = ROOFLINE_BYTES[bench] * x_bytes
+    probe = torch.empty(shape, device=device, dtype=dtype).normal_()
+    bw = copy_gbps(probe, device)
+    moved = ROOFLINE_BYTES[bench] * probe.numel() * probe.element_size()
     rows = []
     for k, f in fns.items():
         med, iqr = time_ms(f, device, p.budget_s)

@@ -42,10 +42,7 @@ def info() -> dict[str, Any]:
     def status(reason: str | None) -> dict[str, Any]:
         return {"active": reason is None, "reason": reason}
 
-    build = _ext.build_info()
-    cuda_branch = _ext.reason()
-    if cuda_branch is None and not build.get("with_cuda"):
-        cuda_branch = "the extension was built without CUDA kernels"
+    cuda_branch = _backends.branch_kernel_reason("cuda")
     if cuda_branch is None and not torch.cuda.is_available():
         cuda_branch = "no CUDA device is visible"
     triton_cuda = _backends.triton_reason(cuda)
@@ -61,11 +58,11 @@ def info() -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
-        "extension": build,
+        "extension": _ext.build_info(),
         "kernels": {
             "gate (Triton, CUDA)": status(triton_cuda),
             "gate (C++, CPU)": status(_backends.cpp_reason(cpu)),
-            "branches (C++, CPU)": status(_ext.reason()),
+            "branches (C++, CPU)": status(_backends.branch_kernel_reason("cpu")),
             "branches (CUDA)": status(cuda_branch),
         },
     }

@@ -15,6 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# The dtypes and layouts verify, bench and the tests sweep, by their short names.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def as_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x in "nchw" or "channels_last" memory format."""
+    return x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
 # dtype -> (atol, rtol); the one table of tolerances.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-10),

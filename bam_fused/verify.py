@@ -13,9 +13,8 @@ from . import _backends
 from .modules import BAM
 from .ops.gate import bam_gate
 from .reference import BAM as RefBAM
-from .testing import compare, gate_comparisons, randomize_
+from .testing import DTYPES, as_layout, compare, gate_comparisons, randomize_
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
 # (C, H, W): the ResNet BAM stages, then odd shapes.
 RESNET_SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14)]
@@ -36,21 +35,16 @@ class Row:
     passed: bool
 
 
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-
-
 def active_paths(device: torch.device) -> tuple[list[str], list[str]]:
     """(fused paths that run on device, reasons for the ones that do not)."""
-    paths, why_not = [], []
     kernels = (["triton"] if device.type == "cuda" else ["cpp"]) + (
         ["triton"] if device.type == "cpu" and _backends.triton_interpreted() else []
     )
-    for impl in kernels:
-        why = (_backends.triton_reason if impl == "triton" else _backends.cpp_reason)(device)
-        (why_not.append(f"gate[{impl}]: {why}") if why else paths.append(f"gate[{impl}]"))
-    why = _backends.branch_kernel_reason(device.type)
-    (why_not.append(f"bam: {why}") if why else paths.append("bam"))
+    reasons = {f"gate[{impl}]": (_backends.triton_reason if impl == "triton" else _backends.cpp_reason)(device)
+               for impl in kernels}  # fmt: skip
+    reasons["bam"] = _backends.branch_kernel_reason(device.type)
+    paths = [path for path, why in reasons.items() if why is None]
+    why_not = [f"{path}: {why}" for path, why in reasons.items() if why is not None]
     return paths, why_not
 
 
@@ -63,10 +57,10 @@ def _rows(path, shape, dtype, layout, combine, results: Iterable[tuple[str, obje
 def check_gate(impl: str, device, shape, dtype_name: str, layout: str, combine: str) -> list[Row]:
     dtype = DTYPES[dtype_name]
     n, c, h, w = shape
-    x = _layout(torch.randn(shape, device=device).to(dtype), layout)
+    x = as_layout(torch.randn(shape, device=device).to(dtype), layout)
     ca = torch.randn(n, c, device=device, dtype=dtype)
     sa = torch.randn(n, h, w, device=device, dtype=dtype)
-    g = _layout(torch.randn(shape, device=device).to(dtype), layout)
+    g = as_layout(torch.randn(shape, device=device).to(dtype), layout)
     results = gate_comparisons(functools.partial(bam_gate, combine=combine, backend=impl), x, ca, sa, combine, g)
     return _rows(f"gate[{impl}]", shape, dtype_name, layout, combine, results)
 
@@ -81,7 +75,7 @@ def check_bam(device, shape, dtype_name: str, layout: str, combine: str) -> list
     truth = copy.deepcopy(eager).double()
     fused = BAM(c, r, combine=combine, backend="fused").to(device=device, dtype=dtype)
     fused.load_state_dict(eager.state_dict())
-    x = _layout(torch.randn(shape, device=device).to(dtype), layout)
+    x = as_layout(torch.randn(shape, device=device).to(dtype), layout)
     modules = {"fused": fused, "truth": truth, "eager": eager}
     with torch.no_grad():
         outs = {k: m.eval()(x.to(torch.float64 if k == "truth" else dtype)) for k, m in modules.items()}

@@ -2,15 +2,15 @@
 
 import torch
 
+from bam_fused.testing import as_layout
+
 LAYOUTS = ("nchw", "channels_last", "strided")
 
 
 def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values in another memory layout; "strided" is neither NCHW nor channels_last."""
-    if layout == "nchw":
-        return x.contiguous()
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
+    if layout != "strided":
+        return as_layout(x, layout)
     big = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
     big[..., ::2] = x
     out = big[..., ::2]

@@ -17,10 +17,7 @@ import bam_fused
 from bam_fused import _backends, cli
 from bam_fused.models import insert_bam, resnet18_bam, resnet50_bam
 from bam_fused.ops import bam_gate
-from bam_fused.testing import gate_comparisons, randomize_
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from bam_fused.testing import DTYPES, gate_comparisons, randomize_
 
 # -- property tests ----------------------------------------------------------------------
 try:  # hypothesis is a dev dependency; bare GPU machines may lack it
