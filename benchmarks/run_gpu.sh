@@ -1,28 +1,52 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (nothing persists, no package index): build the extension
-# from source, run the tests with CUDA, then `verify` and `bench`. Logs and results go to
-# $OUT (default ./gpu-out), at most 8 files. Budget: ten minutes in all.
-#   usage: bash benchmarks/run_gpu.sh
+# from source, run the GPU tests, profile, benchmark, compute-sanitizer, verify, then the rest
+# of the tests. Each step gets a time box inside one ten-minute budget (BUDGET_S), most
+# important first. Logs and results go to $OUT (default ./gpu-out), at most 8 files.
+#   usage: bash benchmarks/run_gpu.sh [STEP ...]   (steps: build cuda-tests profile bench
+#                                                    sanitize verify tests; default all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
+END=$((SECONDS + ${BUDGET_S:-570}))
+STEPS=${*:-build cuda-tests profile bench sanitize verify tests}
 status=0
 
-{
-  echo "== $(date -u) on $(hostname)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  echo "== build"
-  $PY -m pip install --no-build-isolation --no-deps -e . || $PY setup.py build_ext --inplace || status=1
-  echo "== info"; $PY -m bam_fused.cli info
-} > "$OUT/setup.log" 2>&1
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+# box SECONDS LOG CMD...: runs CMD for at most SECONDS (less if the budget is nearly spent).
+box() {
+  local limit=$1 log=$2; shift 2
+  local left=$((END - SECONDS - 5))
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then echo "== skipped (budget spent): $*" >> "$log"; status=1; return; fi
+  echo "== $* (up to ${limit}s)" >> "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >> "$log" 2>&1 || { echo "== exit $? after $((SECONDS - t0))s" >> "$log"; status=1; }
+  echo "== took $((SECONDS - t0))s" >> "$log"
+}
 
-timeout 240 $PY -m pytest -q -m "not slow" -p no:cacheprovider --continue-on-collection-errors tests > "$OUT/tests.log" 2>&1 || status=1
-timeout 100 $PY -m bam_fused.cli verify > "$OUT/verify.log" 2>&1 || status=1
-# --quick: compiling every reference graph with Inductor for the full sweep does not fit ten
-# minutes; run the full `bam-fused bench --out DIR` when a longer session allows.
-timeout 150 $PY -m bam_fused.cli bench --quick --no-progress --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
-tail -n 3 "$OUT"/tests.log "$OUT"/verify.log
+if want build; then
+  {
+    echo "== $(date -u) on $(hostname)"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  } >> "$OUT/checks.log" 2>&1
+  box 240 "$OUT/checks.log" $PY -m pip install -q --no-build-isolation --no-deps -e .
+  box 30 "$OUT/checks.log" $PY -m bam_fused.cli info
+fi
+want cuda-tests && box 180 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE tests/test_cuda.py
+want profile && box 100 "$OUT/profile.log" $PY benchmarks/gpu_probe.py profile
+want bench && box 200 "$OUT/bench.log" $PY -m bam_fused.cli bench --quick --no-progress --out "$OUT"
+if want sanitize; then
+  for tool in memcheck racecheck; do
+    box 60 "$OUT/checks.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 \
+      $PY benchmarks/gpu_probe.py sanitize
+  done
+fi
+want verify && box 100 "$OUT/checks.log" $PY -m bam_fused.cli verify --quick
+want tests && box 300 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE -m "not slow" \
+  --ignore=tests/test_cuda.py tests
+tail -n 4 "$OUT"/*.log
 exit $status

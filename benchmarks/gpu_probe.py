@@ -1,0 +1,104 @@
+"""GPU-only probes that `bam-fused bench` does not cover (run by run_gpu.sh).
+
+    python benchmarks/gpu_probe.py profile   # where a fused BAM's time goes, kernel by kernel
+    python benchmarks/gpu_probe.py sanitize  # small odd-shaped workloads for compute-sanitizer
+
+`profile` prints, per ResNet-50 BAM shape: the copy bandwidth of that tensor, the branch op
+alone, the gate alone and the whole fused BAM (eval), each timed plainly and as a CUDA-graph
+replay (the difference is launch and Python overhead), plus the CUDA kernels of one BAM call
+from torch.profiler.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton.testing
+
+import bam_fused
+from bam_fused.ops import bam_branches, bam_gate
+from bam_fused.testing import as_layout, randomize_
+
+SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14)]
+
+
+def ms(fn) -> float:
+    return triton.testing.do_bench(fn, rep=200, return_mode="median")
+
+
+def graphed_ms(fn) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return ms(g.replay)
+
+
+def profile() -> None:
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    head = f"{'shape':18s} {'dtype':5s} {'layout':13s} {'copy GB/s':>9s} {'|x| us':>7s} " \
+           f"{'branch':>7s} {'gate':>7s} {'BAM':>7s} {'BAM graph':>9s} {'x 3|x| roof':>11s}"  # fmt: skip
+    rows = [head]
+    for shape in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in ("nchw", "channels_last"):
+                n, c, h, w = shape
+                x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
+                m = randomize_(bam_fused.BAM(c)).cuda().to(dtype).eval()
+                f = m.folded()
+                dst = torch.empty_like(x)
+                copy = ms(lambda: dst.copy_(x))  # noqa: B023
+                nbytes = x.numel() * x.element_size()
+                bw = 2 * nbytes / (copy * 1e-3)
+                args = (f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
+                ca = torch.randn(n, c, device="cuda")
+                sa = torch.randn(n, h, w, device="cuda")
+                with torch.no_grad():
+                    t_branch = ms(lambda: bam_branches(x, *args))  # noqa: B023
+                    t_gate = ms(lambda: bam_gate(x, ca, sa))  # noqa: B023
+                    t_bam = ms(lambda: m(x))  # noqa: B023
+                    t_graph = graphed_ms(lambda: m(x))  # noqa: B023
+                roof = 3 * nbytes / bw * 1e3
+                rows.append(f"{str(shape):18s} {str(dtype)[6:]:5s} {layout:13s} {bw / 1e9:9.0f} "
+                            f"{nbytes / bw * 1e6:7.1f} {t_branch * 1e3:7.1f} {t_gate * 1e3:7.1f} "
+                            f"{t_bam * 1e3:7.1f} {t_graph * 1e3:9.1f} {t_graph / roof:11.2f}")  # fmt: skip
+                if dtype == torch.float32 and layout == "nchw":
+                    cuda_only = [torch.profiler.ProfilerActivity.CUDA]
+                    with torch.no_grad(), torch.profiler.profile(activities=cuda_only) as p:
+                        for _ in range(5):
+                            m(x)
+                        torch.cuda.synchronize()
+                    print(f"-- kernels of 5 fused BAM calls, {shape} fp32 nchw")
+                    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print("times in us; |x| us = one read of x at copy bandwidth; roof = 3|x| at copy bandwidth")
+    print("\n".join(rows))
+
+
+def sanitize() -> None:
+    """Odd shapes, both layouts, every dtype: the branch op and the gate forward and backward."""
+    for shape in [(2, 37, 7, 9), (1, 48, 9, 13), (3, 130, 17, 11), (2, 8, 1, 1)]:
+        n, c, h, w = shape
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for layout in ("nchw", "channels_last"):
+                x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
+                m = randomize_(bam_fused.BAM(c, 8 if c < 64 else 16)).cuda().to(dtype).eval()
+                with torch.no_grad():
+                    m(x)
+                m.train()
+                xg = x.detach().clone().requires_grad_()
+                m(xg).sum().backward()
+                ca = torch.randn(n, c, device="cuda", requires_grad=True)
+                sa = torch.randn(n, h, w, device="cuda", requires_grad=True)
+                bam_gate(xg, ca, sa, combine="product").sum().backward()
+    torch.cuda.synchronize()
+    print("sanitize workload done")
+
+
+if __name__ == "__main__":
+    {"profile": profile, "sanitize": sanitize}[sys.argv[1]]()
