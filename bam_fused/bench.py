@@ -46,6 +46,11 @@ class Row:
     roofline_ratio: float | None
     copy_gbps: float | None
     speedup: dict = field(default_factory=dict)  # fused over each contender (fused rows only)
+    # CUDA only: the same call replayed as a CUDA graph, i.e. GPU time without Python and
+    # launch overhead (what CUDA graphs or torch.compile's "reduce-overhead" give a user).
+    graph_ms: float | None = None
+    graph_pct_copy: float | None = None
+    graph_speedup: dict = field(default_factory=dict)
     device: str = ""
     device_name: str = ""
     torch: str = torch.__version__
@@ -88,6 +93,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 0.
         min_run_time=budget_s
     )
     return m.median * 1e3, m.iqr * 1e3
+
+
+def graph_ms(fn: Callable[[], object], budget_s: float = 0.4) -> float:
+    """Median time of fn captured in a CUDA graph and replayed (warmed up on a side stream
+    first, as torch.cuda.graph requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, torch.device("cuda"), budget_s)[0]
 
 
 def copy_gbps(x: torch.Tensor, device: torch.device) -> float:
@@ -224,8 +244,15 @@ def run_task(p: Plan, bench: str, shape: tuple, dtype_name: str, layout: str) ->
     for k, f in fns.items():
         med, iqr = time_ms(f, device, p.budget_s)
         gbps = moved / (med * 1e-3) / 1e9
-        rows.append(Row(bench, shape, dtype_name, layout, k, med, iqr, gbps, 100 * gbps / bw,
-                        med / (moved / (bw * 1e9) * 1e3), bw, **meta))  # fmt: skip
+        row = Row(bench, shape, dtype_name, layout, k, med, iqr, gbps, 100 * gbps / bw,
+                  med / (moved / (bw * 1e9) * 1e3), bw, **meta)  # fmt: skip
+        if device.type == "cuda":
+            try:
+                row.graph_ms = graph_ms(f, p.budget_s)
+                row.graph_pct_copy = 100 * moved / (row.graph_ms * 1e-3) / 1e9 / bw
+            except RuntimeError as exc:  # a contender that cannot be captured keeps its plain time
+                row.note = f"no CUDA graph: {str(exc).splitlines()[0][:120]}"
+        rows.append(row)
     _speedups(rows)
     return rows
 
@@ -233,6 +260,9 @@ def run_task(p: Plan, bench: str, shape: tuple, dtype_name: str, layout: str) ->
 def _speedups(rows: list[Row]) -> None:
     fused = next(r for r in rows if r.contender == "fused")
     fused.speedup = {r.contender: r.median_ms / fused.median_ms for r in rows if r.contender != "fused"}
+    if fused.graph_ms:
+        fused.graph_speedup = {r.contender: r.graph_ms / fused.graph_ms for r in rows
+                               if r.contender != "fused" and r.graph_ms}  # fmt: skip
 
 
 def run(p: Plan, progress: bool = True) -> list[Row]:
@@ -247,6 +277,13 @@ def format_table(rows: list[Row]) -> str:
     head = (f"{'bench':13s} {'shape':18s} {'dtype':5s} {'layout':13s} {'contender':9s} {'median ms':>10s} "
             f"{'iqr ms':>8s} {'GB/s':>8s} {'% copy':>7s} {'x roof':>7s}  speed-up of fused")  # fmt: skip
     lines = [head, "-" * len(head)]
+
+    def graph(r: Row) -> str:
+        if not r.graph_ms:
+            return ""
+        ups = ", ".join(f"{k} {v:.2f}x" for k, v in r.graph_speedup.items())
+        return f"  [graph {r.graph_ms:.3f} ms, {r.graph_pct_copy:.0f}% copy{', ' + ups if ups else ''}]"
+
     for r in rows:
 
         def num(v, fmt):
@@ -256,33 +293,41 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"{r.bench:13s} {str(tuple(r.shape)):18s} {r.dtype:5s} {r.layout:13s} {r.contender:9s} "
             f"{r.median_ms:10.3f} {r.iqr_ms:8.3f} {num(r.gbps, '8.1f')} {num(r.pct_copy, '7.1f')} "
-            f"{num(r.roofline_ratio, '7.2f')}  {sp}{('  ' + r.note) if r.note else ''}"
+            f"{num(r.roofline_ratio, '7.2f')}  {sp}{graph(r)}{('  ' + r.note) if r.note else ''}"
         )
     return "\n".join(lines)
 
 
 def markdown_summary(rows: list[Row]) -> str:
-    """One line per benchmark case: the three contenders' medians, fused's bandwidth, speed-ups."""
-    lines = [
-        "| bench | shape | dtype | layout | eager ms | compiled ms | fused ms | fused % copy | vs eager "
-        "| vs compiled |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """One line per benchmark case: the three contenders' medians, fused's bandwidth, speed-ups;
+    on CUDA also the CUDA-graph replay times (GPU time alone) and the speed-ups between them."""
+    graphs = any(r.graph_ms for r in rows)
+    timed = "eager ms | compiled ms | fused ms | fused % copy | vs eager | vs compiled |"
+    head = "| bench | shape | dtype | layout | " + timed + (" graph: " + timed if graphs else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by_case: dict[tuple, dict[str, Row]] = {}
     for r in rows:
         by_case.setdefault((r.bench, tuple(r.shape), r.dtype, r.layout), {})[r.contender] = r
+
+    def fmt_ms(v):
+        return "-" if v is None or v != v else f"{v:.3f}"
+
+    def fmt_pct(v):
+        return "-" if v is None else f"{v:.0f}%"
+
     for (bench, shape, dtype, layout), same in by_case.items():
         fused = same.get("fused")
         if fused is None:
             continue
-        ms = {k: "-" if r.median_ms != r.median_ms else f"{r.median_ms:.3f}" for k, r in same.items()}
-        up = {k: f"{v:.2f}x" for k, v in fused.speedup.items()}
-        pct = "-" if fused.pct_copy is None else f"{fused.pct_copy:.0f}%"
-        lines.append(
-            f"| {bench} | {'x'.join(map(str, shape))} | {dtype} | {layout} | {ms.get('eager', '-')} | "
-            f"{ms.get('compiled', '-')} | {ms['fused']} | {pct} | {up.get('eager', '-')} | "
-            f"{up.get('compiled', '-')} |"
-        )
+        cells = [bench, "x".join(map(str, shape)), dtype, layout]
+        cells += [fmt_ms(same[k].median_ms if k in same else None) for k in CONTENDERS]
+        cells += [fmt_pct(fused.pct_copy)] + [f"{fused.speedup[k]:.2f}x" if k in fused.speedup else "-"
+                                              for k in ("eager", "compiled")]  # fmt: skip
+        if graphs:
+            cells += [fmt_ms(same[k].graph_ms if k in same else None) for k in CONTENDERS]
+            cells += [fmt_pct(fused.graph_pct_copy)] + [f"{fused.graph_speedup[k]:.2f}x" if k in fused.graph_speedup
+                                                        else "-" for k in ("eager", "compiled")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -82,7 +82,7 @@ def profile() -> None:
 
 def sanitize() -> None:
     """Odd shapes, both layouts, every dtype: the branch op and the gate forward and backward."""
-    for shape in [(2, 37, 7, 9), (1, 48, 9, 13), (3, 130, 17, 11), (2, 8, 1, 1)]:
+    for shape in [(2, 37, 7, 9), (2, 48, 9, 13), (3, 130, 17, 11), (2, 8, 1, 1), (2, 1100, 14, 14)]:
         n, c, h, w = shape
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for layout in ("nchw", "channels_last"):

@@ -31,22 +31,26 @@ def emulator(tmp_path_factory):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
-    "n,c,hw,cr",
-    [(2, 37, 63, 5),  # odd everything
-     (1, 70, 130, 65),  # two pixel blocks, a ragged channel chunk, two output-channel groups
-     (3, 5, 1, 1)],  # one pixel
+    "n,c,hw,cr,min_blocks,rows,splits",
+    [(2, 37, 63, 5, 1, 16, 1),  # odd everything, scalar loads
+     (2, 64, 20, 24, 1, 32, 1),  # 32-row tiles, vector loads (HW % 4 == 0)
+     (1, 70, 130, 65, 1, 64, 1),  # two pixel blocks, a ragged channel chunk, two row groups
+     (1, 200, 36, 40, 64, 64, 3),  # channel splits (3, 3 and 1 chunks) and the finishing kernel
+     (3, 5, 1, 1, 1, 16, 1)],  # one pixel
 )  # fmt: skip
-def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, channels_last):
+def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, min_blocks, rows, splits, channels_last):
     rng = np.random.default_rng(n * 1000 + c)
     x = rng.standard_normal((n, c, hw), dtype=np.float32)
     w = (rng.standard_normal((cr, c)) / np.sqrt(c)).astype(np.float32)
     b = (rng.standard_normal(cr) * 0.1).astype(np.float32)
     stored = np.ascontiguousarray(x.transpose(0, 2, 1) if channels_last else x)
-    payload = struct.pack("5q", n, c, hw, cr, int(channels_last)) + stored.tobytes() + w.tobytes() + b.tobytes()
-    proc = subprocess.run([str(emulator)], input=payload, capture_output=True, timeout=600)
+    header = struct.pack("6q", n, c, hw, cr, int(channels_last), min_blocks)
+    proc = subprocess.run([str(emulator)], input=header + stored.tobytes() + w.tobytes() + b.tobytes(),
+                          capture_output=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    n_pb = -(-hw // 128)
-    out = np.frombuffer(proc.stdout, dtype=np.float32)
+    got_rows, n_pb, got_splits = struct.unpack("3q", proc.stdout[:24])
+    assert (got_rows, got_splits) == (rows, splits), "the plan picked another tiling than this case is meant to test"
+    out = np.frombuffer(proc.stdout[24:], dtype=np.float32)
     assert out.size == n * cr * hw + n * n_pb * c
     y = out[: n * cr * hw].reshape(n, cr, hw)
     pooled_part = out[n * cr * hw :].reshape(n, n_pb, c)

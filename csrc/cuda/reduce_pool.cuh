@@ -1,10 +1,15 @@
-// CUDA kernel of the branch op's pass over x, free of torch headers.
+// CUDA kernels of the branch op's pass over x, free of torch headers.
 //
-// One block of 256 threads takes 128 pixels of one sample and walks the channels in chunks of
-// 32: it stages the (32 x 128) slice of x in shared memory (coalesced for either layout), sums
-// it into per-block channel partials (the pooling), and multiplies it by the matching slice of
-// W. Each warp owns the output channels r = warp + 8k of its group; each lane four pixels.
-// No atomics: the pooling partials are summed afterwards in a fixed order.
+// y = relu(W x + b) (the 1x1 reduce conv, W is (Cr, C)) and the channel sums of x, reading x
+// once. A block of 256 threads owns kPixels pixels of one sample and kRows output channels;
+// it walks its channels in chunks of 32, staging the (32 x kPixels) slice of x in shared memory
+// (coalesced for either layout), sums it into per-block channel partials (the pooling) and
+// multiplies it by the matching slice of W. Each thread keeps a (kRows/kRowGroups x 4) tile of
+// y in registers, so every pair of 16-byte shared-memory loads feeds 16 or 32 FMAs.
+//
+// When the grid would not fill the GPU (few pixels, e.g. 14x14 maps), the channels are split
+// over blockIdx.z and each split writes raw partial sums; reduce_finish_kernel adds them in a
+// fixed order and applies bias and ReLU. No atomics: results are bitwise repeatable.
 #pragma once
 
 #include <cstdint>
@@ -13,83 +18,167 @@ namespace bam_fused {
 namespace cuda {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kPixels = 128;                   // pixels per block
-constexpr int kChunk = 32;                     // channels per shared-memory slice
-constexpr int kRowsPerWarp = 8;                // output channels per warp and group
-constexpr int kGroup = kWarps * kRowsPerWarp;  // output channels per block (grid.y splits more)
+constexpr int kChunk = 32;  // channels per shared-memory slice
 
-template <typename scalar_t, bool kChannelsLast>
-__global__ void __launch_bounds__(kThreads) reduce_pool_kernel(
+template <int kRows>
+struct Tile {
+  static_assert(kRows == 16 || kRows == 32 || kRows == 64, "kRows is 16, 32 or 64");
+  static constexpr int kRowGroups = kRows == 64 ? 8 : 4;      // threads along the rows
+  static constexpr int kRowsPerThread = kRows / kRowGroups;   // 4 or 8
+  static constexpr int kPixelGroups = kThreads / kRowGroups;  // threads along the pixels
+  static constexpr int kPixels = 4 * kPixelGroups;            // 256 or 128 pixels per block
+};
+
+// How a launch is laid out; computed on the host (the launcher and the emulator tests).
+struct ReducePoolPlan {
+  int rows;                  // kRows of the instantiation to launch
+  int64_t pixel_blocks;      // per sample
+  int64_t row_groups;        // grid.y
+  int64_t splits;            // grid.z: channel splits (1: the kernel writes y itself)
+  int64_t chunks_per_split;  // channel chunks of kChunk per split
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// min_blocks: how many blocks fill the GPU (a couple per multiprocessor).
+inline ReducePoolPlan plan_reduce_pool(int64_t N, int64_t C, int64_t HW, int64_t Cr, int64_t min_blocks) {
+  ReducePoolPlan p{};
+  p.rows = Cr <= 16 ? 16 : (Cr <= 32 ? 32 : 64);
+  const int64_t pixels = p.rows == 64 ? Tile<64>::kPixels : Tile<16>::kPixels;
+  p.pixel_blocks = ceil_div(HW, pixels);
+  p.row_groups = ceil_div(Cr, p.rows);
+  const int64_t chunks = ceil_div(C, kChunk);
+  const int64_t blocks = N * p.pixel_blocks * p.row_groups;
+  // Split only as far as needed, and keep at least two chunks per split.
+  int64_t splits = blocks > 0 ? ceil_div(min_blocks, blocks) : 1;
+  splits = splits < 1 ? 1 : splits;
+  const int64_t most = chunks / 2 > 1 ? chunks / 2 : 1;
+  splits = splits > most ? most : splits;
+  p.chunks_per_split = ceil_div(chunks, splits);
+  p.splits = ceil_div(chunks, p.chunks_per_split);
+  return p;
+}
+
+// Four consecutive elements, loaded as one vector where the caller knows they are aligned.
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+
+// grid: (N * pixel_blocks, row_groups, splits). y: (N, Cr, HW) fp32 when splits == 1;
+// y_part: (splits, N, Cr, HW) raw sums otherwise (then y is unused). pooled_part:
+// (N, pixel_blocks, C) channel sums over each block's pixels, written by row group 0.
+template <typename scalar_t, bool kChannelsLast, int kRows>
+__global__ void __launch_bounds__(kThreads, 2) reduce_pool_kernel(
     const scalar_t* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-    float* __restrict__ y, float* __restrict__ pooled_part, int64_t C, int64_t HW, int64_t Cr, int64_t n_pb) {
-  __shared__ float xs[kChunk][kPixels + 1];
-  __shared__ float ws[kGroup][kChunk + 1];
+    float* __restrict__ y, float* __restrict__ y_part, float* __restrict__ pooled_part, int64_t N, int64_t C,
+    int64_t HW, int64_t Cr, int64_t pixel_blocks, int64_t chunks_per_split, bool vec_loads) {
+  using T = Tile<kRows>;
+  constexpr int kTR = T::kRowsPerThread, kPG = T::kPixelGroups, kPixels = T::kPixels;
+  // +4 floats per row: rows stay 16-byte aligned and the channels_last staging stores of a
+  // warp (32 channels, one pixel group) fall in distinct banks.
+  __shared__ __align__(16) float xs[kChunk][kPixels + 4];
+  __shared__ __align__(16) float ws[kChunk][kRows + 4];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t n = blockIdx.x / n_pb, pb = blockIdx.x % n_pb;
+  const int64_t n = blockIdx.x / pixel_blocks, pb = blockIdx.x % pixel_blocks;
   const int64_t p0 = pb * kPixels;
-  const int64_t r_base = static_cast<int64_t>(blockIdx.y) * kGroup;
+  const int64_t r_base = static_cast<int64_t>(blockIdx.y) * kRows;
+  const int64_t split = blockIdx.z;
+  const int64_t c_begin = split * chunks_per_split * kChunk;
+  const int64_t c_stop = c_begin + chunks_per_split * kChunk;
+  const int64_t c_end = c_stop < C ? c_stop : C;
   const bool writes_pool = blockIdx.y == 0;
   const scalar_t* xn = x + n * C * HW;
+  // Compute mapping: a warp shares its rows (ws reads broadcast), its lanes take
+  // consecutive groups of 4 pixels (conflict-free 16-byte xs reads).
+  const int rg = tid / kPG, pg = tid % kPG;
 
-  float acc[kRowsPerWarp][4];
+  float acc[kTR][4];
 #pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k)
+  for (int k = 0; k < kTR; ++k)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[k][j] = 0.f;
 
-  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-#pragma unroll 4
-    for (int i = tid; i < kChunk * kPixels; i += kThreads) {
-      // Consecutive threads read consecutive addresses in either layout.
-      const int c = kChannelsLast ? i % kChunk : i / kPixels;
-      const int p = kChannelsLast ? i / kChunk : i % kPixels;
-      float v = 0.f;
-      if (c0 + c < C && p0 + p < HW)
-        v = static_cast<float>(kChannelsLast ? xn[(p0 + p) * C + c0 + c] : xn[(c0 + c) * HW + p0 + p]);
-      xs[c][p] = v;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kChunk) {
+    // Stage x: item i is (channel, group of 4 pixels); consecutive threads read consecutive
+    // addresses in either layout.
+#pragma unroll 2
+    for (int i = tid; i < kChunk * kPG; i += kThreads) {
+      const int c = kChannelsLast ? i % kChunk : i / kPG;
+      const int q = kChannelsLast ? i / kChunk : i % kPG;
+      const int64_t p = p0 + 4 * q;
+      float* dst = &xs[c][4 * q];
+      if (c0 + c < c_end && !kChannelsLast && vec_loads && p + 3 < HW) {
+        const Vec4<scalar_t> q4 = *reinterpret_cast<const Vec4<scalar_t>*>(xn + (c0 + c) * HW + p);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) dst[j] = static_cast<float>(q4.v[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const bool ok = c0 + c < c_end && p + j < HW;
+          dst[j] = ok ? static_cast<float>(kChannelsLast ? xn[(p + j) * C + c0 + c] : xn[(c0 + c) * HW + p + j]) : 0.f;
+        }
+      }
     }
-    for (int i = tid; i < kGroup * kChunk; i += kThreads) {
+    for (int i = tid; i < kRows * kChunk; i += kThreads) {
       const int r = i / kChunk, c = i % kChunk;
-      ws[r][c] = (r_base + r < Cr && c0 + c < C) ? w[(r_base + r) * C + c0 + c] : 0.f;
+      ws[c][r] = (r_base + r < Cr && c0 + c < c_end) ? w[(r_base + r) * C + c0 + c] : 0.f;
     }
     __syncthreads();
     if (writes_pool) {
       // Warp w sums channels 4w .. 4w+3 of the slice over the block's pixels.
 #pragma unroll
-      for (int cc = 0; cc < kChunk / kWarps; ++cc) {
-        const int c = warp * (kChunk / kWarps) + cc;
-        float s = xs[c][lane] + xs[c][lane + 32] + xs[c][lane + 64] + xs[c][lane + 96];
+      for (int cc = 0; cc < kChunk / 8; ++cc) {
+        const int c = warp * (kChunk / 8) + cc;
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < kPixels / 32; ++k) s += xs[c][lane + 32 * k];
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (lane == 0 && c0 + c < C) pooled_part[(n * n_pb + pb) * C + c0 + c] = s;
+        if (lane == 0 && c0 + c < c_end) pooled_part[(n * pixel_blocks + pb) * C + c0 + c] = s;
       }
     }
-#pragma unroll 4
+#pragma unroll 8
     for (int c = 0; c < kChunk; ++c) {
-      float xv[4];
+      float xv[4], wv[kTR];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) xv[j] = xs[c][lane + 32 * j];
+      for (int j = 0; j < 4; ++j) xv[j] = xs[c][4 * pg + j];
 #pragma unroll
-      for (int k = 0; k < kRowsPerWarp; ++k) {
-        const float wv = ws[warp + kWarps * k][c];
+      for (int k = 0; k < kTR; ++k) wv[k] = ws[c][rg * kTR + k];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[k][j] = fmaf(wv, xv[j], acc[k][j]);
-      }
+      for (int k = 0; k < kTR; ++k)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[k][j] = fmaf(wv[k], xv[j], acc[k][j]);
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k) {
-    const int64_t r = r_base + warp + kWarps * k;
+  for (int k = 0; k < kTR; ++k) {
+    const int64_t r = r_base + rg * kTR + k;
     if (r >= Cr) continue;
-    const float bias = b[r];
+    const float bias = y_part == nullptr ? b[r] : 0.f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int64_t p = p0 + lane + 32 * j;
-      if (p < HW) y[(n * Cr + r) * HW + p] = fmaxf(acc[k][j] + bias, 0.f);
+      const int64_t p = p0 + 4 * pg + j;
+      if (p >= HW) continue;
+      if (y_part == nullptr)
+        y[(n * Cr + r) * HW + p] = fmaxf(acc[k][j] + bias, 0.f);
+      else
+        y_part[((split * N + n) * Cr + r) * HW + p] = acc[k][j];
     }
   }
+}
+
+// y[e] = relu(sum over splits of y_part[s][e] + b[r]) for e over (N, Cr, HW), splits in order.
+__global__ void __launch_bounds__(kThreads) reduce_finish_kernel(const float* __restrict__ y_part,
+                                                                 const float* __restrict__ b, float* __restrict__ y,
+                                                                 int64_t numel, int64_t Cr, int64_t HW,
+                                                                 int64_t splits) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= numel) return;
+  float s = 0.f;
+  for (int64_t k = 0; k < splits; ++k) s += y_part[k * numel + e];
+  y[e] = fmaxf(s + b[(e / HW) % Cr], 0.f);
 }
 
 }  // namespace cuda

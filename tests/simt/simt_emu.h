@@ -20,9 +20,10 @@ inline std::barrier<>* simt_barrier = nullptr;
 inline float simt_shuffle_slots[1024];
 
 #define __global__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define __restrict__
+#define __align__(n) __attribute__((aligned(n)))
 
 inline void __syncthreads() { simt_barrier->arrive_and_wait(); }
 
@@ -36,8 +37,9 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   return r;
 }
 
-// launch(grid, threads, [&] { kernel(args...); })
+// simt_launch(grid, threads, [&] { kernel(args...); }): blocks run one after another.
 inline void simt_launch(dim3 grid, unsigned threads, const std::function<void()>& body) {
+  for (unsigned bz = 0; bz < grid.z; ++bz)
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       std::barrier<> bar(threads);
@@ -47,7 +49,7 @@ inline void simt_launch(dim3 grid, unsigned threads, const std::function<void()>
       for (unsigned t = 0; t < threads; ++t)
         pool.emplace_back([&, t] {
           threadIdx = dim3(t);
-          blockIdx = dim3(bx, by);
+          blockIdx = dim3(bx, by, bz);
           body();
         });
       for (auto& th : pool) th.join();
