@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_probe.py profile   # where a fused BAM's time goes, kernel by kernel
     python benchmarks/gpu_probe.py sanitize  # small odd-shaped workloads for compute-sanitizer
+    python benchmarks/gpu_probe.py overhead  # where the CPU time of a fused gate forward+backward goes
 
 `profile` prints, per ResNet-50 BAM shape: the copy bandwidth of that tensor, the branch op
 alone, the gate alone and the whole fused BAM (eval), each timed plainly and as a CUDA-graph
@@ -100,5 +101,33 @@ def sanitize() -> None:
     print("sanitize workload done")
 
 
+def overhead() -> None:
+    """cProfile of 200 fused gate forward+backward calls at 14x14 bf16 (GPU time ~70 us,
+    plain call time several times that on the first H100 run)."""
+    import cProfile
+    import pstats
+
+    n, c, h, w = 32, 1024, 14, 14
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ca = torch.randn(n, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    sa = torch.randn(n, h, w, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+
+    def step():
+        bam_gate(x, ca, sa).backward(g)
+
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    print(f"fwd+bwd plain: {ms(step) * 1e3:.1f} us, graphed: {graphed_ms(step) * 1e3:.1f} us")
+
+
 if __name__ == "__main__":
-    {"profile": profile, "sanitize": sanitize}[sys.argv[1]]()
+    {"profile": profile, "sanitize": sanitize, "overhead": overhead}[sys.argv[1]]()

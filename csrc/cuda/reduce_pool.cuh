@@ -101,23 +101,38 @@ __global__ void __launch_bounds__(kThreads, 2) reduce_pool_kernel(
 
   for (int64_t c0 = c_begin; c0 < c_end; c0 += kChunk) {
     // Stage x: item i is (channel, group of 4 pixels); consecutive threads read consecutive
-    // addresses in either layout.
-#pragma unroll 2
-    for (int i = tid; i < kChunk * kPG; i += kThreads) {
-      const int c = kChannelsLast ? i % kChunk : i / kPG;
-      const int q = kChannelsLast ? i / kChunk : i % kPG;
-      const int64_t p = p0 + 4 * q;
-      float* dst = &xs[c][4 * q];
-      if (c0 + c < c_end && !kChannelsLast && vec_loads && p + 3 < HW) {
-        const Vec4<scalar_t> q4 = *reinterpret_cast<const Vec4<scalar_t>*>(xn + (c0 + c) * HW + p);
+    // addresses in either layout. Loads go in batches of kBatch items, all issued before the
+    // batch's shared-memory stores, so that several are in flight (more spill registers).
+    constexpr int kItems = kChunk * kPG / kThreads, kBatch = 4;
+#pragma unroll 1
+    for (int it0 = 0; it0 < kItems; it0 += kBatch) {
+      float v[kBatch][4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) dst[j] = static_cast<float>(q4.v[j]);
-      } else {
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = tid + (it0 + k) * kThreads;
+        const int c = kChannelsLast ? i % kChunk : i / kPG;
+        const int q = kChannelsLast ? i / kChunk : i % kPG;
+        const int64_t p = p0 + 4 * q;
+        if (c0 + c < c_end && !kChannelsLast && vec_loads && p + 3 < HW) {
+          const Vec4<scalar_t> q4 = *reinterpret_cast<const Vec4<scalar_t>*>(xn + (c0 + c) * HW + p);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const bool ok = c0 + c < c_end && p + j < HW;
-          dst[j] = ok ? static_cast<float>(kChannelsLast ? xn[(p + j) * C + c0 + c] : xn[(c0 + c) * HW + p + j]) : 0.f;
+          for (int j = 0; j < 4; ++j) v[k][j] = static_cast<float>(q4.v[j]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const bool ok = c0 + c < c_end && p + j < HW;
+            v[k][j] = ok ? static_cast<float>(kChannelsLast ? xn[(p + j) * C + c0 + c] : xn[(c0 + c) * HW + p + j])
+                         : 0.f;
+          }
         }
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = tid + (it0 + k) * kThreads;
+        const int c = kChannelsLast ? i % kChunk : i / kPG;
+        const int q = kChannelsLast ? i / kChunk : i % kPG;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xs[c][4 * q + j] = v[k][j];
       }
     }
     for (int i = tid; i < kRows * kChunk; i += kThreads) {
