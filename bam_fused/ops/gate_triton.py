@@ -112,6 +112,17 @@ def _gate_bwd_kernel(
     tl.store(dcol_part_ptr + (n * n_rc + rc) * L + l_idx, dcol, mask=l_ok)
 
 
+# Host-side launch arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
+# JIT-aware wrappers, and with them the configs cost about 50 us per call under cProfile on
+# the H100 machine's CPU (2026-11-25), which is as long as a 14x14 gate kernel runs.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_ceil(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
 def _pow2_divisor(value: int, cap: int = 16) -> int:
     d = 1
     while d < cap and value % (2 * d) == 0:
@@ -140,22 +151,23 @@ def _block_l(L: int, largest: int) -> int:
     idles at most 1/16 of its lanes; else the one that idles the fewest. 56*56 = 3136 gets
     256 (1024 would idle 23%); 14*14 = 196 gets 256 (one block per row, 23% idle lanes beat
     16-wide blocks, which read 64-byte runs and ran 4x slower on an H100)."""
-    width = triton.next_power_of_2(L)
+    width = _pow2_ceil(L)
     candidates = [b for b in (1024, 512, 256, 128, 64, 32, 16) if min(128, width) <= b <= max(largest, 16)]
     candidates = [b for b in candidates if b <= max(width, 16)] or [16]
 
     def idle(b: int) -> int:
-        return triton.cdiv(L, b) * b - L
+        return _cdiv(L, b) * b - L
 
     good = [b for b in candidates if idle(b) <= L / 16]
     best = good[0] if good else min(candidates, key=lambda b: (idle(b), -b))
     return min(best, width)
 
 
+@functools.lru_cache(maxsize=1024)
 def fwd_config(R: int, L: int) -> FwdConfig:
     """Tiles of about 4096 elements, as wide along the contiguous axis as L allows."""
     block_l = _block_l(L, 1024)
-    block_r = min(max(4096 // block_l, 1), triton.next_power_of_2(R))
+    block_r = min(max(4096 // block_l, 1), _pow2_ceil(R))
     return FwdConfig(block_r, block_l, num_warps=8 if block_r * block_l >= 4096 else 4)
 
 
@@ -166,14 +178,15 @@ def _target_programs(device_index: int | None) -> int:
     return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)
 def bwd_config(N: int, R: int, L: int, device_index: int | None = None) -> BwdConfig:
     """Splits the rows into chunks only as far as needed to fill the GPU (fewer partials)."""
     block_l = _block_l(L, 256)
-    block_r = min(max(1024 // block_l, 1), triton.next_power_of_2(R))
-    n_lb = triton.cdiv(L, block_l)
-    row_tiles = triton.cdiv(R, block_r)
-    n_rc = min(max(triton.cdiv(_target_programs(device_index), max(N * n_lb, 1)), 1), row_tiles)
-    rows_per_chunk = triton.cdiv(row_tiles, n_rc) * block_r
+    block_r = min(max(1024 // block_l, 1), _pow2_ceil(R))
+    n_lb = _cdiv(L, block_l)
+    row_tiles = _cdiv(R, block_r)
+    n_rc = min(max(_cdiv(_target_programs(device_index), max(N * n_lb, 1)), 1), row_tiles)
+    rows_per_chunk = _cdiv(row_tiles, n_rc) * block_r
     return BwdConfig(block_r, block_l, rows_per_chunk, num_warps=4)
 
 
@@ -188,7 +201,7 @@ def gate_forward(x3: torch.Tensor, row: torch.Tensor, col: torch.Tensor, product
     if x3.numel() == 0:
         return out
     cfg = fwd_config(R, L)
-    n_rb, n_lb = triton.cdiv(R, cfg.block_r), triton.cdiv(L, cfg.block_l)
+    n_rb, n_lb = _cdiv(R, cfg.block_r), _cdiv(L, cfg.block_l)
     _gate_fwd_kernel[(N * n_rb * n_lb,)](
         x3, row, col, out, R, L, n_rb, n_lb,
         PRODUCT=product, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l,
@@ -206,8 +219,8 @@ def gate_backward(
     if x3.numel() == 0:
         return dx, torch.zeros_like(row), torch.zeros_like(col)
     cfg = bwd_config(N, R, L, _device_index(x3))
-    n_lb = triton.cdiv(L, cfg.block_l)
-    n_rc = triton.cdiv(R, cfg.rows_per_chunk)
+    n_lb = _cdiv(L, cfg.block_l)
+    n_rc = _cdiv(R, cfg.rows_per_chunk)
     drow_part = torch.empty((N, n_lb, R), device=x3.device, dtype=torch.float32)
     dcol_part = torch.empty((N, n_rc, L), device=x3.device, dtype=torch.float32)
     _gate_bwd_kernel[(N * n_rc * n_lb,)](
