@@ -127,6 +127,26 @@ def test_opcheck(backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_eager_path_matches_the_custom_op_bitwise(backend, layout):
+    """Eager bam_gate goes through an autograd.Function, compiled code through the custom op:
+    both must run the same kernels, forward and backward."""
+    from bam_fused.ops.gate import _gate_op
+
+    x, ca, sa = gate_inputs(2, 37, 7, 9, layout=layout)
+    g = make_layout(torch.randn(x.shape), layout)
+    results = []
+    for call in (lambda a, b, c: bam_gate(a, b, c, "product", backend=backend),
+                 lambda a, b, c: _gate_op(a, b, c.reshape(2, 63), True, backend)):  # fmt: skip
+        xs, cs, ss = (t.clone().requires_grad_() for t in (x, ca, sa))
+        out = call(xs, cs, ss)
+        out.backward(g)
+        results.append((out, xs.grad, cs.grad, ss.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 def test_torch_compile_fullgraph(backend):
     x, ca, sa = gate_inputs(2, 8, 4, 5, requires_grad=True)
     fn = torch.compile(lambda a, b, c: bam_gate(a, b, c, "sum", backend=backend), fullgraph=True, backend="eager")
