@@ -146,6 +146,12 @@ def test_eager_path_matches_the_custom_op_bitwise(backend, layout):
         assert torch.equal(a, b)
 
 
+def test_second_derivative_raises_instead_of_returning_zero():
+    x, ca, sa = gate_inputs(2, 5, 3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(bam_gate(x, ca, sa, backend="cpp").sum(), x, create_graph=True)
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_torch_compile_fullgraph(backend):
     x, ca, sa = gate_inputs(2, 8, 4, 5, requires_grad=True)
