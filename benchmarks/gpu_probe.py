@@ -18,6 +18,7 @@ import torch
 import triton.testing
 
 import bam_fused
+from bam_fused.bench import graph_ms
 from bam_fused.ops import bam_branches, bam_gate
 from bam_fused.testing import as_layout, randomize_
 
@@ -26,19 +27,6 @@ SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14)]
 
 def ms(fn) -> float:
     return triton.testing.do_bench(fn, rep=200, return_mode="median")
-
-
-def graphed_ms(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return ms(g.replay)
 
 
 def profile() -> None:
@@ -64,7 +52,7 @@ def profile() -> None:
                     t_branch = ms(lambda: bam_branches(x, *args))  # noqa: B023
                     t_gate = ms(lambda: bam_gate(x, ca, sa))  # noqa: B023
                     t_bam = ms(lambda: m(x))  # noqa: B023
-                    t_graph = graphed_ms(lambda: m(x))  # noqa: B023
+                    t_graph = graph_ms(lambda: m(x))  # noqa: B023
                 roof = 3 * nbytes / bw * 1e3
                 rows.append(f"{str(shape):18s} {str(dtype)[6:]:5s} {layout:13s} {bw / 1e9:9.0f} "
                             f"{nbytes / bw * 1e6:7.1f} {t_branch * 1e3:7.1f} {t_gate * 1e3:7.1f} "
@@ -126,7 +114,7 @@ def overhead() -> None:
     torch.cuda.synchronize()
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
-    print(f"fwd+bwd plain: {ms(step) * 1e3:.1f} us, graphed: {graphed_ms(step) * 1e3:.1f} us")
+    print(f"fwd+bwd plain: {ms(step) * 1e3:.1f} us, graphed: {graph_ms(step) * 1e3:.1f} us")
 
 
 if __name__ == "__main__":
