@@ -309,24 +309,21 @@ def markdown_summary(rows: list[Row]) -> str:
     for r in rows:
         by_case.setdefault((r.bench, tuple(r.shape), r.dtype, r.layout), {})[r.contender] = r
 
-    def fmt_ms(v):
-        return "-" if v is None or v != v else f"{v:.3f}"
-
-    def fmt_pct(v):
-        return "-" if v is None else f"{v:.0f}%"
+    def timed(same: dict[str, Row], ms_of: Callable[[Row], float | None], pct: float | None, ups: dict) -> list:
+        """The cells of one timing: each contender's ms, fused's % of copy, fused's speed-ups."""
+        ms = [ms_of(same[k]) if k in same else None for k in CONTENDERS]
+        cells = ["-" if v is None or v != v else f"{v:.3f}" for v in ms]
+        cells.append("-" if pct is None else f"{pct:.0f}%")
+        return cells + [f"{ups[k]:.2f}x" if k in ups else "-" for k in ("eager", "compiled")]
 
     for (bench, shape, dtype, layout), same in by_case.items():
         fused = same.get("fused")
         if fused is None:
             continue
         cells = [bench, "x".join(map(str, shape)), dtype, layout]
-        cells += [fmt_ms(same[k].median_ms if k in same else None) for k in CONTENDERS]
-        cells += [fmt_pct(fused.pct_copy)] + [f"{fused.speedup[k]:.2f}x" if k in fused.speedup else "-"
-                                              for k in ("eager", "compiled")]  # fmt: skip
+        cells += timed(same, lambda r: r.median_ms, fused.pct_copy, fused.speedup)
         if graphs:
-            cells += [fmt_ms(same[k].graph_ms if k in same else None) for k in CONTENDERS]
-            cells += [fmt_pct(fused.graph_pct_copy)] + [f"{fused.graph_speedup[k]:.2f}x" if k in fused.graph_speedup
-                                                        else "-" for k in ("eager", "compiled")]  # fmt: skip
+            cells += timed(same, lambda r: r.graph_ms, fused.graph_pct_copy, fused.graph_speedup)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

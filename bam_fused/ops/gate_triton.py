@@ -152,8 +152,8 @@ def _block_l(L: int, largest: int) -> int:
     256 (1024 would idle 23%); 14*14 = 196 gets 256 (one block per row, 23% idle lanes beat
     16-wide blocks, which read 64-byte runs and ran 4x slower on an H100)."""
     width = _pow2_ceil(L)
-    candidates = [b for b in (1024, 512, 256, 128, 64, 32, 16) if min(128, width) <= b <= max(largest, 16)]
-    candidates = [b for b in candidates if b <= max(width, 16)] or [16]
+    lo, hi = min(128, width), max(min(largest, width), 16)
+    candidates = [b for b in (1024, 512, 256, 128, 64, 32, 16) if lo <= b <= hi]
 
     def idle(b: int) -> int:
         return _cdiv(L, b) * b - L
