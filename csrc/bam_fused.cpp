@@ -27,10 +27,24 @@ std::tuple<at::Tensor, at::Tensor> branches(const at::Tensor& x, const at::Tenso
               "bam_fused_C::branches: b_reduce must be contiguous fp32 (", Cr, ",), got ", b_reduce.sizes());
   TORCH_CHECK(w_dilated.size() == b_dilated.size(), "bam_fused_C::branches: w_dilated and b_dilated differ in length");
   TORCH_CHECK(dilation >= 1, "bam_fused_C::branches: dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(w_final.numel() == Cr && b_final.numel() == 1, "bam_fused_C::branches: w_final must have ", Cr,
-              " elements and b_final 1, got ", w_final.numel(), " and ", b_final.numel());
+  TORCH_CHECK(w_final.numel() == Cr && b_final.numel() == 1 && w_final.scalar_type() == at::kFloat &&
+                  b_final.scalar_type() == at::kFloat,
+              "bam_fused_C::branches: w_final must be fp32 with ", Cr, " elements and b_final fp32 with 1, got ",
+              w_final.numel(), " ", w_final.scalar_type(), " and ", b_final.numel(), " ", b_final.scalar_type());
   for (const auto& t : {w_reduce, b_reduce, w_final, b_final})
     TORCH_CHECK(t.device() == x.device(), "bam_fused_C::branches: weights must be on x's device ", x.device());
+
+  for (size_t i = 0; i < w_dilated.size(); ++i) {
+    TORCH_CHECK(w_dilated[i].dim() == 4 && w_dilated[i].size(0) == Cr && w_dilated[i].size(1) == Cr &&
+                    w_dilated[i].size(2) == 3 && w_dilated[i].size(3) == 3 && w_dilated[i].scalar_type() == at::kFloat,
+                "bam_fused_C::branches: w_dilated[", i, "] must be fp32 (", Cr, ", ", Cr, ", 3, 3), got ",
+                w_dilated[i].sizes(), " ", w_dilated[i].scalar_type());
+    TORCH_CHECK(b_dilated[i].numel() == Cr && b_dilated[i].scalar_type() == at::kFloat,
+                "bam_fused_C::branches: b_dilated[", i, "] must be fp32 with ", Cr, " elements, got ",
+                b_dilated[i].sizes(), " ", b_dilated[i].scalar_type());
+    TORCH_CHECK(w_dilated[i].device() == x.device() && b_dilated[i].device() == x.device(),
+                "bam_fused_C::branches: weights must be on x's device ", x.device());
+  }
 
   at::Tensor pooled, y;
 #ifdef BAM_FUSED_WITH_CUDA
@@ -39,16 +53,18 @@ std::tuple<at::Tensor, at::Tensor> branches(const at::Tensor& x, const at::Tenso
   TORCH_CHECK(x.is_cpu(), "bam_fused_C::branches: this build has no CUDA kernels, x is on ", x.device());
   std::tie(pooled, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
 #endif
-  // The dilated convolutions run on the small (N, Cr, H, W) map: the library's convs are
-  // the right tool there (about 1/16 of the bytes of x each).
-  for (size_t i = 0; i < w_dilated.size(); ++i) {
-    TORCH_CHECK(w_dilated[i].dim() == 4 && w_dilated[i].size(0) == Cr && w_dilated[i].size(1) == Cr &&
-                    w_dilated[i].size(2) == 3 && w_dilated[i].size(3) == 3 && w_dilated[i].scalar_type() == at::kFloat,
-                "bam_fused_C::branches: w_dilated[", i, "] must be fp32 (", Cr, ", ", Cr, ", 3, 3), got ",
-                w_dilated[i].sizes(), " ", w_dilated[i].scalar_type());
-    y = at::conv2d(y, w_dilated[i], b_dilated[i], 1, dilation, dilation).relu_();
+  at::Tensor spatial;
+#ifdef BAM_FUSED_WITH_CUDA
+  // On CUDA our kernel runs the dilated convs and the final conv (spatial_convs.cuh says why).
+  if (x.is_cuda() && !w_dilated.empty())
+    spatial = spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
+#endif
+  if (!spatial.defined()) {
+    // On the CPU the library's convs are the right tool: the map is about 1/16 of x's bytes.
+    for (size_t i = 0; i < w_dilated.size(); ++i)
+      y = at::conv2d(y, w_dilated[i], b_dilated[i].reshape({Cr}), 1, dilation, dilation).relu_();
+    spatial = at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1})).squeeze(1);
   }
-  auto spatial = at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1})).squeeze(1);
   return {pooled, spatial};
 }
 

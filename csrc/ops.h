@@ -14,6 +14,11 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
 #ifdef BAM_FUSED_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const at::Tensor& w,
                                                     const at::Tensor& b);
+// The dilated 3x3 convs (bias, ReLU) on y (N, Cr, H, W) fp32 and the final 1x1 conv: (N, H, W).
+at::Tensor spatial_convs_cuda(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
+                              int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final);
+// Multiprocessors of a CUDA device (cached).
+int cuda_multiprocessors(int device);
 #endif
 
 // The whole eval-mode branch op: pooled means (N, C) and the spatial map (N, H, W), fp32.

@@ -1,4 +1,4 @@
-"""The CUDA branch kernel (csrc/cuda/reduce_pool.cuh) executed on the CPU by a small SIMT
+"""The CUDA branch kernels (csrc/cuda/reduce_pool.cuh, spatial_convs.cuh) executed on the CPU by a small SIMT
 emulator (tests/simt/simt_emu.h: one std::thread per CUDA thread, block barriers, shuffles).
 It checks the kernel's indexing, shared-memory tiling and warp reductions without a GPU;
 tests/test_cuda.py runs the real thing where a GPU exists."""
@@ -15,18 +15,27 @@ ROOT = Path(__file__).resolve().parent.parent
 CXX = shutil.which("g++") or shutil.which("c++")
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def build(tmp_path_factory, name: str) -> Path:
     if CXX is None:
         pytest.skip("no C++ compiler")
-    exe = tmp_path_factory.mktemp("simt") / "reduce_pool_emu"
+    exe = tmp_path_factory.mktemp("simt") / name
     proc = subprocess.run(
         [CXX, "-std=c++20", "-O1", "-pthread", "-x", "c++", "-I", str(ROOT / "csrc"),
-         str(ROOT / "tests" / "simt" / "reduce_pool_emu.cpp"), "-o", str(exe)],
+         str(ROOT / "tests" / "simt" / f"{name}.cpp"), "-o", str(exe)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return build(tmp_path_factory, "reduce_pool_emu")
+
+
+@pytest.fixture(scope="module")
+def spatial_emulator(tmp_path_factory):
+    return build(tmp_path_factory, "spatial_convs_emu")
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -58,3 +67,37 @@ def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, min_blocks, rows, s
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
     assert (pooled_part != -1).all(), "every (sample, pixel block, channel) partial is written"
     np.testing.assert_allclose(pooled_part.sum(1) / hw, x.astype(np.float64).mean(2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "n,cr,h,w,dilation,convs,min_blocks,px,groups",
+    [(2, 5, 7, 9, 4, 2, 1, 2, 1),  # odd map, two pixels per thread, one partly used block
+     (1, 20, 9, 13, 1, 1, 1000, 1, 2),  # one conv, a ragged second channel group, the group sum
+     (2, 33, 6, 5, 2, 3, 1, 2, 3),  # three convs, three groups, a one-channel weight slice
+     (1, 3, 1, 1, 4, 2, 1, 2, 1),  # one pixel: every tap but the centre is padding
+     (1, 4, 3, 3, 5, 2, 1, 2, 1)],  # dilation larger than the map
+)  # fmt: skip
+def test_spatial_convs_kernel_emulated(spatial_emulator, n, cr, h, w, dilation, convs, min_blocks, px, groups):
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(n * 100 + cr)
+    y = rng.standard_normal((n, cr, h, w), dtype=np.float32)
+    ws = [(rng.standard_normal((cr, cr, 3, 3)) / np.sqrt(9 * cr)).astype(np.float32) for _ in range(convs)]
+    bs = [(rng.standard_normal(cr) * 0.1).astype(np.float32) for _ in range(convs)]
+    w_fin = rng.standard_normal(cr, dtype=np.float32)
+    b_fin = rng.standard_normal(1, dtype=np.float32)
+    blob = struct.pack("7q", n, cr, h, w, dilation, convs, min_blocks) + y.tobytes()
+    blob += b"".join(wi.tobytes() + bi.tobytes() for wi, bi in zip(ws, bs, strict=True)) + w_fin.tobytes() + b_fin.tobytes()
+    proc = subprocess.run([str(spatial_emulator)], input=blob, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got_px, got_groups = struct.unpack("2q", proc.stdout[:16])
+    assert (got_px, got_groups) == (px, groups), "the plan picked another tiling than this case is meant to test"
+    got = np.frombuffer(proc.stdout[16:], dtype=np.float32).reshape(n, h, w)
+
+    t = torch.from_numpy(y).double()
+    for wi, bi in zip(ws, bs, strict=True):
+        t = F.conv2d(t, torch.from_numpy(wi).double(), torch.from_numpy(bi).double(), padding=dilation,
+                     dilation=dilation).relu()  # fmt: skip
+    want = (t * torch.from_numpy(w_fin).double().view(1, cr, 1, 1)).sum(1) + float(b_fin[0])
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)

@@ -9,9 +9,7 @@
 
 namespace bam_fused {
 
-namespace {
-
-int multiprocessors(int device) {
+int cuda_multiprocessors(int device) {
   // Cached per device: the attribute query is cheap but not free, and this runs every call.
   static int cache[64] = {};
   if (device < 0 || device >= 64) device = 0;
@@ -22,6 +20,8 @@ int multiprocessors(int device) {
   }
   return cache[device];
 }
+
+namespace {
 
 template <typename scalar_t, int kRows>
 void launch_reduce_pool(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
@@ -49,7 +49,7 @@ void launch_reduce_pool(const at::Tensor& x, const at::Tensor& w, const at::Tens
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = w.size(0);
-  const int64_t sms = multiprocessors(x.device().index());
+  const int64_t sms = cuda_multiprocessors(x.device().index());
   const auto plan = cuda::plan_reduce_pool(N, C, HW, Cr, 2 * sms);
   auto opts = x.options().dtype(at::kFloat);
   auto pooled_part = at::empty({N, plan.pixel_blocks, C}, opts);

@@ -15,6 +15,10 @@ struct dim3 {
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
 inline thread_local dim3 threadIdx, blockIdx;
 inline std::barrier<>* simt_barrier = nullptr;
 inline float simt_shuffle_slots[1024];
