@@ -28,9 +28,9 @@ INSTANTIATE = """
 namespace bam_fused { namespace cuda {
 #define INST(T, R) \\
   template __global__ void reduce_pool_kernel<T, false, R>(const T*, const float*, const float*, float*, float*, \\
-      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool); \\
+      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float); \\
   template __global__ void reduce_pool_kernel<T, true, R>(const T*, const float*, const float*, float*, float*, \\
-      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool);
+      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float);
 #define INST_ROWS(T) INST(T, 16) INST(T, 32) INST(T, 64)
 INST_ROWS(float) INST_ROWS(__half) INST_ROWS(__nv_bfloat16)
 #define INST_CONV(P, F) template __global__ void dilated_conv_kernel<P, F>(const float*, const float*, const float*, \

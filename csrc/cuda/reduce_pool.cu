@@ -40,7 +40,8 @@ void launch_reduce_pool(const at::Tensor& x, const at::Tensor& w, const at::Tens
   kernel<<<grid, cuda::kThreads, 0, stream>>>(xp, w.const_data_ptr<float>(), b.const_data_ptr<float>(),
                                               y.mutable_data_ptr<float>(), part,
                                               pooled_part.mutable_data_ptr<float>(), N, C, HW, Cr,
-                                              plan.pixel_blocks, plan.chunks_per_split, vec);
+                                              plan.pixel_blocks, plan.chunks_per_split, vec,
+                                              1.f / static_cast<float>(HW));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -86,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const a
     y.zero_();
     pooled_part.zero_();
   }
-  auto pooled = pooled_part.sum(1).div_(static_cast<double>(std::max<int64_t>(HW, 1)));
+  auto pooled = pooled_part.sum(1);  // the kernel scaled the partial sums by 1/HW
   return {pooled, y};
 }
 

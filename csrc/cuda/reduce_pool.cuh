@@ -5,7 +5,9 @@
 // it walks its channels in chunks of 32, staging the (32 x kPixels) slice of x in shared memory
 // (coalesced for either layout), sums it into per-block channel partials (the pooling) and
 // multiplies it by the matching slice of W. Each thread keeps a (kRows/kRowGroups x 4) tile of
-// y in registers, so every pair of 16-byte shared-memory loads feeds 16 or 32 FMAs.
+// y in registers, so every pair of 16-byte shared-memory loads feeds 16 or 32 FMAs. The
+// global loads of the next chunk are issued into registers before the FMAs on the current
+// one (a software pipeline), so that the block's loads and arithmetic overlap.
 //
 // When the grid would not fill the GPU (few pixels, e.g. 14x14 maps), the channels are split
 // over blockIdx.z and each split writes raw partial sums; reduce_finish_kernel adds them in a
@@ -23,10 +25,10 @@ constexpr int kChunk = 32;  // channels per shared-memory slice
 template <int kRows>
 struct Tile {
   static_assert(kRows == 16 || kRows == 32 || kRows == 64, "kRows is 16, 32 or 64");
-  static constexpr int kRowGroups = kRows == 64 ? 8 : 4;      // threads along the rows
-  static constexpr int kRowsPerThread = kRows / kRowGroups;   // 4 or 8
+  static constexpr int kRowGroups = kRows == 16 ? 4 : 8;      // threads along the rows
+  static constexpr int kRowsPerThread = kRows / kRowGroups;   // 4, 4 or 8
   static constexpr int kPixelGroups = kThreads / kRowGroups;  // threads along the pixels
-  static constexpr int kPixels = 4 * kPixelGroups;            // 256 or 128 pixels per block
+  static constexpr int kPixels = 4 * kPixelGroups;            // 256, 128 or 128 pixels per block
 };
 
 // How a launch is laid out; computed on the host (the launcher and the emulator tests).
@@ -44,7 +46,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline ReducePoolPlan plan_reduce_pool(int64_t N, int64_t C, int64_t HW, int64_t Cr, int64_t min_blocks) {
   ReducePoolPlan p{};
   p.rows = Cr <= 16 ? 16 : (Cr <= 32 ? 32 : 64);
-  const int64_t pixels = p.rows == 64 ? Tile<64>::kPixels : Tile<16>::kPixels;
+  const int64_t pixels = p.rows == 16 ? Tile<16>::kPixels : Tile<32>::kPixels;
   p.pixel_blocks = ceil_div(HW, pixels);
   p.row_groups = ceil_div(Cr, p.rows);
   const int64_t chunks = ceil_div(C, kChunk);
@@ -67,12 +69,13 @@ struct alignas(4 * sizeof(T)) Vec4 {
 
 // grid: (N * pixel_blocks, row_groups, splits). y: (N, Cr, HW) fp32 when splits == 1;
 // y_part: (splits, N, Cr, HW) raw sums otherwise (then y is unused). pooled_part:
-// (N, pixel_blocks, C) channel sums over each block's pixels, written by row group 0.
+// (N, pixel_blocks, C) channel sums over each block's pixels times inv_hw (so that summing
+// over the pixel blocks gives the means), written by row group 0.
 template <typename scalar_t, bool kChannelsLast, int kRows>
 __global__ void __launch_bounds__(kThreads, 2) reduce_pool_kernel(
     const scalar_t* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, float* __restrict__ y_part, float* __restrict__ pooled_part, int64_t N, int64_t C,
-    int64_t HW, int64_t Cr, int64_t pixel_blocks, int64_t chunks_per_split, bool vec_loads) {
+    int64_t HW, int64_t Cr, int64_t pixel_blocks, int64_t chunks_per_split, bool vec_loads, float inv_hw) {
   using T = Tile<kRows>;
   constexpr int kTR = T::kRowsPerThread, kPG = T::kPixelGroups, kPixels = T::kPixels;
   // +4 floats per row: rows stay 16-byte aligned and the channels_last staging stores of a
@@ -99,47 +102,75 @@ __global__ void __launch_bounds__(kThreads, 2) reduce_pool_kernel(
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[k][j] = 0.f;
 
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kChunk) {
-    // Stage x: item i is (channel, group of 4 pixels); consecutive threads read consecutive
-    // addresses in either layout. Loads go in batches of kBatch items, all issued before the
-    // batch's shared-memory stores, so that several are in flight (more spill registers).
-    constexpr int kItems = kChunk * kPG / kThreads, kBatch = 4;
-#pragma unroll 1
-    for (int it0 = 0; it0 < kItems; it0 += kBatch) {
-      float v[kBatch][4];
+  // Software pipeline: the loads of the next chunk (x and W) are issued into registers
+  // before the FMAs on this one, so they are in flight while the block computes; each
+  // iteration stores them to shared memory at its start. Raw storage values are kept (half
+  // the registers for 16-bit x) and converted to fp32 on the store.
+  // Item k of a thread is one channel and 4 pixels; consecutive threads read consecutive
+  // addresses in either layout. NCHW: channel c_t + k * kCStep, pixels 4 * q_t .. + 3.
+  // channels_last: channel `lane`, pixels 4 * warp + 32 * k .. + 3.
+  constexpr int kItems = kChunk * kPG / kThreads;     // 8 or 4
+  constexpr int kWItems = kRows * kChunk / kThreads;  // 2, 4 or 8
+  constexpr int kCStep = kThreads / kPG;              // NCHW: channels between items
+  const int c_t = kChannelsLast ? lane : tid / kPG;
+  const int q_t = kChannelsLast ? warp : tid % kPG;
+  const int64_t p_t = p0 + 4 * q_t;
+  // W's slice (L2-resident) is prefetched too where registers allow (no spills).
+  constexpr bool kPrefetchW = kWItems <= 4;
+  Vec4<scalar_t> xr[kItems];
+  float wr[kWItems];
+  auto load_w = [&](int64_t c0) {
 #pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int i = tid + (it0 + k) * kThreads;
-        const int c = kChannelsLast ? i % kChunk : i / kPG;
-        const int q = kChannelsLast ? i / kChunk : i % kPG;
-        const int64_t p = p0 + 4 * q;
-        if (c0 + c < c_end && !kChannelsLast && vec_loads && p + 3 < HW) {
-          const Vec4<scalar_t> q4 = *reinterpret_cast<const Vec4<scalar_t>*>(xn + (c0 + c) * HW + p);
+    for (int k = 0; k < kWItems; ++k) {
+      const int i = tid + k * kThreads, r = i / kChunk, c = i % kChunk;
+      wr[k] = (r_base + r < Cr && c0 + c < c_end) ? w[(r_base + r) * C + c0 + c] : 0.f;
+    }
+  };
+  auto load_chunk = [&](int64_t c0) {
+    if (kChannelsLast) {
+      // Pixels p_t + 32 * k + j exist for 32 * k + j < rem (none when the channel does not).
+      const int64_t left = c0 + c_t < c_end ? HW - p_t : 0;
+      const int rem = static_cast<int>(left < kPixels ? left : kPixels);
+      const scalar_t* src = xn + p_t * C + c0 + c_t;
 #pragma unroll
-          for (int j = 0; j < 4; ++j) v[k][j] = static_cast<float>(q4.v[j]);
+      for (int k = 0; k < kItems; ++k, src += 32 * C)  // one running pointer: fewer registers
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xr[k].v[j] = 32 * k + j < rem ? src[j * C] : static_cast<scalar_t>(0.f);
+    } else {
+      const scalar_t* base = xn + (c0 + c_t) * HW + p_t;
+      const bool vec = vec_loads && p_t + 3 < HW;
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const scalar_t* src = base + k * kCStep * HW;
+        const bool c_ok = c0 + c_t + k * kCStep < c_end;
+        if (c_ok && vec) {
+          xr[k] = *reinterpret_cast<const Vec4<scalar_t>*>(src);
         } else {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const bool ok = c0 + c < c_end && p + j < HW;
-            v[k][j] = ok ? static_cast<float>(kChannelsLast ? xn[(p + j) * C + c0 + c] : xn[(c0 + c) * HW + p + j])
-                         : 0.f;
-          }
+          for (int j = 0; j < 4; ++j) xr[k].v[j] = c_ok && p_t + j < HW ? src[j] : static_cast<scalar_t>(0.f);
         }
       }
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int i = tid + (it0 + k) * kThreads;
-        const int c = kChannelsLast ? i % kChunk : i / kPG;
-        const int q = kChannelsLast ? i / kChunk : i % kPG;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) xs[c][4 * q + j] = v[k][j];
-      }
     }
-    for (int i = tid; i < kRows * kChunk; i += kThreads) {
-      const int r = i / kChunk, c = i % kChunk;
-      ws[c][r] = (r_base + r < Cr && c0 + c < c_end) ? w[(r_base + r) * C + c0 + c] : 0.f;
+    if (kPrefetchW) load_w(c0);
+  };
+
+  if (c_begin < c_end) load_chunk(c_begin);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kChunk) {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int c = kChannelsLast ? c_t : c_t + k * kCStep;
+      const int px = kChannelsLast ? 4 * q_t + 32 * k : 4 * q_t;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) xs[c][px + j] = static_cast<float>(xr[k].v[j]);
+    }
+    if (!kPrefetchW) load_w(c0);
+#pragma unroll
+    for (int k = 0; k < kWItems; ++k) {
+      const int i = tid + k * kThreads;
+      ws[i % kChunk][i / kChunk] = wr[k];
     }
     __syncthreads();
+    if (c0 + kChunk < c_end) load_chunk(c0 + kChunk);
     if (writes_pool) {
       // Warp w sums channels 4w .. 4w+3 of the slice over the block's pixels.
 #pragma unroll
@@ -150,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2) reduce_pool_kernel(
         for (int k = 0; k < kPixels / 32; ++k) s += xs[c][lane + 32 * k];
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (lane == 0 && c0 + c < c_end) pooled_part[(n * pixel_blocks + pb) * C + c0 + c] = s;
+        if (lane == 0 && c0 + c < c_end) pooled_part[(n * pixel_blocks + pb) * C + c0 + c] = s * inv_hw;
       }
     }
 #pragma unroll 8

@@ -1,7 +1,7 @@
 // Drives csrc/cuda/reduce_pool.cuh through simt_emu.h, with the launcher's plan.
 // stdin: int64 N, C, HW, Cr, channels_last, min_blocks, then float x (N*C*HW, in the given
 // layout), w (Cr*C), b (Cr). stdout: int64 rows, pixel_blocks, splits, then float y (N*Cr*HW)
-// and pooled partials (N * pixel_blocks * C).
+// and pooled partials (N * pixel_blocks * C), scaled by 1/HW.
 #include <cstdio>
 #include <vector>
 
@@ -16,7 +16,7 @@ void run(const ReducePoolPlan& p, const float* x, const float* w, const float* b
   const dim3 grid(N * p.pixel_blocks, p.row_groups, p.splits);
   simt_launch(grid, kThreads, [&] {
     reduce_pool_kernel<float, kCL, kRows>(x, w, b, y, p.splits > 1 ? y_part : nullptr, pooled, N, C, HW, Cr,
-                                          p.pixel_blocks, p.chunks_per_split, HW % 4 == 0);
+                                          p.pixel_blocks, p.chunks_per_split, HW % 4 == 0, 1.f / HW);
   });
 }
 
