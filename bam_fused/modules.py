@@ -1,15 +1,15 @@
 """bam_fused.BAM: the reference BAM's parameters and keys, routed to the fused kernels.
 
 Data path (backend "fused", or "auto" where the kernels are available):
-- eval mode without autograd: branch op (one pass over x: pooled means and spatial map, with
-  BatchNorm folded into the weights) -> channel MLP on (N, C) -> fused gate;
+- eval mode without autograd: attention op = branch op (one pass over x: pooled means and
+  spatial map, with BatchNorm folded into the weights) -> channel MLP on (N, C), then the
+  fused gate;
 - otherwise (training, or gradients wanted): the branches as PyTorch modules -> fused gate.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _backends, reference
@@ -39,6 +39,12 @@ def _fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[t
     w = weight.float() * scale.view(-1, *([1] * (weight.dim() - 1)))
     b = shift if bias is None else bias.float() * scale + shift
     return w, b
+
+
+def _dilated_weight_format(w: torch.Tensor) -> torch.memory_format:
+    # On CUDA the branch op runs cuDNN's convs channels_last (its NHWC kernels, no transposes)
+    # or our kernel, which reads any strides: channels_last weights spare a copy per call.
+    return torch.channels_last if w.is_cuda else torch.contiguous_format
 
 
 class BAM(reference.BAM):
@@ -117,9 +123,11 @@ class BAM(reference.BAM):
             red_w, red_b = _fold_linear(red.weight, red.bias, red_bn)
             dil = [_fold_linear(conv.weight, conv.bias, bn) for conv, bn in dilated]
             folded = {
-                "fc0_w": fc0_w, "fc0_b": fc0_b, "fc1_w": fc1.weight.float(), "fc1_b": fc1.bias.float(),
+                "fc0_w": fc0_w.contiguous(), "fc0_b": fc0_b.contiguous(),
+                "fc1_w": fc1.weight.float().contiguous(), "fc1_b": fc1.bias.float().contiguous(),
                 "red_w": red_w.reshape(red_w.shape[0], -1).contiguous(), "red_b": red_b.contiguous(),
-                "dil_w": [w.contiguous() for w, _ in dil], "dil_b": [b.contiguous() for _, b in dil],
+                "dil_w": [w.contiguous(memory_format=_dilated_weight_format(w)) for w, _ in dil],
+                "dil_b": [b.contiguous() for _, b in dil],
                 "fin_w": fin.weight.float().reshape(-1).contiguous(), "fin_b": fin.bias.float().reshape(-1),
             }  # fmt: skip
         if not torch.compiler.is_compiling():
@@ -159,12 +167,12 @@ class BAM(reference.BAM):
         if use_op:
             f = self.folded()
             # The folded weights are known-good: call the op itself, not bam_branches's checks.
-            op = torch.ops.bam_fused_C.branches if torch.compiler.is_compiling() else load_op()
-            pooled, spatial = op(
+            # It runs the branch op and the channel MLP (on CUDA one kernel, not several launches).
+            op = torch.ops.bam_fused_C.attention if torch.compiler.is_compiling() else load_op("attention")
+            channel, spatial = op(
                 x.contiguous(memory_format=memory_format(x)), f["red_w"], f["red_b"], f["dil_w"], f["dil_b"],
-                self.dilation, f["fin_w"], f["fin_b"],
+                self.dilation, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
             )  # fmt: skip
-            channel = F.linear(F.relu(F.linear(pooled, f["fc0_w"], f["fc0_b"])), f["fc1_w"], f["fc1_b"])
         else:
             channel, spatial = self.channel_att(x), self.spatial_att(x)
         return bam_gate(x, channel, spatial, self.combine, backend=impl)

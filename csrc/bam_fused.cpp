@@ -1,71 +1,137 @@
-// Op schemas (TORCH_LIBRARY), the device-independent part of the branch op, and build info.
+// Op schemas (TORCH_LIBRARY), the device-independent part of the branch and attention ops,
+// and build info.
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "ops.h"
 
 namespace bam_fused {
 
-std::tuple<at::Tensor, at::Tensor> branches(const at::Tensor& x, const at::Tensor& w_reduce,
-                                            const at::Tensor& b_reduce, at::TensorList w_dilated,
-                                            at::TensorList b_dilated, int64_t dilation,
-                                            const at::Tensor& w_final, const at::Tensor& b_final) {
-  TORCH_CHECK(x.dim() == 4, "bam_fused_C::branches: x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+#ifdef BAM_FUSED_WITH_CUDA
+// Up to this many reduced channels our spatial kernel beats cuDNN's TF32 convs (measured on
+// an H200, 2026-11-25: at Cr = 64 cuDNN was several times faster; benchmarks/results).
+constexpr int64_t kSpatialKernelMaxCr = 16;
+
+// Which code runs the dilated convs on CUDA (BAM_FUSED_CUDA_SPATIAL, read on every call so
+// that benchmarks can compare both in one process): our fp32 kernel (spatial_convs.cuh) or
+// the library's convs (cuDNN; TF32 where torch.backends.cudnn.allow_tf32 allows it).
+bool cuda_spatial_kernel(int64_t Cr) {
+  const char* raw = std::getenv("BAM_FUSED_CUDA_SPATIAL");
+  const std::string v = raw == nullptr ? "auto" : raw;
+  if (v == "kernel") return true;
+  if (v == "library") return false;
+  TORCH_CHECK(v == "auto" || v.empty(), "environment variable BAM_FUSED_CUDA_SPATIAL must be auto, kernel or library, got '",
+              v, "'");
+  return Cr <= kSpatialKernelMaxCr;
+}
+#endif
+
+namespace {
+
+// Checks, then the pass over x and the spatial branch: pooled partial means (N, P, C) (they
+// sum to the means over P) and the spatial map (N, H, W). `op` names the caller in errors.
+std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor& x, const at::Tensor& w_reduce,
+                                               const at::Tensor& b_reduce, at::TensorList w_dilated,
+                                               at::TensorList b_dilated, int64_t dilation,
+                                               const at::Tensor& w_final, const at::Tensor& b_final) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "bam_fused_C::branches: x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
+              op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
   const int64_t C = x.size(1);
   TORCH_CHECK(w_reduce.dim() == 2 && w_reduce.size(1) == C && w_reduce.scalar_type() == at::kFloat &&
                   w_reduce.is_contiguous(),
-              "bam_fused_C::branches: w_reduce must be contiguous fp32 (Cr, ", C, "), got ", w_reduce.sizes(), " ",
+              op, ": w_reduce must be contiguous fp32 (Cr, ", C, "), got ", w_reduce.sizes(), " ",
               w_reduce.scalar_type());
   const int64_t Cr = w_reduce.size(0);
   TORCH_CHECK(b_reduce.numel() == Cr && b_reduce.scalar_type() == at::kFloat && b_reduce.is_contiguous(),
-              "bam_fused_C::branches: b_reduce must be contiguous fp32 (", Cr, ",), got ", b_reduce.sizes());
-  TORCH_CHECK(w_dilated.size() == b_dilated.size(), "bam_fused_C::branches: w_dilated and b_dilated differ in length");
-  TORCH_CHECK(dilation >= 1, "bam_fused_C::branches: dilation must be >= 1, got ", dilation);
+              op, ": b_reduce must be contiguous fp32 (", Cr, ",), got ", b_reduce.sizes());
+  TORCH_CHECK(w_dilated.size() == b_dilated.size(), op, ": w_dilated and b_dilated differ in length");
+  TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
   TORCH_CHECK(w_final.numel() == Cr && b_final.numel() == 1 && w_final.scalar_type() == at::kFloat &&
                   b_final.scalar_type() == at::kFloat,
-              "bam_fused_C::branches: w_final must be fp32 with ", Cr, " elements and b_final fp32 with 1, got ",
+              op, ": w_final must be fp32 with ", Cr, " elements and b_final fp32 with 1, got ",
               w_final.numel(), " ", w_final.scalar_type(), " and ", b_final.numel(), " ", b_final.scalar_type());
   for (const auto& t : {w_reduce, b_reduce, w_final, b_final})
-    TORCH_CHECK(t.device() == x.device(), "bam_fused_C::branches: weights must be on x's device ", x.device());
+    TORCH_CHECK(t.device() == x.device(), op, ": weights must be on x's device ", x.device());
 
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     TORCH_CHECK(w_dilated[i].dim() == 4 && w_dilated[i].size(0) == Cr && w_dilated[i].size(1) == Cr &&
                     w_dilated[i].size(2) == 3 && w_dilated[i].size(3) == 3 && w_dilated[i].scalar_type() == at::kFloat,
-                "bam_fused_C::branches: w_dilated[", i, "] must be fp32 (", Cr, ", ", Cr, ", 3, 3), got ",
+                op, ": w_dilated[", i, "] must be fp32 (", Cr, ", ", Cr, ", 3, 3), got ",
                 w_dilated[i].sizes(), " ", w_dilated[i].scalar_type());
     TORCH_CHECK(b_dilated[i].numel() == Cr && b_dilated[i].scalar_type() == at::kFloat,
-                "bam_fused_C::branches: b_dilated[", i, "] must be fp32 with ", Cr, " elements, got ",
+                op, ": b_dilated[", i, "] must be fp32 with ", Cr, " elements, got ",
                 b_dilated[i].sizes(), " ", b_dilated[i].scalar_type());
     TORCH_CHECK(w_dilated[i].device() == x.device() && b_dilated[i].device() == x.device(),
-                "bam_fused_C::branches: weights must be on x's device ", x.device());
+                op, ": weights must be on x's device ", x.device());
   }
 
-  at::Tensor pooled, y;
+  at::Tensor part, y, spatial;
 #ifdef BAM_FUSED_WITH_CUDA
-  std::tie(pooled, y) = x.is_cuda() ? reduce_pool_cuda(x, w_reduce, b_reduce) : reduce_pool_cpu(x, w_reduce, b_reduce);
+  if (x.is_cuda()) {
+    const bool kernel = !w_dilated.empty() && cuda_spatial_kernel(Cr);
+    // The library's convs run channels_last without layout transposes: y is written so.
+    std::tie(part, y) = reduce_pool_cuda(x, w_reduce, b_reduce, /*y_channels_last=*/!kernel);
+    if (kernel) spatial = spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
+  } else {
+    std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
+  }
 #else
-  TORCH_CHECK(x.is_cpu(), "bam_fused_C::branches: this build has no CUDA kernels, x is on ", x.device());
-  std::tie(pooled, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
-#endif
-  at::Tensor spatial;
-#ifdef BAM_FUSED_WITH_CUDA
-  // On CUDA our kernel runs the dilated convs and the final conv (spatial_convs.cuh says why).
-  if (x.is_cuda() && !w_dilated.empty())
-    spatial = spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
+  TORCH_CHECK(x.is_cpu(), op, ": this build has no CUDA kernels, x is on ", x.device());
+  std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
 #endif
   if (!spatial.defined()) {
-    // On the CPU the library's convs are the right tool: the map is about 1/16 of x's bytes.
+    // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
     for (size_t i = 0; i < w_dilated.size(); ++i)
       y = at::conv2d(y, w_dilated[i], b_dilated[i].reshape({Cr}), 1, dilation, dilation).relu_();
-    spatial = at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1})).squeeze(1);
+    spatial = at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1})).reshape({y.size(0), y.size(2), y.size(3)});
   }
-  return {pooled, spatial};
+  return {part, spatial};
+}
+
+at::Tensor means(const at::Tensor& part) { return part.size(1) == 1 ? part.select(1, 0) : part.sum(1); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> branches(const at::Tensor& x, const at::Tensor& w_reduce,
+                                            const at::Tensor& b_reduce, at::TensorList w_dilated,
+                                            at::TensorList b_dilated, int64_t dilation,
+                                            const at::Tensor& w_final, const at::Tensor& b_final) {
+  auto [part, spatial] = pass_over_x("bam_fused_C::branches", x, w_reduce, b_reduce, w_dilated, b_dilated, dilation,
+                                     w_final, b_final);
+  return {means(part), spatial};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& x, const at::Tensor& w_reduce,
+                                             const at::Tensor& b_reduce, at::TensorList w_dilated,
+                                             at::TensorList b_dilated, int64_t dilation,
+                                             const at::Tensor& w_final, const at::Tensor& b_final,
+                                             const at::Tensor& w_fc0, const at::Tensor& b_fc0,
+                                             const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
+  constexpr const char* op = "bam_fused_C::attention";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  TORCH_CHECK(w_fc0.dim() == 2, op, ": w_fc0 must be 2-D (hidden, C), got ", w_fc0.sizes());
+  const int64_t C = x.size(1), hidden = w_fc0.size(0);
+  auto fp32 = [&](const at::Tensor& t, std::initializer_list<int64_t> shape, const char* name) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.device() == x.device(),
+                op, ": ", name, " must be contiguous fp32 ", at::IntArrayRef(shape), " on ", x.device(), ", got ",
+                t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  };
+  fp32(w_fc0, {hidden, C}, "w_fc0");
+  fp32(b_fc0, {hidden}, "b_fc0");
+  fp32(w_fc1, {C, hidden}, "w_fc1");
+  fp32(b_fc1, {C}, "b_fc1");
+  auto [part, spatial] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
+#ifdef BAM_FUSED_WITH_CUDA
+  if (x.is_cuda()) return {std::get<1>(channel_mlp_cuda(part, w_fc0, b_fc0, w_fc1, b_fc1)), spatial};
+#endif
+  return {at::linear(at::linear(means(part), w_fc0, b_fc0).relu_(), w_fc1, b_fc1), spatial};
 }
 
 namespace {
@@ -95,11 +161,20 @@ TORCH_LIBRARY(bam_fused_C, m) {
   m.def(
       "branches(Tensor x, Tensor w_reduce, Tensor b_reduce, Tensor[] w_dilated, Tensor[] b_dilated, int dilation, "
       "Tensor w_final, Tensor b_final) -> (Tensor, Tensor)");
+  m.def(
+      "attention(Tensor x, Tensor w_reduce, Tensor b_reduce, Tensor[] w_dilated, Tensor[] b_dilated, int dilation, "
+      "Tensor w_final, Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) { m.impl("branches", &branches); }
+TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
+  m.impl("branches", &branches);
+  m.impl("attention", &attention);
+}
 #ifdef BAM_FUSED_WITH_CUDA
-TORCH_LIBRARY_IMPL(bam_fused_C, CUDA, m) { m.impl("branches", &branches); }
+TORCH_LIBRARY_IMPL(bam_fused_C, CUDA, m) {
+  m.impl("branches", &branches);
+  m.impl("attention", &attention);
+}
 #endif
 
 }  // namespace bam_fused

@@ -7,24 +7,40 @@
 
 namespace bam_fused {
 
-// (N, C) channel means and relu(w @ x + b) as (N, Cr, H, W) fp32, in one pass over x.
+// Pooled partial means (N, P, C) (summed over P they give the channel means) and
+// relu(w @ x + b) as (N, Cr, H, W) fp32, in one pass over x (on the CPU: P = 1).
 // x is NCHW- or channels_last-contiguous; w is (Cr, C) and b (Cr,) fp32.
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w,
                                                    const at::Tensor& b);
 #ifdef BAM_FUSED_WITH_CUDA
+// y_channels_last: y is returned in channels_last memory (for the library's NHWC convs).
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const at::Tensor& w,
-                                                    const at::Tensor& b);
+                                                    const at::Tensor& b, bool y_channels_last);
 // The dilated 3x3 convs (bias, ReLU) on y (N, Cr, H, W) fp32 and the final 1x1 conv: (N, H, W).
 at::Tensor spatial_convs_cuda(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
                               int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final);
+// From pooled partial means (N, P, C): the means (N, C) and the channel MLP
+// w1 @ relu(w0 @ mean + b0) + b1 (N, C), in one kernel.
+std::tuple<at::Tensor, at::Tensor> channel_mlp_cuda(const at::Tensor& part, const at::Tensor& w0,
+                                                    const at::Tensor& b0, const at::Tensor& w1,
+                                                    const at::Tensor& b1);
 // Multiprocessors of a CUDA device (cached).
 int cuda_multiprocessors(int device);
 #endif
 
-// The whole eval-mode branch op: pooled means (N, C) and the spatial map (N, H, W), fp32.
+// The eval-mode branch op: pooled means (N, C) and the spatial map (N, H, W), fp32.
 std::tuple<at::Tensor, at::Tensor> branches(const at::Tensor& x, const at::Tensor& w_reduce,
                                             const at::Tensor& b_reduce, at::TensorList w_dilated,
                                             at::TensorList b_dilated, int64_t dilation,
                                             const at::Tensor& w_final, const at::Tensor& b_final);
+
+// Both attention maps of an eval-mode BAM: the channel MLP's output (N, C) and the spatial
+// map (N, H, W), fp32; the branch op followed by the channel MLP (w_fc0 (Cr, C), w_fc1 (C, Cr)).
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& x, const at::Tensor& w_reduce,
+                                             const at::Tensor& b_reduce, at::TensorList w_dilated,
+                                             at::TensorList b_dilated, int64_t dilation,
+                                             const at::Tensor& w_final, const at::Tensor& b_final,
+                                             const at::Tensor& w_fc0, const at::Tensor& b_fc0,
+                                             const at::Tensor& w_fc1, const at::Tensor& b_fc1);
 
 }  // namespace bam_fused

@@ -178,3 +178,38 @@ def test_branch_op_opcheck():
         args = (x, f["red_w"].reshape(4, 16).contiguous(), f["red_b"], f["dil_w"], f["dil_b"], 2,
                 f["fin_w"].reshape(-1).contiguous(), f["fin_b"])  # fmt: skip
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def attention_args(x, f, dilation):
+    return (x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"],
+            f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_attention_op_gives_both_maps(layout):
+    ref, fused = make_pair(48, 2, 8)
+    x = make_layout(torch.randn(3, 48, 9, 13), layout)
+    channel, spatial = bam_fused.ops.branches.load_op("attention")(*attention_args(x, fused.folded(), 2))
+    with torch.no_grad():
+        ref64, x64 = ref.double(), x.double()
+        torch.testing.assert_close(channel.double(), ref64.channel_att(x64), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(spatial.double(), ref64.spatial_att(x64)[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_op_bad_mlp_weights():
+    _, fused = make_pair(16, 2, 4)
+    f = dict(fused.folded())
+    op = bam_fused.ops.branches.load_op("attention")
+    x = torch.randn(2, 16, 5, 7)
+    bad_inputs = [("fc0_w", f["fc0_w"][:, :8], "w_fc0"), ("fc1_b", f["fc1_b"][:3], "b_fc1"),
+                  ("fc1_w", f["fc1_w"].double(), "w_fc1"), ("fc0_b", f["fc0_b"].half(), "b_fc0")]  # fmt: skip
+    for key, bad, needle in bad_inputs:
+        with pytest.raises(RuntimeError, match=needle):
+            op(*attention_args(x, {**f, key: bad}, 2))
+
+
+def test_attention_op_opcheck():
+    _, fused = make_pair(16, 2, 4)
+    op = bam_fused.ops.branches.load_op("attention")
+    for x in (torch.randn(2, 16, 5, 7), torch.randn(2, 16, 5, 7).to(memory_format=torch.channels_last)):
+        torch.library.opcheck(op, attention_args(x, fused.folded(), 2), test_utils=("test_schema", "test_faketensor"))

@@ -13,6 +13,10 @@ from bam_fused.testing import compare, gate_comparisons, randomize_
 
 pytestmark = pytest.mark.cuda
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# BAM_FUSED_CUDA_SPATIAL: our fp32 kernel, or cuDNN's convs (TF32 by default, as in the
+# reference on the GPU), each with the bound its arithmetic allows on the spatial map.
+SPATIAL_IMPLS = ["kernel", "library"]
+SPATIAL_TOL = {"kernel": 1e-4, "library": 1e-3}
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 7, 9), (4, 256, 56, 56), (8, 1024, 14, 14), (3, 5, 1, 1), (0, 8, 3, 3)])
@@ -47,7 +51,9 @@ def test_triton_backward_bitwise_repeatable_on_gpu():
                                               (2048, 7, 7, 2, 16), (37, 7, 9, 4, 16)])  # fmt: skip
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_branch_op_and_module(c, h, w, dilation, r, layout, dtype):
+@pytest.mark.parametrize("spatial_impl", SPATIAL_IMPLS)
+def test_cuda_branch_op_and_module(c, h, w, dilation, r, layout, dtype, spatial_impl, monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CUDA_SPATIAL", spatial_impl)
     ref = randomize_(bam_fused.reference.BAM(c, r, dilation)).eval()
     fused = bam_fused.BAM(c, r, dilation, backend="fused").eval()
     fused.load_state_dict(ref.state_dict())
@@ -59,8 +65,7 @@ def test_cuda_branch_op_and_module(c, h, w, dilation, r, layout, dtype):
         ref64 = ref.double()
         want = ref64.spatial_att(x_cpu.double())[:, 0]
         torch.testing.assert_close(pooled.cpu().double(), x_cpu.double().mean((2, 3)), rtol=1e-5, atol=1e-5)
-        # fp32 FMAs throughout (no TF32): far tighter than a TF32 conv would land.
-        assert compare(spatial.cpu(), want).max_abs <= 1e-4 * max(1.0, float(want.abs().max()))
+        assert compare(spatial.cpu(), want).max_abs <= SPATIAL_TOL[spatial_impl] * max(1.0, float(want.abs().max()))
         out = fused.to(dtype)(x)
         truth = ref64(x_cpu.double())
         # The eager reference on the same GPU: its convolutions run as TF32 there, as the
@@ -71,7 +76,9 @@ def test_cuda_branch_op_and_module(c, h, w, dilation, r, layout, dtype):
 
 @pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="extension built without CUDA kernels")
 @pytest.mark.parametrize("convs,c,dilation", [(1, 48, 3), (3, 4096, 1), (2, 4096, 4)])
-def test_cuda_spatial_convs_any_count_and_width(convs, c, dilation):
+@pytest.mark.parametrize("spatial_impl", SPATIAL_IMPLS)
+def test_cuda_spatial_convs_any_count_and_width(convs, c, dilation, spatial_impl, monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CUDA_SPATIAL", spatial_impl)
     # 4096 channels: Cr = 256, sixteen output groups and sixteen weight slices.
     ref = randomize_(bam_fused.reference.BAM(c, 16, dilation, num_dilated_convs=convs)).eval()
     fused = bam_fused.BAM(c, 16, dilation, num_dilated_convs=convs, backend="fused").eval()
@@ -82,7 +89,14 @@ def test_cuda_spatial_convs_any_count_and_width(convs, c, dilation):
                               f["fin_b"])  # fmt: skip
     with torch.no_grad():
         want = ref.double().spatial_att(x_cpu.double())[:, 0]
-    assert compare(spatial.cpu(), want).max_abs <= 1e-4 * max(1.0, float(want.abs().max()))
+    assert compare(spatial.cpu(), want).max_abs <= SPATIAL_TOL[spatial_impl] * max(1.0, float(want.abs().max()))
+
+
+def test_cuda_spatial_impl_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CUDA_SPATIAL", "fast")
+    m = bam_fused.BAM(32, 16, backend="fused").cuda().eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="BAM_FUSED_CUDA_SPATIAL"):
+        m(torch.randn(1, 32, 5, 5, device="cuda"))
 
 
 def test_compile_module_on_gpu():

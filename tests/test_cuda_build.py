@@ -25,22 +25,24 @@ INSTANTIATE = """
 #include <cuda_bf16.h>
 #include "cuda/reduce_pool.cuh"
 #include "cuda/spatial_convs.cuh"
+#include "cuda/channel_mlp.cuh"
 namespace bam_fused { namespace cuda {
 #define INST(T, R) \\
   template __global__ void reduce_pool_kernel<T, false, R>(const T*, const float*, const float*, float*, float*, \\
-      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float); \\
+      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float, bool); \\
   template __global__ void reduce_pool_kernel<T, true, R>(const T*, const float*, const float*, float*, float*, \\
-      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float);
+      float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float, bool);
 #define INST_ROWS(T) INST(T, 16) INST(T, 32) INST(T, 64)
 INST_ROWS(float) INST_ROWS(__half) INST_ROWS(__nv_bfloat16)
 #define INST_CONV(P, F) template __global__ void dilated_conv_kernel<P, F>(const float*, const float*, const float*, \
-      const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+      const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \\
+      int64_t);
 INST_CONV(1, false) INST_CONV(2, false) INST_CONV(1, true) INST_CONV(2, true)
 }}
 """
 # reduce_pool: storage types x layouts x row tiles, and its finishing kernel;
-# spatial_convs: pixels per thread x (middle, final) conv, and the group sum.
-KERNELS = 3 * 2 * 3 + 1 + 2 * 2 + 1
+# spatial_convs: pixels per thread x (middle, final) conv, and the group sum; channel_mlp.
+KERNELS = 3 * 2 * 3 + 1 + 2 * 2 + 1 + 1
 
 
 @needs_nvcc

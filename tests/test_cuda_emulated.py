@@ -38,6 +38,7 @@ def spatial_emulator(tmp_path_factory):
     return build(tmp_path_factory, "spatial_convs_emu")
 
 
+@pytest.mark.parametrize("y_channels_last", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     "n,c,hw,cr,min_blocks,rows,splits",
@@ -47,13 +48,13 @@ def spatial_emulator(tmp_path_factory):
      (1, 200, 36, 40, 64, 64, 3),  # channel splits (3, 3 and 1 chunks) and the finishing kernel
      (3, 5, 1, 1, 1, 16, 1)],  # one pixel
 )  # fmt: skip
-def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, min_blocks, rows, splits, channels_last):
+def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, min_blocks, rows, splits, channels_last, y_channels_last):
     rng = np.random.default_rng(n * 1000 + c)
     x = rng.standard_normal((n, c, hw), dtype=np.float32)
     w = (rng.standard_normal((cr, c)) / np.sqrt(c)).astype(np.float32)
     b = (rng.standard_normal(cr) * 0.1).astype(np.float32)
     stored = np.ascontiguousarray(x.transpose(0, 2, 1) if channels_last else x)
-    header = struct.pack("6q", n, c, hw, cr, int(channels_last), min_blocks)
+    header = struct.pack("7q", n, c, hw, cr, int(channels_last), min_blocks, int(y_channels_last))
     proc = subprocess.run([str(emulator)], input=header + stored.tobytes() + w.tobytes() + b.tobytes(),
                           capture_output=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -61,7 +62,11 @@ def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, min_blocks, rows, s
     assert (got_rows, got_splits) == (rows, splits), "the plan picked another tiling than this case is meant to test"
     out = np.frombuffer(proc.stdout[24:], dtype=np.float32)
     assert out.size == n * cr * hw + n * n_pb * c
-    y = out[: n * cr * hw].reshape(n, cr, hw)
+    y = (
+        out[: n * cr * hw].reshape(n, hw, cr).transpose(0, 2, 1)
+        if y_channels_last
+        else out[: n * cr * hw].reshape(n, cr, hw)
+    )
     pooled_part = out[n * cr * hw :].reshape(n, n_pb, c)
     want_y = np.maximum(np.einsum("rc,ncp->nrp", w.astype(np.float64), x.astype(np.float64)) + b[None, :, None], 0)
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
@@ -77,7 +82,10 @@ def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, min_blocks, rows, s
      (1, 3, 1, 1, 4, 2, 1, 2, 1),  # one pixel: every tap but the centre is padding
      (1, 4, 3, 3, 5, 2, 1, 2, 1)],  # dilation larger than the map
 )  # fmt: skip
-def test_spatial_convs_kernel_emulated(spatial_emulator, n, cr, h, w, dilation, convs, min_blocks, px, groups):
+@pytest.mark.parametrize("w_channels_last", [False, True])
+def test_spatial_convs_kernel_emulated(
+    spatial_emulator, n, cr, h, w, dilation, convs, min_blocks, px, groups, w_channels_last
+):
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
 
@@ -87,8 +95,13 @@ def test_spatial_convs_kernel_emulated(spatial_emulator, n, cr, h, w, dilation, 
     bs = [(rng.standard_normal(cr) * 0.1).astype(np.float32) for _ in range(convs)]
     w_fin = rng.standard_normal(cr, dtype=np.float32)
     b_fin = rng.standard_normal(1, dtype=np.float32)
-    blob = struct.pack("7q", n, cr, h, w, dilation, convs, min_blocks) + y.tobytes()
-    blob += b"".join(wi.tobytes() + bi.tobytes() for wi, bi in zip(ws, bs, strict=True)) + w_fin.tobytes() + b_fin.tobytes()
+    blob = struct.pack("8q", n, cr, h, w, dilation, convs, min_blocks, int(w_channels_last)) + y.tobytes()
+    stored = [np.ascontiguousarray(wi.transpose(0, 2, 3, 1) if w_channels_last else wi) for wi in ws]
+    blob += (
+        b"".join(wi.tobytes() + bi.tobytes() for wi, bi in zip(stored, bs, strict=True))
+        + w_fin.tobytes()
+        + b_fin.tobytes()
+    )
     proc = subprocess.run([str(spatial_emulator)], input=blob, capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got_px, got_groups = struct.unpack("2q", proc.stdout[:16])
@@ -101,3 +114,26 @@ def test_spatial_convs_kernel_emulated(spatial_emulator, n, cr, h, w, dilation, 
                      dilation=dilation).relu()  # fmt: skip
     want = (t * torch.from_numpy(w_fin).double().view(1, cr, 1, 1)).sum(1) + float(b_fin[0])
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mlp_emulator(tmp_path_factory):
+    return build(tmp_path_factory, "channel_mlp_emu")
+
+
+@pytest.mark.parametrize("n,p,c,cr", [(2, 3, 37, 5), (1, 1, 300, 19), (3, 2, 8, 9)])  # C > threads, Cr > warps
+def test_channel_mlp_kernel_emulated(mlp_emulator, n, p, c, cr):
+    rng = np.random.default_rng(n * 10 + c)
+    part = rng.standard_normal((n, p, c), dtype=np.float32)
+    w0 = (rng.standard_normal((cr, c)) / np.sqrt(c)).astype(np.float32)
+    b0 = rng.standard_normal(cr, dtype=np.float32)
+    w1 = rng.standard_normal((c, cr), dtype=np.float32)
+    b1 = rng.standard_normal(c, dtype=np.float32)
+    blob = struct.pack("4q", n, p, c, cr) + b"".join(a.tobytes() for a in (part, w0, b0, w1, b1))
+    proc = subprocess.run([str(mlp_emulator)], input=blob, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.frombuffer(proc.stdout, dtype=np.float32).reshape(2, n, c)
+    mean = part.astype(np.float64).sum(1)
+    want = np.maximum(mean @ w0.T.astype(np.float64) + b0, 0) @ w1.T.astype(np.float64) + b1
+    np.testing.assert_allclose(got[0], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], want, rtol=1e-4, atol=1e-4)

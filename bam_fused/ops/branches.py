@@ -27,20 +27,28 @@ def _register_fake() -> None:
     if _fake_registered:
         return
 
-    @torch.library.register_fake("bam_fused_C::branches")
-    def _(x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final):
+    def maps(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, c, h, w = x.shape
         f32 = dict(dtype=torch.float32, device=x.device)
         return x.new_empty((n, c), **f32), x.new_empty((n, h, w), **f32)
 
+    @torch.library.register_fake("bam_fused_C::branches")
+    def _(x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final):
+        return maps(x)
+
+    @torch.library.register_fake("bam_fused_C::attention")
+    def _(x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1):
+        return maps(x)
+
     _fake_registered = True
 
 
-def load_op():
-    """Loads the extension (raising ExtensionUnavailable with the reason) and returns the op."""
+def load_op(name: str = "branches"):
+    """Loads the extension (raising ExtensionUnavailable with the reason) and returns the op:
+    "branches" (bam_branches) or "attention" (the branch op and the channel MLP: BAM's eval path)."""
     _ext.load()
     _register_fake()
-    return torch.ops.bam_fused_C.branches
+    return getattr(torch.ops.bam_fused_C, name)
 
 
 def bam_branches(
@@ -73,16 +81,17 @@ def bam_branches(
     op = torch.ops.bam_fused_C.branches if torch.compiler.is_compiling() else load_op()
     x = x.contiguous(memory_format=memory_format(x))
 
-    def f32(name: str, t: torch.Tensor) -> torch.Tensor:
+    def f32(name: str, t: torch.Tensor, any_strides: bool = False) -> torch.Tensor:
         t = check_float_tensor(name, t)
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
-        return t.to(torch.float32).contiguous()
+        t = t.to(torch.float32)
+        return t if any_strides else t.contiguous()
 
     cr = w_reduce.shape[0]
     return op(
         x, f32("w_reduce", w_reduce.reshape(cr, c)), f32("b_reduce", b_reduce.reshape(-1)),
-        [f32(f"w_dilated[{i}]", w) for i, w in enumerate(w_dilated)],
+        [f32(f"w_dilated[{i}]", w, any_strides=True) for i, w in enumerate(w_dilated)],
         [f32(f"b_dilated[{i}]", b) for i, b in enumerate(b_dilated)], dilation,
         f32("w_final", w_final.reshape(-1)), f32("b_final", b_final.reshape(-1)),
     )  # fmt: skip

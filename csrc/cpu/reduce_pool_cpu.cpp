@@ -15,8 +15,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
   // Math in fp32 whatever x stores (the folded weights are fp32); keeps x's memory format.
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   auto y = at::conv2d(xf, w.view({Cr, C, 1, 1}), b).relu_();
-  auto pooled = xf.mean({2, 3});
-  return {pooled, y};
+  return {xf.mean({2, 3}).unsqueeze(1), y};  // the means as one (N, 1, C) "partial" 
 }
 
 }  // namespace bam_fused

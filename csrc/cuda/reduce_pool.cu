@@ -26,7 +26,7 @@ namespace {
 template <typename scalar_t, int kRows>
 void launch_reduce_pool(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
                         at::Tensor& y_part, at::Tensor& pooled_part, const cuda::ReducePoolPlan& plan,
-                        cudaStream_t stream) {
+                        bool y_channels_last, cudaStream_t stream) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = w.size(0);
   const bool channels_last = !x.is_contiguous();
   const dim3 grid(static_cast<unsigned>(N * plan.pixel_blocks), static_cast<unsigned>(plan.row_groups),
@@ -41,20 +41,22 @@ void launch_reduce_pool(const at::Tensor& x, const at::Tensor& w, const at::Tens
                                               y.mutable_data_ptr<float>(), part,
                                               pooled_part.mutable_data_ptr<float>(), N, C, HW, Cr,
                                               plan.pixel_blocks, plan.chunks_per_split, vec,
-                                              1.f / static_cast<float>(HW));
+                                              1.f / static_cast<float>(HW), y_channels_last);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                                    bool y_channels_last) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = w.size(0);
   const int64_t sms = cuda_multiprocessors(x.device().index());
   const auto plan = cuda::plan_reduce_pool(N, C, HW, Cr, 2 * sms);
   auto opts = x.options().dtype(at::kFloat);
   auto pooled_part = at::empty({N, plan.pixel_blocks, C}, opts);
-  auto y = at::empty({N, Cr, x.size(2), x.size(3)}, opts);
+  auto y = at::empty({N, Cr, x.size(2), x.size(3)},
+                     opts.memory_format(y_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   if (N * HW > 0 && C > 0) {
     TORCH_CHECK(N * plan.pixel_blocks <= INT32_MAX && plan.row_groups <= 65535 && plan.splits <= 65535 &&
                     y.numel() / cuda::kThreads < INT32_MAX,
@@ -64,9 +66,9 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const a
     auto launch = [&](auto tag) {
       using scalar_t = decltype(tag);
       switch (plan.rows) {
-        case 16: launch_reduce_pool<scalar_t, 16>(x, w, b, y, y_part, pooled_part, plan, stream); break;
-        case 32: launch_reduce_pool<scalar_t, 32>(x, w, b, y, y_part, pooled_part, plan, stream); break;
-        default: launch_reduce_pool<scalar_t, 64>(x, w, b, y, y_part, pooled_part, plan, stream); break;
+        case 16: launch_reduce_pool<scalar_t, 16>(x, w, b, y, y_part, pooled_part, plan, y_channels_last, stream); break;
+        case 32: launch_reduce_pool<scalar_t, 32>(x, w, b, y, y_part, pooled_part, plan, y_channels_last, stream); break;
+        default: launch_reduce_pool<scalar_t, 64>(x, w, b, y, y_part, pooled_part, plan, y_channels_last, stream); break;
       }
     };
     switch (x.scalar_type()) {  // float64 x is upcast work for the CPU kernel, not this one
@@ -80,15 +82,15 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const a
       const int64_t numel = y.numel();
       cuda::reduce_finish_kernel<<<static_cast<unsigned>(cuda::ceil_div(numel, cuda::kThreads)), cuda::kThreads, 0,
                                    stream>>>(y_part.const_data_ptr<float>(), b.const_data_ptr<float>(),
-                                             y.mutable_data_ptr<float>(), numel, Cr, HW, plan.splits);
+                                             y.mutable_data_ptr<float>(), numel, Cr, HW, plan.splits,
+                                             y_channels_last);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   } else {
     y.zero_();
     pooled_part.zero_();
   }
-  auto pooled = pooled_part.sum(1);  // the kernel scaled the partial sums by 1/HW
-  return {pooled, y};
+  return {pooled_part, y};  // partial means: the kernel scaled the partial sums by 1/HW
 }
 
 }  // namespace bam_fused

@@ -67,7 +67,8 @@ struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
 };
 
-// grid: (N * pixel_blocks, row_groups, splits). y: (N, Cr, HW) fp32 when splits == 1;
+// grid: (N * pixel_blocks, row_groups, splits). y: (N, Cr, HW) fp32 when splits == 1, or
+// (N, HW, Cr) with y_channels_last (the layout the library's convs run in without transposes);
 // y_part: (splits, N, Cr, HW) raw sums otherwise (then y is unused). pooled_part:
 // (N, pixel_blocks, C) channel sums over each block's pixels times inv_hw (so that summing
 // over the pixel blocks gives the means), written by row group 0.
@@ -75,7 +76,8 @@ template <typename scalar_t, bool kChannelsLast, int kRows>
 __global__ void __launch_bounds__(kThreads, 2) reduce_pool_kernel(
     const scalar_t* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     float* __restrict__ y, float* __restrict__ y_part, float* __restrict__ pooled_part, int64_t N, int64_t C,
-    int64_t HW, int64_t Cr, int64_t pixel_blocks, int64_t chunks_per_split, bool vec_loads, float inv_hw) {
+    int64_t HW, int64_t Cr, int64_t pixel_blocks, int64_t chunks_per_split, bool vec_loads, float inv_hw,
+    bool y_channels_last) {
   using T = Tile<kRows>;
   constexpr int kTR = T::kRowsPerThread, kPG = T::kPixelGroups, kPixels = T::kPixels;
   // +4 floats per row: rows stay 16-byte aligned and the channels_last staging stores of a
@@ -208,23 +210,26 @@ __global__ void __launch_bounds__(kThreads, 2) reduce_pool_kernel(
       const int64_t p = p0 + 4 * pg + j;
       if (p >= HW) continue;
       if (y_part == nullptr)
-        y[(n * Cr + r) * HW + p] = fmaxf(acc[k][j] + bias, 0.f);
+        y[y_channels_last ? (n * HW + p) * Cr + r : (n * Cr + r) * HW + p] = fmaxf(acc[k][j] + bias, 0.f);
       else
         y_part[((split * N + n) * Cr + r) * HW + p] = acc[k][j];
     }
   }
 }
 
-// y[e] = relu(sum over splits of y_part[s][e] + b[r]) for e over (N, Cr, HW), splits in order.
+// relu(sum over splits of y_part[s][e] + b[r]) for e over (N, Cr, HW), splits in order, into y
+// as (N, Cr, HW) or, with y_channels_last, (N, HW, Cr).
 __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(const float* __restrict__ y_part,
                                                                  const float* __restrict__ b, float* __restrict__ y,
                                                                  int64_t numel, int64_t Cr, int64_t HW,
-                                                                 int64_t splits) {
+                                                                 int64_t splits, bool y_channels_last) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (e >= numel) return;
   float s = 0.f;
   for (int64_t k = 0; k < splits; ++k) s += y_part[k * numel + e];
-  y[e] = fmaxf(s + b[(e / HW) % Cr], 0.f);
+  const int64_t r = (e / HW) % Cr;
+  const int64_t at = y_channels_last ? (e / (Cr * HW) * HW + e % HW) * Cr + r : e;
+  y[at] = fmaxf(s + b[r], 0.f);
 }
 
 }  // namespace cuda

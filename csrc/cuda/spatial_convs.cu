@@ -22,7 +22,8 @@ void launch_conv(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b,
   cuda::dilated_conv_kernel<kPx, kFinal><<<grid, cuda::kConvThreads, 0, stream>>>(
       in.const_data_ptr<float>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
       kFinal ? w_fin.const_data_ptr<float>() : nullptr, kFinal ? b_fin.const_data_ptr<float>() : nullptr,
-      out.mutable_data_ptr<float>(), in.size(0), in.size(1), in.size(2), in.size(3), dilation);
+      out.mutable_data_ptr<float>(), in.size(0), in.size(1), in.size(2), in.size(3), dilation, w.stride(0), w.stride(1),
+      w.stride(2), w.stride(3));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -53,12 +54,12 @@ at::Tensor spatial_convs_cuda(const at::Tensor& y, at::TensorList w_dilated, at:
   at::Tensor cur = y.contiguous();
   for (size_t i = 0; i + 1 < w_dilated.size(); ++i) {
     auto next = at::empty_like(cur);
-    launch_conv_px<false>(cur, w_dilated[i].contiguous(), b_dilated[i].contiguous(), w_final, b_final, next,
+    launch_conv_px<false>(cur, w_dilated[i], b_dilated[i].contiguous(), w_final, b_final, next,
                           dilation, plan, stream);
     cur = next;
   }
   auto part = plan.groups > 1 ? at::empty({plan.groups, N, H, W}, opts) : spatial;
-  launch_conv_px<true>(cur, w_dilated.back().contiguous(), b_dilated.back().contiguous(), w_final.contiguous(),
+  launch_conv_px<true>(cur, w_dilated.back(), b_dilated.back().contiguous(), w_final.contiguous(),
                        b_final.contiguous(), part, dilation, plan, stream);
   if (plan.groups > 1) {
     const int64_t numel = N * HW;

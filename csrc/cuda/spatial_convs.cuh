@@ -45,7 +45,7 @@ inline SpatialPlan plan_spatial(int64_t N, int64_t HW, int64_t Cr, int64_t min_b
   return p;
 }
 
-// in: (N, Cr, H, W); w: (Cr, Cr, 3, 3); b: (Cr,).
+// in: (N, Cr, H, W); w: (Cr, Cr, 3, 3) with strides w_co, w_ci, w_kh, w_kw (any layout); b: (Cr,).
 // kFinal false: out (N, Cr, H, W) = relu(conv(in) + b).
 // kFinal true: out[group] (N, H, W) = sum over the group's channels co of
 //   w_fin[co] * relu(conv(in)[co] + b[co]), plus b_fin[0] in group 0; out is (groups, N, H, W).
@@ -53,7 +53,7 @@ template <int kPx, bool kFinal>
 __global__ void __launch_bounds__(kConvThreads, 4) dilated_conv_kernel(
     const float* __restrict__ in, const float* __restrict__ w, const float* __restrict__ b,
     const float* __restrict__ w_fin, const float* __restrict__ b_fin, float* __restrict__ out, int64_t N,
-    int64_t Cr, int64_t H, int64_t W, int64_t dil) {
+    int64_t Cr, int64_t H, int64_t W, int64_t dil, int64_t w_co, int64_t w_ci, int64_t w_kh, int64_t w_kw) {
   __shared__ __align__(16) float ws[kIn][9][kOut];
   const int tid = threadIdx.x;
   const int64_t HW = H * W, total = N * HW;
@@ -90,10 +90,10 @@ __global__ void __launch_bounds__(kConvThreads, 4) dilated_conv_kernel(
   for (int64_t ci0 = 0; ci0 < Cr; ci0 += kIn) {
     __syncthreads();  // the previous slice is consumed
     for (int e = tid; e < kIn * 9 * kOut; e += kConvThreads) {
-      // Consecutive e walk taps, then input channels: consecutive global addresses.
+      // Consecutive e walk taps, then input channels (consecutive addresses in NCHW).
       const int t = e % 9, ci = (e / 9) % kIn, co = e / (9 * kIn);
       const bool ok = co0 + co < Cr && ci0 + ci < Cr;
-      ws[ci][t][co] = ok ? w[((co0 + co) * Cr + ci0 + ci) * 9 + t] : 0.f;
+      ws[ci][t][co] = ok ? w[(co0 + co) * w_co + (ci0 + ci) * w_ci + (t / 3) * w_kh + (t % 3) * w_kw] : 0.f;
     }
     __syncthreads();
     const int n_in = Cr - ci0 < kIn ? static_cast<int>(Cr - ci0) : kIn;

@@ -1,6 +1,6 @@
 // Drives csrc/cuda/spatial_convs.cuh through simt_emu.h, as the launcher (spatial_convs.cu) does.
-// stdin: int64 N, Cr, H, W, dilation, convs, min_blocks, then float y (N*Cr*H*W, NCHW), per
-// conv w (Cr*Cr*9) and b (Cr), then w_fin (Cr) and b_fin (1). stdout: int64 px, groups, then
+// stdin: int64 N, Cr, H, W, dilation, convs, min_blocks, w_channels_last, then float y
+// (N*Cr*H*W, NCHW), per conv w (Cr*Cr*9, (co, ci, kh, kw) or channels_last (co, kh, kw, ci)) and b (Cr), then w_fin (Cr) and b_fin (1). stdout: int64 px, groups, then
 // float spatial (N*H*W).
 #include <cstdio>
 #include <vector>
@@ -10,11 +10,14 @@
 
 using namespace bam_fused::cuda;
 
+int64_t w_strides[4];  // co, ci, kh, kw
+
 template <int kPx, bool kFinal>
 void conv(const SpatialPlan& p, const float* in, const float* w, const float* b, const float* wf, const float* bf,
           float* out, int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t dil) {
   simt_launch(dim3(p.pixel_blocks, p.groups), kConvThreads,
-              [&] { dilated_conv_kernel<kPx, kFinal>(in, w, b, wf, bf, out, N, Cr, H, W, dil); });
+              [&] { dilated_conv_kernel<kPx, kFinal>(in, w, b, wf, bf, out, N, Cr, H, W, dil, w_strides[0], w_strides[1], w_strides[2],
+                                                  w_strides[3]); });
 }
 
 template <bool kFinal>
@@ -27,10 +30,12 @@ void conv_px(const SpatialPlan& p, const float* in, const float* w, const float*
 bool read(std::vector<float>& v) { return std::fread(v.data(), 4, v.size(), stdin) == v.size(); }
 
 int main() {
-  int64_t hdr[7];
-  if (std::fread(hdr, sizeof(int64_t), 7, stdin) != 7) return 2;
+  int64_t hdr[8];
+  if (std::fread(hdr, sizeof(int64_t), 8, stdin) != 8) return 2;
   const int64_t N = hdr[0], Cr = hdr[1], H = hdr[2], W = hdr[3], dil = hdr[4], convs = hdr[5];
   const int64_t numel = N * H * W;
+  const int64_t nchw[4] = {Cr * 9, 9, 3, 1}, nhwc[4] = {Cr * 9, 1, 3 * Cr, Cr};
+  for (int k = 0; k < 4; ++k) w_strides[k] = hdr[7] ? nhwc[k] : nchw[k];
   std::vector<float> cur(N * Cr * H * W), wf(Cr), bf(1);
   std::vector<std::vector<float>> ws, bs;
   if (!read(cur)) return 2;
