@@ -7,11 +7,12 @@
 `profile` prints, per ResNet-50 BAM shape: the copy bandwidth of that tensor, the branch op
 alone, the gate alone and the whole fused BAM (eval), each timed plainly and as a CUDA-graph
 replay (the difference is launch and Python overhead), plus the CUDA kernels of one BAM call
-from torch.profiler.
+from torch.profiler, and the BAM with each spatial-conv path (BAM_FUSED_CUDA_SPATIAL).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -67,6 +68,30 @@ def profile() -> None:
                     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     print("times in us; |x| us = one read of x at copy bandwidth; roof = 3|x| at copy bandwidth")
     print("\n".join(rows))
+    spatial_impls()
+
+
+def spatial_impls() -> None:
+    """The whole fused BAM (eval, CUDA graph) with each BAM_FUSED_CUDA_SPATIAL choice, side by side."""
+    print("\nBAM eval graph time (us) by BAM_FUSED_CUDA_SPATIAL (the default picks kernel for Cr <= 16)")
+    print(f"{'shape':18s} {'dtype':8s} {'kernel':>8s} {'library':>8s}")
+    before = os.environ.get("BAM_FUSED_CUDA_SPATIAL")
+    try:
+        for shape in SHAPES:
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(shape, device="cuda", dtype=dtype)
+                m = randomize_(bam_fused.BAM(shape[1])).cuda().to(dtype).eval()
+                times = []
+                for impl in ("kernel", "library"):
+                    os.environ["BAM_FUSED_CUDA_SPATIAL"] = impl
+                    with torch.no_grad():
+                        times.append(graph_ms(lambda: m(x)) * 1e3)  # noqa: B023
+                print(f"{str(shape):18s} {str(dtype)[6:]:8s} {times[0]:8.1f} {times[1]:8.1f}")
+    finally:
+        if before is None:
+            os.environ.pop("BAM_FUSED_CUDA_SPATIAL", None)
+        else:
+            os.environ["BAM_FUSED_CUDA_SPATIAL"] = before
 
 
 def sanitize() -> None:
@@ -77,8 +102,11 @@ def sanitize() -> None:
             for layout in ("nchw", "channels_last"):
                 x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
                 m = randomize_(bam_fused.BAM(c, 8 if c < 64 else 16)).cuda().to(dtype).eval()
-                with torch.no_grad():
-                    m(x)
+                for impl in ("kernel", "library"):  # both spatial paths (BAM_FUSED_CUDA_SPATIAL)
+                    os.environ["BAM_FUSED_CUDA_SPATIAL"] = impl
+                    with torch.no_grad():
+                        m(x)
+                os.environ.pop("BAM_FUSED_CUDA_SPATIAL")
                 m.train()
                 xg = x.detach().clone().requires_grad_()
                 m(xg).sum().backward()
