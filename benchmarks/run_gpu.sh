@@ -5,6 +5,7 @@
 # important first. Logs and results go to $OUT (default ./gpu-out), at most 8 files.
 #   usage: bash benchmarks/run_gpu.sh [STEP ...]   (steps: build cuda-tests profile bench
 #                                                    sanitize verify tests; default all)
+#   RACECHECK=0 skips the (inconclusive, 90 s) racecheck pass of the sanitize step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -49,7 +50,8 @@ if want sanitize; then
   # racecheck: on the H100 run of 2026-11-25 it reported Triton's same-value writes
   # (triton-lang/triton#4736, #7264) and, with --kernel-name filters, failed with "Internal
   # Sanitizer Error"; it is logged for reading, not failed.
-  box --soft 90 "$OUT/checks.log" $san --tool racecheck --print-limit 5 $PY benchmarks/gpu_probe.py sanitize
+  [[ ${RACECHECK:-1} == 1 ]] &&
+    box --soft 90 "$OUT/checks.log" $san --tool racecheck --print-limit 5 $PY benchmarks/gpu_probe.py sanitize
 fi
 want verify && box 100 "$OUT/checks.log" $PY -m bam_fused.cli verify --quick
 # -v: xdist prints each failure as it happens, so a time-boxed run still names them.
