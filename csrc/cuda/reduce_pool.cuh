@@ -69,7 +69,7 @@ struct alignas(4 * sizeof(T)) Vec4 {
 
 // grid: (N * pixel_blocks, row_groups, splits). y: (N, Cr, HW) fp32 when splits == 1, or
 // (N, HW, Cr) with y_channels_last (the layout the library's convs run in without transposes);
-// y_part: (splits, N, Cr, HW) raw sums otherwise (then y is unused). pooled_part:
+// y_part: splits x y's layout, raw sums otherwise (then y is unused). pooled_part:
 // (N, pixel_blocks, C) channel sums over each block's pixels times inv_hw (so that summing
 // over the pixel blocks gives the means), written by row group 0.
 template <typename scalar_t, bool kChannelsLast, int kRows>
@@ -212,13 +212,13 @@ __global__ void __launch_bounds__(kThreads, 2) reduce_pool_kernel(
       if (y_part == nullptr)
         y[y_channels_last ? (n * HW + p) * Cr + r : (n * Cr + r) * HW + p] = fmaxf(acc[k][j] + bias, 0.f);
       else
-        y_part[((split * N + n) * Cr + r) * HW + p] = acc[k][j];
+        y_part[split * N * Cr * HW + (y_channels_last ? (n * HW + p) * Cr + r : (n * Cr + r) * HW + p)] = acc[k][j];
     }
   }
 }
 
-// relu(sum over splits of y_part[s][e] + b[r]) for e over (N, Cr, HW), splits in order, into y
-// as (N, Cr, HW) or, with y_channels_last, (N, HW, Cr).
+// y[e] = relu(sum over splits of y_part[s][e] + b[r]), splits in order; y and each split of
+// y_part are (N, Cr, HW) or, with y_channels_last, (N, HW, Cr) (same layout: coalesced).
 __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(const float* __restrict__ y_part,
                                                                  const float* __restrict__ b, float* __restrict__ y,
                                                                  int64_t numel, int64_t Cr, int64_t HW,
@@ -227,9 +227,7 @@ __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(const float* __
   if (e >= numel) return;
   float s = 0.f;
   for (int64_t k = 0; k < splits; ++k) s += y_part[k * numel + e];
-  const int64_t r = (e / HW) % Cr;
-  const int64_t at = y_channels_last ? (e / (Cr * HW) * HW + e % HW) * Cr + r : e;
-  y[at] = fmaxf(s + b[r], 0.f);
+  y[e] = fmaxf(s + b[y_channels_last ? e % Cr : (e / HW) % Cr], 0.f);
 }
 
 }  // namespace cuda

@@ -87,11 +87,14 @@ __global__ void __launch_bounds__(kConvThreads, 4) dilated_conv_kernel(
 #pragma unroll
     for (int k = 0; k < kOut; ++k) acc[i][k] = 0.f;
 
+  const bool ci_fast = w_ci == 1;
   for (int64_t ci0 = 0; ci0 < Cr; ci0 += kIn) {
     __syncthreads();  // the previous slice is consumed
     for (int e = tid; e < kIn * 9 * kOut; e += kConvThreads) {
-      // Consecutive e walk taps, then input channels (consecutive addresses in NCHW).
-      const int t = e % 9, ci = (e / 9) % kIn, co = e / (9 * kIn);
+      // Consecutive e walk the weights' densest axis: taps (NCHW) or input channels
+      // (channels_last, w_ci == 1), so that a warp's loads are contiguous.
+      const int inner = ci_fast ? kIn : 9, rest = e / inner;
+      const int t = ci_fast ? rest % 9 : e % 9, ci = ci_fast ? e % kIn : rest % kIn, co = e / (9 * kIn);
       const bool ok = co0 + co < Cr && ci0 + ci < Cr;
       ws[ci][t][co] = ok ? w[(co0 + co) * w_co + (ci0 + ci) * w_ci + (t / 3) * w_kh + (t % 3) * w_kw] : 0.f;
     }
