@@ -26,8 +26,8 @@ bool cuda_spatial_kernel(int64_t Cr) {
   const std::string v = raw == nullptr ? "auto" : raw;
   if (v == "kernel") return true;
   if (v == "library") return false;
-  TORCH_CHECK(v == "auto" || v.empty(), "environment variable BAM_FUSED_CUDA_SPATIAL must be auto, kernel or library, got '",
-              v, "'");
+  TORCH_CHECK(v == "auto" || v.empty(),
+              "environment variable BAM_FUSED_CUDA_SPATIAL must be auto, kernel or library, got '", v, "'");
   return Cr <= kSpatialKernelMaxCr;
 }
 #endif
@@ -90,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
     // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
     for (size_t i = 0; i < w_dilated.size(); ++i)
       y = at::conv2d(y, w_dilated[i], b_dilated[i].reshape({Cr}), 1, dilation, dilation).relu_();
-    spatial = at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1})).reshape({y.size(0), y.size(2), y.size(3)});
+    spatial = at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1}))
+                  .reshape({y.size(0), y.size(2), y.size(3)});
   }
   return {part, spatial};
 }

@@ -92,6 +92,7 @@ def test_cuda_spatial_convs_any_count_and_width(convs, c, dilation, spatial_impl
     assert compare(spatial.cpu(), want).max_abs <= SPATIAL_TOL[spatial_impl] * max(1.0, float(want.abs().max()))
 
 
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="extension built without CUDA kernels")
 def test_cuda_spatial_impl_variable_is_checked(monkeypatch):
     monkeypatch.setenv("BAM_FUSED_CUDA_SPATIAL", "fast")
     m = bam_fused.BAM(32, 16, backend="fused").cuda().eval()

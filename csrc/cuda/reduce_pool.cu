@@ -56,7 +56,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const a
   auto opts = x.options().dtype(at::kFloat);
   auto pooled_part = at::empty({N, plan.pixel_blocks, C}, opts);
   auto y = at::empty({N, Cr, x.size(2), x.size(3)},
-                     opts.memory_format(y_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+                     opts.memory_format(y_channels_last ? at::MemoryFormat::ChannelsLast
+                                                        : at::MemoryFormat::Contiguous));
   if (N * HW > 0 && C > 0) {
     TORCH_CHECK(N * plan.pixel_blocks <= INT32_MAX && plan.row_groups <= 65535 && plan.splits <= 65535 &&
                     y.numel() / cuda::kThreads < INT32_MAX,
@@ -65,10 +66,11 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const a
     auto stream = c10::cuda::getCurrentCUDAStream();
     auto launch = [&](auto tag) {
       using scalar_t = decltype(tag);
+      const bool cl = y_channels_last;
       switch (plan.rows) {
-        case 16: launch_reduce_pool<scalar_t, 16>(x, w, b, y, y_part, pooled_part, plan, y_channels_last, stream); break;
-        case 32: launch_reduce_pool<scalar_t, 32>(x, w, b, y, y_part, pooled_part, plan, y_channels_last, stream); break;
-        default: launch_reduce_pool<scalar_t, 64>(x, w, b, y, y_part, pooled_part, plan, y_channels_last, stream); break;
+        case 16: launch_reduce_pool<scalar_t, 16>(x, w, b, y, y_part, pooled_part, plan, cl, stream); break;
+        case 32: launch_reduce_pool<scalar_t, 32>(x, w, b, y, y_part, pooled_part, plan, cl, stream); break;
+        default: launch_reduce_pool<scalar_t, 64>(x, w, b, y, y_part, pooled_part, plan, cl, stream); break;
       }
     };
     switch (x.scalar_type()) {  // float64 x is upcast work for the CPU kernel, not this one

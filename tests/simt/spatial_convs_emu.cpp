@@ -1,7 +1,7 @@
 // Drives csrc/cuda/spatial_convs.cuh through simt_emu.h, as the launcher (spatial_convs.cu) does.
 // stdin: int64 N, Cr, H, W, dilation, convs, min_blocks, w_channels_last, then float y
-// (N*Cr*H*W, NCHW), per conv w (Cr*Cr*9, (co, ci, kh, kw) or channels_last (co, kh, kw, ci)) and b (Cr), then w_fin (Cr) and b_fin (1). stdout: int64 px, groups, then
-// float spatial (N*H*W).
+// (N*Cr*H*W, NCHW), per conv w (Cr*Cr*9 as (co, ci, kh, kw), or channels_last: (co, kh, kw, ci))
+// and b (Cr), then w_fin (Cr) and b_fin (1). stdout: int64 px, groups, then float spatial (N*H*W).
 #include <cstdio>
 #include <vector>
 
@@ -16,8 +16,10 @@ template <int kPx, bool kFinal>
 void conv(const SpatialPlan& p, const float* in, const float* w, const float* b, const float* wf, const float* bf,
           float* out, int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t dil) {
   simt_launch(dim3(p.pixel_blocks, p.groups), kConvThreads,
-              [&] { dilated_conv_kernel<kPx, kFinal>(in, w, b, wf, bf, out, N, Cr, H, W, dil, w_strides[0], w_strides[1], w_strides[2],
-                                                  w_strides[3]); });
+              [&] {
+                dilated_conv_kernel<kPx, kFinal>(in, w, b, wf, bf, out, N, Cr, H, W, dil, w_strides[0], w_strides[1],
+                                                 w_strides[2], w_strides[3]);
+              });
 }
 
 template <bool kFinal>
