@@ -49,6 +49,7 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
               op, ": w_reduce must be contiguous fp32 (Cr, ", C, "), got ", w_reduce.sizes(), " ",
               w_reduce.scalar_type());
   const int64_t Cr = w_reduce.size(0);
+  TORCH_CHECK(Cr >= 1, op, ": w_reduce must have at least one row (reduced channel), got ", w_reduce.sizes());
   TORCH_CHECK(b_reduce.numel() == Cr && b_reduce.scalar_type() == at::kFloat && b_reduce.is_contiguous(),
               op, ": b_reduce must be contiguous fp32 (", Cr, ",), got ", b_reduce.sizes());
   TORCH_CHECK(w_dilated.size() == b_dilated.size(), op, ": w_dilated and b_dilated differ in length");

@@ -170,6 +170,21 @@ def test_branch_op_bad_inputs():
         bam_branches(x.long(), f["red_w"], *args)
 
 
+def test_branch_op_own_checks():
+    # The op checks what bam_branches does not (it is also called directly by BAM).
+    _, fused = make_pair(32, 4, 8)
+    f = fused.folded()
+    op = bam_fused.ops.branches.load_op()
+    x = torch.randn(2, 32, 5, 5)
+    rest = (f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
+    with pytest.raises(RuntimeError, match="w_reduce must have at least one row"):
+        op(x, f["red_w"][:0], f["red_b"][:0], [], [], 4, f["fin_w"][:0], f["fin_b"])
+    with pytest.raises(RuntimeError, match=r"b_dilated\[1\] must be fp32 with 4 elements"):
+        op(x, f["red_w"], f["red_b"], f["dil_w"], [f["dil_b"][0], f["dil_b"][1][:2]], 4, f["fin_w"], f["fin_b"])
+    with pytest.raises(RuntimeError, match="w_final must be fp32"):
+        op(x, f["red_w"], f["red_b"], *rest[:3], f["fin_w"].double(), f["fin_b"])
+
+
 def test_branch_op_opcheck():
     _, fused = make_pair(16, 2, 4)
     f = fused.folded()
