@@ -39,8 +39,11 @@ def extensions() -> tuple[list, dict]:
         with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
     sources.append("csrc/bam_fused.cpp")
-    # -fno-trapping-math lets GCC if-convert (and so vectorise) the clamps in fast_math.h.
-    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is inline and runs serially in a file compiled without it
+    # (the CPU gate was single-threaded until 2026-11-26); linking libgomp reuses the copy
+    # torch has loaded (same soname). -fno-trapping-math lets GCC if-convert (and so
+    # vectorise) the clamps in fast_math.h.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -58,6 +61,7 @@ def extensions() -> tuple[list, dict]:
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

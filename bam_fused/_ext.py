@@ -39,8 +39,10 @@ def _jit_build() -> ModuleType:
     return load(
         name="bam_fused_C",
         sources=sources(with_cuda),
-        extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+        # The same flags as setup.py (which says why -fopenmp matters).
+        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
         + (["-DBAM_FUSED_WITH_CUDA"] if with_cuda else []),
+        extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3", "--use_fast_math", "-DBAM_FUSED_WITH_CUDA"],
         extra_include_paths=[str(_CSRC)],
         verbose=env.flag("BAM_FUSED_VERBOSE_BUILD"),

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from helpers import make_layout
 
 import bam_fused
-from bam_fused import _backends, cli
+from bam_fused import _backends, _ext, cli
 from bam_fused.models import insert_bam, resnet18_bam, resnet50_bam
 from bam_fused.ops import bam_gate
 from bam_fused.testing import DTYPES, gate_comparisons, randomize_
@@ -276,6 +276,14 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "invalid choice: 'int8'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+
+
+def test_cpu_kernels_are_built_multithreaded():
+    # at::parallel_for is inline: in a file built without OpenMP it runs serially.
+    info = _ext.build_info()
+    if not info.get("available"):
+        pytest.skip("extension not available")
+    assert info.get("openmp") is True, info
 
 
 @pytest.mark.skipif(os.cpu_count() is None, reason="unknown CPU count")
