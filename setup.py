@@ -7,6 +7,7 @@ Install with: pip install --no-build-isolation -e .
 """
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -43,7 +44,8 @@ def extensions() -> tuple[list, dict]:
     # (the CPU gate was single-threaded until 2026-11-26); linking libgomp reuses the copy
     # torch has loaded (same soname). -fno-trapping-math lets GCC if-convert (and so
     # vectorise) the clamps in fast_math.h.
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else ["-fopenmp-simd"]  # Apple clang: no OpenMP
+    cxx = ["-O3", *openmp, "-fno-math-errno", "-fno-trapping-math"]
     nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -61,7 +63,7 @@ def extensions() -> tuple[list, dict]:
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=[f for f in openmp if f == "-fopenmp"],
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

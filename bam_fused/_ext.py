@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -36,13 +37,14 @@ def _jit_build() -> ModuleType:
     if not _CSRC.is_dir():
         raise ExtensionUnavailable(f"no sources to JIT-build from ({_CSRC} is missing)")
     with_cuda = torch.cuda.is_available() and CUDA_HOME is not None
+    linux = sys.platform.startswith("linux")
     return load(
         name="bam_fused_C",
         sources=sources(with_cuda),
         # The same flags as setup.py (which says why -fopenmp matters).
-        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+        extra_cflags=["-O3", "-fopenmp" if linux else "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
         + (["-DBAM_FUSED_WITH_CUDA"] if with_cuda else []),
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=["-fopenmp"] if linux else [],
         extra_cuda_cflags=["-O3", "--use_fast_math", "-DBAM_FUSED_WITH_CUDA"],
         extra_include_paths=[str(_CSRC)],
         verbose=env.flag("BAM_FUSED_VERBOSE_BUILD"),
