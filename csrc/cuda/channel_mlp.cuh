@@ -4,6 +4,8 @@
 // means themselves, then relu(W0 @ mean + b0) (Cr values), then W1 @ that + b1 (C values), one
 // block per sample. The library runs this tiny MLP as several launches, each with little to
 // do (N rows); here it is one. Fixed summation orders: results are bitwise repeatable.
+// Each block walks the weights with few loads in flight, so it is only used where they are
+// small (C x hidden <= 256 x 16; measurements beside the dispatch in bam_fused.cpp).
 #pragma once
 
 #include <cstdint>
