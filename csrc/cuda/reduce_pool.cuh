@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace bam_fused {
 namespace cuda {
 
@@ -39,8 +41,6 @@ struct ReducePoolPlan {
   int64_t splits;            // grid.z: channel splits (1: the kernel writes y itself)
   int64_t chunks_per_split;  // channel chunks of kChunk per split
 };
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // min_blocks: how many blocks fill the GPU (a couple per multiprocessor).
 inline ReducePoolPlan plan_reduce_pool(int64_t N, int64_t C, int64_t HW, int64_t Cr, int64_t min_blocks) {

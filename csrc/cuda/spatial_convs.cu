@@ -63,7 +63,7 @@ at::Tensor spatial_convs_cuda(const at::Tensor& y, at::TensorList w_dilated, at:
                        b_final.contiguous(), part, dilation, plan, stream);
   if (plan.groups > 1) {
     const int64_t numel = N * HW;
-    cuda::sum_groups_kernel<<<static_cast<unsigned>(cuda::spatial_ceil_div(numel, cuda::kConvThreads)),
+    cuda::sum_groups_kernel<<<static_cast<unsigned>(cuda::ceil_div(numel, cuda::kConvThreads)),
                               cuda::kConvThreads, 0, stream>>>(part.const_data_ptr<float>(),
                                                                spatial.mutable_data_ptr<float>(), numel, plan.groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

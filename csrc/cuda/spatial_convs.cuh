@@ -20,6 +20,8 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace bam_fused {
 namespace cuda {
 
@@ -33,15 +35,13 @@ struct SpatialPlan {
   int64_t groups;         // grid.y: output-channel groups of kOut
 };
 
-inline int64_t spatial_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // min_blocks: how many 128-thread blocks keep the GPU busy. Two pixels per thread halve the
 // shared-memory loads per FMA, but only where there are blocks enough to fill the GPU.
 inline SpatialPlan plan_spatial(int64_t N, int64_t HW, int64_t Cr, int64_t min_blocks) {
   SpatialPlan p{};
-  p.groups = spatial_ceil_div(Cr, kOut);
-  p.px = spatial_ceil_div(N * HW, 2 * kConvThreads) * p.groups >= min_blocks ? 2 : 1;
-  p.pixel_blocks = spatial_ceil_div(N * HW, p.px * kConvThreads);
+  p.groups = ceil_div(Cr, kOut);
+  p.px = ceil_div(N * HW, 2 * kConvThreads) * p.groups >= min_blocks ? 2 : 1;
+  p.pixel_blocks = ceil_div(N * HW, p.px * kConvThreads);
   return p;
 }
 

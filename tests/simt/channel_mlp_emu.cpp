@@ -9,14 +9,12 @@
 
 using namespace bam_fused::cuda;
 
-bool read(std::vector<float>& v) { return std::fread(v.data(), 4, v.size(), stdin) == v.size(); }
-
 int main() {
   int64_t hdr[4];
   if (std::fread(hdr, sizeof(int64_t), 4, stdin) != 4) return 2;
   const int64_t N = hdr[0], P = hdr[1], C = hdr[2], Cr = hdr[3];
   std::vector<float> part(N * P * C), w0(Cr * C), b0(Cr), w1(C * Cr), b1(C);
-  if (!read(part) || !read(w0) || !read(b0) || !read(w1) || !read(b1)) return 2;
+  if (!simt_read(part) || !simt_read(w0) || !simt_read(b0) || !simt_read(w1) || !simt_read(b1)) return 2;
   std::vector<float> pooled(N * C, -1.f), h(N * Cr, -1.f), out(N * C, -1.f);
   simt_launch(dim3(N), kMlpThreads, [&] {
     channel_mlp_kernel(part.data(), w0.data(), b0.data(), w1.data(), b1.data(), pooled.data(), h.data(), out.data(), P,

@@ -38,9 +38,7 @@ int main() {
   const int64_t N = hdr[0], C = hdr[1], HW = hdr[2], Cr = hdr[3];
   const bool cl = hdr[4] != 0;
   std::vector<float> x(N * C * HW), w(Cr * C), b(Cr);
-  if (std::fread(x.data(), 4, x.size(), stdin) != x.size()) return 2;
-  if (std::fread(w.data(), 4, w.size(), stdin) != w.size()) return 2;
-  if (std::fread(b.data(), 4, b.size(), stdin) != b.size()) return 2;
+  if (!simt_read(x) || !simt_read(w) || !simt_read(b)) return 2;
   const ReducePoolPlan p = plan_reduce_pool(N, C, HW, Cr, hdr[5]);
   std::vector<float> y(N * Cr * HW, -1.f), y_part(p.splits * N * Cr * HW, -1.f), pooled(N * p.pixel_blocks * C, -1.f);
   if (cl) run_rows<true>(p, x.data(), w.data(), b.data(), y.data(), y_part.data(), pooled.data(), N, C, HW, Cr);

@@ -6,6 +6,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <thread>
 #include <vector>
@@ -59,3 +60,6 @@ inline void simt_launch(dim3 grid, unsigned threads, const std::function<void()>
       for (auto& th : pool) th.join();
     }
 }
+
+// Reads v.size() floats from stdin (the drivers' input); false if they are not all there.
+inline bool simt_read(std::vector<float>& v) { return std::fread(v.data(), 4, v.size(), stdin) == v.size(); }

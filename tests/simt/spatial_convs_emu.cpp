@@ -29,8 +29,6 @@ void conv_px(const SpatialPlan& p, const float* in, const float* w, const float*
   else conv<1, kFinal>(p, in, w, b, wf, bf, out, N, Cr, H, W, dil);
 }
 
-bool read(std::vector<float>& v) { return std::fread(v.data(), 4, v.size(), stdin) == v.size(); }
-
 int main() {
   int64_t hdr[8];
   if (std::fread(hdr, sizeof(int64_t), 8, stdin) != 8) return 2;
@@ -40,13 +38,13 @@ int main() {
   for (int k = 0; k < 4; ++k) w_strides[k] = hdr[7] ? nhwc[k] : nchw[k];
   std::vector<float> cur(N * Cr * H * W), wf(Cr), bf(1);
   std::vector<std::vector<float>> ws, bs;
-  if (!read(cur)) return 2;
+  if (!simt_read(cur)) return 2;
   for (int64_t i = 0; i < convs; ++i) {
     ws.emplace_back(Cr * Cr * 9);
     bs.emplace_back(Cr);
-    if (!read(ws.back()) || !read(bs.back())) return 2;
+    if (!simt_read(ws.back()) || !simt_read(bs.back())) return 2;
   }
-  if (!read(wf) || !read(bf) || convs < 1) return 2;
+  if (!simt_read(wf) || !simt_read(bf) || convs < 1) return 2;
   const SpatialPlan p = plan_spatial(N, H * W, Cr, hdr[6]);
   for (int64_t i = 0; i + 1 < convs; ++i) {
     std::vector<float> next(cur.size(), -1.f);
@@ -56,7 +54,7 @@ int main() {
   std::vector<float> part(p.groups * numel, -1.f), spatial(numel, -1.f);
   conv_px<true>(p, cur.data(), ws.back().data(), bs.back().data(), wf.data(), bf.data(), part.data(), N, Cr, H, W,
                 dil);
-  simt_launch(dim3(spatial_ceil_div(numel, kConvThreads)), kConvThreads,
+  simt_launch(dim3(ceil_div(numel, kConvThreads)), kConvThreads,
               [&] { sum_groups_kernel(part.data(), spatial.data(), numel, p.groups); });
   const int64_t meta[2] = {p.px, p.groups};
   std::fwrite(meta, sizeof(int64_t), 2, stdout);
