@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from unittest import mock
 
 import torch
 import triton.testing
@@ -24,6 +25,12 @@ from bam_fused.ops import bam_branches, bam_gate
 from bam_fused.testing import as_layout, randomize_
 
 SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14)]
+SPATIAL_IMPLS = ("kernel", "library")
+
+
+def spatial_impl(impl: str):
+    """BAM_FUSED_CUDA_SPATIAL=impl inside the block (the extension reads it on every call)."""
+    return mock.patch.dict(os.environ, {"BAM_FUSED_CUDA_SPATIAL": impl})
 
 
 def ms(fn) -> float:
@@ -75,23 +82,15 @@ def spatial_impls() -> None:
     """The whole fused BAM (eval, CUDA graph) with each BAM_FUSED_CUDA_SPATIAL choice, side by side."""
     print("\nBAM eval graph time (us) by BAM_FUSED_CUDA_SPATIAL (the default picks kernel for Cr <= 16)")
     print(f"{'shape':18s} {'dtype':8s} {'kernel':>8s} {'library':>8s}")
-    before = os.environ.get("BAM_FUSED_CUDA_SPATIAL")
-    try:
-        for shape in SHAPES:
-            for dtype in (torch.float32, torch.bfloat16):
-                x = torch.randn(shape, device="cuda", dtype=dtype)
-                m = randomize_(bam_fused.BAM(shape[1])).cuda().to(dtype).eval()
-                times = []
-                for impl in ("kernel", "library"):
-                    os.environ["BAM_FUSED_CUDA_SPATIAL"] = impl
-                    with torch.no_grad():
-                        times.append(graph_ms(lambda: m(x)) * 1e3)  # noqa: B023
-                print(f"{str(shape):18s} {str(dtype)[6:]:8s} {times[0]:8.1f} {times[1]:8.1f}")
-    finally:
-        if before is None:
-            os.environ.pop("BAM_FUSED_CUDA_SPATIAL", None)
-        else:
-            os.environ["BAM_FUSED_CUDA_SPATIAL"] = before
+    for shape in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(shape, device="cuda", dtype=dtype)
+            m = randomize_(bam_fused.BAM(shape[1])).cuda().to(dtype).eval()
+            times = []
+            for impl in SPATIAL_IMPLS:
+                with spatial_impl(impl), torch.no_grad():
+                    times.append(graph_ms(lambda: m(x)) * 1e3)  # noqa: B023
+            print(f"{str(shape):18s} {str(dtype)[6:]:8s} {times[0]:8.1f} {times[1]:8.1f}")
 
 
 def sanitize() -> None:
@@ -102,11 +101,9 @@ def sanitize() -> None:
             for layout in ("nchw", "channels_last"):
                 x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
                 m = randomize_(bam_fused.BAM(c, 8 if c < 64 else 16)).cuda().to(dtype).eval()
-                for impl in ("kernel", "library"):  # both spatial paths (BAM_FUSED_CUDA_SPATIAL)
-                    os.environ["BAM_FUSED_CUDA_SPATIAL"] = impl
-                    with torch.no_grad():
+                for impl in SPATIAL_IMPLS:  # both spatial paths
+                    with spatial_impl(impl), torch.no_grad():
                         m(x)
-                os.environ.pop("BAM_FUSED_CUDA_SPATIAL")
                 m.train()
                 xg = x.detach().clone().requires_grad_()
                 m(xg).sum().backward()
