@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEPS := $(VENV)/.stamp-deps
 BUILD := $(VENV)/.stamp-build
-SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
+SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 OUT ?= bench-out
 
 # torch guesses CUDA_HOME from nvcc's folder; point it at the toolkit when there is one.

@@ -1,0 +1,171 @@
+// The CPU pass over NCHW x, torch-free: per pixel relu(W x + b) (the branch op's 1x1 reduce
+// conv) and the pooled channel sums, reading x once.
+//
+// Each tile of kP pixels meets every channel once: its pixels sum into lane-wise pooled sums
+// while the conv accumulates kCo output channels x kP pixels in registers, one broadcast
+// weight times kP pixels per FMA. Further blocks of kCo output channels read the tile again
+// from L1/L2. Results do not depend on the thread count: each pooled partial covers a fixed
+// chunk of kChunkPx pixels and is summed in a fixed order, and every y element is one
+// fixed-order dot product.
+//
+// The per-instruction-set files (conv1x1_pool_*.cpp) include this header after their target
+// options and give the register blocking (traits K: vector type V, kPV pixel vectors, kCo
+// output channels, splat). Everything here has internal linkage: each file gets its own copy.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace bam_fused {
+
+constexpr int64_t kChunkPx = 192;  // pixels per pooled partial: a multiple of every kP
+
+struct Conv1x1PoolJob {
+  int64_t C, HW, Cr, chunks;  // chunks = max(1, ceil(HW / kChunkPx)) per sample
+  const float* w;             // packed (ceil(Cr / kCo), C, kCo), zero rows past Cr
+  const float* bias;          // (Cr,)
+  float* y;                   // (N, Cr, HW)
+  float* part;                // (N, chunks, C): pooled sums times inv_hw
+  float inv_hw;
+};
+
+// Tasks [begin, end) of N * chunks, each one chunk of one sample; x is (N, C, HW).
+#define BAM_DECLARE_CONV1X1_POOL(ISA)                                                                 \
+  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const float* x, int64_t begin, int64_t end);   \
+  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end);    \
+  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const Fp16* x, int64_t begin, int64_t end);    \
+  int64_t conv1x1_pool_##ISA##_kco();
+BAM_DECLARE_CONV1X1_POOL(avx512)
+BAM_DECLARE_CONV1X1_POOL(avx2)
+BAM_DECLARE_CONV1X1_POOL(generic)
+
+namespace {  // NOLINT: internal linkage on purpose (see the top of this file)
+
+template <typename K>
+constexpr int kLanes = sizeof(typename K::V) / sizeof(float);
+template <typename K>
+constexpr int kTilePx = K::kPV * kLanes<K>;
+
+template <typename V>
+BAM_INLINE V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+BAM_INLINE void vstore(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// acc[o][v] += w[c][o] * (pixel vector v of channel c) over all channels; with kPool also
+// pool[c] += the tile's pixels of channel c, lane-wise.
+template <typename K, bool kPool>
+BAM_INLINE void conv_tile(const float* xt, int64_t xs, int64_t C, const float* w, float* pool,
+                          typename K::V (&acc)[K::kCo][K::kPV]) {
+  using V = typename K::V;
+  constexpr int kL = kLanes<K>;
+  for (int64_t c = 0; c < C; ++c) {
+    const float* xc = xt + c * xs;
+    V xv[K::kPV];
+#pragma GCC unroll 8
+    for (int v = 0; v < K::kPV; ++v) xv[v] = vload<V>(xc + v * kL);
+    if (kPool) {
+      V s = xv[0];
+#pragma GCC unroll 8
+      for (int v = 1; v < K::kPV; ++v) s += xv[v];
+      vstore<V>(pool + c * kL, vload<V>(pool + c * kL) + s);
+    }
+    const float* wc = w + c * K::kCo;
+#pragma GCC unroll 16
+    for (int o = 0; o < K::kCo; ++o) {
+      const V wv = K::splat(wc[o]);
+#pragma GCC unroll 8
+      for (int v = 0; v < K::kPV; ++v) acc[o][v] += wv * xv[v];
+    }
+  }
+}
+
+// Pixels [p0, p1) of one sample: its rows of y and its pooled partial. buf holds C x kP floats
+// (a converted or zero-padded tile), pool C x kLanes (the lane-wise pooled sums).
+template <typename K, typename T>
+BAM_INLINE void conv1x1_pool_chunk(const Conv1x1PoolJob& j, const T* x, int64_t p0, int64_t p1, float* y,
+                                   float* part, float* buf, float* pool) {
+  using V = typename K::V;
+  constexpr int kP = kTilePx<K>, kL = kLanes<K>;
+  const int64_t C = j.C, HW = j.HW, cob_n = (j.Cr + K::kCo - 1) / K::kCo;
+  std::fill(pool, pool + C * kL, 0.f);
+  for (int64_t p = p0; p < p1; p += kP) {
+    const int64_t np = std::min<int64_t>(kP, p1 - p);
+    const float* xt = nullptr;
+    int64_t xs = kP;
+    if constexpr (std::is_same_v<T, float>) {
+      if (np == kP) xt = x + p, xs = HW;  // fp32 full tiles straight from x
+    }
+    if (xt == nullptr) {  // other dtypes and a last, partial tile: fp32 and zero-padded
+      for (int64_t c = 0; c < C; ++c) {
+        const T* src = x + c * HW + p;
+        float* dst = buf + c * kP;
+        for (int64_t i = 0; i < np; ++i) dst[i] = ld(src + i);
+        for (int64_t i = np; i < kP; ++i) dst[i] = 0.f;
+      }
+      xt = buf;
+    }
+    for (int64_t cob = 0; cob < cob_n; ++cob) {
+      V acc[K::kCo][K::kPV] = {};
+      if (cob == 0) {
+        conv_tile<K, true>(xt, xs, C, j.w, pool, acc);
+      } else {
+        conv_tile<K, false>(xt, xs, C, j.w + cob * C * K::kCo, pool, acc);
+      }
+      for (int o = 0; o < K::kCo && cob * K::kCo + o < j.Cr; ++o) {
+        const int64_t co = cob * K::kCo + o;
+        const V b = K::splat(j.bias[co]);
+        float out[kP];
+        for (int v = 0; v < K::kPV; ++v) {
+          const V r = acc[o][v] + b;
+          vstore<V>(out + v * kL, r < 0 ? V{} : r);  // relu; NaN stays NaN, as in torch
+        }
+        std::memcpy(y + co * HW + p, out, np * sizeof(float));
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    float s = 0.f;
+    for (int i = 0; i < kL; ++i) s += pool[c * kL + i];
+    part[c] = s * j.inv_hw;
+  }
+}
+
+template <typename K, typename T>
+BAM_INLINE void conv1x1_pool_tasks(const Conv1x1PoolJob& j, const T* x, int64_t begin, int64_t end) {
+  std::vector<float> buf(j.C * kTilePx<K>);
+  std::vector<float> pool(j.C * kLanes<K>);  // plain floats: std::vector need not align vectors
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / j.chunks, chunk = task % j.chunks;
+    const int64_t p0 = chunk * kChunkPx, p1 = std::min(j.HW, p0 + kChunkPx);
+    conv1x1_pool_chunk<K, T>(j, x + n * j.C * j.HW, p0, p1, j.y + n * j.Cr * j.HW, j.part + task * j.C,
+                             buf.data(), pool.data());
+  }
+}
+
+}  // namespace
+
+// The entry points of one instruction set, for traits K (in that set's file).
+#define BAM_DEFINE_CONV1X1_POOL(ISA, K)                                                                        \
+  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const float* x, int64_t b, int64_t e) {                  \
+    conv1x1_pool_tasks<K>(j, x, b, e);                                                                      \
+  }                                                                                                         \
+  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const Bf16* x, int64_t b, int64_t e) {                   \
+    conv1x1_pool_tasks<K>(j, x, b, e);                                                                      \
+  }                                                                                                         \
+  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const Fp16* x, int64_t b, int64_t e) {                   \
+    conv1x1_pool_tasks<K>(j, x, b, e);                                                                      \
+  }                                                                                                         \
+  int64_t conv1x1_pool_##ISA##_kco() { return K::kCo; }
+
+}  // namespace bam_fused

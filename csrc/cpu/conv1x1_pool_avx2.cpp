@@ -1,0 +1,46 @@
+// conv1x1_pool.h for AVX2 + FMA (x86-64-v3): 8-lane vectors, 4 output channels x 3 pixel
+// vectors of accumulators (12 + 3 + 1 of 16 ymm registers).
+//
+// The library headers and simd.h come first, without the target options below: code that
+// other files also compile (inline functions, templates) must not carry AVX2.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,bmi2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi2")
+#endif
+
+#include "conv1x1_pool.h"
+
+namespace bam_fused {
+namespace {
+
+struct Avx2 {
+  typedef float V __attribute__((vector_size(32)));
+  static constexpr int kPV = 3, kCo = 4;
+  static BAM_INLINE V splat(float s) { return _mm256_set1_ps(s); }
+};
+
+}  // namespace
+
+BAM_DEFINE_CONV1X1_POOL(avx2, Avx2)
+
+}  // namespace bam_fused
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif

@@ -1,0 +1,18 @@
+// conv1x1_pool.h for any CPU: 4-lane vectors (SSE2, NEON), 4 output channels x 3 pixel
+// vectors of accumulators.
+#include "conv1x1_pool.h"
+
+namespace bam_fused {
+namespace {
+
+struct Generic {
+  typedef float V __attribute__((vector_size(16)));
+  static constexpr int kPV = 3, kCo = 4;
+  static BAM_INLINE V splat(float s) { return s - V{}; }  // x - 0 == x, signed zeros included
+};
+
+}  // namespace
+
+BAM_DEFINE_CONV1X1_POOL(generic, Generic)
+
+}  // namespace bam_fused
