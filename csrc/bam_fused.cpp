@@ -91,8 +91,15 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
     // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
     for (size_t i = 0; i < w_dilated.size(); ++i)
       y = at::conv2d(y, w_dilated[i], b_dilated[i].reshape({Cr}), 1, dilation, dilation).relu_();
-    spatial = at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1}))
-                  .reshape({y.size(0), y.size(2), y.size(3)});
+    if (y.is_cpu() && y.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      // The final 1x1 conv to one channel as a matrix-vector product over NHWC pixels.
+      const at::Tensor pixels = y.permute({0, 2, 3, 1}).reshape({-1, Cr});
+      spatial = at::addmv(b_final.reshape({1}).expand({pixels.size(0)}), pixels, w_final.reshape({Cr}))
+                    .view({y.size(0), y.size(2), y.size(3)});
+    } else {
+      spatial = at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1}))
+                    .reshape({y.size(0), y.size(2), y.size(3)});
+    }
   }
   return {part, spatial};
 }

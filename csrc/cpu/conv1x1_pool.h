@@ -29,9 +29,10 @@ struct Conv1x1PoolJob {
   int64_t C, HW, Cr, chunks;  // chunks = max(1, ceil(HW / kChunkPx)) per sample
   const float* w;             // packed (ceil(Cr / kCo), C, kCo), zero rows past Cr
   const float* bias;          // (Cr,)
-  float* y;                   // (N, Cr, HW)
+  float* y;                   // (N, Cr, HW), or (N, HW, Cr) if y_channels_last
   float* part;                // (N, chunks, C): pooled sums times inv_hw
   float inv_hw;
+  bool y_channels_last;
 };
 
 // Tasks [begin, end) of N * chunks, each one chunk of one sample; x is (N, C, HW).
@@ -68,13 +69,16 @@ template <typename K, bool kPool>
 BAM_INLINE void conv_tile(const float* xt, int64_t xs, int64_t C, const float* w, float* pool,
                           typename K::V (&acc)[K::kCo][K::kPV]) {
   using V = typename K::V;
-  constexpr int kL = kLanes<K>;
+  constexpr int kL = kLanes<K>, kP = kTilePx<K>, kPrefetchPx = 2 * kP;
   for (int64_t c = 0; c < C; ++c) {
     const float* xc = xt + c * xs;
     V xv[K::kPV];
 #pragma GCC unroll 8
     for (int v = 0; v < K::kPV; ++v) xv[v] = vload<V>(xc + v * kL);
     if (kPool) {
+      // x rows are HW apart: too many streams for the hardware prefetcher at 56x56.
+#pragma GCC unroll 8
+      for (int l = 0; l < kP; l += 16) __builtin_prefetch(xc + kPrefetchPx + l);
       V s = xv[0];
 #pragma GCC unroll 8
       for (int v = 1; v < K::kPV; ++v) s += xv[v];
@@ -122,15 +126,20 @@ BAM_INLINE void conv1x1_pool_chunk(const Conv1x1PoolJob& j, const T* x, int64_t 
       } else {
         conv_tile<K, false>(xt, xs, C, j.w + cob * C * K::kCo, pool, acc);
       }
-      for (int o = 0; o < K::kCo && cob * K::kCo + o < j.Cr; ++o) {
-        const int64_t co = cob * K::kCo + o;
-        const V b = K::splat(j.bias[co]);
-        float out[kP];
+      float out[K::kCo][kP];
+      for (int o = 0; o < K::kCo; ++o) {
+        const V b = K::splat(j.bias[std::min(cob * K::kCo + o, j.Cr - 1)]);  // rows past Cr: discarded
         for (int v = 0; v < K::kPV; ++v) {
           const V r = acc[o][v] + b;
-          vstore<V>(out + v * kL, r < 0 ? V{} : r);  // relu; NaN stays NaN, as in torch
+          vstore<V>(out[o] + v * kL, r < 0 ? V{} : r);  // relu; NaN stays NaN, as in torch
         }
-        std::memcpy(y + co * HW + p, out, np * sizeof(float));
+      }
+      const int64_t co0 = cob * K::kCo, nco = std::min<int64_t>(K::kCo, j.Cr - co0);
+      if (j.y_channels_last) {
+        for (int64_t i = 0; i < np; ++i)
+          for (int64_t o = 0; o < nco; ++o) y[(p + i) * j.Cr + co0 + o] = out[o][i];
+      } else {
+        for (int64_t o = 0; o < nco; ++o) std::memcpy(y + (co0 + o) * HW + p, out[o], np * sizeof(float));
       }
     }
   }

@@ -1,0 +1,89 @@
+"""The CPU pass over NCHW x (csrc/cpu/conv1x1_pool.h) in every instruction set it has.
+
+The branch op with no dilated convs returns the channel means and final(relu(W x + b)): with
+random final weights every reduced channel shows in the map, so a wrong channel, pixel,
+tile or chunk fails these tests.
+"""
+
+import pytest
+import torch
+
+from bam_fused.ops.branches import load_op
+
+ISAS = ["avx512", "avx2", "generic"]
+# (N, C, H, W, Cr): odd sizes; several 192-pixel chunks with a partial last tile (15x17);
+# Cr off the register blocks (5, 13) and over several blocks (37); one pixel; no pixels.
+SHAPES = [(2, 37, 7, 9, 5), (1, 48, 15, 17, 13), (3, 16, 4, 50, 37), (2, 8, 1, 1, 16), (0, 12, 5, 5, 4)]
+
+
+def isa_env(monkeypatch, isa: str) -> None:
+    monkeypatch.setenv("BAM_FUSED_CPU_ISA", isa)
+    op = load_op()
+    x, w = torch.randn(1, 4, 2, 2), torch.randn(2, 4)
+    try:
+        op(x, w, torch.zeros(2), [], [], 1, torch.zeros(2), torch.zeros(1))
+    except RuntimeError as e:
+        if "does not support" in str(e):
+            pytest.skip(f"this CPU has no {isa}")
+        raise
+
+
+def reference(x: torch.Tensor, w, b, wf, bf):
+    x64 = x.double()
+    y = torch.relu(torch.einsum("nchw,oc->nohw", x64, w.double()) + b.double()[:, None, None])
+    return x64.mean((2, 3)), torch.einsum("nohw,o->nhw", y, wf.double()) + bf.double()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,c,h,w,cr", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pass_matches_reference(monkeypatch, isa, n, c, h, w, cr, dtype):
+    isa_env(monkeypatch, isa)
+    g = torch.Generator().manual_seed(n * 1000 + c)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    wr, br = torch.randn(cr, c, generator=g) / c**0.5, torch.randn(cr, generator=g)
+    wf, bf = torch.randn(cr, generator=g), torch.randn(1, generator=g)
+    pooled, spatial = load_op()(x, wr, br, [], [], 4, wf, bf)
+    want_pooled, want_spatial = reference(x, wr, br, wf, bf)
+    assert pooled.shape == (n, c) and spatial.shape == (n, h, w)
+    torch.testing.assert_close(pooled.double(), want_pooled, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(spatial.double(), want_spatial, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_pass_no_pixels_gives_nan_means_like_torch(monkeypatch, isa):
+    isa_env(monkeypatch, isa)
+    x = torch.randn(2, 6, 0, 3)
+    pooled, spatial = load_op()(x, torch.randn(4, 6), torch.randn(4), [], [], 1, torch.randn(4), torch.randn(1))
+    assert spatial.shape == (2, 0, 3)
+    assert torch.isnan(pooled).all() and torch.isnan(x.mean((2, 3))).all()
+
+
+def test_pass_relu_keeps_nan_like_torch():
+    x = torch.randn(1, 8, 3, 3)
+    x[0, :, 1, 2] = float("nan")
+    wf = torch.ones(4)
+    _, spatial = load_op()(x, torch.randn(4, 8), torch.randn(4), [], [], 1, wf, torch.zeros(1))
+    assert torch.isnan(spatial[0, 1, 2]) and not torch.isnan(spatial[0, 0, 0])
+
+
+def test_pass_same_bits_for_any_thread_count():
+    x = torch.randn(3, 64, 23, 29)  # 667 pixels: 4 chunks per sample
+    args = (torch.randn(16, 64), torch.randn(16), [torch.randn(16, 16, 3, 3)], [torch.randn(16)], 2,
+            torch.randn(16), torch.randn(1))  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = load_op()(x, *args)
+        torch.set_num_threads(max(2, threads))
+        many = load_op()(x, *args)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+def test_bad_isa_variable_names_it(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CPU_ISA", "sse9")
+    x = torch.randn(1, 4, 2, 2)
+    with pytest.raises(RuntimeError, match="BAM_FUSED_CPU_ISA must be auto, avx512, avx2 or generic, got 'sse9'"):
+        load_op()(x, torch.randn(2, 4), torch.zeros(2), [], [], 1, torch.zeros(2), torch.zeros(1))
