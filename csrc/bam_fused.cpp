@@ -167,6 +167,7 @@ pybind11::dict build_info() {
   d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                        std::to_string(TORCH_VERSION_PATCH);
   d["compiler"] = __VERSION__;
+  d["cpu_isa"] = cpu_isa();
 #ifdef _OPENMP
   d["openmp"] = true;  // at::parallel_for in our CPU kernels uses threads only with OpenMP
 #else

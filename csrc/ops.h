@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 namespace bam_fused {
@@ -13,6 +14,8 @@ namespace bam_fused {
 // channels_last x); w is (Cr, C) and b (Cr,) fp32.
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w,
                                                    const at::Tensor& b);
+// The instruction set the CPU pass over x uses now (BAM_FUSED_CPU_ISA, else the widest).
+std::string cpu_isa();
 #ifdef BAM_FUSED_WITH_CUDA
 // y_channels_last: y is returned in channels_last memory (for the library's NHWC convs).
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const at::Tensor& w,

@@ -79,7 +79,7 @@ def test_pass_same_bits_for_any_thread_count():
         many = load_op()(x, *args)
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
 
 
 def test_bad_isa_variable_names_it(monkeypatch):
@@ -87,3 +87,11 @@ def test_bad_isa_variable_names_it(monkeypatch):
     x = torch.randn(1, 4, 2, 2)
     with pytest.raises(RuntimeError, match="BAM_FUSED_CPU_ISA must be auto, avx512, avx2 or generic, got 'sse9'"):
         load_op()(x, torch.randn(2, 4), torch.zeros(2), [], [], 1, torch.zeros(2), torch.zeros(1))
+
+
+def test_info_shows_the_instruction_set(monkeypatch):
+    from bam_fused import _ext
+
+    assert _ext.build_info()["cpu_isa"] in ISAS
+    monkeypatch.setenv("BAM_FUSED_CPU_ISA", "generic")
+    assert _ext.build_info()["cpu_isa"] == "generic"

@@ -122,6 +122,15 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_nchw(const at::Tensor& x, const a
 
 }  // namespace
 
+std::string cpu_isa() {
+  try {
+    const Isa isa = chosen_isa();
+    return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();  // a bad BAM_FUSED_CPU_ISA: info shows why, ops raise
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   if (x.is_contiguous()) return reduce_pool_nchw(x, w, b);
   const int64_t Cr = w.size(0), C = w.size(1);
