@@ -9,9 +9,8 @@
 namespace bam_fused {
 
 // Pooled partial means (N, P, C) (summed over P they give the channel means) and
-// relu(w @ x + b) as (N, Cr, H, W) fp32 in channels_last memory. x is NCHW- or
-// channels_last-contiguous (one pass over NCHW x; the library's conv and a mean on
-// channels_last x); w is (Cr, C) and b (Cr,) fp32.
+// relu(w @ x + b) as (N, Cr, H, W) fp32 in channels_last memory, in one pass over x (NCHW- or
+// channels_last-contiguous); w is (Cr, C) and b (Cr,) fp32.
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w,
                                                    const at::Tensor& b);
 // The instruction set the CPU pass over x uses now (BAM_FUSED_CPU_ISA, else the widest).

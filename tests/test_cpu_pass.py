@@ -1,4 +1,5 @@
-"""The CPU pass over NCHW x (csrc/cpu/conv1x1_pool.h) in every instruction set it has.
+"""The CPU pass over x (csrc/cpu/conv1x1_pool.h), NCHW and channels_last, in every
+instruction set it has.
 
 The branch op with no dilated convs returns the channel means and final(relu(W x + b)): with
 random final weights every reduced channel shows in the map, so a wrong channel, pixel,
@@ -7,13 +8,16 @@ tile or chunk fails these tests.
 
 import pytest
 import torch
+from helpers import make_layout
 
 from bam_fused.ops.branches import load_op
 
 ISAS = ["avx512", "avx2", "generic"]
 # (N, C, H, W, Cr): odd sizes; several 192-pixel chunks with a partial last tile (15x17);
-# Cr off the register blocks (5, 13) and over several blocks (37); one pixel; no pixels.
-SHAPES = [(2, 37, 7, 9, 5), (1, 48, 15, 17, 13), (3, 16, 4, 50, 37), (2, 8, 1, 1, 16), (0, 12, 5, 5, 4)]
+# Cr off the register blocks (5, 13, 37) and over several blocks (37, 70: channels_last uses
+# 1, 2 or 4 output vectors per block); one pixel; no pixels.
+SHAPES = [(2, 37, 7, 9, 5), (1, 48, 15, 17, 13), (3, 16, 4, 50, 37), (2, 8, 1, 1, 16), (0, 12, 5, 5, 4),
+          (1, 40, 13, 15, 70), (2, 19, 9, 8, 24)]  # fmt: skip
 
 
 def isa_env(monkeypatch, isa: str) -> None:
@@ -37,10 +41,11 @@ def reference(x: torch.Tensor, w, b, wf, bf):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,c,h,w,cr", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_pass_matches_reference(monkeypatch, isa, n, c, h, w, cr, dtype):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pass_matches_reference(monkeypatch, isa, n, c, h, w, cr, dtype, layout):
     isa_env(monkeypatch, isa)
     g = torch.Generator().manual_seed(n * 1000 + c)
-    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    x = make_layout(torch.randn(n, c, h, w, generator=g).to(dtype), layout)
     wr, br = torch.randn(cr, c, generator=g) / c**0.5, torch.randn(cr, generator=g)
     wf, bf = torch.randn(cr, generator=g), torch.randn(1, generator=g)
     pooled, spatial = load_op()(x, wr, br, [], [], 4, wf, bf)
@@ -59,16 +64,19 @@ def test_pass_no_pixels_gives_nan_means_like_torch(monkeypatch, isa):
     assert torch.isnan(pooled).all() and torch.isnan(x.mean((2, 3))).all()
 
 
-def test_pass_relu_keeps_nan_like_torch():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pass_relu_keeps_nan_like_torch(layout):
     x = torch.randn(1, 8, 3, 3)
     x[0, :, 1, 2] = float("nan")
+    x = make_layout(x, layout)
     wf = torch.ones(4)
     _, spatial = load_op()(x, torch.randn(4, 8), torch.randn(4), [], [], 1, wf, torch.zeros(1))
     assert torch.isnan(spatial[0, 1, 2]) and not torch.isnan(spatial[0, 0, 0])
 
 
-def test_pass_same_bits_for_any_thread_count():
-    x = torch.randn(3, 64, 23, 29)  # 667 pixels: 4 chunks per sample
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pass_same_bits_for_any_thread_count(layout):
+    x = make_layout(torch.randn(3, 64, 23, 29), layout)  # 667 pixels: 4 chunks per sample
     args = (torch.randn(16, 64), torch.randn(16), [torch.randn(16, 16, 3, 3)], [torch.randn(16)], 2,
             torch.randn(16), torch.randn(1))  # fmt: skip
     threads = torch.get_num_threads()

@@ -1,5 +1,5 @@
-// The CPU pass over NCHW x, torch-free: per pixel relu(W x + b) (the branch op's 1x1 reduce
-// conv) and the pooled channel sums, reading x once.
+// The CPU pass over x, torch-free: per pixel relu(W x + b) (the branch op's 1x1 reduce conv)
+// and the pooled channel sums, reading x once. NCHW x below; channels_last x further down.
 //
 // Each tile of kP pixels meets every channel once: its pixels sum into lane-wise pooled sums
 // while the conv accumulates kCo output channels x kP pixels in registers, one broadcast
@@ -10,7 +10,7 @@
 //
 // The per-instruction-set files (conv1x1_pool_*.cpp) include this header after their target
 // options and give the register blocking (traits K: vector type V, kPV pixel vectors, kCo
-// output channels, splat). Everything here has internal linkage: each file gets its own copy.
+// output channels, kAcc accumulators for channels_last x, splat). Everything here has internal linkage: each file gets its own copy.
 #pragma once
 
 #include <algorithm>
@@ -27,20 +27,27 @@ constexpr int64_t kChunkPx = 192;  // pixels per pooled partial: a multiple of e
 
 struct Conv1x1PoolJob {
   int64_t C, HW, Cr, chunks;  // chunks = max(1, ceil(HW / kChunkPx)) per sample
-  const float* w;             // packed (ceil(Cr / kCo), C, kCo), zero rows past Cr
+  const float* w;             // packed (ceil(Cr / kCo), C, kCo), zero rows past Cr (channels_last x:
+                              // kCo = cl_vectors * lanes)
   const float* bias;          // (Cr,)
   float* y;                   // (N, Cr, HW), or (N, HW, Cr) if y_channels_last
   float* part;                // (N, chunks, C): pooled sums times inv_hw
   float inv_hw;
-  bool y_channels_last;
+  bool y_channels_last;  // NCHW x only; y is channels_last for channels_last x
+  int cl_vectors;        // channels_last x: output vectors per register block (1, 2 or 4)
 };
 
-// Tasks [begin, end) of N * chunks, each one chunk of one sample; x is (N, C, HW).
-#define BAM_DECLARE_CONV1X1_POOL(ISA)                                                                 \
-  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const float* x, int64_t begin, int64_t end);   \
-  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end);    \
-  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const Fp16* x, int64_t begin, int64_t end);    \
-  int64_t conv1x1_pool_##ISA##_kco();
+// Tasks [begin, end) of N * chunks, each one chunk of one sample; x is (N, C, HW), or
+// (N, HW, C) for the _cl entry points; _kco and _lanes give the register blocking.
+#define BAM_DECLARE_CONV1X1_POOL(ISA)                                                                    \
+  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const float* x, int64_t begin, int64_t end);      \
+  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end);       \
+  void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const Fp16* x, int64_t begin, int64_t end);       \
+  void conv1x1_pool_cl_##ISA(const Conv1x1PoolJob& j, const float* x, int64_t begin, int64_t end);   \
+  void conv1x1_pool_cl_##ISA(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end);    \
+  void conv1x1_pool_cl_##ISA(const Conv1x1PoolJob& j, const Fp16* x, int64_t begin, int64_t end);    \
+  int64_t conv1x1_pool_##ISA##_kco();                                                                \
+  int64_t conv1x1_pool_##ISA##_lanes();
 BAM_DECLARE_CONV1X1_POOL(avx512)
 BAM_DECLARE_CONV1X1_POOL(avx2)
 BAM_DECLARE_CONV1X1_POOL(generic)
@@ -162,6 +169,87 @@ BAM_INLINE void conv1x1_pool_tasks(const Conv1x1PoolJob& j, const T* x, int64_t 
   }
 }
 
+// channels_last x: each pixel's channels are contiguous, so the conv vectorises over output
+// channels: acc[i][v] += x[pixel i][c] (broadcast) * w[c][output vector v], kPx x kCv
+// accumulators (K::kAcc in all). The pooled sums are lane-wise over channels directly.
+template <typename K, int kCv, typename T>
+BAM_INLINE void conv1x1_pool_cl_chunk(const Conv1x1PoolJob& j, const T* x, int64_t p0, int64_t p1, float* y,
+                                      float* part, float* buf) {
+  using V = typename K::V;
+  constexpr int kL = kLanes<K>, kPx = K::kAcc / kCv, kCo = kCv * kL;
+  static_assert(kChunkPx % kPx == 0, "a chunk must hold whole pixel tiles");
+  const int64_t C = j.C, Cr = j.Cr, cob_n = (Cr + kCo - 1) / kCo;
+  std::fill(part, part + C, 0.f);
+  for (int64_t p = p0; p < p1; p += kPx) {
+    const int64_t np = std::min<int64_t>(kPx, p1 - p);
+    const float* xt = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      if (np == kPx) xt = x + p * C;  // fp32 full tiles straight from x
+    }
+    if (xt == nullptr) {  // other dtypes and a last, partial tile: fp32 and zero-padded
+      for (int64_t i = 0; i < np * C; ++i) buf[i] = ld(x + p * C + i);
+      std::fill(buf + np * C, buf + kPx * C, 0.f);
+      xt = buf;
+    }
+    // Pooled sums: pixel by pixel in a fixed order, as the NCHW pass sums its lanes.
+    for (int64_t i = 0; i < np; ++i) {
+      const float* xi = xt + i * C;
+      int64_t c = 0;
+      for (; c + kL <= C; c += kL) vstore<V>(part + c, vload<V>(part + c) + vload<V>(xi + c));
+      for (; c < C; ++c) part[c] += xi[c];
+    }
+    for (int64_t cob = 0; cob < cob_n; ++cob) {
+      const float* w = j.w + cob * C * kCo;
+      V acc[kPx][kCv] = {};
+      for (int64_t c = 0; c < C; ++c) {
+        V wv[kCv];
+#pragma GCC unroll 8
+        for (int v = 0; v < kCv; ++v) wv[v] = vload<V>(w + c * kCo + v * kL);
+#pragma GCC unroll 32
+        for (int i = 0; i < kPx; ++i) {
+          const V xb = K::splat(xt[i * C + c]);
+#pragma GCC unroll 8
+          for (int v = 0; v < kCv; ++v) acc[i][v] += xb * wv[v];
+        }
+      }
+      const int64_t co0 = cob * kCo, nco = std::min<int64_t>(kCo, Cr - co0);
+      V b[kCv];
+      for (int v = 0; v < kCv; ++v) {
+        float lanes[kL];
+        for (int l = 0; l < kL; ++l) lanes[l] = j.bias[std::min<int64_t>(co0 + v * kL + l, Cr - 1)];
+        b[v] = vload<V>(lanes);
+      }
+      for (int64_t i = 0; i < np; ++i) {
+        float out[kCo];
+        for (int v = 0; v < kCv; ++v) {
+          const V r = acc[i][v] + b[v];
+          vstore<V>(out + v * kL, r < 0 ? V{} : r);  // relu; NaN stays NaN, as in torch
+        }
+        std::memcpy(y + (p + i) * Cr + co0, out, nco * sizeof(float));
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) part[c] *= j.inv_hw;
+}
+
+template <typename K, int kCv, typename T>
+BAM_INLINE void conv1x1_pool_cl_tasks(const Conv1x1PoolJob& j, const T* x, int64_t begin, int64_t end) {
+  std::vector<float> buf(j.C * (K::kAcc / kCv));
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / j.chunks, chunk = task % j.chunks;
+    const int64_t p0 = chunk * kChunkPx, p1 = std::min(j.HW, p0 + kChunkPx);
+    conv1x1_pool_cl_chunk<K, kCv, T>(j, x + n * j.C * j.HW, p0, p1, j.y + n * j.Cr * j.HW, j.part + task * j.C,
+                                     buf.data());
+  }
+}
+
+template <typename K, typename T>
+BAM_INLINE void conv1x1_pool_cl_any(const Conv1x1PoolJob& j, const T* x, int64_t begin, int64_t end) {
+  if (j.cl_vectors == 4) return conv1x1_pool_cl_tasks<K, 4, T>(j, x, begin, end);
+  if (j.cl_vectors == 2) return conv1x1_pool_cl_tasks<K, 2, T>(j, x, begin, end);
+  conv1x1_pool_cl_tasks<K, 1, T>(j, x, begin, end);
+}
+
 }  // namespace
 
 // The entry points of one instruction set, for traits K (in that set's file).
@@ -175,6 +263,16 @@ BAM_INLINE void conv1x1_pool_tasks(const Conv1x1PoolJob& j, const T* x, int64_t 
   void conv1x1_pool_##ISA(const Conv1x1PoolJob& j, const Fp16* x, int64_t b, int64_t e) {                   \
     conv1x1_pool_tasks<K>(j, x, b, e);                                                                      \
   }                                                                                                         \
-  int64_t conv1x1_pool_##ISA##_kco() { return K::kCo; }
+  void conv1x1_pool_cl_##ISA(const Conv1x1PoolJob& j, const float* x, int64_t b, int64_t e) {               \
+    conv1x1_pool_cl_any<K>(j, x, b, e);                                                                     \
+  }                                                                                                         \
+  void conv1x1_pool_cl_##ISA(const Conv1x1PoolJob& j, const Bf16* x, int64_t b, int64_t e) {                \
+    conv1x1_pool_cl_any<K>(j, x, b, e);                                                                     \
+  }                                                                                                         \
+  void conv1x1_pool_cl_##ISA(const Conv1x1PoolJob& j, const Fp16* x, int64_t b, int64_t e) {                \
+    conv1x1_pool_cl_any<K>(j, x, b, e);                                                                     \
+  }                                                                                                         \
+  int64_t conv1x1_pool_##ISA##_kco() { return K::kCo; }                                                     \
+  int64_t conv1x1_pool_##ISA##_lanes() { return kLanes<K>; }
 
 }  // namespace bam_fused

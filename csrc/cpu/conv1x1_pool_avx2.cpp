@@ -28,7 +28,7 @@ namespace {
 
 struct Avx2 {
   typedef float V __attribute__((vector_size(32)));
-  static constexpr int kPV = 3, kCo = 4;
+  static constexpr int kPV = 3, kCo = 4, kAcc = 12;
   static BAM_INLINE V splat(float s) { return _mm256_set1_ps(s); }
 };
 

@@ -29,7 +29,7 @@ namespace {
 
 struct Avx512 {
   typedef float V __attribute__((vector_size(64)));
-  static constexpr int kPV = 3, kCo = 8;
+  static constexpr int kPV = 3, kCo = 8, kAcc = 24;
   // One broadcast load; GCC lowers the generic (s - V{}) to a ymm broadcast and an insert.
   static BAM_INLINE V splat(float s) { return _mm512_set1_ps(s); }
 };

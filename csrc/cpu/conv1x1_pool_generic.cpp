@@ -7,7 +7,7 @@ namespace {
 
 struct Generic {
   typedef float V __attribute__((vector_size(16)));
-  static constexpr int kPV = 3, kCo = 4;
+  static constexpr int kPV = 3, kCo = 4, kAcc = 12;
   static BAM_INLINE V splat(float s) { return s - V{}; }  // x - 0 == x, signed zeros included
 };
 

@@ -1,11 +1,9 @@
-// CPU half of the branch op's read of x: pooled channel means and relu(W x + b) per pixel.
-//
-// y comes out channels_last either way.
-// NCHW x: our single pass (conv1x1_pool.h) in the widest instruction set the CPU has. oneDNN
-// took 1.7 ms for the conv alone at N = 8, C = 256, 56x56 (it reorders x to its blocked
-// layout, a fresh 25 MB buffer per call) where the pass takes about 0.85 ms (2-core AVX-512 CPU).
-// channels_last x: oneDNN's 1x1 conv reads it natively at near the FMA rate; the means are a
-// second, cached read of x.
+// CPU half of the branch op's read of x: pooled channel means and relu(W x + b) per pixel, in
+// one pass over x (conv1x1_pool.h), NCHW or channels_last, in the widest instruction set the
+// CPU has. y comes out channels_last: oneDNN's dilated convs then run NHWC without reorders.
+// At N = 8, C = 256, 56x56 fp32 (2-core AVX-512 CPU) oneDNN's 1x1 conv alone took 1.7 ms on
+// NCHW x (it reorders x into a fresh 25 MB buffer per call) and 0.97 ms on channels_last x,
+// plus 0.2-0.36 ms for the mean; the single pass takes about 0.65 ms.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -60,20 +58,22 @@ Isa chosen_isa() {
 }
 
 template <typename T>
-void conv1x1_pool(Isa isa, const Conv1x1PoolJob& j, const T* x, int64_t begin, int64_t end) {
+void conv1x1_pool(Isa isa, bool cl, const Conv1x1PoolJob& j, const T* x, int64_t begin, int64_t end) {
 #if BAM_X86
-  if (isa == Isa::kAvx512) return conv1x1_pool_avx512(j, x, begin, end);
-  if (isa == Isa::kAvx2) return conv1x1_pool_avx2(j, x, begin, end);
+  if (isa == Isa::kAvx512)
+    return cl ? conv1x1_pool_cl_avx512(j, x, begin, end) : conv1x1_pool_avx512(j, x, begin, end);
+  if (isa == Isa::kAvx2) return cl ? conv1x1_pool_cl_avx2(j, x, begin, end) : conv1x1_pool_avx2(j, x, begin, end);
 #endif
-  conv1x1_pool_generic(j, x, begin, end);
+  cl ? conv1x1_pool_cl_generic(j, x, begin, end) : conv1x1_pool_generic(j, x, begin, end);
 }
 
-int64_t output_block(Isa isa) {
+// The register blocking: output channels per block of NCHW x, vector lanes.
+std::pair<int64_t, int64_t> blocking(Isa isa) {
 #if BAM_X86
-  if (isa == Isa::kAvx512) return conv1x1_pool_avx512_kco();
-  if (isa == Isa::kAvx2) return conv1x1_pool_avx2_kco();
+  if (isa == Isa::kAvx512) return {conv1x1_pool_avx512_kco(), conv1x1_pool_avx512_lanes()};
+  if (isa == Isa::kAvx2) return {conv1x1_pool_avx2_kco(), conv1x1_pool_avx2_lanes()};
 #endif
-  return conv1x1_pool_generic_kco();
+  return {conv1x1_pool_generic_kco(), conv1x1_pool_generic_lanes()};
 }
 
 // (Cr, C) -> (ceil(Cr / kCo), C, kCo), zero rows past Cr: one channel's kCo weights adjacent.
@@ -85,42 +85,45 @@ at::Tensor pack_weights(const at::Tensor& w, int64_t kCo) {
 }
 
 template <typename T, typename S>
-void run_parallel(Isa isa, const Conv1x1PoolJob& j, const at::Tensor& x, int64_t tasks) {
+void run_parallel(Isa isa, bool cl, const Conv1x1PoolJob& j, const at::Tensor& x, int64_t tasks) {
   static_assert(sizeof(T) == sizeof(S));
   const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<S>());
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { conv1x1_pool(isa, j, xp, begin, end); });
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { conv1x1_pool(isa, cl, j, xp, begin, end); });
 }
 
-std::tuple<at::Tensor, at::Tensor> reduce_pool_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = w.size(0);
   const Isa isa = chosen_isa();
+  const bool cl = !x.is_contiguous();  // then channels_last-contiguous (the op checked)
+  const auto [kco, lanes] = blocking(isa);
+  const int64_t vectors = (Cr + lanes - 1) / lanes, cl_vectors = vectors <= 1 ? 1 : vectors <= 2 ? 2 : 4;
   // One chunk even without pixels: its partial is 0 * (1 / 0) = NaN, the mean of nothing, as in torch.
   const int64_t chunks = std::max<int64_t>(1, (HW + kChunkPx - 1) / kChunkPx);
   auto part = at::empty({N, chunks, C}, x.options().dtype(at::kFloat));
   // y channels_last: oneDNN's dilated convs run NHWC without reorders (0.33 against 0.42 ms at 56x56).
   auto y = at::empty({N, Cr, x.size(2), x.size(3)},
                      x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
-  const at::Tensor wp = pack_weights(w, output_block(isa));
+  const at::Tensor wp = pack_weights(w, cl ? cl_vectors * lanes : kco);
   const Conv1x1PoolJob j{C, HW, Cr, chunks, wp.const_data_ptr<float>(), b.const_data_ptr<float>(),
                          y.mutable_data_ptr<float>(), part.mutable_data_ptr<float>(), 1.f / static_cast<float>(HW),
-                         /*y_channels_last=*/true};
+                         /*y_channels_last=*/true, static_cast<int>(cl_vectors)};
   switch (x.scalar_type()) {
     case at::kFloat:
-      run_parallel<float, float>(isa, j, x, N * chunks);
+      run_parallel<float, float>(isa, cl, j, x, N * chunks);
       break;
     case at::kBFloat16:
-      run_parallel<Bf16, at::BFloat16>(isa, j, x, N * chunks);
+      run_parallel<Bf16, at::BFloat16>(isa, cl, j, x, N * chunks);
       break;
     case at::kHalf:
-      run_parallel<Fp16, at::Half>(isa, j, x, N * chunks);
+      run_parallel<Fp16, at::Half>(isa, cl, j, x, N * chunks);
       break;
     default:
       TORCH_CHECK(false, "bam_fused: the branch op takes fp32, fp16 or bf16 x, got ", x.scalar_type());
   }
   return {part, y};
 }
-
-}  // namespace
 
 std::string cpu_isa() {
   try {
@@ -129,15 +132,6 @@ std::string cpu_isa() {
   } catch (const c10::Error& e) {
     return e.what_without_backtrace();  // a bad BAM_FUSED_CPU_ISA: info shows why, ops raise
   }
-}
-
-std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (x.is_contiguous()) return reduce_pool_nchw(x, w, b);
-  const int64_t Cr = w.size(0), C = w.size(1);
-  // channels_last: math in fp32 whatever x stores (the folded weights are fp32).
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  auto y = at::conv2d(xf, w.view({Cr, C, 1, 1}), b).relu_();
-  return {xf.mean({2, 3}).unsqueeze(1), y};  // the means as one (N, 1, C) "partial"
 }
 
 }  // namespace bam_fused
