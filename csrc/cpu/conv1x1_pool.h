@@ -30,11 +30,10 @@ struct Conv1x1PoolJob {
   const float* w;             // packed (ceil(Cr / kCo), C, kCo), zero rows past Cr (channels_last x:
                               // kCo = cl_vectors * lanes)
   const float* bias;          // (Cr,)
-  float* y;                   // (N, Cr, HW), or (N, HW, Cr) if y_channels_last
+  float* y;                   // (N, HW, Cr): channels_last, for oneDNN's NHWC dilated convs
   float* part;                // (N, chunks, C): pooled sums times inv_hw
   float inv_hw;
-  bool y_channels_last;  // NCHW x only; y is channels_last for channels_last x
-  int cl_vectors;        // channels_last x: output vectors per register block (1, 2 or 4)
+  int cl_vectors;  // channels_last x: output vectors per register block (1, 2 or 4)
 };
 
 // Tasks [begin, end) of N * chunks, each one chunk of one sample; x is (N, C, HW), or
@@ -141,13 +140,10 @@ BAM_INLINE void conv1x1_pool_chunk(const Conv1x1PoolJob& j, const T* x, int64_t 
           vstore<V>(out[o] + v * kL, r < 0 ? V{} : r);  // relu; NaN stays NaN, as in torch
         }
       }
+      // y is channels_last (see Conv1x1PoolJob): a transposing copy, small next to the FMAs.
       const int64_t co0 = cob * K::kCo, nco = std::min<int64_t>(K::kCo, j.Cr - co0);
-      if (j.y_channels_last) {
-        for (int64_t i = 0; i < np; ++i)
-          for (int64_t o = 0; o < nco; ++o) y[(p + i) * j.Cr + co0 + o] = out[o][i];
-      } else {
-        for (int64_t o = 0; o < nco; ++o) std::memcpy(y + (co0 + o) * HW + p, out[o], np * sizeof(float));
-      }
+      for (int64_t i = 0; i < np; ++i)
+        for (int64_t o = 0; o < nco; ++o) y[(p + i) * j.Cr + co0 + o] = out[o][i];
     }
   }
   for (int64_t c = 0; c < C; ++c) {

@@ -102,13 +102,13 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
   // One chunk even without pixels: its partial is 0 * (1 / 0) = NaN, the mean of nothing, as in torch.
   const int64_t chunks = std::max<int64_t>(1, (HW + kChunkPx - 1) / kChunkPx);
   auto part = at::empty({N, chunks, C}, x.options().dtype(at::kFloat));
-  // y channels_last: oneDNN's dilated convs run NHWC without reorders (0.33 against 0.42 ms at 56x56).
+  // channels_last y: oneDNN's dilated convs run NHWC without reorders (0.33 against 0.42 ms at 56x56).
   auto y = at::empty({N, Cr, x.size(2), x.size(3)},
                      x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   const at::Tensor wp = pack_weights(w, cl ? cl_vectors * lanes : kco);
   const Conv1x1PoolJob j{C, HW, Cr, chunks, wp.const_data_ptr<float>(), b.const_data_ptr<float>(),
                          y.mutable_data_ptr<float>(), part.mutable_data_ptr<float>(), 1.f / static_cast<float>(HW),
-                         /*y_channels_last=*/true, static_cast<int>(cl_vectors)};
+                         static_cast<int>(cl_vectors)};
   switch (x.scalar_type()) {
     case at::kFloat:
       run_parallel<float, float>(isa, cl, j, x, N * chunks);
