@@ -15,9 +15,10 @@ from bam_fused.ops.branches import load_op
 ISAS = ["avx512", "avx2", "generic"]
 # (N, C, H, W, Cr): odd sizes; several 192-pixel chunks with a partial last tile (15x17);
 # Cr off the register blocks (5, 13, 37) and over several blocks (37, 70: channels_last uses
-# 1, 2 or 4 output vectors per block); one pixel; no pixels.
+# 1, 2 or 4 output vectors per block); last tiles of 1 and 2 vectors in each instruction set
+# (30 and 14 pixels); one pixel; no pixels.
 SHAPES = [(2, 37, 7, 9, 5), (1, 48, 15, 17, 13), (3, 16, 4, 50, 37), (2, 8, 1, 1, 16), (0, 12, 5, 5, 4),
-          (1, 40, 13, 15, 70), (2, 19, 9, 8, 24)]  # fmt: skip
+          (1, 40, 13, 15, 70), (2, 19, 9, 8, 24), (2, 20, 5, 6, 9), (1, 24, 7, 2, 8)]  # fmt: skip
 
 
 def isa_env(monkeypatch, isa: str) -> None:

@@ -69,25 +69,26 @@ BAM_INLINE void vstore(float* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// acc[o][v] += w[c][o] * (pixel vector v of channel c) over all channels; with kPool also
-// pool[c] += the tile's pixels of channel c, lane-wise.
-template <typename K, bool kPool>
+// acc[o][v] += w[c][o] * (pixel vector v of channel c) over all channels, for kPV pixel
+// vectors (K::kPV, or fewer in a last, partial tile); with kPool also pool[c] += the tile's
+// pixels of channel c, lane-wise.
+template <typename K, int kPV, bool kPool>
 BAM_INLINE void conv_tile(const float* xt, int64_t xs, int64_t C, const float* w, float* pool,
-                          typename K::V (&acc)[K::kCo][K::kPV]) {
+                          typename K::V (&acc)[K::kCo][kPV]) {
   using V = typename K::V;
   constexpr int kL = kLanes<K>, kP = kTilePx<K>, kPrefetchPx = 2 * kP;
   for (int64_t c = 0; c < C; ++c) {
     const float* xc = xt + c * xs;
-    V xv[K::kPV];
+    V xv[kPV];
 #pragma GCC unroll 8
-    for (int v = 0; v < K::kPV; ++v) xv[v] = vload<V>(xc + v * kL);
+    for (int v = 0; v < kPV; ++v) xv[v] = vload<V>(xc + v * kL);
     if (kPool) {
       // x rows are HW apart: too many streams for the hardware prefetcher at 56x56.
 #pragma GCC unroll 8
       for (int l = 0; l < kP; l += 16) __builtin_prefetch(xc + kPrefetchPx + l);
       V s = xv[0];
 #pragma GCC unroll 8
-      for (int v = 1; v < K::kPV; ++v) s += xv[v];
+      for (int v = 1; v < kPV; ++v) s += xv[v];
       vstore<V>(pool + c * kL, vload<V>(pool + c * kL) + s);
     }
     const float* wc = w + c * K::kCo;
@@ -95,8 +96,38 @@ BAM_INLINE void conv_tile(const float* xt, int64_t xs, int64_t C, const float* w
     for (int o = 0; o < K::kCo; ++o) {
       const V wv = K::splat(wc[o]);
 #pragma GCC unroll 8
-      for (int v = 0; v < K::kPV; ++v) acc[o][v] += wv * xv[v];
+      for (int v = 0; v < kPV; ++v) acc[o][v] += wv * xv[v];
     }
+  }
+}
+
+// One tile of np pixels from p (kPV vectors cover them): every block of kCo output channels,
+// y (channels_last) and, with the first block, the pooled sums.
+template <typename K, int kPV>
+BAM_INLINE void conv1x1_tile(const Conv1x1PoolJob& j, const float* xt, int64_t xs, int64_t p, int64_t np, float* y,
+                             float* pool) {
+  using V = typename K::V;
+  constexpr int kL = kLanes<K>;
+  const int64_t C = j.C, cob_n = (j.Cr + K::kCo - 1) / K::kCo;
+  for (int64_t cob = 0; cob < cob_n; ++cob) {
+    V acc[K::kCo][kPV] = {};
+    if (cob == 0) {
+      conv_tile<K, kPV, true>(xt, xs, C, j.w, pool, acc);
+    } else {
+      conv_tile<K, kPV, false>(xt, xs, C, j.w + cob * C * K::kCo, pool, acc);
+    }
+    float out[K::kCo][kPV * kL];
+    for (int o = 0; o < K::kCo; ++o) {
+      const V b = K::splat(j.bias[std::min(cob * K::kCo + o, j.Cr - 1)]);  // rows past Cr: discarded
+      for (int v = 0; v < kPV; ++v) {
+        const V r = acc[o][v] + b;
+        vstore<V>(out[o] + v * kL, r < 0 ? V{} : r);  // relu; NaN stays NaN, as in torch
+      }
+    }
+    // y is channels_last (see Conv1x1PoolJob): a transposing copy, small next to the FMAs.
+    const int64_t co0 = cob * K::kCo, nco = std::min<int64_t>(K::kCo, j.Cr - co0);
+    for (int64_t i = 0; i < np; ++i)
+      for (int64_t o = 0; o < nco; ++o) y[(p + i) * j.Cr + co0 + o] = out[o][i];
   }
 }
 
@@ -107,7 +138,7 @@ BAM_INLINE void conv1x1_pool_chunk(const Conv1x1PoolJob& j, const T* x, int64_t 
                                    float* part, float* buf, float* pool) {
   using V = typename K::V;
   constexpr int kP = kTilePx<K>, kL = kLanes<K>;
-  const int64_t C = j.C, HW = j.HW, cob_n = (j.Cr + K::kCo - 1) / K::kCo;
+  const int64_t C = j.C, HW = j.HW;
   std::fill(pool, pool + C * kL, 0.f);
   for (int64_t p = p0; p < p1; p += kP) {
     const int64_t np = std::min<int64_t>(kP, p1 - p);
@@ -125,25 +156,14 @@ BAM_INLINE void conv1x1_pool_chunk(const Conv1x1PoolJob& j, const T* x, int64_t 
       }
       xt = buf;
     }
-    for (int64_t cob = 0; cob < cob_n; ++cob) {
-      V acc[K::kCo][K::kPV] = {};
-      if (cob == 0) {
-        conv_tile<K, true>(xt, xs, C, j.w, pool, acc);
-      } else {
-        conv_tile<K, false>(xt, xs, C, j.w + cob * C * K::kCo, pool, acc);
-      }
-      float out[K::kCo][kP];
-      for (int o = 0; o < K::kCo; ++o) {
-        const V b = K::splat(j.bias[std::min(cob * K::kCo + o, j.Cr - 1)]);  // rows past Cr: discarded
-        for (int v = 0; v < K::kPV; ++v) {
-          const V r = acc[o][v] + b;
-          vstore<V>(out[o] + v * kL, r < 0 ? V{} : r);  // relu; NaN stays NaN, as in torch
-        }
-      }
-      // y is channels_last (see Conv1x1PoolJob): a transposing copy, small next to the FMAs.
-      const int64_t co0 = cob * K::kCo, nco = std::min<int64_t>(K::kCo, j.Cr - co0);
-      for (int64_t i = 0; i < np; ++i)
-        for (int64_t o = 0; o < nco; ++o) y[(p + i) * j.Cr + co0 + o] = out[o][i];
+    // A last, partial tile computes only the pixel vectors it has (14x14: 4 pixels, not 48).
+    const int64_t nv = (np + kL - 1) / kL;
+    if (nv == K::kPV) {
+      conv1x1_tile<K, K::kPV>(j, xt, xs, p, np, y, pool);
+    } else if (nv == 2) {
+      conv1x1_tile<K, (K::kPV > 2 ? 2 : K::kPV)>(j, xt, xs, p, np, y, pool);
+    } else {
+      conv1x1_tile<K, 1>(j, xt, xs, p, np, y, pool);
     }
   }
   for (int64_t c = 0; c < C; ++c) {
