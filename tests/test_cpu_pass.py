@@ -76,8 +76,9 @@ def test_pass_relu_keeps_nan_like_torch(layout):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_pass_same_bits_for_any_thread_count(layout):
-    x = make_layout(torch.randn(3, 64, 23, 29), layout)  # 667 pixels: 4 chunks per sample
+@pytest.mark.parametrize("n", [1, 3])  # 667 pixels: 14 chunks of 48 (batch 1) or 4 of 192
+def test_pass_same_bits_for_any_thread_count(layout, n):
+    x = make_layout(torch.randn(n, 64, 23, 29), layout)
     args = (torch.randn(16, 64), torch.randn(16), [torch.randn(16, 16, 3, 3)], [torch.randn(16)], 2,
             torch.randn(16), torch.randn(1))  # fmt: skip
     threads = torch.get_num_threads()

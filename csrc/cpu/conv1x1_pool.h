@@ -5,7 +5,7 @@
 // while the conv accumulates kCo output channels x kP pixels in registers, one broadcast
 // weight times kP pixels per FMA. Further blocks of kCo output channels read the tile again
 // from L1/L2. Results do not depend on the thread count: each pooled partial covers a fixed
-// chunk of kChunkPx pixels and is summed in a fixed order, and every y element is one
+// chunk of chunk_px pixels (set by the shape alone) and is summed in a fixed order, and every y element is one
 // fixed-order dot product.
 //
 // The per-instruction-set files (conv1x1_pool_*.cpp) include this header after their target
@@ -23,10 +23,12 @@
 
 namespace bam_fused {
 
-constexpr int64_t kChunkPx = 192;  // pixels per pooled partial: a multiple of every kP
+// Pixels per pooled partial (a task): a multiple of kChunkQuantum (every tile size divides it),
+// at most kChunkPx.
+constexpr int64_t kChunkQuantum = 48, kChunkPx = 192;
 
 struct Conv1x1PoolJob {
-  int64_t C, HW, Cr, chunks;  // chunks = max(1, ceil(HW / kChunkPx)) per sample
+  int64_t C, HW, Cr, chunk_px, chunks;  // chunks = max(1, ceil(HW / chunk_px)) per sample
   const float* w;             // packed (ceil(Cr / kCo), C, kCo), zero rows past Cr (channels_last x:
                               // kCo = cl_vectors * lanes)
   const float* bias;          // (Cr,)
@@ -179,7 +181,7 @@ BAM_INLINE void conv1x1_pool_tasks(const Conv1x1PoolJob& j, const T* x, int64_t 
   std::vector<float> pool(j.C * kLanes<K>);  // plain floats: std::vector need not align vectors
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / j.chunks, chunk = task % j.chunks;
-    const int64_t p0 = chunk * kChunkPx, p1 = std::min(j.HW, p0 + kChunkPx);
+    const int64_t p0 = chunk * j.chunk_px, p1 = std::min(j.HW, p0 + j.chunk_px);
     conv1x1_pool_chunk<K, T>(j, x + n * j.C * j.HW, p0, p1, j.y + n * j.Cr * j.HW, j.part + task * j.C,
                              buf.data(), pool.data());
   }
@@ -193,7 +195,7 @@ BAM_INLINE void conv1x1_pool_cl_chunk(const Conv1x1PoolJob& j, const T* x, int64
                                       float* part, float* buf) {
   using V = typename K::V;
   constexpr int kL = kLanes<K>, kPx = K::kAcc / kCv, kCo = kCv * kL;
-  static_assert(kChunkPx % kPx == 0, "a chunk must hold whole pixel tiles");
+  static_assert(kChunkQuantum % kPx == 0, "a chunk must hold whole pixel tiles");
   const int64_t C = j.C, Cr = j.Cr, cob_n = (Cr + kCo - 1) / kCo;
   std::fill(part, part + C, 0.f);
   for (int64_t p = p0; p < p1; p += kPx) {
@@ -253,7 +255,7 @@ BAM_INLINE void conv1x1_pool_cl_tasks(const Conv1x1PoolJob& j, const T* x, int64
   std::vector<float> buf(j.C * (K::kAcc / kCv));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / j.chunks, chunk = task % j.chunks;
-    const int64_t p0 = chunk * kChunkPx, p1 = std::min(j.HW, p0 + kChunkPx);
+    const int64_t p0 = chunk * j.chunk_px, p1 = std::min(j.HW, p0 + j.chunk_px);
     conv1x1_pool_cl_chunk<K, kCv, T>(j, x + n * j.C * j.HW, p0, p1, j.y + n * j.Cr * j.HW, j.part + task * j.C,
                                      buf.data());
   }
