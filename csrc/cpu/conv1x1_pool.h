@@ -4,13 +4,14 @@
 // Each tile of kP pixels meets every channel once: its pixels sum into lane-wise pooled sums
 // while the conv accumulates kCo output channels x kP pixels in registers, one broadcast
 // weight times kP pixels per FMA. Further blocks of kCo output channels read the tile again
-// from L1/L2. Results do not depend on the thread count: each pooled partial covers a fixed
-// chunk of chunk_px pixels (set by the shape alone) and is summed in a fixed order, and every y element is one
-// fixed-order dot product.
+// from L1/L2. Results do not depend on the thread count: each pooled partial covers a chunk
+// of chunk_px pixels (set by the shape alone) and is summed in a fixed order, and every y
+// element is one fixed-order dot product.
 //
 // The per-instruction-set files (conv1x1_pool_*.cpp) include this header after their target
 // options and give the register blocking (traits K: vector type V, kPV pixel vectors, kCo
-// output channels, kAcc accumulators for channels_last x, splat). Everything here has internal linkage: each file gets its own copy.
+// output channels, kAcc accumulators for channels_last x, splat). Everything here has
+// internal linkage: each file gets its own copy.
 #pragma once
 
 #include <algorithm>

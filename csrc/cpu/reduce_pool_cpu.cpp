@@ -7,8 +7,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include "../ops.h"
 #include "conv1x1_pool.h"
@@ -99,7 +101,6 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
   const bool cl = !x.is_contiguous();  // then channels_last-contiguous (the op checked)
   const auto [kco, lanes] = blocking(isa);
   const int64_t vectors = (Cr + lanes - 1) / lanes, cl_vectors = vectors <= 1 ? 1 : vectors <= 2 ? 2 : 4;
-  // One chunk even without pixels: its partial is 0 * (1 / 0) = NaN, the mean of nothing, as in torch.
   // Chunks of kChunkPx pixels; smaller for batches under 4, so that batch 1 at 14x14 runs 5
   // tasks of 48 pixels, not one of 192 and one of 4 (0.37 -> 0.34 ms for the whole BAM). The
   // shape alone sets them: results do not depend on the thread count.
@@ -107,6 +108,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
   const int64_t want = (HW + per_sample - 1) / per_sample;
   const int64_t chunk_px = std::clamp((want + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum, kChunkQuantum,
                                       kChunkPx);
+  // One chunk even without pixels: its partial is 0 * (1 / 0) = NaN, the mean of nothing, as in torch.
   const int64_t chunks = std::max<int64_t>(1, (HW + chunk_px - 1) / chunk_px);
   auto part = at::empty({N, chunks, C}, x.options().dtype(at::kFloat));
   // channels_last y: oneDNN's dilated convs run NHWC without reorders (0.33 against 0.42 ms at 56x56).
