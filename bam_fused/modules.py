@@ -41,10 +41,10 @@ def _fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[t
     return w, b
 
 
-def _dilated_weight_format(w: torch.Tensor) -> torch.memory_format:
-    # On CUDA the branch op runs cuDNN's convs channels_last (its NHWC kernels, no transposes)
-    # or our kernel, which reads any strides: channels_last weights spare a copy per call.
-    return torch.channels_last if w.is_cuda else torch.contiguous_format
+# The branch op runs the library's convs channels_last (cuDNN's or oneDNN's NHWC kernels, no
+# transposes) or our CUDA kernel, which reads any strides: channels_last weights spare a
+# reorder per call (oneDNN, batch 1, 64 x 14 x 14: 0.072 against 0.088 ms per conv).
+_DILATED_WEIGHT_FORMAT = torch.channels_last
 
 
 class BAM(reference.BAM):
@@ -132,7 +132,7 @@ class BAM(reference.BAM):
                 "fc0_w": fc0_w.contiguous(), "fc0_b": fc0_b.contiguous(),
                 "fc1_w": fc1.weight.float().contiguous(), "fc1_b": fc1.bias.float().contiguous(),
                 "red_w": red_w.reshape(red_w.shape[0], -1).contiguous(), "red_b": red_b.contiguous(),
-                "dil_w": [w.contiguous(memory_format=_dilated_weight_format(w)) for w, _ in dil],
+                "dil_w": [w.contiguous(memory_format=_DILATED_WEIGHT_FORMAT) for w, _ in dil],
                 "dil_b": [b.contiguous() for _, b in dil],
                 "fin_w": fin.weight.float().reshape(-1).contiguous(), "fin_b": fin.bias.float().reshape(-1),
             }  # fmt: skip
