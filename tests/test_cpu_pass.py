@@ -13,7 +13,7 @@ from helpers import make_layout
 from bam_fused.ops.branches import load_op
 
 ISAS = ["avx512", "avx2", "generic"]
-# (N, C, H, W, Cr): odd sizes; several 192-pixel chunks with a partial last tile (15x17);
+# (N, C, H, W, Cr): odd sizes; several pixel chunks with a partial last tile (15x17, 4x50);
 # Cr off the register blocks (5, 13, 37) and over several blocks (37, 70: channels_last uses
 # 1, 2 or 4 output vectors per block); last tiles of 1 and 2 vectors in each instruction set
 # (30 and 14 pixels); one pixel; no pixels.

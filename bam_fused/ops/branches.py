@@ -61,7 +61,7 @@ def bam_branches(
     w_final: torch.Tensor,
     b_final: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled means (N, C) and spatial map (N, H, W) of x (one pass over x on CUDA, and over NCHW x on the CPU).
+    """Pooled means (N, C) and spatial map (N, H, W) of x (one pass over x, on CUDA and on the CPU).
 
     Weights (fp32, BatchNorm folded in): w_reduce (Cr, C) or (Cr, C, 1, 1), b_reduce (Cr,),
     w_dilated[i] (Cr, Cr, 3, 3), b_dilated[i] (Cr,), w_final (Cr,) or (1, Cr, 1, 1), b_final (1,).
