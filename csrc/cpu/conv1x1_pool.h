@@ -61,6 +61,15 @@ constexpr int kLanes = sizeof(typename K::V) / sizeof(float);
 template <typename K>
 constexpr int kTilePx = K::kPV * kLanes<K>;
 
+// Task `task` of either layout's pass: sample n, pixels [p0, p1).
+struct ChunkRange {
+  int64_t n, p0, p1;
+};
+BAM_INLINE ChunkRange chunk_range(const Conv1x1PoolJob& j, int64_t task) {
+  const int64_t n = task / j.chunks, p0 = task % j.chunks * j.chunk_px;
+  return {n, p0, std::min(j.HW, p0 + j.chunk_px)};
+}
+
 template <typename V>
 BAM_INLINE V vload(const float* p) {
   V v;
@@ -181,9 +190,8 @@ BAM_INLINE void conv1x1_pool_tasks(const Conv1x1PoolJob& j, const T* x, int64_t 
   std::vector<float> buf(j.C * kTilePx<K>);
   std::vector<float> pool(j.C * kLanes<K>);  // plain floats: std::vector need not align vectors
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / j.chunks, chunk = task % j.chunks;
-    const int64_t p0 = chunk * j.chunk_px, p1 = std::min(j.HW, p0 + j.chunk_px);
-    conv1x1_pool_chunk<K, T>(j, x + n * j.C * j.HW, p0, p1, j.y + n * j.Cr * j.HW, j.part + task * j.C,
+    const ChunkRange r = chunk_range(j, task);
+    conv1x1_pool_chunk<K, T>(j, x + r.n * j.C * j.HW, r.p0, r.p1, j.y + r.n * j.Cr * j.HW, j.part + task * j.C,
                              buf.data(), pool.data());
   }
 }
@@ -255,10 +263,9 @@ template <typename K, int kCv, typename T>
 BAM_INLINE void conv1x1_pool_cl_tasks(const Conv1x1PoolJob& j, const T* x, int64_t begin, int64_t end) {
   std::vector<float> buf(j.C * (K::kAcc / kCv));
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / j.chunks, chunk = task % j.chunks;
-    const int64_t p0 = chunk * j.chunk_px, p1 = std::min(j.HW, p0 + j.chunk_px);
-    conv1x1_pool_cl_chunk<K, kCv, T>(j, x + n * j.C * j.HW, p0, p1, j.y + n * j.Cr * j.HW, j.part + task * j.C,
-                                     buf.data());
+    const ChunkRange r = chunk_range(j, task);
+    conv1x1_pool_cl_chunk<K, kCv, T>(j, x + r.n * j.C * j.HW, r.p0, r.p1, j.y + r.n * j.Cr * j.HW,
+                                     j.part + task * j.C, buf.data());
   }
 }
 

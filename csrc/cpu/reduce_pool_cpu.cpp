@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 #include <utility>
 
@@ -24,7 +25,8 @@ namespace {
 #define BAM_X86 0
 #endif
 
-enum class Isa { kAvx512 = 0, kAvx2 = 1, kGeneric = 2 };
+enum class Isa { kAvx512 = 0, kAvx2 = 1, kGeneric = 2 };  // widest first
+constexpr const char* kIsaNames[] = {"avx512", "avx2", "generic"};  // indexed by Isa
 
 Isa best_isa() {
 #if BAM_X86
@@ -51,12 +53,14 @@ Isa chosen_isa() {
   const std::string v = raw == nullptr ? "auto" : raw;
   const Isa best = best_isa();
   if (v == "auto" || v.empty()) return best;
-  TORCH_CHECK(v == "avx512" || v == "avx2" || v == "generic",
+  const int isas = static_cast<int>(std::size(kIsaNames));
+  int want = 0;
+  while (want < isas && v != kIsaNames[want]) ++want;
+  TORCH_CHECK(want < isas,
               "environment variable BAM_FUSED_CPU_ISA must be auto, avx512, avx2 or generic, got '", v, "'");
-  const Isa want = v == "avx512" ? Isa::kAvx512 : v == "avx2" ? Isa::kAvx2 : Isa::kGeneric;
-  TORCH_CHECK(static_cast<int>(want) >= static_cast<int>(best),
+  TORCH_CHECK(want >= static_cast<int>(best),
               "environment variable BAM_FUSED_CPU_ISA asks for ", v, ", which this CPU does not support");
-  return want;
+  return static_cast<Isa>(want);
 }
 
 template <typename T>
@@ -136,8 +140,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
 
 std::string cpu_isa() {
   try {
-    const Isa isa = chosen_isa();
-    return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+    return kIsaNames[static_cast<int>(chosen_isa())];
   } catch (const c10::Error& e) {
     return e.what_without_backtrace();  // a bad BAM_FUSED_CPU_ISA: info shows why, ops raise
   }
