@@ -14,6 +14,7 @@ from torch import nn
 
 from . import _backends, reference
 from ._checks import check_choice, check_feature_map
+from .ops import training
 from .ops.branches import load_op
 from .ops.gate import bam_gate, memory_format
 
@@ -179,6 +180,9 @@ class BAM(reference.BAM):
                 x.contiguous(memory_format=memory_format(x)), f["red_w"], f["red_b"], f["dil_w"], f["dil_b"],
                 self.dilation, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
             )  # fmt: skip
+        elif impl == "cpp" and not torch.compiler.is_compiling() and training.reason(self, x) is None:
+            # Autograd on the CPU: one pass over x forward, dx in place backward (ops/training.py).
+            return training.training_bam(self, x, self.combine)
         else:
             channel, spatial = self.channel_att(x), self.spatial_att(x)
         return bam_gate(x, channel, spatial, self.combine, backend=impl)

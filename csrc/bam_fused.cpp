@@ -6,6 +6,7 @@
 #include <torch/version.h>
 
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "ops.h"
@@ -158,6 +159,51 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& x, const at::Tens
   return {at::linear(at::linear(means(part), w_fc0, b_fc0).relu_(), w_fc1, b_fc1), spatial};
 }
 
+// Training mode's pass over x (CPU): the channel means (N, C) and y = w @ x + b, (N, Cr, H, W)
+// fp32 channels_last, without BatchNorm or ReLU (they need batch statistics: PyTorch runs them).
+std::tuple<at::Tensor, at::Tensor> reduce_pool(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                               bool relu) {
+  const char* op = "bam_fused_C::reduce_pool";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) >= 1, op, ": w must be 2-D (Cr, C) with Cr >= 1, got ", w.sizes());
+  check_fp32(op, "w", w, {w.size(0), x.size(1)}, x.device());
+  check_fp32(op, "b", b, {w.size(0)}, x.device());
+  auto [part, y] = reduce_pool_cpu(x, w, b, relu);
+  return {means(part), y};
+}
+
+// Its backward: dw (Cr, C) and db (Cr,) fp32, and, when dx is given, dx += w^T dy + dmean / HW
+// in place (dx: x's sizes, dtype and layout; the caller's gradient of x from elsewhere).
+std::tuple<at::Tensor, at::Tensor> reduce_pool_backward(const at::Tensor& x, const at::Tensor& dy,
+                                                        const at::Tensor& dmean, const at::Tensor& w,
+                                                        const std::optional<at::Tensor>& dx) {
+  const char* op = "bam_fused_C::reduce_pool_backward";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  const bool nchw = x.is_contiguous();
+  const auto layout = nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(nchw || x.is_contiguous(layout), op, ": x must be NCHW- or channels_last-contiguous, got strides ",
+              x.strides());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) >= 1, op, ": w must be 2-D (Cr, C) with Cr >= 1, got ", w.sizes());
+  const int64_t Cr = w.size(0);
+  check_fp32(op, "w", w, {Cr, C}, x.device());
+  check_fp32(op, "dmean", dmean, {N, C}, x.device());
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef({N, Cr, H, W}) && dy.scalar_type() == at::kFloat &&
+                  dy.is_contiguous(layout) && dy.device() == x.device(),
+              op, ": dy must be fp32 (", N, ", ", Cr, ", ", H, ", ", W, ") laid out like x (",
+              nchw ? "NCHW" : "channels_last", "), got ", dy.sizes(), " ", dy.scalar_type(), " strides ",
+              dy.strides());
+  if (dx.has_value()) {
+    TORCH_CHECK(dx->sizes() == x.sizes() && dx->scalar_type() == x.scalar_type() && dx->is_contiguous(layout) &&
+                    dx->device() == x.device(),
+                op, ": dx must have x's sizes ", x.sizes(), ", dtype ", x.scalar_type(), " and layout, got ",
+                dx->sizes(), " ", dx->scalar_type(), " strides ", dx->strides());
+  }
+  return reduce_pool_backward_cpu(x, dy, dmean, w, dx);
+}
+
 namespace {
 
 pybind11::dict build_info() {
@@ -194,11 +240,15 @@ TORCH_LIBRARY(bam_fused_C, m) {
   m.def(
       "attention(Tensor x, Tensor w_reduce, Tensor b_reduce, Tensor[] w_dilated, Tensor[] b_dilated, int dilation, "
       "Tensor w_final, Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1) -> (Tensor, Tensor)");
+  m.def("reduce_pool(Tensor x, Tensor w, Tensor b, bool relu) -> (Tensor, Tensor)");
+  m.def("reduce_pool_backward(Tensor x, Tensor dy, Tensor dmean, Tensor w, Tensor(a!)? dx) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
   m.impl("branches", &branches);
   m.impl("attention", &attention);
+  m.impl("reduce_pool", &reduce_pool);
+  m.impl("reduce_pool_backward", &reduce_pool_backward);
 }
 #ifdef BAM_FUSED_WITH_CUDA
 TORCH_LIBRARY_IMPL(bam_fused_C, CUDA, m) {

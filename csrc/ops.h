@@ -3,16 +3,23 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
 namespace bam_fused {
 
 // Pooled partial means (N, P, C) (summed over P they give the channel means) and
-// relu(w @ x + b) as (N, Cr, H, W) fp32 in channels_last memory, in one pass over x (NCHW- or
-// channels_last-contiguous); w is (Cr, C) and b (Cr,) fp32.
+// relu(w @ x + b) (or w @ x + b without relu) as (N, Cr, H, W) fp32 in channels_last memory, in
+// one pass over x (NCHW- or channels_last-contiguous); w is (Cr, C) and b (Cr,) fp32.
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w,
-                                                   const at::Tensor& b);
+                                                   const at::Tensor& b, bool relu = true);
+// The backward of w @ x + b and of the pooled means, given dy (N, Cr, H, W) and dmean (N, C)
+// fp32, dy laid out like x: adds w^T dy + dmean / HW into dx (x's sizes, dtype and layout) when
+// given, and returns dw (Cr, C) and db (Cr,), fp32.
+std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x, const at::Tensor& dy,
+                                                            const at::Tensor& dmean, const at::Tensor& w,
+                                                            const std::optional<at::Tensor>& dx);
 // The instruction set the CPU pass over x uses now (BAM_FUSED_CPU_ISA, else the widest).
 std::string cpu_isa();
 #ifdef BAM_FUSED_WITH_CUDA

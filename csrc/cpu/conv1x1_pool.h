@@ -37,6 +37,7 @@ struct Conv1x1PoolJob {
   float* part;                // (N, chunks, C): pooled sums times inv_hw
   float inv_hw;
   int cl_vectors;  // channels_last x: output vectors per register block (1, 2 or 4)
+  bool relu;       // relu(W x + b) (the folded eval branch) or W x + b (training: BatchNorm follows)
 };
 
 // Tasks [begin, end) of N * chunks, each one chunk of one sample; x is (N, C, HW), or
@@ -133,7 +134,7 @@ BAM_INLINE void conv1x1_tile(const Conv1x1PoolJob& j, const float* xt, int64_t x
       const V b = K::splat(j.bias[std::min(cob * K::kCo + o, j.Cr - 1)]);  // rows past Cr: discarded
       for (int v = 0; v < kPV; ++v) {
         const V r = acc[o][v] + b;
-        vstore<V>(out[o] + v * kL, r < 0 ? V{} : r);  // relu; NaN stays NaN, as in torch
+        vstore<V>(out[o] + v * kL, j.relu ? (r < 0 ? V{} : r) : r);  // relu: NaN stays NaN, as in torch
       }
     }
     // y is channels_last (see Conv1x1PoolJob): a transposing copy, small next to the FMAs.
@@ -250,7 +251,7 @@ BAM_INLINE void conv1x1_pool_cl_chunk(const Conv1x1PoolJob& j, const T* x, int64
         float out[kCo];
         for (int v = 0; v < kCv; ++v) {
           const V r = acc[i][v] + b[v];
-          vstore<V>(out + v * kL, r < 0 ? V{} : r);  // relu; NaN stays NaN, as in torch
+          vstore<V>(out + v * kL, j.relu ? (r < 0 ? V{} : r) : r);  // relu: NaN stays NaN, as in torch
         }
         std::memcpy(y + (p + i) * Cr + co0, out, nco * sizeof(float));
       }

@@ -21,6 +21,7 @@
 #pragma GCC target("avx2,fma,bmi2")
 #endif
 
+#include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
 
 namespace bam_fused {
@@ -29,12 +30,15 @@ namespace {
 struct Avx2 {
   typedef float V __attribute__((vector_size(32)));
   static constexpr int kPV = 3, kCo = 4, kAcc = 12;
+  // dW blocking (conv1x1_grad.h): NCHW 2 dy rows x 6 x rows, channels_last 6 dy rows x 2 vectors.
+  static constexpr int kGR = 2, kGC = 6, kWR = 6, kWCv = 2;
   static BAM_INLINE V splat(float s) { return _mm256_set1_ps(s); }
 };
 
 }  // namespace
 
 BAM_DEFINE_CONV1X1_POOL(avx2, Avx2)
+BAM_DEFINE_CONV1X1_GRAD(avx2, Avx2)
 
 }  // namespace bam_fused
 

@@ -22,6 +22,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")
 #endif
 
+#include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
 
 namespace bam_fused {
@@ -30,6 +31,8 @@ namespace {
 struct Avx512 {
   typedef float V __attribute__((vector_size(64)));
   static constexpr int kPV = 3, kCo = 8, kAcc = 24;
+  // dW blocking (conv1x1_grad.h): NCHW 4 dy rows x 6 x rows, channels_last 6 dy rows x 4 vectors.
+  static constexpr int kGR = 4, kGC = 6, kWR = 6, kWCv = 4;
   // One broadcast load; GCC lowers the generic (s - V{}) to a ymm broadcast and an insert.
   static BAM_INLINE V splat(float s) { return _mm512_set1_ps(s); }
 };
@@ -37,6 +40,7 @@ struct Avx512 {
 }  // namespace
 
 BAM_DEFINE_CONV1X1_POOL(avx512, Avx512)
+BAM_DEFINE_CONV1X1_GRAD(avx512, Avx512)
 
 }  // namespace bam_fused
 

@@ -1,5 +1,6 @@
 // conv1x1_pool.h for any CPU: 4-lane vectors (SSE2, NEON), 4 output channels x 3 pixel
 // vectors of accumulators.
+#include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
 
 namespace bam_fused {
@@ -8,11 +9,14 @@ namespace {
 struct Generic {
   typedef float V __attribute__((vector_size(16)));
   static constexpr int kPV = 3, kCo = 4, kAcc = 12;
+  // dW blocking (conv1x1_grad.h): NCHW 2 dy rows x 6 x rows, channels_last 6 dy rows x 2 vectors.
+  static constexpr int kGR = 2, kGC = 6, kWR = 6, kWCv = 2;
   static BAM_INLINE V splat(float s) { return s - V{}; }  // x - 0 == x, signed zeros included
 };
 
 }  // namespace
 
 BAM_DEFINE_CONV1X1_POOL(generic, Generic)
+BAM_DEFINE_CONV1X1_GRAD(generic, Generic)
 
 }  // namespace bam_fused

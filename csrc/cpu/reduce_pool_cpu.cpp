@@ -10,10 +10,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <iterator>
+#include <optional>
+#include <type_traits>
 #include <string>
 #include <utility>
 
 #include "../ops.h"
+#include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
 
 namespace bam_fused {
@@ -73,6 +76,24 @@ void conv1x1_pool(Isa isa, bool cl, const Conv1x1PoolJob& j, const T* x, int64_t
   cl ? conv1x1_pool_cl_generic(j, x, begin, end) : conv1x1_pool_generic(j, x, begin, end);
 }
 
+template <typename T>
+void conv1x1_grad_input(Isa isa, bool cl, const Conv1x1GradJob& j, T* dx, int64_t begin, int64_t end) {
+#if BAM_X86
+  if (isa == Isa::kAvx512) return conv1x1_grad_input_avx512(j, cl, dx, begin, end);
+  if (isa == Isa::kAvx2) return conv1x1_grad_input_avx2(j, cl, dx, begin, end);
+#endif
+  conv1x1_grad_input_generic(j, cl, dx, begin, end);
+}
+
+template <typename T>
+void conv1x1_grad_weight(Isa isa, bool cl, const Conv1x1GradJob& j, const T* x, int64_t begin, int64_t end) {
+#if BAM_X86
+  if (isa == Isa::kAvx512) return conv1x1_grad_weight_avx512(j, cl, x, begin, end);
+  if (isa == Isa::kAvx2) return conv1x1_grad_weight_avx2(j, cl, x, begin, end);
+#endif
+  conv1x1_grad_weight_generic(j, cl, x, begin, end);
+}
+
 // The register blocking: output channels per block of NCHW x, vector lanes.
 std::pair<int64_t, int64_t> blocking(Isa isa) {
 #if BAM_X86
@@ -90,28 +111,47 @@ at::Tensor pack_weights(const at::Tensor& w, int64_t kCo) {
   return padded.view({blocks, kCo, C}).transpose(1, 2).contiguous();
 }
 
-template <typename T, typename S>
-void run_parallel(Isa isa, bool cl, const Conv1x1PoolJob& j, const at::Tensor& x, int64_t tasks) {
-  static_assert(sizeof(T) == sizeof(S));
-  const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<S>());
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { conv1x1_pool(isa, cl, j, xp, begin, end); });
+// Calls f with x's storage type (fp32, Bf16 or Fp16) as T and its data pointer.
+template <typename F>
+void with_storage(const at::Tensor& x, const char* what, F&& f) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return f(x.data_ptr<float>());
+    case at::kBFloat16:
+      return f(reinterpret_cast<Bf16*>(x.data_ptr<at::BFloat16>()));
+    case at::kHalf:
+      return f(reinterpret_cast<Fp16*>(x.data_ptr<at::Half>()));
+    default:
+      TORCH_CHECK(false, "bam_fused: ", what, " must be fp32, fp16 or bf16, got ", x.scalar_type());
+  }
+}
+
+// Output channels per channels_last register block, in vectors: 1, 2 or 4.
+int64_t cl_vectors_for(int64_t channels, int64_t lanes) {
+  const int64_t vectors = (channels + lanes - 1) / lanes;
+  return vectors <= 1 ? 1 : vectors <= 2 ? 2 : 4;
+}
+
+// Pixels per pooled partial (a task of the pass and of dx). Chunks of kChunkPx pixels; smaller
+// for batches under 4, so that batch 1 at 14x14 runs 5 tasks of 48 pixels, not one of 192 and
+// one of 4 (0.37 -> 0.34 ms for the whole BAM). The shape alone sets them: results do not
+// depend on the thread count.
+int64_t chunk_pixels(int64_t N, int64_t HW) {
+  const int64_t per_sample = N >= 4 ? 1 : (8 + N - 1) / std::max<int64_t>(N, 1);
+  const int64_t want = (HW + per_sample - 1) / per_sample;
+  return std::clamp((want + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum, kChunkQuantum, kChunkPx);
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                                   bool relu) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = w.size(0);
   const Isa isa = chosen_isa();
   const bool cl = !x.is_contiguous();  // then channels_last-contiguous (the op checked)
   const auto [kco, lanes] = blocking(isa);
-  const int64_t vectors = (Cr + lanes - 1) / lanes, cl_vectors = vectors <= 1 ? 1 : vectors <= 2 ? 2 : 4;
-  // Chunks of kChunkPx pixels; smaller for batches under 4, so that batch 1 at 14x14 runs 5
-  // tasks of 48 pixels, not one of 192 and one of 4 (0.37 -> 0.34 ms for the whole BAM). The
-  // shape alone sets them: results do not depend on the thread count.
-  const int64_t per_sample = N >= 4 ? 1 : (8 + N - 1) / std::max<int64_t>(N, 1);
-  const int64_t want = (HW + per_sample - 1) / per_sample;
-  const int64_t chunk_px = std::clamp((want + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum, kChunkQuantum,
-                                      kChunkPx);
+  const int64_t cl_vectors = cl_vectors_for(Cr, lanes);
+  const int64_t chunk_px = chunk_pixels(N, HW);
   // One chunk even without pixels: its partial is 0 * (1 / 0) = NaN, the mean of nothing, as in torch.
   const int64_t chunks = std::max<int64_t>(1, (HW + chunk_px - 1) / chunk_px);
   auto part = at::empty({N, chunks, C}, x.options().dtype(at::kFloat));
@@ -121,21 +161,64 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
   const at::Tensor wp = pack_weights(w, cl ? cl_vectors * lanes : kco);
   const Conv1x1PoolJob j{C, HW, Cr, chunk_px, chunks, wp.const_data_ptr<float>(), b.const_data_ptr<float>(),
                          y.mutable_data_ptr<float>(), part.mutable_data_ptr<float>(), 1.f / static_cast<float>(HW),
-                         static_cast<int>(cl_vectors)};
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      run_parallel<float, float>(isa, cl, j, x, N * chunks);
-      break;
-    case at::kBFloat16:
-      run_parallel<Bf16, at::BFloat16>(isa, cl, j, x, N * chunks);
-      break;
-    case at::kHalf:
-      run_parallel<Fp16, at::Half>(isa, cl, j, x, N * chunks);
-      break;
-    default:
-      TORCH_CHECK(false, "bam_fused: the branch op takes fp32, fp16 or bf16 x, got ", x.scalar_type());
-  }
+                         static_cast<int>(cl_vectors), relu};
+  with_storage(x, "x", [&](auto* xp) {
+    using T = std::remove_pointer_t<decltype(xp)>;
+    const T* xc = xp;
+    at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) { conv1x1_pool(isa, cl, j, xc, begin, end); });
+  });
   return {part, y};
+}
+
+std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x, const at::Tensor& dy,
+                                                            const at::Tensor& dmean, const at::Tensor& w,
+                                                            const std::optional<at::Tensor>& dx) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = w.size(0);
+  const Isa isa = chosen_isa();
+  const bool cl = !x.is_contiguous();  // then channels_last-contiguous (the op checked; dy and dx alike)
+  const auto [kco, lanes] = blocking(isa);
+  const int64_t cl_vectors = cl_vectors_for(C, lanes);
+  const int64_t chunk_px = chunk_pixels(N, HW), chunks = std::max<int64_t>(1, (HW + chunk_px - 1) / chunk_px);
+  // dW chunks: up to kGradChunkPx pixels, whole multiples of kChunkQuantum, evenly spread.
+  const int64_t wchunks = std::max<int64_t>(1, (HW + kGradChunkPx - 1) / kGradChunkPx);
+  const int64_t wchunk_px = std::max<int64_t>(
+      kChunkQuantum, ((HW + wchunks - 1) / wchunks + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum);
+  const int64_t groups = (C + kGradGroupC - 1) / kGradGroupC;
+  const at::Tensor dm = dmean * (1.f / static_cast<float>(HW));
+  auto dw_part = at::empty({N * wchunks, Cr, C}, x.options().dtype(at::kFloat));
+  auto db_part = at::empty({N * wchunks, Cr}, x.options().dtype(at::kFloat));
+  const at::Tensor wt = dx.has_value() ? pack_weights(w.t(), cl ? cl_vectors * lanes : kco) : at::Tensor();
+  const Conv1x1GradJob j{C, HW, Cr, chunk_px, chunks, wchunk_px, wchunks, groups,
+                         wt.defined() ? wt.const_data_ptr<float>() : nullptr, dy.const_data_ptr<float>(),
+                         dm.const_data_ptr<float>(), dw_part.mutable_data_ptr<float>(),
+                         db_part.mutable_data_ptr<float>(), static_cast<int>(cl_vectors)};
+  with_storage(x, "x", [&](auto* xp) {
+    using T = std::remove_pointer_t<decltype(xp)>;
+    const T* xc = xp;
+    at::parallel_for(0, N * wchunks * groups, 1,
+                     [&](int64_t begin, int64_t end) { conv1x1_grad_weight(isa, cl, j, xc, begin, end); });
+  });
+  if (dx.has_value()) {
+    with_storage(*dx, "dx", [&](auto* dxp) {
+      at::parallel_for(0, N * chunks, 1,
+                       [&](int64_t begin, int64_t end) { conv1x1_grad_input(isa, cl, j, dxp, begin, end); });
+    });
+  }
+  // The partials in a fixed order (not at::sum, whose order may follow the thread count).
+  auto dw = at::zeros({Cr, C}, dw_part.options());
+  auto db = at::zeros({Cr}, db_part.options());
+  const int64_t parts = N * wchunks;
+  const float* dwp = dw_part.const_data_ptr<float>();
+  float* dwo = dw.mutable_data_ptr<float>();
+  at::parallel_for(0, Cr * C, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t t = 0; t < parts; ++t)
+      for (int64_t i = begin; i < end; ++i) dwo[i] += dwp[t * Cr * C + i];
+  });
+  const float* dbp = db_part.const_data_ptr<float>();
+  float* dbo = db.mutable_data_ptr<float>();
+  for (int64_t t = 0; t < parts; ++t)
+    for (int64_t r = 0; r < Cr; ++r) dbo[r] += dbp[t * Cr + r];
+  return {dw, db};
 }
 
 std::string cpu_isa() {
