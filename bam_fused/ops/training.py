@@ -52,18 +52,18 @@ class _TrainingBAM(torch.autograd.Function):
         s32 = s.detach().float().reshape(n, h * w).contiguous()
         ctx.save_for_backward(x, c32, s32, w32)
         ctx.graph = (y_in, m_in, ch, s, rest_params)
-        ctx.product, ctx.w_like = product, reduce_w.detach()
+        ctx.product, ctx.w_like = product, reduce_w
         return _forward(x, c32, s32, product, "cpp")
 
     @staticmethod
     def backward(ctx, grad):
         x, c32, s32, w32 = ctx.saved_tensors
-        if torch.is_grad_enabled() and grad.requires_grad:
+        y_in, m_in, ch, s, rest_params = ctx.graph
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (grad, x, ctx.w_like, *rest_params)):
             raise RuntimeError(
                 "bam_fused.BAM has first derivatives only on this path (create_graph=True was asked "
                 "for); use backend='reference' for higher orders"
             )
-        y_in, m_in, ch, s, rest_params = ctx.graph
         grad = grad.contiguous(memory_format=memory_format(x))
         dx, dc, ds = _backward_kernels(grad, x, c32, s32, ctx.product, "cpp")
         wanted = [p for p in rest_params if p.requires_grad]
@@ -83,7 +83,7 @@ class _TrainingBAM(torch.autograd.Function):
             )
         it = iter(rest_grads)
         rest_out = [next(it) if p.requires_grad else None for p in rest_params]
-        w_like = ctx.w_like
+        w_like = ctx.w_like.detach()
         return (
             dx if want_dx else None, None, None,
             dw.view(w_like.shape).to(w_like.dtype) if want_w else None,

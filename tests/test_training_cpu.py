@@ -1,0 +1,207 @@
+"""BAM with autograd on the CPU (bam_fused/ops/training.py): the reduce_pool op and its
+backward (csrc/cpu/conv1x1_grad.h) in every instruction set, and the module against the
+reference, forward and backward."""
+
+import pytest
+import torch
+from helpers import make_layout
+from test_cpu_pass import ISAS, isa_env
+
+import bam_fused
+from bam_fused.ops import training
+from bam_fused.ops.branches import load_op
+from bam_fused.reference import BAM as RefBAM
+from bam_fused.testing import randomize_
+
+# (N, C, H, W, Cr): odd sizes; Cr off every register block (5, 13); several channel groups per
+# dW task (200 > 192) with a ragged last one; several dW chunks per sample (37 x 40 = 1480 >
+# 1152 pixels) with partial last vectors; one pixel; no pixels; no samples.
+SHAPES = [(2, 37, 7, 9, 5), (1, 48, 9, 13, 6), (2, 200, 5, 7, 13), (1, 20, 37, 40, 4), (3, 64, 14, 14, 16),
+          (2, 8, 1, 1, 3), (2, 12, 0, 5, 4), (0, 12, 5, 5, 4)]  # fmt: skip
+
+
+def ops():
+    load_op()
+    return torch.ops.bam_fused_C.reduce_pool, torch.ops.bam_fused_C.reduce_pool_backward
+
+
+def reduce_reference(x, w, b, dy, dmean, dx):
+    """float64: y, means, dx + W^T dy + dmean / HW, dW, db."""
+    x64, w64, dy64 = x.double(), w.double(), dy.double()
+    hw = x.shape[2] * x.shape[3]
+    y = torch.einsum("nchw,rc->nrhw", x64, w64) + b.double()[:, None, None]
+    dx_want = dx.double() + torch.einsum("nrhw,rc->nchw", dy64, w64) + dmean.double()[:, :, None, None] / hw
+    return y, x64.mean((2, 3)), dx_want, torch.einsum("nrhw,nchw->rc", dy64, x64), dy64.sum((0, 2, 3))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,c,h,w,cr", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_reduce_pool_and_backward_match_reference(monkeypatch, isa, n, c, h, w, cr, dtype, layout):
+    isa_env(monkeypatch, isa)
+    fwd, bwd = ops()
+    g = torch.Generator().manual_seed(n * 1000 + c)
+    x = make_layout(torch.randn(n, c, h, w, generator=g).to(dtype), layout)
+    wr, br = torch.randn(cr, c, generator=g) / c**0.5, torch.randn(cr, generator=g)
+    dy = make_layout(torch.randn(n, cr, h, w, generator=g), layout)
+    dmean = torch.randn(n, c, generator=g)
+    dx = make_layout(torch.randn(n, c, h, w, generator=g).to(dtype), layout)
+    y_want, m_want, dx_want, dw_want, db_want = reduce_reference(x, wr, br, dy, dmean, dx)
+
+    means, y = fwd(x, wr, br, False)
+    assert y.dtype == means.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), y_want, rtol=1e-5, atol=1e-5)
+    if h * w > 0:
+        torch.testing.assert_close(means.double(), m_want, rtol=1e-5, atol=1e-6)
+
+    dw, db = bwd(x, dy, dmean, wr, dx)  # dx in place
+    scale = max(1.0, float(dw_want.abs().max())) if dw_want.numel() else 1.0
+    torch.testing.assert_close(dw.double(), dw_want, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(db.double(), db_want, rtol=1e-5, atol=1e-5 * scale)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    if h * w > 0:
+        torch.testing.assert_close(dx.double(), dx_want, rtol=tol, atol=tol)
+    dw2, db2 = bwd(x, dy, dmean, wr, None)  # weight gradients only
+    assert torch.equal(dw2, dw) and torch.equal(db2, db)
+
+
+def test_reduce_pool_relu_and_thread_count_independence():
+    fwd, bwd = ops()
+    x = torch.randn(3, 200, 37, 40)
+    w, b = torch.randn(13, 200) / 14, torch.randn(13)
+    _, y = fwd(x, w, b, True)
+    _, y_lin = fwd(x, w, b, False)
+    assert torch.equal(y, y_lin.clamp_min(0))
+    dy, dmean = torch.randn(3, 13, 37, 40), torch.randn(3, 200)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = bwd(x, dy, dmean, w, None)
+        torch.set_num_threads(2)
+        two = bwd(x, dy, dmean, w, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_reduce_pool_backward_rejects_bad_arguments():
+    _, bwd = ops()
+    x, w = torch.randn(2, 8, 3, 4), torch.randn(2, 8)
+    dy, dmean = torch.randn(2, 2, 3, 4), torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="dy must be fp32 .* laid out like x"):
+        bwd(x, dy.contiguous(memory_format=torch.channels_last), dmean, w, None)
+    with pytest.raises(RuntimeError, match="dx must have x's sizes"):
+        bwd(x, dy, dmean, w, torch.zeros(2, 8, 3, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="dmean must be contiguous fp32"):
+        bwd(x, dy, dmean[:1], w, None)
+    with pytest.raises(RuntimeError, match="w must be"):
+        bwd(x, dy, dmean, torch.randn(2, 7), None)
+
+
+def make_pair(c, r, dilation, combine, dtype=torch.float32):
+    ref = randomize_(RefBAM(c, r, dilation, combine=combine)).to(dtype)
+    fused = bam_fused.BAM(c, r, dilation, combine=combine, backend="fused").to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def run_both(ref, fused, x, g, x_grad=True):
+    xr, xf = (x.clone().requires_grad_(x_grad) for _ in range(2))
+    out_r, out_f = ref(xr), fused(xf)
+    out_r.backward(g)
+    out_f.backward(g)
+    return out_r, out_f, xr, xf
+
+
+# (N, C, H, W, r, dilation): the odd shapes of the branch tests, batch 1 (eval mode: BatchNorm
+# in training needs more than one value per channel), and a ResNet-like one.
+BIASES_BEFORE_BATCHNORM = ("gate_c_fc_0.bias", "gate_s_conv_reduce0.bias", "conv_di_0.bias", "conv_di_1.bias")
+MODULE_GRID = [(3, 48, 9, 13, 8, 4), (2, 37, 7, 9, 16, 1), (2, 48, 9, 13, 16, 2), (4, 64, 14, 14, 16, 4)]
+
+
+@pytest.mark.parametrize("n,c,h,w,r,dilation", MODULE_GRID)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_module_autograd_matches_reference(monkeypatch, n, c, h, w, r, dilation, layout, combine, mode):
+    calls = []
+    real = training.training_bam
+    monkeypatch.setattr(training, "training_bam", lambda *a: calls.append(1) or real(*a))
+    ref, fused = make_pair(c, r, dilation, combine)
+    ref.train(mode == "train")
+    fused.train(mode == "train")
+    x = make_layout(torch.randn(n, c, h, w), layout)
+    g = torch.randn(n, c, h, w)
+    out_r, out_f, xr, xf = run_both(ref, fused, x, g)
+    assert calls, "the CPU autograd path did not run"
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    if layout != "strided":
+        assert out_f.stride() == out_r.stride()
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    scale = max(1.0, max(float(p.grad.abs().max()) for p in ref.parameters()))
+    for (name, pr), pf in zip(ref.named_parameters(), fused.parameters(), strict=True):
+        if mode == "train" and name.endswith(BIASES_BEFORE_BATCHNORM):
+            # Zero in theory (BatchNorm with batch statistics removes any shift): float32 noise,
+            # which BatchNorm over a few samples amplifies differently in each. Both near zero.
+            assert max(pf.grad.abs().max(), pr.grad.abs().max()) <= 1e-4 * scale, name
+        else:
+            torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    for (name, br), bf in zip(ref.named_buffers(), fused.buffers(), strict=True):
+        torch.testing.assert_close(bf, br, msg=name)
+
+
+def test_module_autograd_batch_one_and_bf16():
+    ref, fused = make_pair(37, 16, 4, "sum")
+    ref.eval()
+    fused.eval()
+    x, g = torch.randn(1, 37, 7, 9), torch.randn(1, 37, 7, 9)
+    out_r, out_f, xr, xf = run_both(ref, fused, x, g)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+    ref, fused = make_pair(48, 8, 2, "sum", torch.bfloat16)
+    x, g = torch.randn(2, 48, 9, 13).bfloat16(), torch.randn(2, 48, 9, 13).bfloat16()
+    out_r, out_f, xr, xf = run_both(ref, fused, x, g)
+    truth_m = RefBAM(48, 8, 2).double()
+    truth_m.load_state_dict(ref.state_dict())
+    x64 = x.double().requires_grad_()
+    truth = truth_m(x64)
+    truth.backward(g.double())
+    assert out_f.dtype == xf.grad.dtype == torch.bfloat16
+    # bf16 through the module's layers either way: ours no further from float64 than eager.
+    for mine, eager, want in ((out_f, out_r, truth), (xf.grad, xr.grad, x64.grad)):
+        err_mine = (mine.double() - want).abs().max()
+        err_eager = (eager.double() - want).abs().max()
+        assert err_mine <= 2 * err_eager + 1e-2, (err_mine, err_eager)
+
+
+def test_module_autograd_partial_requirements_and_errors():
+    ref, fused = make_pair(48, 8, 4, "sum")
+    x, g = torch.randn(2, 48, 9, 13), torch.randn(2, 48, 9, 13)
+    # Parameters only (x needs no gradient): a frozen input.
+    out_r, out_f, xr, xf = run_both(ref, fused, x, g, x_grad=False)
+    assert xf.grad is None
+    torch.testing.assert_close(fused.spatial_att.gate_s.gate_s_conv_reduce0.weight.grad,
+                               ref.spatial_att.gate_s.gate_s_conv_reduce0.weight.grad, rtol=1e-4, atol=1e-4)  # fmt: skip
+    # Frozen reduce conv: the others still get theirs.
+    for m in (ref, fused):
+        m.zero_grad(set_to_none=True)
+        m.spatial_att.gate_s.gate_s_conv_reduce0.requires_grad_(False)
+    out_r, out_f, xr, xf = run_both(ref, fused, x, g)
+    assert fused.spatial_att.gate_s.gate_s_conv_reduce0.weight.grad is None
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.channel_att.gate_c.gate_c_fc_0.weight.grad,
+                               ref.channel_att.gate_c.gate_c_fc_0.weight.grad, rtol=1e-4, atol=1e-4)  # fmt: skip
+    # Second derivatives are refused, not silently wrong.
+    xf = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(fused(xf).sum(), xf, create_graph=True)
+
+
+def test_module_autograd_empty_batch_takes_the_module_path():
+    _, fused = make_pair(16, 4, 1, "sum")
+    fused.eval()
+    x = torch.randn(0, 16, 5, 5, requires_grad=True)
+    assert training.reason(fused, x) == "x is empty"
+    fused(x).sum().backward()
+    assert x.grad.shape == x.shape
