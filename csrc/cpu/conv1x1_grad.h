@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "conv1x1_pool.h"
@@ -269,6 +270,39 @@ BAM_INLINE GradWeightRange grad_weight_range(const Conv1x1GradJob& j, int64_t ta
   return {n, k, g * kGradGroupC, std::min(j.C, (g + 1) * kGradGroupC), p0, std::min(j.HW, p0 + j.wchunk_px)};
 }
 
+// Lane sums of kL accumulators at once: a tree of shuffles and adds, kL - 1 of each pair of
+// shuffles and an add, where summing each one's lanes would take kL - 1 dependent adds. Level
+// by level, pairs of vectors that each hold L / B partial sums B lanes wide become one vector
+// holding 2L / B sums B / 2 lanes wide, in order; lane i of the result is the sum of a[i].
+template <int L, int B, int kHalf>
+constexpr int fold_lane(int t) {
+  const int h = B / 2, q = t / h, w = t % h, nb = L / B;
+  return q < nb ? q * B + kHalf * h + w : L + (q - nb) * B + kHalf * h + w;
+}
+template <typename V, int L, int B, size_t... T>
+BAM_INLINE V fold_pair(V x, V y, std::index_sequence<T...>) {
+  return V(__builtin_shufflevector(x, y, fold_lane<L, B, 0>(T)...)) +
+         V(__builtin_shufflevector(x, y, fold_lane<L, B, 1>(T)...));
+}
+template <typename V, int L, int B>
+BAM_INLINE V fold_all(V* a) {
+  for (int i = 0; i < B / 2; ++i) a[i] = fold_pair<V, L, B>(a[2 * i], a[2 * i + 1], std::make_index_sequence<L>{});
+  if constexpr (B > 2) {
+    return fold_all<V, L, B / 2>(a);
+  } else {
+    return a[0];
+  }
+}
+template <typename V>
+BAM_INLINE V lane_sums(V* a) {  // a: kL vectors, overwritten
+  constexpr int kL = sizeof(V) / sizeof(float);
+  if constexpr (kL == 1) {
+    return a[0];
+  } else {
+    return fold_all<V, kL, kL>(a);
+  }
+}
+
 template <typename V>
 BAM_INLINE float lane_sum(V v) {
   constexpr int kL = sizeof(V) / sizeof(float);
@@ -287,6 +321,7 @@ BAM_INLINE void grad_weight_tasks(const Conv1x1GradJob& j, const T* x, int64_t b
   using V = typename K::V;
   constexpr int kL = kLanes<K>, kR = K::kGR, kC = K::kGC;
   static_assert(kGradGroupC % kC == 0, "a channel group must hold whole blocks");
+  static_assert(kR * kC == kL, "one block of accumulators is summed as one vector of lane sums");
   const int64_t C = j.C, HW = j.HW, Cr = j.Cr;
   const int64_t wpad = (j.wchunk_px + kL - 1) / kL * kL;
   std::vector<float> xbuf(kGradGroupC * wpad), dybuf(Cr * wpad);
@@ -331,14 +366,18 @@ BAM_INLINE void grad_weight_tasks(const Conv1x1GradJob& j, const T* x, int64_t b
           for (int r = 0; r < kR; ++r) dv[r] = vload<V>(dr[r] + v * kL);
 #pragma GCC unroll 8
           for (int c = 0; c < kC; ++c) {
+            // x rows are HW apart: too many streams for the hardware prefetcher (as in the forward).
+            if (r0 == 0) __builtin_prefetch(xr[c] + v * kL + 512 / sizeof(float));
             const V xv = vload<V>(xr[c] + v * kL);
 #pragma GCC unroll 8
             for (int r = 0; r < kR; ++r) acc[r][c] += dv[r] * xv;
           }
         }
+        float sums[kL];
+        vstore<V>(sums, lane_sums<V>(&acc[0][0]));  // sums[r * kC + c] is the sum of acc[r][c]
         for (int64_t r = 0; r < std::min<int64_t>(kR, Cr - r0); ++r)
           for (int64_t c = 0; c < std::min<int64_t>(kC, nc - c0); ++c)
-            dw[(r0 + r) * C + t.g0 + c0 + c] = lane_sum(acc[r][c]);
+            dw[(r0 + r) * C + t.g0 + c0 + c] = sums[r * kC + c];
       }
     }
     if (t.g0 == 0) {  // db, once per chunk

@@ -30,8 +30,9 @@ namespace {
 struct Avx2 {
   typedef float V __attribute__((vector_size(32)));
   static constexpr int kPV = 3, kCo = 4, kAcc = 12;
-  // dW blocking (conv1x1_grad.h): NCHW 2 dy rows x 6 x rows, channels_last 6 dy rows x 2 vectors.
-  static constexpr int kGR = 2, kGC = 6, kWR = 6, kWCv = 2;
+  // dW blocking (conv1x1_grad.h): NCHW 2 dy rows x 4 x rows (8 lane sums in one tree),
+  // channels_last 6 dy rows x 2 vectors.
+  static constexpr int kGR = 2, kGC = 4, kWR = 6, kWCv = 2;
   static BAM_INLINE V splat(float s) { return _mm256_set1_ps(s); }
 };
 

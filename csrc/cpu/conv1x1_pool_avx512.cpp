@@ -31,8 +31,9 @@ namespace {
 struct Avx512 {
   typedef float V __attribute__((vector_size(64)));
   static constexpr int kPV = 3, kCo = 8, kAcc = 24;
-  // dW blocking (conv1x1_grad.h): NCHW 4 dy rows x 6 x rows, channels_last 6 dy rows x 4 vectors.
-  static constexpr int kGR = 4, kGC = 6, kWR = 6, kWCv = 4;
+  // dW blocking (conv1x1_grad.h): NCHW 4 dy rows x 4 x rows (16 lane sums in one tree),
+  // channels_last 6 dy rows x 4 vectors.
+  static constexpr int kGR = 4, kGC = 4, kWR = 6, kWCv = 4;
   // One broadcast load; GCC lowers the generic (s - V{}) to a ymm broadcast and an insert.
   static BAM_INLINE V splat(float s) { return _mm512_set1_ps(s); }
 };

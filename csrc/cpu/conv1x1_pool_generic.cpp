@@ -9,8 +9,9 @@ namespace {
 struct Generic {
   typedef float V __attribute__((vector_size(16)));
   static constexpr int kPV = 3, kCo = 4, kAcc = 12;
-  // dW blocking (conv1x1_grad.h): NCHW 2 dy rows x 6 x rows, channels_last 6 dy rows x 2 vectors.
-  static constexpr int kGR = 2, kGC = 6, kWR = 6, kWCv = 2;
+  // dW blocking (conv1x1_grad.h): NCHW 2 dy rows x 2 x rows (4 lane sums in one tree),
+  // channels_last 6 dy rows x 2 vectors.
+  static constexpr int kGR = 2, kGC = 2, kWR = 6, kWCv = 2;
   static BAM_INLINE V splat(float s) { return s - V{}; }  // x - 0 == x, signed zeros included
 };
 
