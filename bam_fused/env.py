@@ -8,8 +8,8 @@
 | BAM_FUSED_DISABLE_TRITON | 0       | 1: act as if Triton were missing                              |
 | BAM_FUSED_CUDA_SPATIAL   | auto    | CUDA dilated convs: kernel (ours, fp32), library (cuDNN), or  |
 |                          |         | auto (ours up to 16 reduced channels); read by the extension  |
-| BAM_FUSED_CPU_ISA        | auto    | CPU pass over x: avx512, avx2, generic, or auto (the widest   |
-|                          |         | the CPU has); read by the extension                           |
+| BAM_FUSED_CPU_ISA        | auto    | CPU pass over x and its backward: avx512, avx2, generic, or   |
+|                          |         | auto (the widest the CPU has); read by the extension          |
 | TRITON_INTERPRET         | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |
 
 Build-time only (setup.py): BAM_FUSED_SKIP_EXT, BAM_FUSED_FORCE_CUDA, TORCH_CUDA_ARCH_LIST,

@@ -4,7 +4,11 @@ Data path (backend "fused", or "auto" where the kernels are available):
 - eval mode without autograd: attention op = branch op (one pass over x: pooled means and
   spatial map, with BatchNorm folded into the weights) -> channel MLP on (N, C), then the
   fused gate;
-- otherwise (training, or gradients wanted): the branches as PyTorch modules -> fused gate.
+- with autograd (training, or gradients wanted), on the CPU: ops/training.py (one pass over x
+  for the reduce conv and the means, the rest of the branches as the module's layers, the
+  fused gate; dx accumulated in place backward);
+- otherwise (CUDA with autograd, float64, under torch.compile): the branches as PyTorch
+  modules -> fused gate.
 """
 
 from __future__ import annotations

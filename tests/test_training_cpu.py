@@ -66,6 +66,31 @@ def test_reduce_pool_and_backward_match_reference(monkeypatch, isa, n, c, h, w, 
     assert torch.equal(dw2, dw) and torch.equal(db2, db)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_reduce_pool_backward_rounds_dx_like_torch(monkeypatch, isa, dtype, layout):
+    # With dy = 0 the kernel adds dmean / HW to dx in fp32 and rounds once: torch's rounding,
+    # bit for bit, NaN and infinity included.
+    isa_env(monkeypatch, isa)
+    _, bwd = ops()
+    n, c, h, w = 2, 70, 8, 8
+    dx = torch.randn(n, c, h, w).to(dtype)
+    dmean = torch.randn(n, c) * 1e3
+    # Ties: 1 + k ulp plus half an ulp (bfloat16's ulp at 1 is 2^-7, half's 2^-10) round to even.
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    dx[:, :10] = (1 + torch.arange(n * 10 * h * w).remainder(16).view(n, 10, h, w) * ulp).to(dtype)
+    dmean[:, :10] = ulp / 2 * h * w
+    dx[0, 13, 2, 1], dx[1, 15, 0, 0] = float("nan"), float("inf")
+    dx = make_layout(dx, layout)
+    want = (dx.float() + dmean[:, :, None, None] / (h * w)).to(dtype)
+    x = make_layout(torch.randn(n, c, h, w).to(dtype), layout)
+    bwd(x, make_layout(torch.zeros(n, 3, h, w), layout), dmean, torch.randn(3, c), dx)
+    assert torch.equal(dx.isnan(), want.isnan()) and dx.isnan().sum() == 1
+    finite = ~want.isnan()
+    assert torch.equal(dx[finite].view(torch.int16), want[finite].view(torch.int16))
+
+
 def test_reduce_pool_relu_and_thread_count_independence():
     fwd, bwd = ops()
     x = torch.randn(3, 200, 37, 40)

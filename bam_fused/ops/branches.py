@@ -1,11 +1,12 @@
 """bam_branches: both BAM branches' reads of x in one op (the C++/CUDA extension).
 
-On CUDA one kernel pass over x gives the pooled means and the 1x1 reduce conv; on the CPU the
-op runs oneDNN's 1x1 conv and a mean (measured faster there; csrc/cpu/reduce_pool_cpu.cpp).
+One pass over x gives the pooled means and the 1x1 reduce conv: a CUDA kernel, or on the CPU
+our vector code (csrc/cpu/conv1x1_pool.h).
 
 Given x and the spatial branch's weights with BatchNorm folded in (eval mode), returns the
 pooled channel means (N, C) and the spatial attention map (N, H, W), both fp32. Inference
-only: the op has no autograd (training uses PyTorch convs; see bam_fused.BAM).
+only: the op has no autograd (with autograd, bam_fused.BAM uses ops/training.py on the CPU
+and PyTorch modules on CUDA).
 """
 
 from __future__ import annotations

@@ -62,11 +62,29 @@ BAM_DECLARE_CONV1X1_GRAD(generic)
 
 namespace {  // NOLINT: internal linkage on purpose (see conv1x1_pool.h)
 
-// One vector of T from/to memory, in fp32 (16-bit types through small loops compilers vectorise).
+// One vector of T from/to memory, in fp32: bfloat16 in vector integer code (simd.h's rounding:
+// nearest-even, NaN -> 0x7FC0), half through small loops.
+template <typename V>
+struct IntVec {  // integer vectors with V's lane count
+  typedef uint32_t U32 __attribute__((vector_size(sizeof(V))));
+  typedef uint16_t U16 __attribute__((vector_size(sizeof(V) / 2)));
+};
+template <typename V>
+using U32 = typename IntVec<V>::U32;
+template <typename V>
+using U16 = typename IntVec<V>::U16;
+
 template <typename V, typename T>
 BAM_INLINE V vld(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return vload<V>(p);
+  } else if constexpr (std::is_same_v<T, Bf16>) {
+    U16<V> h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32<V> u = __builtin_convertvector(h, U32<V>) << 16;
+    V v;
+    std::memcpy(&v, &u, sizeof(v));
+    return v;
   } else {
     constexpr int kL = sizeof(V) / sizeof(float);
     float t[kL];
@@ -78,6 +96,13 @@ template <typename V, typename T>
 BAM_INLINE void vst(T* p, V v) {
   if constexpr (std::is_same_v<T, float>) {
     vstore<V>(p, v);
+  } else if constexpr (std::is_same_v<T, Bf16>) {
+    U32<V> u;
+    std::memcpy(&u, &v, sizeof(u));
+    const U32<V> rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const U32<V> bits = v != v ? U32<V>{} + 0x7FC0u : rounded;
+    const U16<V> h = __builtin_convertvector(bits, U16<V>);
+    std::memcpy(p, &h, sizeof(h));
   } else {
     constexpr int kL = sizeof(V) / sizeof(float);
     float t[kL];
