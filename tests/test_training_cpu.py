@@ -217,6 +217,15 @@ def test_module_autograd_partial_requirements_and_errors():
     torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
     fc_f, fc_r = fused.channel_att.gate_c.gate_c_fc_0, ref.channel_att.gate_c.gate_c_fc_0
     torch.testing.assert_close(fc_f.weight.grad, fc_r.weight.grad, rtol=1e-4, atol=1e-4)
+    # A retained graph gives the same gradients twice.
+    for m in (ref, fused):
+        m.zero_grad(set_to_none=True)
+    xf = x.clone().requires_grad_()
+    out = fused(xf)
+    out.backward(g, retain_graph=True)
+    first = xf.grad.clone()
+    out.backward(g)
+    torch.testing.assert_close(xf.grad, 2 * first)
     # Second derivatives are refused, not silently wrong.
     xf = x.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="first derivatives only"):

@@ -13,7 +13,8 @@ gate) and autograd adds three gradients of x's size on the way back. Here:
 
 First derivatives only. The layers of the rest run as modules (their hooks fire, BatchNorm
 updates its running statistics); the reduce conv's own forward does not run (its hooks do
-not fire), as in the eval-mode branch op.
+not fire), as in the eval-mode branch op. The rest's autograd graph (tensors of about 1/16 of
+x's size) is kept until the output's graph is freed, so that retain_graph works.
 """
 
 from __future__ import annotations
@@ -67,10 +68,12 @@ class _TrainingBAM(torch.autograd.Function):
         grad = grad.contiguous(memory_format=memory_format(x))
         dx, dc, ds = _backward_kernels(grad, x, c32, s32, ctx.product, "cpp")
         wanted = [p for p in rest_params if p.requires_grad]
+        # retain_graph: a Function cannot tell whether its caller retains the graph, so the
+        # rest's graph lives as long as this node (a second backward works, as in the reference).
         grads = torch.autograd.grad(
-            (ch, s), (y_in, m_in, *wanted), (dc.to(ch.dtype), ds.view_as(s).to(s.dtype)), allow_unused=True
-        )
-        ctx.graph = None  # the rest's graph is spent
+            (ch, s), (y_in, m_in, *wanted), (dc.to(ch.dtype), ds.view_as(s).to(s.dtype)),
+            allow_unused=True, retain_graph=True,
+        )  # fmt: skip
         dy, dmean, *rest_grads = grads
         n, c = x.shape[:2]
         dy = torch.zeros_like(y_in) if dy is None else dy

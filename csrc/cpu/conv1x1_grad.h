@@ -10,9 +10,9 @@
 // one partial (Cr, C) per (sample, chunk), summed in a fixed order afterwards: results do not
 // depend on the thread count.
 //
-// Included by the per-instruction-set files after conv1x1_pool.h (same traits K, plus the dW
-// blocking: NCHW kGR rows of dy x kGC rows of x; channels_last kWR rows of dy x kWCv vectors
-// of channels).
+// Included by the per-instruction-set files under their target options, like conv1x1_pool.h
+// (same traits K, plus the dW blocking: NCHW kGR rows of dy x kGC rows of x, kGR x kGC = lanes;
+// channels_last kWR rows of dy x kWCv vectors of channels).
 #pragma once
 
 #include <algorithm>
@@ -176,7 +176,7 @@ BAM_INLINE void grad_input_tasks(const Conv1x1GradJob& j, T* dx, int64_t begin, 
   const int64_t C = j.C, HW = j.HW, Cr = j.Cr;
   std::vector<float> buf(Cr * kP);  // a last, partial tile of dy, zero-padded
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / j.chunks, p0 = task % j.chunks * j.chunk_px, p1 = std::min(HW, p0 + j.chunk_px);
+    const auto [n, p0, p1] = chunk_range(j, task);
     const float* dy = j.dy + n * Cr * HW;
     T* dxn = dx + n * C * HW;
     const float* dm = j.dm + n * C;
@@ -228,7 +228,7 @@ BAM_INLINE void grad_input_cl_tasks(const Conv1x1GradJob& j, T* dx, int64_t begi
   constexpr int kL = kLanes<K>, kPx = K::kAcc / kCv, kCo = kCv * kL;
   const int64_t C = j.C, HW = j.HW, Cr = j.Cr, cob_n = (C + kCo - 1) / kCo;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / j.chunks, p0 = task % j.chunks * j.chunk_px, p1 = std::min(HW, p0 + j.chunk_px);
+    const auto [n, p0, p1] = chunk_range(j, task);
     const float* dy = j.dy + n * HW * Cr;
     T* dxn = dx + n * HW * C;
     const float* dm = j.dm + n * C;

@@ -62,11 +62,12 @@ constexpr int kLanes = sizeof(typename K::V) / sizeof(float);
 template <typename K>
 constexpr int kTilePx = K::kPV * kLanes<K>;
 
-// Task `task` of either layout's pass: sample n, pixels [p0, p1).
+// Task `task` of either layout's pass (and of its backward's dx): sample n, pixels [p0, p1).
 struct ChunkRange {
   int64_t n, p0, p1;
 };
-BAM_INLINE ChunkRange chunk_range(const Conv1x1PoolJob& j, int64_t task) {
+template <typename Job>
+BAM_INLINE ChunkRange chunk_range(const Job& j, int64_t task) {
   const int64_t n = task / j.chunks, p0 = task % j.chunks * j.chunk_px;
   return {n, p0, std::min(j.HW, p0 + j.chunk_px)};
 }
