@@ -64,6 +64,8 @@ def info() -> dict[str, Any]:
             "gate (C++, CPU)": status(_backends.cpp_reason(cpu)),
             "branches (C++, CPU)": status(_backends.branch_kernel_reason("cpu")),
             "branches (CUDA)": status(cuda_branch),
+            # BAM with autograd on the CPU (ops/training.py); on CUDA the branches run as modules.
+            "branch autograd (CPU)": status(_backends.branch_kernel_reason("cpu")),
         },
     }
 

@@ -5,6 +5,7 @@ reference, forward and backward."""
 import pytest
 import torch
 from helpers import make_layout
+from test_branches import no_extension  # noqa: F401 (a fixture)
 from test_cpu_pass import ISAS, isa_env
 
 import bam_fused
@@ -239,3 +240,15 @@ def test_module_autograd_empty_batch_takes_the_module_path():
     assert training.reason(fused, x) == "x is empty"
     fused(x).sum().backward()
     assert x.grad.shape == x.shape
+
+
+def test_module_autograd_without_extension_runs_the_reference(no_extension):  # noqa: F811
+    ref = randomize_(RefBAM(48, 8, 4))
+    fused = bam_fused.BAM(48, 8, 4)  # backend "auto": the reference, with one warning
+    fused.load_state_dict(ref.state_dict())
+    x, g = torch.randn(2, 48, 9, 13), torch.randn(2, 48, 9, 13)
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        out_r, out_f, xr, xf = run_both(ref, fused, x, g)
+    torch.testing.assert_close(out_f, out_r)
+    torch.testing.assert_close(xf.grad, xr.grad)
+    assert "simulated" in bam_fused.info()["kernels"]["branch autograd (CPU)"]["reason"]
