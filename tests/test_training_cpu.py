@@ -252,3 +252,15 @@ def test_module_autograd_without_extension_runs_the_reference(no_extension):  # 
     torch.testing.assert_close(out_f, out_r)
     torch.testing.assert_close(xf.grad, xr.grad)
     assert "simulated" in bam_fused.info()["kernels"]["branch autograd (CPU)"]["reason"]
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_training_mode_without_autograd_matches_reference(context):
+    # BatchNorm calibration passes: batch statistics and running-stat updates, no graph.
+    ref, fused = make_pair(37, 16, 4, "sum")
+    x = torch.randn(3, 37, 7, 9)
+    with context():
+        out_r, out_f = ref(x), fused(x)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    for (name, br), bf in zip(ref.named_buffers(), fused.buffers(), strict=True):
+        torch.testing.assert_close(bf, br, msg=name)
