@@ -191,14 +191,8 @@ BAM_INLINE void grad_input_tasks(const Conv1x1GradJob& j, T* dx, int64_t begin, 
         }
         dyt = buf.data(), dys = kP;
       }
-      const int64_t nv = (np + kL - 1) / kL;
-      if (nv == K::kPV) {
-        grad_input_tile<K, K::kPV>(j, dyt, dys, dxn, dm, p, np);
-      } else if (nv == 2) {
-        grad_input_tile<K, (K::kPV > 2 ? 2 : K::kPV)>(j, dyt, dys, dxn, dm, p, np);
-      } else {
-        grad_input_tile<K, 1>(j, dyt, dys, dxn, dm, p, np);
-      }
+      with_tile_vectors<K>((np + kL - 1) / kL,
+                           [&]<int kPV>() { grad_input_tile<K, kPV>(j, dyt, dys, dxn, dm, p, np); });
     }
   }
 }

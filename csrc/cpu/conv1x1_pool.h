@@ -72,6 +72,19 @@ BAM_INLINE ChunkRange chunk_range(const Job& j, int64_t task) {
   return {n, p0, std::min(j.HW, p0 + j.chunk_px)};
 }
 
+// Calls f.template operator()<kPV>() with kPV = the pixel vectors a tile of nv vectors needs
+// (K::kPV, 2 or 1): a last, partial tile computes only the vectors it has.
+template <typename K, typename F>
+BAM_INLINE void with_tile_vectors(int64_t nv, F&& f) {
+  if (nv == K::kPV) {
+    f.template operator()<K::kPV>();
+  } else if (nv == 2) {
+    f.template operator()<(K::kPV > 2 ? 2 : K::kPV)>();
+  } else {
+    f.template operator()<1>();
+  }
+}
+
 template <typename V>
 BAM_INLINE V vload(const float* p) {
   V v;
@@ -171,14 +184,8 @@ BAM_INLINE void conv1x1_pool_chunk(const Conv1x1PoolJob& j, const T* x, int64_t 
       xt = buf;
     }
     // A last, partial tile computes only the pixel vectors it has (14x14: 4 pixels, not 48).
-    const int64_t nv = (np + kL - 1) / kL;
-    if (nv == K::kPV) {
-      conv1x1_tile<K, K::kPV>(j, xt, xs, p, np, y, pool);
-    } else if (nv == 2) {
-      conv1x1_tile<K, (K::kPV > 2 ? 2 : K::kPV)>(j, xt, xs, p, np, y, pool);
-    } else {
-      conv1x1_tile<K, 1>(j, xt, xs, p, np, y, pool);
-    }
+    with_tile_vectors<K>((np + kL - 1) / kL,
+                         [&]<int kPV>() { conv1x1_tile<K, kPV>(j, xt, xs, p, np, y, pool); });
   }
   for (int64_t c = 0; c < C; ++c) {
     float s = 0.f;
