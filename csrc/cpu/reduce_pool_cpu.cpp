@@ -4,6 +4,10 @@
 // At N = 8, C = 256, 56x56 fp32 (2-core AVX-512 CPU) oneDNN's 1x1 conv alone took 1.7 ms on
 // NCHW x (it reorders x into a fresh 25 MB buffer per call) and 0.97 ms on channels_last x,
 // plus 0.2-0.36 ms for the mean; the single pass takes about 0.65 ms.
+//
+// Also the pass's backward for training (conv1x1_grad.h): dx += W^T dy + dmean / HW in place and
+// dW, db. At the same shape MKL's GEMMs through torch.matmul took 1.65 (dx) + 1.76 ms (dW);
+// these kernels about 0.8 + 0.9.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
