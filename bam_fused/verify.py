@@ -54,6 +54,33 @@ def _rows(path, shape, dtype, layout, combine, results: Iterable[tuple[str, obje
     ]
 
 
+# A ReLU input within float32 rounding of zero takes either side of the kink depending on
+# summation order, so the fused path and eager PyTorch may each differ from the float64 truth
+# there: the gradient jumps at up to 25 pixels (two dilated 3x3 convs downstream), all channels.
+# In eval mode the jump stays there. In training mode BatchNorm's backward (batch statistics)
+# spreads a little of it over every element, so a training gradient can be compared element by
+# element only where a switch is improbable: under this many ReLU inputs per layer (N x H x W x
+# C / r). The ResNet shapes have 10^5.
+TRAIN_GRAD_MAX_RELU_INPUTS = 10_000
+# Eval-mode gradients: at most this fraction of the (n, h, w) positions beyond the tolerance.
+KINK_PIXEL_FRACTION = 0.01
+
+
+def compare_through_relu(out: torch.Tensor, truth: torch.Tensor, eager: torch.Tensor) -> tuple[str, object]:
+    """(quantity suffix, Comparison) for an eval-mode gradient of x (N, C, H, W): compare()'s
+    verdict, or a pass marked "(kink)" when the elements beyond its tolerance sit at no more
+    than KINK_PIXEL_FRACTION of the (n, h, w) positions (see above)."""
+    result = compare(out, truth, eager)
+    if result.passed or out.dtype not in (torch.float32, torch.float64):
+        return "", result
+    err = (out.detach().double().cpu() - truth.detach().double().cpu()).abs()
+    pixels = (err > result.tolerance).any(dim=1)
+    if int(pixels.sum()) <= KINK_PIXEL_FRACTION * pixels.numel():
+        result.passed = True
+        return "(kink)", result
+    return "", result
+
+
 def check_gate(impl: str, device, shape, dtype_name: str, layout: str, combine: str) -> list[Row]:
     dtype = DTYPES[dtype_name]
     n, c, h, w = shape
@@ -66,7 +93,8 @@ def check_gate(impl: str, device, shape, dtype_name: str, layout: str, combine: 
 
 
 def check_bam(device, shape, dtype_name: str, layout: str, combine: str) -> list[Row]:
-    """Eval forward (branch op + gate) and train forward + backward (PyTorch branches + gate)."""
+    """Eval forward (branch op + gate); eval-mode gradients of x; train forward, and its
+    gradient of x where a switched ReLU is improbable (TRAIN_GRAD_MAX_RELU_INPUTS)."""
     dtype = DTYPES[dtype_name]
     n, c, h, w = shape
     r = 16 if c >= 32 else 1
@@ -81,19 +109,27 @@ def check_bam(device, shape, dtype_name: str, layout: str, combine: str) -> list
         outs = {k: m.eval()(x.to(torch.float64 if k == "truth" else dtype)) for k, m in modules.items()}
     rows = _rows("bam[eval]", shape, dtype_name, layout, combine,
                  [("out", compare(outs["fused"], outs["truth"], outs["eager"]))])  # fmt: skip
-    if n > 1:  # BatchNorm's batch statistics need more than one sample
-        g = torch.randn(shape, device=device)
+    g = torch.randn(shape, device=device)
+
+    def forward_backward(train: bool) -> dict:
         res = {}
         for k, m in modules.items():
             dt = torch.float64 if k == "truth" else dtype
             xi = x.detach().to(dt).requires_grad_()
-            out = m.train()(xi)
+            out = m.train(train)(xi)
             out.backward(g.to(dt))
             res[k] = (out, xi.grad)
-        rows += _rows("bam[train]", shape, dtype_name, layout, combine, [
-            ("out", compare(res["fused"][0], res["truth"][0], res["eager"][0])),
-            ("d_x", compare(res["fused"][1], res["truth"][1], res["eager"][1])),
-        ])  # fmt: skip
+        return res
+
+    res = forward_backward(train=False)  # gradients wanted: the autograd path in eval mode
+    suffix, d_x = compare_through_relu(res["fused"][1], res["truth"][1], res["eager"][1])
+    rows += _rows("bam[grad]", shape, dtype_name, layout, combine, [("d_x" + suffix, d_x)])
+    if n > 1:  # BatchNorm's batch statistics need more than one sample
+        res = forward_backward(train=True)
+        results = [("out", compare(res["fused"][0], res["truth"][0], res["eager"][0]))]
+        if n * h * w * (c // r) <= TRAIN_GRAD_MAX_RELU_INPUTS:
+            results.append(("d_x", compare(res["fused"][1], res["truth"][1], res["eager"][1])))
+        rows += _rows("bam[train]", shape, dtype_name, layout, combine, results)
     return rows
 
 

@@ -26,7 +26,8 @@ def test_info_text_and_json(capsys):
 def test_verify_quick_passes_and_writes_rows(tmp_path, capsys):
     assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert " passed, 0 failed" in out and "bam[eval]" in out and "bam[train]" in out and "d_channel" in out
+    assert " passed, 0 failed" in out and "d_channel" in out
+    assert "bam[eval]" in out and "bam[train]" in out and "bam[grad]" in out
     rows = json.loads((tmp_path / "verify.json").read_text())
     assert rows and {"path", "shape", "dtype", "max_abs", "tolerance", "passed"} <= set(rows[0])
 

@@ -264,3 +264,21 @@ def test_training_mode_without_autograd_matches_reference(context):
     torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
     for (name, br), bf in zip(ref.named_buffers(), fused.buffers(), strict=True):
         torch.testing.assert_close(bf, br, msg=name)
+
+
+def test_verify_kink_rule_admits_a_few_switched_pixels_only():
+    from bam_fused.verify import KINK_PIXEL_FRACTION, compare_through_relu
+
+    truth = torch.randn(2, 8, 20, 20, dtype=torch.float64)
+    eager = truth.float()
+    few = truth.float().clone()
+    few[1, :, 3, 4] += 0.2  # one switched ReLU: one pixel, every channel
+    suffix, result = compare_through_relu(few, truth, eager)
+    assert result.passed and suffix == "(kink)"
+    many = truth.float().clone()
+    n_bad = int(KINK_PIXEL_FRACTION * 2 * 20 * 20) + 1
+    many.view(2, 8, -1)[:, :, : (n_bad + 1) // 2] += 0.2
+    suffix, result = compare_through_relu(many, truth, eager)
+    assert not result.passed and suffix == ""
+    suffix, result = compare_through_relu(truth.float(), truth, eager)
+    assert result.passed and suffix == ""
