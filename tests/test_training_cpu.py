@@ -282,3 +282,15 @@ def test_verify_kink_rule_admits_a_few_switched_pixels_only():
     assert not result.passed and suffix == ""
     suffix, result = compare_through_relu(truth.float(), truth, eager)
     assert result.passed and suffix == ""
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_reduce_pool_ops_opcheck(layout):
+    # Schemas (dx is mutated in place and declared so) and fake kernels, as torch.compile sees them.
+    fwd, bwd = ops()
+    x = make_layout(torch.randn(2, 12, 5, 7), layout)
+    w, b = torch.randn(3, 12), torch.randn(3)
+    dy, dmean = make_layout(torch.randn(2, 3, 5, 7), layout), torch.randn(2, 12)
+    torch.library.opcheck(fwd.default, (x, w, b, False))
+    torch.library.opcheck(bwd.default, (x, dy, dmean, w, make_layout(torch.randn(2, 12, 5, 7), layout)))
+    torch.library.opcheck(bwd.default, (x, dy, dmean, w, None))
