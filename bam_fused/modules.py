@@ -19,11 +19,10 @@ from torch import nn
 from . import _backends, reference
 from ._checks import check_choice, check_feature_map
 from .ops import training
-from .ops.branches import load_op
+from .ops.branches import BRANCH_DTYPES, load_op
 from .ops.gate import bam_gate, memory_format
 
 MODULE_BACKENDS = ("auto", "fused", "reference")
-BRANCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fold_bn(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,9 @@ from .. import _ext
 from .._checks import check_feature_map, check_float_tensor, check_positive_int
 from .gate import memory_format
 
+# The dtypes x may have in the branch kernels: the pass over x (eval and training) and its backward.
+BRANCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 _fake_registered = False
 
 

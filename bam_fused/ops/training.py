@@ -22,10 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .branches import load_op
+from .branches import BRANCH_DTYPES, load_op
 from .gate import _backward_kernels, _forward, memory_format
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _rest_of_spatial(gate_s: nn.Sequential) -> list[nn.Module]:
@@ -98,13 +96,13 @@ def reason(module: nn.Module, x: torch.Tensor) -> str | None:
     """Why this call cannot take the CPU autograd path, or None when it can."""
     if x.device.type != "cpu":
         return "not a CPU tensor"
-    if x.dtype not in DTYPES:
+    if x.dtype not in BRANCH_DTYPES:
         return f"x is {x.dtype}"
     if x.numel() == 0:
         return "x is empty"
     red = module.spatial_att.gate_s.gate_s_conv_reduce0
     if not (isinstance(red, nn.Conv2d) and red.kernel_size == (1, 1) and red.stride == (1, 1)
-            and red.padding == (0, 0) and red.groups == 1 and red.weight.dtype in DTYPES):  # fmt: skip
+            and red.padding == (0, 0) and red.groups == 1 and red.weight.dtype in BRANCH_DTYPES):  # fmt: skip
         return "gate_s_conv_reduce0 is not a plain 1x1 conv"
     return None
 

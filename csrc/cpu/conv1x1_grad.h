@@ -197,25 +197,8 @@ BAM_INLINE void grad_input_tasks(const Conv1x1GradJob& j, T* dx, int64_t begin, 
   }
 }
 
-// ---- dx, channels_last: pixels x channel vectors; acc[i][v] += dy[pixel i][r] * W^T[r][v].
-template <typename K, int kCv, int kPx>
-BAM_INLINE void grad_input_cl_block(const float* const (&di)[kPx], const float* w, int64_t Cr,
-                                    typename K::V (&acc)[kPx][kCv]) {
-  using V = typename K::V;
-  constexpr int kL = kLanes<K>, kCo = kCv * kL;
-  for (int64_t r = 0; r < Cr; ++r) {
-    V wv[kCv];
-#pragma GCC unroll 8
-    for (int v = 0; v < kCv; ++v) wv[v] = vload<V>(w + r * kCo + v * kL);
-#pragma GCC unroll 32
-    for (int i = 0; i < kPx; ++i) {
-      const V db = K::splat(di[i][r]);
-#pragma GCC unroll 8
-      for (int v = 0; v < kCv; ++v) acc[i][v] += db * wv[v];
-    }
-  }
-}
-
+// ---- dx, channels_last: pixels x channel vectors; acc[i][v] += dy[pixel i][r] * W^T[r][v]
+// (cl_block of conv1x1_pool.h, dy as the input).
 template <typename K, int kCv, typename T>
 BAM_INLINE void grad_input_cl_tasks(const Conv1x1GradJob& j, T* dx, int64_t begin, int64_t end) {
   using V = typename K::V;
@@ -244,7 +227,7 @@ BAM_INLINE void grad_input_cl_tasks(const Conv1x1GradJob& j, T* dx, int64_t begi
             const V d = vload<V>(dm + c0 + v * kL);
             for (int i = 0; i < kPx; ++i) acc[i][v] = vld<V>(dxn + (p + i) * C + c0 + v * kL) + d;
           }
-          grad_input_cl_block<K, kCv, kPx>(di, w, Cr, acc);
+          cl_block<K, kCv, kPx>([&](int i, int64_t r) { return di[i][r]; }, w, Cr, acc);
           for (int i = 0; i < kPx; ++i)
             for (int v = 0; v < kCv; ++v) vst<V>(dxn + (p + i) * C + c0 + v * kL, acc[i][v]);
           continue;
@@ -262,7 +245,7 @@ BAM_INLINE void grad_input_cl_tasks(const Conv1x1GradJob& j, T* dx, int64_t begi
         V acc[kPx][kCv];
         for (int i = 0; i < kPx; ++i)
           for (int v = 0; v < kCv; ++v) acc[i][v] = vload<V>(io[i] + v * kL);
-        grad_input_cl_block<K, kCv, kPx>(di, w, Cr, acc);
+        cl_block<K, kCv, kPx>([&](int i, int64_t r) { return di[i][r]; }, w, Cr, acc);
         for (int i = 0; i < kPx; ++i)
           for (int v = 0; v < kCv; ++v) vstore<V>(io[i] + v * kL, acc[i][v]);
         for (int64_t i = 0; i < np; ++i) {
