@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _backends, reference
 from ._checks import check_choice, check_feature_map
-from .ops import training
+from .ops import attention_cuda, training
 from .ops.branches import BRANCH_DTYPES, load_op
 from .ops.gate import bam_gate, memory_format
 
@@ -175,14 +175,18 @@ class BAM(reference.BAM):
                 _backends.warn_once(f"branches:{why}", f"bam_fused: BAM branches run as PyTorch modules: {why}")
                 use_op = False
         if use_op:
-            f = self.folded()
-            # The folded weights are known-good: call the op itself, not bam_branches's checks.
-            # It runs the branch op and the channel MLP (on CUDA one kernel, not several launches).
-            op = torch.ops.bam_fused_C.attention if torch.compiler.is_compiling() else load_op("attention")
-            channel, spatial = op(
-                x.contiguous(memory_format=memory_format(x)), f["red_w"], f["red_b"], f["dil_w"], f["dil_b"],
-                self.dilation, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
-            )  # fmt: skip
+            f, xc = self.folded(), x.contiguous(memory_format=memory_format(x))
+            if x.is_cuda and not torch.compiler.is_compiling():
+                # The CUDA kernel's or the Triton pass over x, then the op's tail (attention_cuda.py).
+                channel, spatial = attention_cuda.attention(xc, f, self.dilation)
+            else:
+                # The folded weights are known-good: call the op itself, not bam_branches's checks.
+                # It runs the branch op and the channel MLP (on CUDA one kernel, not several launches).
+                op = torch.ops.bam_fused_C.attention if torch.compiler.is_compiling() else load_op("attention")
+                channel, spatial = op(
+                    xc, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"],
+                    self.dilation, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
+                )  # fmt: skip
         elif impl == "cpp" and not torch.compiler.is_compiling() and training.reason(self, x) is None:
             # Autograd on the CPU: one pass over x forward, dx in place backward (ops/training.py).
             return training.training_bam(self, x, self.combine)

@@ -1,6 +1,7 @@
 """GPU-only probes that `bam-fused bench` does not cover (run by run_gpu.sh).
 
     python benchmarks/gpu_probe.py profile   # where a fused BAM's time goes, kernel by kernel
+    python benchmarks/gpu_probe.py passes    # the CUDA-core pass over x against the Triton one
     python benchmarks/gpu_probe.py sanitize  # small odd-shaped workloads for compute-sanitizer
     python benchmarks/gpu_probe.py overhead  # where the CPU time of a fused gate forward+backward goes
 
@@ -26,6 +27,12 @@ from bam_fused.testing import as_layout, randomize_
 
 SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14)]
 SPATIAL_IMPLS = ("kernel", "library")
+PASS_IMPLS = ("kernel", "triton")
+
+
+def pass_impl(impl: str):
+    """BAM_FUSED_CUDA_PASS=impl inside the block (ops/attention_cuda.py reads it on every call)."""
+    return mock.patch.dict(os.environ, {"BAM_FUSED_CUDA_PASS": impl})
 
 
 def spatial_impl(impl: str):
@@ -93,6 +100,46 @@ def spatial_impls() -> None:
             print(f"{str(shape):18s} {str(dtype)[6:]:8s} {times[0]:8.1f} {times[1]:8.1f}")
 
 
+def passes() -> None:
+    """The pass over x: each Triton configuration alone (the launcher's default first; the
+    others in fp32), and the whole fused BAM (eval, CUDA graph) with the CUDA-core pass and with the Triton one."""
+    from bam_fused.ops import attention_cuda
+    from bam_fused.ops import pass_triton as pt
+
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print("pass over x alone (Triton, us) per config block_p/block_c/warps/stages; BAM eval graph (us) by "
+          "BAM_FUSED_CUDA_PASS; |x| = one read of x at copy bandwidth")  # fmt: skip
+    for shape in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in ("nchw", "channels_last"):
+                n, c, h, w = shape
+                x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
+                m = randomize_(bam_fused.BAM(c)).cuda().to(dtype).eval()
+                f = m.folded()
+                dst = torch.empty_like(x)
+                read_us = ms(lambda: dst.copy_(x)) * 1e3 / 2  # noqa: B023
+                cr = f["red_w"].shape[0]
+                default = pt.DEFAULTS[pt.cr_pad(cr)]
+                cells = []
+                # The other configurations in fp32 only: each is a compile (about a second).
+                for cfg in (default, *(pt.CANDIDATES if dtype == torch.float32 else ())):
+                    try:
+                        t = ms(lambda: pt.reduce_pool(x, f["red_w"], f["red_b"], True, cfg)) * 1e3  # noqa: B023
+                        cells.append(f"{cfg.block_p}/{cfg.block_c}/{cfg.num_warps}/{cfg.num_stages}={t:.1f}")
+                    except Exception as exc:  # a config the GPU cannot hold: say so, go on
+                        cells.append(f"{cfg.block_p}/{cfg.block_c}/{cfg.num_warps}/{cfg.num_stages}=fail "
+                                     f"({type(exc).__name__})")  # fmt: skip
+                bam = {}
+                for impl in PASS_IMPLS:
+                    with pass_impl(impl), torch.no_grad():
+                        bam[impl] = graph_ms(lambda: m(x)) * 1e3  # noqa: B023
+                with pass_impl("auto"), torch.no_grad():
+                    picked = attention_cuda.choice(x, f, 4)
+                print(f"{str(shape):18s} {str(dtype)[6:]:8s} {layout:13s} |x| {read_us:5.1f}  "
+                      f"BAM kernel {bam['kernel']:6.1f} triton {bam['triton']:6.1f} auto->{picked:6s}  "
+                      + "  ".join(cells), flush=True)  # fmt: skip
+
+
 def sanitize() -> None:
     """Odd shapes, both layouts, every dtype: the branch op and the gate forward and backward."""
     for shape in [(2, 37, 7, 9), (2, 48, 9, 13), (3, 130, 17, 11), (2, 8, 1, 1), (2, 1100, 14, 14)]:
@@ -101,9 +148,10 @@ def sanitize() -> None:
             for layout in ("nchw", "channels_last"):
                 x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
                 m = randomize_(bam_fused.BAM(c, 8 if c < 64 else 16)).cuda().to(dtype).eval()
-                for impl in SPATIAL_IMPLS:  # both spatial paths
-                    with spatial_impl(impl), torch.no_grad():
-                        m(x)
+                for impl in SPATIAL_IMPLS:  # both spatial paths, after both passes over x
+                    for pimpl in PASS_IMPLS:
+                        with spatial_impl(impl), pass_impl(pimpl), torch.no_grad():
+                            m(x)
                 m.train()
                 xg = x.detach().clone().requires_grad_()
                 m(xg).sum().backward()
@@ -143,4 +191,4 @@ def overhead() -> None:
 
 
 if __name__ == "__main__":
-    {"profile": profile, "sanitize": sanitize, "overhead": overhead}[sys.argv[1]]()
+    {"profile": profile, "passes": passes, "sanitize": sanitize, "overhead": overhead}[sys.argv[1]]()

@@ -35,6 +35,69 @@ bool cuda_spatial_kernel(int64_t Cr) {
 
 namespace {
 
+// Checks of the spatial branch's weights after the reduce conv (Cr reduced channels).
+void check_spatial_weights(const char* op, int64_t Cr, at::Device device, at::TensorList w_dilated,
+                           at::TensorList b_dilated, int64_t dilation, const at::Tensor& w_final,
+                           const at::Tensor& b_final) {
+  TORCH_CHECK(w_dilated.size() == b_dilated.size(), op, ": w_dilated and b_dilated differ in length");
+  TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(w_final.numel() == Cr && b_final.numel() == 1 && w_final.scalar_type() == at::kFloat &&
+                  b_final.scalar_type() == at::kFloat,
+              op, ": w_final must be fp32 with ", Cr, " elements and b_final fp32 with 1, got ",
+              w_final.numel(), " ", w_final.scalar_type(), " and ", b_final.numel(), " ", b_final.scalar_type());
+  for (const auto& t : {w_final, b_final})
+    TORCH_CHECK(t.device() == device, op, ": weights must be on x's device ", device);
+
+  for (size_t i = 0; i < w_dilated.size(); ++i) {
+    TORCH_CHECK(w_dilated[i].dim() == 4 && w_dilated[i].size(0) == Cr && w_dilated[i].size(1) == Cr &&
+                    w_dilated[i].size(2) == 3 && w_dilated[i].size(3) == 3 && w_dilated[i].scalar_type() == at::kFloat,
+                op, ": w_dilated[", i, "] must be fp32 (", Cr, ", ", Cr, ", 3, 3), got ",
+                w_dilated[i].sizes(), " ", w_dilated[i].scalar_type());
+    TORCH_CHECK(b_dilated[i].numel() == Cr && b_dilated[i].scalar_type() == at::kFloat,
+                op, ": b_dilated[", i, "] must be fp32 with ", Cr, " elements, got ",
+                b_dilated[i].sizes(), " ", b_dilated[i].scalar_type());
+    TORCH_CHECK(w_dilated[i].device() == device && b_dilated[i].device() == device,
+                op, ": weights must be on x's device ", device);
+  }
+}
+
+// Whether the spatial branch on y runs our CUDA kernel (else the library's convs).
+bool spatial_kernel(at::Device device, int64_t Cr, at::TensorList w_dilated) {
+#ifdef BAM_FUSED_WITH_CUDA
+  return device.is_cuda() && !w_dilated.empty() && cuda_spatial_kernel(Cr);
+#else
+  return false;
+#endif
+}
+
+// The spatial branch after the reduce conv: dilated convs (bias, ReLU) and the final 1x1 conv
+// on y = relu(reduce conv) (N, Cr, H, W) fp32, giving the spatial map (N, H, W).
+at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList b_dilated, int64_t dilation,
+                          const at::Tensor& w_final, const at::Tensor& b_final) {
+  const int64_t Cr = y.size(1);
+#ifdef BAM_FUSED_WITH_CUDA
+  if (spatial_kernel(y.device(), Cr, w_dilated))
+    return spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
+#endif
+  // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
+  for (size_t i = 0; i < w_dilated.size(); ++i) {
+    const at::Tensor bias = b_dilated[i].reshape({Cr});
+    // On the CPU oneDNN's conv directly: conv2d's heuristic sends small batch-1 maps (Cr * H * W
+    // < 20480, e.g. 64 x 14 x 14) to a slow native path (0.165 against 0.088 ms per conv).
+    y = (y.is_cpu() && at::hasMKLDNN()
+             ? at::mkldnn_convolution(y, w_dilated[i], bias, {dilation, dilation}, {1, 1}, {dilation, dilation}, 1)
+             : at::conv2d(y, w_dilated[i], bias, 1, dilation, dilation))
+            .relu_();
+  }
+  if (y.is_cpu() && y.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    // The final 1x1 conv to one channel as a matrix-vector product over NHWC pixels.
+    const at::Tensor pixels = y.permute({0, 2, 3, 1}).reshape({-1, Cr});
+    return at::addmv(b_final.reshape({1}).expand({pixels.size(0)}), pixels, w_final.reshape({Cr}))
+        .view({y.size(0), y.size(2), y.size(3)});
+  }
+  return at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1})).reshape({y.size(0), y.size(2), y.size(3)});
+}
+
 // Checks, then the pass over x and the spatial branch: pooled partial means (N, P, C) (they
 // sum to the means over P) and the spatial map (N, H, W). `op` names the caller in errors.
 std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor& x, const at::Tensor& w_reduce,
@@ -53,34 +116,16 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
   TORCH_CHECK(Cr >= 1, op, ": w_reduce must have at least one row (reduced channel), got ", w_reduce.sizes());
   TORCH_CHECK(b_reduce.numel() == Cr && b_reduce.scalar_type() == at::kFloat && b_reduce.is_contiguous(),
               op, ": b_reduce must be contiguous fp32 (", Cr, ",), got ", b_reduce.sizes());
-  TORCH_CHECK(w_dilated.size() == b_dilated.size(), op, ": w_dilated and b_dilated differ in length");
-  TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(w_final.numel() == Cr && b_final.numel() == 1 && w_final.scalar_type() == at::kFloat &&
-                  b_final.scalar_type() == at::kFloat,
-              op, ": w_final must be fp32 with ", Cr, " elements and b_final fp32 with 1, got ",
-              w_final.numel(), " ", w_final.scalar_type(), " and ", b_final.numel(), " ", b_final.scalar_type());
-  for (const auto& t : {w_reduce, b_reduce, w_final, b_final})
+  for (const auto& t : {w_reduce, b_reduce})
     TORCH_CHECK(t.device() == x.device(), op, ": weights must be on x's device ", x.device());
+  check_spatial_weights(op, Cr, x.device(), w_dilated, b_dilated, dilation, w_final, b_final);
 
-  for (size_t i = 0; i < w_dilated.size(); ++i) {
-    TORCH_CHECK(w_dilated[i].dim() == 4 && w_dilated[i].size(0) == Cr && w_dilated[i].size(1) == Cr &&
-                    w_dilated[i].size(2) == 3 && w_dilated[i].size(3) == 3 && w_dilated[i].scalar_type() == at::kFloat,
-                op, ": w_dilated[", i, "] must be fp32 (", Cr, ", ", Cr, ", 3, 3), got ",
-                w_dilated[i].sizes(), " ", w_dilated[i].scalar_type());
-    TORCH_CHECK(b_dilated[i].numel() == Cr && b_dilated[i].scalar_type() == at::kFloat,
-                op, ": b_dilated[", i, "] must be fp32 with ", Cr, " elements, got ",
-                b_dilated[i].sizes(), " ", b_dilated[i].scalar_type());
-    TORCH_CHECK(w_dilated[i].device() == x.device() && b_dilated[i].device() == x.device(),
-                op, ": weights must be on x's device ", x.device());
-  }
-
-  at::Tensor part, y, spatial;
+  at::Tensor part, y;
 #ifdef BAM_FUSED_WITH_CUDA
   if (x.is_cuda()) {
-    const bool kernel = !w_dilated.empty() && cuda_spatial_kernel(Cr);
     // The library's convs run channels_last without layout transposes: y is written so.
-    std::tie(part, y) = reduce_pool_cuda(x, w_reduce, b_reduce, /*y_channels_last=*/!kernel);
-    if (kernel) spatial = spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
+    std::tie(part, y) = reduce_pool_cuda(x, w_reduce, b_reduce, /*y_channels_last=*/!spatial_kernel(x.device(), Cr,
+                                                                                                     w_dilated));
   } else {
     std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
   }
@@ -88,28 +133,7 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
   TORCH_CHECK(x.is_cpu(), op, ": this build has no CUDA kernels, x is on ", x.device());
   std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
 #endif
-  if (!spatial.defined()) {
-    // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
-    for (size_t i = 0; i < w_dilated.size(); ++i) {
-      const at::Tensor bias = b_dilated[i].reshape({Cr});
-      // On the CPU oneDNN's conv directly: conv2d's heuristic sends small batch-1 maps (Cr * H * W
-      // < 20480, e.g. 64 x 14 x 14) to a slow native path (0.165 against 0.088 ms per conv).
-      y = (y.is_cpu() && at::hasMKLDNN()
-               ? at::mkldnn_convolution(y, w_dilated[i], bias, {dilation, dilation}, {1, 1}, {dilation, dilation}, 1)
-               : at::conv2d(y, w_dilated[i], bias, 1, dilation, dilation))
-              .relu_();
-    }
-    if (y.is_cpu() && y.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      // The final 1x1 conv to one channel as a matrix-vector product over NHWC pixels.
-      const at::Tensor pixels = y.permute({0, 2, 3, 1}).reshape({-1, Cr});
-      spatial = at::addmv(b_final.reshape({1}).expand({pixels.size(0)}), pixels, w_final.reshape({Cr}))
-                    .view({y.size(0), y.size(2), y.size(3)});
-    } else {
-      spatial = at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1}))
-                    .reshape({y.size(0), y.size(2), y.size(3)});
-    }
-  }
-  return {part, spatial};
+  return {part, spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final)};
 }
 
 // A plain function: an earlier lambda form of this check segfaulted while raising on the GPU
@@ -121,6 +145,31 @@ void check_fp32(const char* op, const char* name, const at::Tensor& t, at::IntAr
 }
 
 at::Tensor means(const at::Tensor& part) { return part.size(1) == 1 ? part.select(1, 0) : part.sum(1); }
+
+// The channel MLP w1 @ relu(w0 @ mean + b0) + b1 (N, C) from pooled partial means (N, P, C).
+at::Tensor channel_mlp(const at::Tensor& part, const at::Tensor& w_fc0, const at::Tensor& b_fc0,
+                       const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
+#ifdef BAM_FUSED_WITH_CUDA
+  // Our MLP kernel runs one block per sample through the weights. Measured on an H200
+  // (2026-11-25, N = 32): 6.8 us at C x hidden = 256 x 16, where the library's launches take
+  // about 20 us; but 25 and 83 us at 512 x 32 and 1024 x 64, where the library wins.
+  constexpr int64_t kMlpKernelMaxWeights = 256 * 16;
+  if (part.is_cuda() && w_fc0.numel() <= kMlpKernelMaxWeights)
+    return std::get<1>(channel_mlp_cuda(part, w_fc0, b_fc0, w_fc1, b_fc1));
+#endif
+  return at::linear(at::linear(means(part), w_fc0, b_fc0).relu_(), w_fc1, b_fc1);
+}
+
+// Checks of the channel MLP's weights for C channels.
+void check_mlp_weights(const char* op, int64_t C, at::Device device, const at::Tensor& w_fc0,
+                       const at::Tensor& b_fc0, const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
+  TORCH_CHECK(w_fc0.dim() == 2, op, ": w_fc0 must be 2-D (hidden, C), got ", w_fc0.sizes());
+  const int64_t hidden = w_fc0.size(0);
+  check_fp32(op, "w_fc0", w_fc0, {hidden, C}, device);
+  check_fp32(op, "b_fc0", b_fc0, {hidden}, device);
+  check_fp32(op, "w_fc1", w_fc1, {C, hidden}, device);
+  check_fp32(op, "b_fc1", b_fc1, {C}, device);
+}
 
 }  // namespace
 
@@ -141,22 +190,42 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& x, const at::Tens
                                              const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
   const char* op = "bam_fused_C::attention";
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
-  TORCH_CHECK(w_fc0.dim() == 2, op, ": w_fc0 must be 2-D (hidden, C), got ", w_fc0.sizes());
-  const int64_t C = x.size(1), hidden = w_fc0.size(0);
-  check_fp32(op, "w_fc0", w_fc0, {hidden, C}, x.device());
-  check_fp32(op, "b_fc0", b_fc0, {hidden}, x.device());
-  check_fp32(op, "w_fc1", w_fc1, {C, hidden}, x.device());
-  check_fp32(op, "b_fc1", b_fc1, {C}, x.device());
+  check_mlp_weights(op, x.size(1), x.device(), w_fc0, b_fc0, w_fc1, b_fc1);
   auto [part, spatial] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
+  return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1), spatial};
+}
+
+// The attention op after its pass over x, from that pass's outputs (the Triton pass on CUDA,
+// ops/pass_triton.py): pooled partial means part (N, P, C) and y = relu(reduce conv)
+// (N, Cr, H, W), both fp32. Returns what attention returns.
+std::tuple<at::Tensor, at::Tensor> attention_tail(const at::Tensor& part, const at::Tensor& y,
+                                                  at::TensorList w_dilated, at::TensorList b_dilated,
+                                                  int64_t dilation, const at::Tensor& w_final,
+                                                  const at::Tensor& b_final, const at::Tensor& w_fc0,
+                                                  const at::Tensor& b_fc0, const at::Tensor& w_fc1,
+                                                  const at::Tensor& b_fc1) {
+  const char* op = "bam_fused_C::attention_tail";
+  TORCH_CHECK(part.dim() == 3 && part.size(1) >= 1 && part.scalar_type() == at::kFloat && part.is_contiguous(), op,
+              ": part must be contiguous fp32 (N, P, C) with P >= 1, got ", part.sizes(), " ", part.scalar_type());
+  TORCH_CHECK(y.dim() == 4 && y.size(0) == part.size(0) && y.size(1) >= 1 && y.scalar_type() == at::kFloat &&
+                  y.device() == part.device() &&
+                  (y.is_contiguous() || y.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              op, ": y must be NCHW- or channels_last-contiguous fp32 (", part.size(0), ", Cr, H, W) on ",
+              part.device(), ", got ", y.sizes(), " ", y.scalar_type(), " on ", y.device(), " strides ", y.strides());
+  check_mlp_weights(op, part.size(2), part.device(), w_fc0, b_fc0, w_fc1, b_fc1);
+  check_spatial_weights(op, y.size(1), y.device(), w_dilated, b_dilated, dilation, w_final, b_final);
+  return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1),
+          spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final)};
+}
+
+// Whether attention on CUDA wants y channels_last (the library's convs) rather than NCHW (our
+// spatial kernel) for Cr reduced channels and num_dilated dilated convs.
+bool cuda_y_channels_last(int64_t cr, int64_t num_dilated) {
 #ifdef BAM_FUSED_WITH_CUDA
-  // Our MLP kernel runs one block per sample through the weights. Measured on an H200
-  // (2026-11-25, N = 32): 6.8 us at C x hidden = 256 x 16, where the library's launches take
-  // about 20 us; but 25 and 83 us at 512 x 32 and 1024 x 64, where the library wins.
-  constexpr int64_t kMlpKernelMaxWeights = 256 * 16;
-  if (x.is_cuda() && C * hidden <= kMlpKernelMaxWeights)
-    return {std::get<1>(channel_mlp_cuda(part, w_fc0, b_fc0, w_fc1, b_fc1)), spatial};
+  return num_dilated == 0 || !cuda_spatial_kernel(cr);
+#else
+  return true;
 #endif
-  return {at::linear(at::linear(means(part), w_fc0, b_fc0).relu_(), w_fc1, b_fc1), spatial};
 }
 
 // Training mode's pass over x (CPU): the channel means (N, C) and y = w @ x + b, (N, Cr, H, W)
@@ -240,6 +309,10 @@ TORCH_LIBRARY(bam_fused_C, m) {
   m.def(
       "attention(Tensor x, Tensor w_reduce, Tensor b_reduce, Tensor[] w_dilated, Tensor[] b_dilated, int dilation, "
       "Tensor w_final, Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1) -> (Tensor, Tensor)");
+  m.def(
+      "attention_tail(Tensor part, Tensor y, Tensor[] w_dilated, Tensor[] b_dilated, int dilation, Tensor w_final, "
+      "Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1) -> (Tensor, Tensor)");
+  m.def("cuda_y_channels_last(int cr, int num_dilated) -> bool", &cuda_y_channels_last);
   m.def("reduce_pool(Tensor x, Tensor w, Tensor b, bool relu) -> (Tensor, Tensor)");
   m.def("reduce_pool_backward(Tensor x, Tensor dy, Tensor dmean, Tensor w, Tensor(a!)? dx) -> (Tensor, Tensor)");
 }
@@ -247,6 +320,7 @@ TORCH_LIBRARY(bam_fused_C, m) {
 TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
   m.impl("branches", &branches);
   m.impl("attention", &attention);
+  m.impl("attention_tail", &attention_tail);
   m.impl("reduce_pool", &reduce_pool);
   m.impl("reduce_pool_backward", &reduce_pool_backward);
 }
@@ -254,6 +328,7 @@ TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
 TORCH_LIBRARY_IMPL(bam_fused_C, CUDA, m) {
   m.impl("branches", &branches);
   m.impl("attention", &attention);
+  m.impl("attention_tail", &attention_tail);
 }
 #endif
 

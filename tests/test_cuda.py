@@ -52,8 +52,10 @@ def test_triton_backward_bitwise_repeatable_on_gpu():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spatial_impl", SPATIAL_IMPLS)
-def test_cuda_branch_op_and_module(c, h, w, dilation, r, layout, dtype, spatial_impl, monkeypatch):
+@pytest.mark.parametrize("pass_impl", ["kernel", "triton"])
+def test_cuda_branch_op_and_module(c, h, w, dilation, r, layout, dtype, spatial_impl, pass_impl, monkeypatch):
     monkeypatch.setenv("BAM_FUSED_CUDA_SPATIAL", spatial_impl)
+    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", pass_impl)  # the module's pass over x
     ref = randomize_(bam_fused.reference.BAM(c, r, dilation)).eval()
     fused = bam_fused.BAM(c, r, dilation, backend="fused").eval()
     fused.load_state_dict(ref.state_dict())
@@ -98,6 +100,29 @@ def test_cuda_spatial_impl_variable_is_checked(monkeypatch):
     m = bam_fused.BAM(32, 16, backend="fused").cuda().eval()
     with torch.no_grad(), pytest.raises(RuntimeError, match="BAM_FUSED_CUDA_SPATIAL"):
         m(torch.randn(1, 32, 5, 5, device="cuda"))
+
+
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="extension built without CUDA kernels")
+def test_auto_pass_under_graph_capture(monkeypatch):
+    # A shape first met while a CUDA graph is captured cannot be timed: the kernel runs, and
+    # the shape is timed at its first call outside capture.
+    from bam_fused.ops import attention_cuda
+
+    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "auto")
+    monkeypatch.setattr(attention_cuda, "_chosen", {})
+    m = randomize_(bam_fused.BAM(64, 8)).cuda().eval()
+    x = torch.randn(3, 64, 11, 7, device="cuda")
+    with torch.no_grad():
+        want = m(x).clone()
+        attention_cuda._chosen.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(x)
+        graph.replay()
+        assert not attention_cuda._chosen
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        m(x)
+    assert list(attention_cuda._chosen.values())[0] in ("kernel", "triton")
 
 
 def test_compile_module_on_gpu():

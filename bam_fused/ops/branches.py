@@ -44,6 +44,11 @@ def _register_fake() -> None:
     def _(x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1):
         return maps(x)
 
+    @torch.library.register_fake("bam_fused_C::attention_tail")
+    def _(part, y, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1):
+        n, cr, h, wd = y.shape
+        return part.new_empty((n, part.shape[2])), y.new_empty((n, h, wd))
+
     @torch.library.register_fake("bam_fused_C::reduce_pool")
     def _(x, w, b, relu):
         n, c, h, wd = x.shape

@@ -281,10 +281,20 @@ constexpr int fold_lane(int t) {
   const int h = B / 2, q = t / h, w = t % h, nb = L / B;
   return q < nb ? q * B + kHalf * h + w : L + (q - nb) * B + kHalf * h + w;
 }
+// Lanes I... of the concatenation (x, y). __builtin_shufflevector is clang's and GCC >= 12's;
+// older GCC has __builtin_shuffle with a mask vector.
+template <typename V, int... I>
+BAM_INLINE V shuffle2(V x, V y) {
+#if defined(__clang__) || __GNUC__ >= 12
+  return V(__builtin_shufflevector(x, y, I...));
+#else
+  typedef int32_t Mask __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(x, y, Mask{I...});
+#endif
+}
 template <typename V, int L, int B, size_t... T>
 BAM_INLINE V fold_pair(V x, V y, std::index_sequence<T...>) {
-  return V(__builtin_shufflevector(x, y, fold_lane<L, B, 0>(T)...)) +
-         V(__builtin_shufflevector(x, y, fold_lane<L, B, 1>(T)...));
+  return shuffle2<V, fold_lane<L, B, 0>(T)...>(x, y) + shuffle2<V, fold_lane<L, B, 1>(T)...>(x, y);
 }
 template <typename V, int L, int B>
 BAM_INLINE V fold_all(V* a) {

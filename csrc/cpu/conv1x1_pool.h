@@ -163,7 +163,6 @@ BAM_INLINE void conv1x1_tile(const Conv1x1PoolJob& j, const float* xt, int64_t x
 template <typename K, typename T>
 BAM_INLINE void conv1x1_pool_chunk(const Conv1x1PoolJob& j, const T* x, int64_t p0, int64_t p1, float* y,
                                    float* part, float* buf, float* pool) {
-  using V = typename K::V;
   constexpr int kP = kTilePx<K>, kL = kLanes<K>;
   const int64_t C = j.C, HW = j.HW;
   std::fill(pool, pool + C * kL, 0.f);

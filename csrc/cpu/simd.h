@@ -8,8 +8,9 @@
 
 namespace bam_fused {
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-// One copy of each hot loop per instruction set, chosen at load time (GCC ifunc).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 12
+// One copy of each hot loop per instruction set, chosen at load time (GCC ifunc; the
+// x86-64-v* levels need GCC 12, older compilers build the default copy only).
 #define BAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define BAM_CLONES

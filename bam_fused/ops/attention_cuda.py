@@ -1,0 +1,96 @@
+"""BAM's eval-mode attention maps on CUDA, and which pass over x computes them
+(BAM_FUSED_CUDA_PASS, read on every call so that benchmarks can compare both in one process):
+
+- ``kernel``: the extension's attention op end to end, with its CUDA-core pass over x
+  (csrc/cuda/reduce_pool.cuh);
+- ``triton``: the Triton tensor-core pass (ops/pass_triton.py), then the op's tail (spatial
+  branch and channel MLP) on its outputs;
+- ``auto`` (default): the first call for each (device, shape, Cr, dtype, layout) times both
+  and keeps the faster for the process (tens of milliseconds, once per shape).
+
+Both compute the same function up to float32 rounding (3xTF32 in the Triton pass). The Triton
+pass takes up to pass_triton.MAX_CR reduced channels; wider reductions, processes without
+Triton, and untimed shapes met during CUDA graph capture (where nothing can be timed) run the
+kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import _backends
+from .branches import load_op
+
+MODES = ("auto", "kernel", "triton")
+_chosen: dict[tuple, str] = {}
+_y_layouts: dict[tuple, bool] = {}
+
+
+def mode() -> str:
+    raw = os.environ.get("BAM_FUSED_CUDA_PASS", "auto").strip().lower() or "auto"
+    if raw not in MODES:
+        raise ValueError(f"environment variable BAM_FUSED_CUDA_PASS must be one of {MODES}, got {raw!r}")
+    return raw
+
+
+def _y_channels_last(cr: int, num_dilated: int) -> bool:
+    """The layout of y the op's tail reads without a copy (it depends on BAM_FUSED_CUDA_SPATIAL)."""
+    key = (cr, num_dilated, os.environ.get("BAM_FUSED_CUDA_SPATIAL"))
+    if key not in _y_layouts:
+        _y_layouts[key] = bool(torch.ops.bam_fused_C.cuda_y_channels_last(cr, num_dilated))
+    return _y_layouts[key]
+
+
+def _run_kernel(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_op("attention")(
+        x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"],
+        f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
+    )  # fmt: skip
+
+
+def _run_triton(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .pass_triton import reduce_pool  # Triton is optional: imported only where it runs
+
+    part, y = reduce_pool(x, f["red_w"], f["red_b"], _y_channels_last(f["red_w"].shape[0], len(f["dil_w"])))
+    return load_op("attention_tail")(
+        part, y, f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"],
+        f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
+    )  # fmt: skip
+
+
+def _time_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
+    """Which pass runs for this x: "kernel" or "triton" (see the module docstring)."""
+    wanted = mode()
+    if wanted == "kernel" or _backends.triton_reason(x.device) is not None:
+        return "kernel"
+    from .pass_triton import MAX_CR
+
+    if f["red_w"].shape[0] > MAX_CR:
+        return "kernel"
+    if wanted == "triton":
+        return "triton"
+    key = (x.device, tuple(x.shape), f["red_w"].shape[0], x.dtype, x.is_contiguous(),
+           os.environ.get("BAM_FUSED_CUDA_SPATIAL"))  # fmt: skip
+    if key not in _chosen:
+        if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return "kernel"
+        _chosen[key] = "kernel"  # while timing: a re-entrant call must not time again
+        times = {name: _time_ms(lambda run=run: run(x, f, dilation)) for name, run in
+                 (("kernel", _run_kernel), ("triton", _run_triton))}  # fmt: skip
+        _chosen[key] = min(times, key=times.get)
+    return _chosen[key]
+
+
+def attention(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel MLP's output (N, C) and the spatial map (N, H, W), fp32, of an eval-mode BAM
+    with folded weights f (BAM.folded()) on x (NCHW- or channels_last-contiguous)."""
+    run = _run_triton if choice(x, f, dilation) == "triton" else _run_kernel
+    return run(x, f, dilation)

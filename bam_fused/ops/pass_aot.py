@@ -1,0 +1,91 @@
+"""Compiles the Triton pass over x (ops/pass_triton.py) ahead of time for real GPU targets (no
+GPU needed) in every variant the launcher can pick, and reports registers, spills and whether
+the tensor cores are used (mma/wgmma in the PTX).
+
+    python -m bam_fused.ops.pass_aot [--arch 80 90]
+
+Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import pass_triton as pt
+from .gate_aot import _spills
+
+DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+def configs() -> list[dict]:
+    """The launcher's configuration (DEFAULTS) in every dtype, x layout, y layout and Cr pad;
+    the finishing kernel in both layouts."""
+    out = []
+    for dtype in DTYPES:
+        for x_cl in (False, True):
+            for y_cl in (False, True):
+                for pad, config in pt.DEFAULTS.items():
+                    out.append(dict(kernel="pass", dtype=dtype, x_cl=x_cl, y_cl=y_cl, cr_pad=pad, config=config))
+    out += [dict(kernel="finish", y_cl=y_cl) for y_cl in (False, True)]
+    return out
+
+
+def _source(cfg: dict) -> tuple[ASTSource, int]:
+    if cfg["kernel"] == "finish":
+        sig = {"part_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "numel": "i64", "CR": "i32", "HW": "i32",
+               "splits": "i32", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
+        const = {"CHANNELS_LAST": cfg["y_cl"], "BLOCK": 1024}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2)}
+        return ASTSource(fn=pt._finish_kernel, signature=sig, constexprs=const, attrs=attrs), 4
+    c = cfg["config"]
+    sig = {"x_ptr": DTYPES[cfg["dtype"]], "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "part_ptr": "*fp32",
+           "C": "i32", "HW": "i32", "CR": "i32", "n_pb": "i32", "c_split": "i32", "inv_hw": "fp32",
+           "sx_n": "i32", "sx_c": "i32", "sx_p": "i32", "sy_n": "i32", "sy_c": "i32", "sy_p": "i32",
+           "sy_split": "i32", "raw": "i1"}  # fmt: skip
+    names = list(sig)
+    # What the runtime specialises on: stride 1 along the contiguous dimension (a constexpr),
+    # 16-byte aligned pointers, and C, HW and the other strides divisible by 16 (ResNet shapes).
+    const = {"sx_c" if cfg["x_cl"] else "sx_p": 1, "sy_c" if cfg["y_cl"] else "sy_p": 1,
+             "CR_PAD": cfg["cr_pad"], "BLOCK_P": c.block_p, "BLOCK_C": c.block_c, "PRECISION": "tf32x3"}  # fmt: skip
+    for k in const:
+        sig[k] = "constexpr"
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+    for name in ("C", "HW", "sx_n", "sx_c", "sx_p", "sy_n", "sy_c", "sy_p", "sy_split"):
+        if name not in const:
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=pt._pass_kernel, signature=sig, constexprs=const, attrs=attrs), c.num_warps
+
+
+def compile_all(archs=(80, 90)) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
+    results = []
+    for arch in archs:
+        for cfg in configs():
+            src, num_warps = _source(cfg)
+            stages = cfg["config"].num_stages if "config" in cfg else 3
+            compiled = triton.compile(
+                src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": stages}
+            )
+            ptx = compiled.asm["ptx"]
+            regs, spill_st, spill_ld = _spills(ptx, arch)
+            row = {k: (str(v) if k == "config" else v) for k, v in cfg.items()}
+            results.append(dict(row, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
+                                tensor_cores="mma.sync" in ptx or "wgmma" in ptx))  # fmt: skip
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    print(json.dumps(compile_all(tuple(parser.parse_args().arch)), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The Triton pass over x (ops/pass_triton.py) against float64, its plan, the op's tail that
+runs after it (attention_tail) and the choice between it and the CUDA kernel
+(ops/attention_cuda.py). Interpreted on the CPU without a GPU, compiled on one."""
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+from helpers import make_layout
+
+import bam_fused
+from bam_fused import _backends, _ext
+from bam_fused.ops import attention_cuda
+from bam_fused.testing import randomize_
+
+pt = pytest.importorskip("bam_fused.ops.pass_triton")
+needs_ext = pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
+
+
+@pytest.fixture
+def device():
+    if _backends.triton_interpreted():
+        return "cpu"
+    if HAS_CUDA:
+        return "cuda"
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+
+
+def truth(x, w, b):
+    x64 = x.double()
+    y = torch.einsum("rc,nchw->nrhw", w.double(), x64) + b.double()[None, :, None, None]
+    return x64.mean((2, 3)), y.relu()
+
+
+# (N, C, H, W, Cr): odd sizes; Cr off the power-of-two pads; enough channels for splits
+# (the interpreter's plan assumes 4 multiprocessors); one pixel; Cr at MAX_CR.
+SHAPES = [(2, 37, 7, 9, 5), (1, 300, 5, 3, 20), (3, 200, 11, 13, 64), (2, 16, 1, 1, 1), (1, 130, 9, 15, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("y_channels_last", [False, True])
+def test_pass_matches_float64(device, shape, dtype, layout, y_channels_last):
+    n, c, h, wd, cr = shape
+    x = make_layout(torch.randn(n, c, h, wd, device=device).to(dtype), layout)
+    w = torch.randn(cr, c, device=device) / c**0.5
+    b = torch.randn(cr, device=device) * 0.2
+    part, y = pt.reduce_pool(x, w, b, y_channels_last)
+    mean, want = truth(x.cpu(), w.cpu(), b.cpu())
+    block_p = pt.DEFAULTS[pt.cr_pad(cr)].block_p
+    assert part.shape == (n, max(1, -(-h * wd // block_p)), c) and part.dtype == torch.float32
+    assert y.shape == (n, cr, h, wd) and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last if y_channels_last else torch.contiguous_format)
+    # 3xTF32 (compiled) or fp32 (interpreted) products, fp32 sums: float32-level error.
+    torch.testing.assert_close(part.sum(1).cpu().double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [*pt.DEFAULTS.values(), *pt.CANDIDATES], ids=str)
+def test_every_config(device, config):
+    x = torch.randn(2, 150, 13, 11, device=device)
+    w, b = torch.randn(24, 150, device=device) / 150**0.5, torch.randn(24, device=device)
+    part, y = pt.reduce_pool(x, w, b, True, config)
+    mean, want = truth(x.cpu(), w.cpu(), b.cpu())
+    torch.testing.assert_close(part.sum(1).cpu().double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_and_empty_map(device):
+    w, b = torch.randn(4, 16, device=device), torch.randn(4, device=device)
+    part, y = pt.reduce_pool(torch.randn(0, 16, 3, 3, device=device), w, b, False)
+    assert part.shape == (0, 1, 16) and y.shape == (0, 4, 3, 3)
+    part, y = pt.reduce_pool(torch.randn(2, 16, 0, 3, device=device), w, b, True)
+    assert part.shape == (2, 1, 16) and bool((part == 0).all()) and y.shape == (2, 4, 0, 3)
+
+
+@pytest.mark.parametrize("programs,c,target", [(2, 37, 16), (1, 300, 16), (128, 1024, 528), (800, 256, 528),
+                                               (1, 64, 1000), (10, 4096, 10**6)])  # fmt: skip
+def test_split_plan(programs, c, target):
+    splits, c_split = pt.plan_splits(programs, c, target)
+    assert splits >= 1 and c_split % pt.SPLIT_ALIGN == 0
+    assert (splits - 1) * c_split < c <= splits * c_split  # every split has channels; all covered
+    slices = -(-c // pt.SPLIT_ALIGN)
+    assert splits == 1 or c_split >= 2 * pt.SPLIT_ALIGN or slices < 4  # at least two slices each
+    if programs >= target:
+        assert splits == 1
+
+
+def test_split_results_equal_unsplit(device, monkeypatch):
+    # The same x through one split and through several: same function, fp32 rounding apart.
+    x = torch.randn(1, 512, 3, 5, device=device)
+    w, b = torch.randn(32, 512, device=device) / 512**0.5, torch.randn(32, device=device)
+    monkeypatch.setattr(pt, "_multiprocessors", lambda dev: 0)
+    part1, y1 = pt.reduce_pool(x, w, b, False)
+    monkeypatch.setattr(pt, "_multiprocessors", lambda dev: 64)
+    assert pt.plan_splits(1, 512, 256)[0] > 1
+    part2, y2 = pt.reduce_pool(x, w, b, False)
+    torch.testing.assert_close(part1, part2, rtol=0, atol=0)  # channel sums do not depend on splits
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+
+
+def folded_bam(c, r, dilation, convs=2):
+    ref = randomize_(bam_fused.reference.BAM(c, r, dilation, num_dilated_convs=convs)).eval()
+    fused = bam_fused.BAM(c, r, dilation, num_dilated_convs=convs, backend="fused").eval()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused, fused.folded()
+
+
+@needs_ext
+@pytest.mark.parametrize("c,r,dilation,convs", [(48, 8, 1, 2), (37, 4, 4, 2), (64, 16, 2, 1), (32, 8, 3, 0)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_pass_then_tail_equals_attention_op(device, c, r, dilation, convs, layout):
+    ref, fused, f = folded_bam(c, r, dilation, convs)
+    x = make_layout(torch.randn(2, c, 9, 13), layout)
+    if device == "cuda":
+        fused, x = fused.cuda(), x.cuda()
+        f = fused.folded()
+    with torch.no_grad():
+        want_c, want_s = attention_cuda._run_kernel(x, f, dilation)
+        got_c, got_s = attention_cuda._run_triton(x, f, dilation)
+        ref64 = ref.double()
+        truth_c = ref64.channel_att(x.cpu().double()).reshape(x.shape[:2])
+        truth_s = ref64.spatial_att(x.cpu().double())[:, 0]
+    torch.testing.assert_close(got_c.cpu().double(), truth_c, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_s.cpu().double(), truth_s, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got_c, want_c, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_s, want_s, rtol=1e-3, atol=1e-3)
+
+
+@needs_ext
+def test_attention_tail_checks_its_inputs():
+    _, _, f = folded_bam(32, 8, 4)
+    tail = torch.ops.bam_fused_C.attention_tail
+    part, y = torch.randn(2, 1, 32), torch.randn(2, 4, 5, 5)
+    rest = (f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
+    tail(part, y, *rest)  # fine
+    with pytest.raises(RuntimeError, match="part must be contiguous fp32"):
+        tail(part.double(), y, *rest)
+    with pytest.raises(RuntimeError, match="part must be contiguous fp32 .* P >= 1"):
+        tail(torch.randn(2, 0, 32), y, *rest)
+    with pytest.raises(RuntimeError, match="y must be NCHW- or channels_last-contiguous fp32 \\(2, Cr, H, W\\)"):
+        tail(part, torch.randn(3, 4, 5, 5), *rest)
+    with pytest.raises(RuntimeError, match="y must be"):
+        tail(part, torch.randn(2, 4, 5, 10)[..., ::2], *rest)
+    with pytest.raises(RuntimeError, match="w_fc0 must be contiguous fp32"):
+        tail(torch.randn(2, 1, 33), y, *rest)
+    with pytest.raises(RuntimeError, match="w_final must be fp32 with 5 elements"):
+        tail(part, torch.randn(2, 5, 5, 5), *rest)
+    bad = ([f["dil_w"][0].double(), f["dil_w"][1]],) + rest[1:]
+    with pytest.raises(RuntimeError, match="w_dilated\\[0\\] must be fp32 \\(4, 4, 3, 3\\)"):
+        tail(part, y, *bad)
+
+
+@needs_ext
+def test_attention_tail_opcheck():
+    _, _, f = folded_bam(32, 8, 4)
+    y = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    args = (torch.randn(2, 3, 32), y, f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"],
+            f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])  # fmt: skip
+    from bam_fused.ops.branches import load_op
+
+    torch.library.opcheck(load_op("attention_tail"), args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_pass_mode_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "fastest")
+    with pytest.raises(ValueError, match="BAM_FUSED_CUDA_PASS must be one of"):
+        attention_cuda.mode()
+    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", " Triton ")
+    assert attention_cuda.mode() == "triton"
+    monkeypatch.delenv("BAM_FUSED_CUDA_PASS")
+    assert attention_cuda.mode() == "auto"
+
+
+def test_choice_rules(monkeypatch):
+    x = torch.randn(2, 64, 5, 5)
+    narrow, wide = {"red_w": torch.randn(4, 64)}, {"red_w": torch.randn(pt.MAX_CR + 1, 64)}
+    monkeypatch.setattr(_backends, "triton_reason", lambda dev: None)
+    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "kernel")
+    assert attention_cuda.choice(x, narrow, 4) == "kernel"
+    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "triton")
+    assert attention_cuda.choice(x, narrow, 4) == "triton"
+    assert attention_cuda.choice(x, wide, 4) == "kernel"  # more reduced channels than the kernel takes
+    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "auto")
+    assert attention_cuda.choice(x, narrow, 4) == "kernel"  # nothing to time off CUDA: not cached
+    assert not attention_cuda._chosen
+    monkeypatch.setattr(_backends, "triton_reason", lambda dev: "no Triton")
+    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "triton")
+    assert attention_cuda.choice(x, narrow, 4) == "kernel"
+
+
+@pytest.mark.cuda
+@needs_ext
+def test_auto_times_once_and_keeps_the_faster(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "auto")
+    monkeypatch.setattr(attention_cuda, "_chosen", {})
+    calls = []
+    times = {"_run_kernel": 2.0, "_run_triton": 1.0}
+
+    def fake_time(fn):
+        calls.append(fn)
+        return times[fn.__defaults__[0].__name__]
+
+    monkeypatch.setattr(attention_cuda, "_time_ms", fake_time)
+    _, fused, _ = folded_bam(64, 16, 4)
+    x = torch.randn(2, 64, 7, 9, device="cuda")
+    f = fused.cuda().folded()
+    assert attention_cuda.choice(x, f, 4) == "triton"
+    assert attention_cuda.choice(x, f, 4) == "triton" and len(calls) == 2  # cached
+    times.update(_run_kernel=0.5)
+    assert attention_cuda.choice(x[:1], f, 4) == "kernel"  # another shape: timed again
