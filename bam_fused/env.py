@@ -8,9 +8,10 @@
 | BAM_FUSED_DISABLE_TRITON | 0       | 1: act as if Triton were missing                              |
 | BAM_FUSED_CUDA_SPATIAL   | auto    | CUDA dilated convs: kernel (ours, fp32), library (cuDNN), or  |
 |                          |         | auto (ours up to 16 reduced channels); read by the extension  |
-| BAM_FUSED_CUDA_PASS      | auto    | CUDA eval pass over x: kernel (ours, CUDA cores), triton      |
-|                          |         | (tensor cores, 3xTF32, Cr <= 64), or auto (both timed on the  |
-|                          |         | first call per shape, the faster kept)                        |
+| BAM_FUSED_CUDA_EVAL      | auto    | CUDA eval attention maps: kernel (extension op, CUDA cores),  |
+|                          |         | triton-pass (Triton pass over x + op's convs and MLP), triton |
+|                          |         | (Triton pass and convs; tensor cores, 3xTF32, Cr <= 64), or   |
+|                          |         | auto (all timed on the first call per shape, fastest kept)    |
 | BAM_FUSED_CPU_ISA        | auto    | CPU pass over x and its backward: avx512, avx2, generic, or   |
 |                          |         | auto (the widest the CPU has); read by the extension          |
 | TRITON_INTERPRET         | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |

@@ -34,14 +34,14 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _pass_mode_reason() -> str | None:
+def _eval_mode_reason() -> str | None:
     from .ops import attention_cuda
 
     try:
         mode = attention_cuda.mode()
     except ValueError as exc:
         return str(exc)
-    return "BAM_FUSED_CUDA_PASS=kernel" if mode == "kernel" else None
+    return "BAM_FUSED_CUDA_EVAL=kernel" if mode == "kernel" else None
 
 
 def info() -> dict[str, Any]:
@@ -74,9 +74,9 @@ def info() -> dict[str, Any]:
             "gate (C++, CPU)": status(_backends.cpp_reason(cpu)),
             "branches (C++, CPU)": status(_backends.branch_kernel_reason("cpu")),
             "branches (CUDA)": status(cuda_branch),
-            # The Triton pass over x in the CUDA eval path (ops/attention_cuda.py chooses it or
-            # the CUDA kernel per BAM_FUSED_CUDA_PASS).
-            "pass over x (Triton, CUDA)": status(cuda_branch or triton_cuda or _pass_mode_reason()),
+            # The Triton pass over x and dilated convs in the CUDA eval path (ops/attention_cuda.py
+            # chooses them or the extension's op per BAM_FUSED_CUDA_EVAL).
+            "branches (Triton, CUDA)": status(cuda_branch or triton_cuda or _eval_mode_reason()),
             # BAM with autograd on the CPU (ops/training.py); on CUDA the branches run as modules.
             "branch autograd (CPU)": status(_backends.branch_kernel_reason("cpu")),
         },
@@ -89,7 +89,7 @@ def format_info(data: dict[str, Any]) -> str:
         if key == "kernels":
             lines.append("kernels:")
             for name, st in value.items():
-                lines.append(f"  {name:26s} {'active' if st['active'] else 'inactive: ' + st['reason']}")
+                lines.append(f"  {name:23s} {'active' if st['active'] else 'inactive: ' + st['reason']}")
         elif key == "extension":
             lines.append("extension: " + ", ".join(f"{k}={v}" for k, v in value.items()))
         else:

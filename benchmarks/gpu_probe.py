@@ -1,7 +1,7 @@
 """GPU-only probes that `bam-fused bench` does not cover (run by run_gpu.sh).
 
     python benchmarks/gpu_probe.py profile   # where a fused BAM's time goes, kernel by kernel
-    python benchmarks/gpu_probe.py passes    # the CUDA-core pass over x against the Triton one
+    python benchmarks/gpu_probe.py passes    # the CUDA-core kernels against the Triton ones
     python benchmarks/gpu_probe.py sanitize  # small odd-shaped workloads for compute-sanitizer
     python benchmarks/gpu_probe.py overhead  # where the CPU time of a fused gate forward+backward goes
 
@@ -27,12 +27,12 @@ from bam_fused.testing import as_layout, randomize_
 
 SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14)]
 SPATIAL_IMPLS = ("kernel", "library")
-PASS_IMPLS = ("kernel", "triton")
+EVAL_IMPLS = ("kernel", "triton-pass", "triton")
 
 
-def pass_impl(impl: str):
-    """BAM_FUSED_CUDA_PASS=impl inside the block (ops/attention_cuda.py reads it on every call)."""
-    return mock.patch.dict(os.environ, {"BAM_FUSED_CUDA_PASS": impl})
+def eval_impl(impl: str):
+    """BAM_FUSED_CUDA_EVAL=impl inside the block (ops/attention_cuda.py reads it on every call)."""
+    return mock.patch.dict(os.environ, {"BAM_FUSED_CUDA_EVAL": impl})
 
 
 def spatial_impl(impl: str):
@@ -101,14 +101,20 @@ def spatial_impls() -> None:
 
 
 def passes() -> None:
-    """The pass over x: each Triton configuration alone (the launcher's default first; the
-    others in fp32), and the whole fused BAM (eval, CUDA graph) with the CUDA-core pass and with the Triton one."""
+    """The eval path's pieces: the Triton pass over x in each configuration (the launcher's
+    default first; the others in fp32), the rest after a pass (the extension's attention_tail
+    against the Triton convs plus the extension's MLP), and the whole fused BAM (eval, CUDA graph)
+    by BAM_FUSED_CUDA_EVAL."""
     from bam_fused.ops import attention_cuda
     from bam_fused.ops import pass_triton as pt
+    from bam_fused.ops.branches import load_op
+    from bam_fused.ops.spatial_triton import spatial_map
 
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    print("pass over x alone (Triton, us) per config block_p/block_c/warps/stages; BAM eval graph (us) by "
-          "BAM_FUSED_CUDA_PASS; |x| = one read of x at copy bandwidth")  # fmt: skip
+    print("us; |x| = one read of x at copy bandwidth; pass = Triton pass alone per config "
+          "block_p/block_c/warps/stages; tail = after the pass: op's attention_tail | Triton convs + op's MLP; "
+          "BAM = whole eval BAM, CUDA graph, by BAM_FUSED_CUDA_EVAL")  # fmt: skip
+    tail, mlp = load_op("attention_tail"), load_op("channel_attention")
     for shape in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             for layout in ("nchw", "channels_last"):
@@ -119,24 +125,31 @@ def passes() -> None:
                 dst = torch.empty_like(x)
                 read_us = ms(lambda: dst.copy_(x)) * 1e3 / 2  # noqa: B023
                 cr = f["red_w"].shape[0]
-                default = pt.DEFAULTS[pt.cr_pad(cr)]
                 cells = []
                 # The other configurations in fp32 only: each is a compile (about a second).
-                for cfg in (default, *(pt.CANDIDATES if dtype == torch.float32 else ())):
+                for cfg in (pt.DEFAULTS[pt.cr_pad(cr)], *(pt.CANDIDATES if dtype == torch.float32 else ())):
+                    name = f"{cfg.block_p}/{cfg.block_c}/{cfg.num_warps}/{cfg.num_stages}"
                     try:
                         t = ms(lambda: pt.reduce_pool(x, f["red_w"], f["red_b"], True, cfg)) * 1e3  # noqa: B023
-                        cells.append(f"{cfg.block_p}/{cfg.block_c}/{cfg.num_warps}/{cfg.num_stages}={t:.1f}")
+                        cells.append(f"{name}={t:.1f}")
                     except Exception as exc:  # a config the GPU cannot hold: say so, go on
-                        cells.append(f"{cfg.block_p}/{cfg.block_c}/{cfg.num_warps}/{cfg.num_stages}=fail "
-                                     f"({type(exc).__name__})")  # fmt: skip
+                        cells.append(f"{name}=fail ({type(exc).__name__})")
+                with torch.no_grad():
+                    part, y = pt.reduce_pool(x, f["red_w"], f["red_b"], attention_cuda._y_channels_last(cr, 2))
+                    part_cl, y_cl = pt.reduce_pool(x, f["red_w"], f["red_b"], True)
+                    rest = (f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
+                    fc = (f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
+                    t_tail = ms(lambda: tail(part, y, *rest, *fc)) * 1e3  # noqa: B023
+                    t_conv = ms(lambda: (spatial_map(y_cl, *rest), mlp(part_cl, *fc))) * 1e3  # noqa: B023
                 bam = {}
-                for impl in PASS_IMPLS:
-                    with pass_impl(impl), torch.no_grad():
+                for impl in EVAL_IMPLS:
+                    with eval_impl(impl), torch.no_grad():
                         bam[impl] = graph_ms(lambda: m(x)) * 1e3  # noqa: B023
-                with pass_impl("auto"), torch.no_grad():
+                with eval_impl("auto"), torch.no_grad():
                     picked = attention_cuda.choice(x, f, 4)
                 print(f"{str(shape):18s} {str(dtype)[6:]:8s} {layout:13s} |x| {read_us:5.1f}  "
-                      f"BAM kernel {bam['kernel']:6.1f} triton {bam['triton']:6.1f} auto->{picked:6s}  "
+                      f"BAM kernel {bam['kernel']:6.1f} triton-pass {bam['triton-pass']:6.1f} "
+                      f"triton {bam['triton']:6.1f} auto->{picked:11s} tail {t_tail:5.1f} | {t_conv:5.1f}  pass "
                       + "  ".join(cells), flush=True)  # fmt: skip
 
 
@@ -148,9 +161,9 @@ def sanitize() -> None:
             for layout in ("nchw", "channels_last"):
                 x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
                 m = randomize_(bam_fused.BAM(c, 8 if c < 64 else 16)).cuda().to(dtype).eval()
-                for impl in SPATIAL_IMPLS:  # both spatial paths, after both passes over x
-                    for pimpl in PASS_IMPLS:
-                        with spatial_impl(impl), pass_impl(pimpl), torch.no_grad():
+                for impl in SPATIAL_IMPLS:  # both spatial paths, and every eval path
+                    for eimpl in EVAL_IMPLS:
+                        with spatial_impl(impl), eval_impl(eimpl), torch.no_grad():
                             m(x)
                 m.train()
                 xg = x.detach().clone().requires_grad_()

@@ -160,6 +160,12 @@ at::Tensor channel_mlp(const at::Tensor& part, const at::Tensor& w_fc0, const at
   return at::linear(at::linear(means(part), w_fc0, b_fc0).relu_(), w_fc1, b_fc1);
 }
 
+// Pooled partial means (N, P, C): they sum to the channel means over P.
+void check_part(const char* op, const at::Tensor& part) {
+  TORCH_CHECK(part.dim() == 3 && part.size(1) >= 1 && part.scalar_type() == at::kFloat && part.is_contiguous(), op,
+              ": part must be contiguous fp32 (N, P, C) with P >= 1, got ", part.sizes(), " ", part.scalar_type());
+}
+
 // Checks of the channel MLP's weights for C channels.
 void check_mlp_weights(const char* op, int64_t C, at::Device device, const at::Tensor& w_fc0,
                        const at::Tensor& b_fc0, const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
@@ -205,8 +211,7 @@ std::tuple<at::Tensor, at::Tensor> attention_tail(const at::Tensor& part, const 
                                                   const at::Tensor& b_fc0, const at::Tensor& w_fc1,
                                                   const at::Tensor& b_fc1) {
   const char* op = "bam_fused_C::attention_tail";
-  TORCH_CHECK(part.dim() == 3 && part.size(1) >= 1 && part.scalar_type() == at::kFloat && part.is_contiguous(), op,
-              ": part must be contiguous fp32 (N, P, C) with P >= 1, got ", part.sizes(), " ", part.scalar_type());
+  check_part(op, part);
   TORCH_CHECK(y.dim() == 4 && y.size(0) == part.size(0) && y.size(1) >= 1 && y.scalar_type() == at::kFloat &&
                   y.device() == part.device() &&
                   (y.is_contiguous() || y.is_contiguous(at::MemoryFormat::ChannelsLast)),
@@ -216,6 +221,16 @@ std::tuple<at::Tensor, at::Tensor> attention_tail(const at::Tensor& part, const 
   check_spatial_weights(op, y.size(1), y.device(), w_dilated, b_dilated, dilation, w_final, b_final);
   return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1),
           spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final)};
+}
+
+// The channel MLP's output (N, C) fp32 from pooled partial means part (N, P, C) fp32 (the
+// Triton path's channel branch, ops/attention_cuda.py).
+at::Tensor channel_attention(const at::Tensor& part, const at::Tensor& w_fc0, const at::Tensor& b_fc0,
+                             const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
+  const char* op = "bam_fused_C::channel_attention";
+  check_part(op, part);
+  check_mlp_weights(op, part.size(2), part.device(), w_fc0, b_fc0, w_fc1, b_fc1);
+  return channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1);
 }
 
 // Whether attention on CUDA wants y channels_last (the library's convs) rather than NCHW (our
@@ -312,6 +327,7 @@ TORCH_LIBRARY(bam_fused_C, m) {
   m.def(
       "attention_tail(Tensor part, Tensor y, Tensor[] w_dilated, Tensor[] b_dilated, int dilation, Tensor w_final, "
       "Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1) -> (Tensor, Tensor)");
+  m.def("channel_attention(Tensor part, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1) -> Tensor");
   m.def("cuda_y_channels_last(int cr, int num_dilated) -> bool", &cuda_y_channels_last);
   m.def("reduce_pool(Tensor x, Tensor w, Tensor b, bool relu) -> (Tensor, Tensor)");
   m.def("reduce_pool_backward(Tensor x, Tensor dy, Tensor dmean, Tensor w, Tensor(a!)? dx) -> (Tensor, Tensor)");
@@ -321,6 +337,7 @@ TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
   m.impl("branches", &branches);
   m.impl("attention", &attention);
   m.impl("attention_tail", &attention_tail);
+  m.impl("channel_attention", &channel_attention);
   m.impl("reduce_pool", &reduce_pool);
   m.impl("reduce_pool_backward", &reduce_pool_backward);
 }
@@ -329,6 +346,7 @@ TORCH_LIBRARY_IMPL(bam_fused_C, CUDA, m) {
   m.impl("branches", &branches);
   m.impl("attention", &attention);
   m.impl("attention_tail", &attention_tail);
+  m.impl("channel_attention", &channel_attention);
 }
 #endif
 

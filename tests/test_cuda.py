@@ -51,11 +51,12 @@ def test_triton_backward_bitwise_repeatable_on_gpu():
                                               (2048, 7, 7, 2, 16), (37, 7, 9, 4, 16)])  # fmt: skip
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("spatial_impl", SPATIAL_IMPLS)
-@pytest.mark.parametrize("pass_impl", ["kernel", "triton"])
-def test_cuda_branch_op_and_module(c, h, w, dilation, r, layout, dtype, spatial_impl, pass_impl, monkeypatch):
+# (BAM_FUSED_CUDA_SPATIAL, BAM_FUSED_CUDA_EVAL): the Triton path runs its own convs.
+@pytest.mark.parametrize("spatial_impl,eval_impl", [(s, e) for e in ("kernel", "triton-pass") for s in SPATIAL_IMPLS]
+                         + [("kernel", "triton")])  # fmt: skip
+def test_cuda_branch_op_and_module(c, h, w, dilation, r, layout, dtype, spatial_impl, eval_impl, monkeypatch):
     monkeypatch.setenv("BAM_FUSED_CUDA_SPATIAL", spatial_impl)
-    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", pass_impl)  # the module's pass over x
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", eval_impl)  # the module's attention maps
     ref = randomize_(bam_fused.reference.BAM(c, r, dilation)).eval()
     fused = bam_fused.BAM(c, r, dilation, backend="fused").eval()
     fused.load_state_dict(ref.state_dict())
@@ -108,7 +109,7 @@ def test_auto_pass_under_graph_capture(monkeypatch):
     # the shape is timed at its first call outside capture.
     from bam_fused.ops import attention_cuda
 
-    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "auto")
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "auto")
     monkeypatch.setattr(attention_cuda, "_chosen", {})
     m = randomize_(bam_fused.BAM(64, 8)).cuda().eval()
     x = torch.randn(3, 64, 11, 7, device="cuda")
@@ -122,7 +123,7 @@ def test_auto_pass_under_graph_capture(monkeypatch):
         assert not attention_cuda._chosen
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         m(x)
-    assert list(attention_cuda._chosen.values())[0] in ("kernel", "triton")
+    assert list(attention_cuda._chosen.values())[0] in ("kernel", "triton-pass", "triton")
 
 
 def test_compile_module_on_gpu():

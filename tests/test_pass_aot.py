@@ -1,4 +1,4 @@
-"""The Triton pass over x compiles for sm_80 and sm_90 without a GPU in every variant its
+"""The Triton pass over x and the Triton spatial convs compile for sm_80 and sm_90 without a GPU in every variant its
 launcher picks, with zero register spills and on the tensor cores."""
 
 import json
@@ -36,6 +36,11 @@ def test_zero_register_spills(aot_results):
     assert all(0 < r["registers"] <= 255 for r in aot_results)
 
 
-def test_pass_runs_on_tensor_cores(aot_results):
-    passes = [r for r in aot_results if r["kernel"] == "pass"]
+def test_convs_compile_for_both_archs(aot_results):
+    seen = {(r["arch"], r["y_cl"], r["cr_pad"], r["final"]) for r in aot_results if r["kernel"] == "conv"}
+    assert len(seen) == 2 * 2 * 3 * 2
+
+
+def test_pass_and_convs_run_on_tensor_cores(aot_results):
+    passes = [r for r in aot_results if r["kernel"] in ("pass", "conv")]
     assert passes and all(r["tensor_cores"] for r in passes), [r for r in passes if not r["tensor_cores"]]

@@ -1,9 +1,11 @@
-"""The Triton pass over x (ops/pass_triton.py) against float64, its plan, the op's tail that
-runs after it (attention_tail) and the choice between it and the CUDA kernel
-(ops/attention_cuda.py). Interpreted on the CPU without a GPU, compiled on one."""
+"""The Triton kernels of the CUDA eval path against float64: the pass over x
+(ops/pass_triton.py) and its plan, the dilated convs (ops/spatial_triton.py); the extension ops
+that finish the job after them (attention_tail, channel_attention); the choice between them and
+the extension's op (ops/attention_cuda.py). Interpreted on the CPU without a GPU, compiled on one."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import HAS_CUDA
 from helpers import make_layout
 
@@ -13,6 +15,7 @@ from bam_fused.ops import attention_cuda
 from bam_fused.testing import randomize_
 
 pt = pytest.importorskip("bam_fused.ops.pass_triton")
+st = pytest.importorskip("bam_fused.ops.spatial_triton")
 needs_ext = pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
 
 
@@ -99,6 +102,36 @@ def test_split_results_equal_unsplit(device, monkeypatch):
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
 
 
+# (N, Cr, H, W, dilation, convs): every padded Cr, dilation past the map, one pixel, 1-3 convs.
+CONV_SHAPES = [(2, 5, 7, 9, 4, 2), (1, 16, 9, 13, 1, 2), (2, 32, 5, 6, 2, 1), (1, 64, 7, 7, 3, 3),
+               (2, 20, 1, 1, 4, 2), (3, 48, 14, 14, 4, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("y_layout", ["nchw", "channels_last"])
+def test_spatial_convs_match_float64(device, shape, y_layout):
+    n, cr, h, wd, d, convs = shape
+    y = make_layout(torch.randn(n, cr, h, wd, device=device).relu(), y_layout)
+    ws = [torch.randn(cr, cr, 3, 3, device=device) / (3 * cr**0.5) for _ in range(convs)]
+    ws[0] = ws[0].contiguous(memory_format=torch.channels_last)  # the fold's layout, and a plain one
+    bs = [torch.randn(cr, device=device) * 0.1 for _ in range(convs)]
+    wf, bf = torch.randn(cr, device=device), torch.randn(1, device=device)
+    spatial = st.spatial_map(y, ws, bs, d, wf, bf)
+    want = y.cpu().double()
+    for w, b in zip(ws, bs, strict=True):
+        want = F.conv2d(want, w.cpu().double(), b.cpu().double(), padding=d, dilation=d).relu()
+    want = (want * wf.cpu().double()[None, :, None, None]).sum(1) + bf.cpu().double()
+    assert spatial.shape == (n, h, wd) and spatial.dtype == torch.float32
+    torch.testing.assert_close(spatial.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_spatial_convs_empty_batch(device):
+    w = [torch.randn(8, 8, 3, 3, device=device)]
+    out = st.spatial_map(torch.randn(0, 8, 5, 5, device=device), w, [torch.randn(8, device=device)], 4,
+                         torch.randn(8, device=device), torch.randn(1, device=device))  # fmt: skip
+    assert out.shape == (0, 5, 5)
+
+
 def folded_bam(c, r, dilation, convs=2):
     ref = randomize_(bam_fused.reference.BAM(c, r, dilation, num_dilated_convs=convs)).eval()
     fused = bam_fused.BAM(c, r, dilation, num_dilated_convs=convs, backend="fused").eval()
@@ -109,7 +142,7 @@ def folded_bam(c, r, dilation, convs=2):
 @needs_ext
 @pytest.mark.parametrize("c,r,dilation,convs", [(48, 8, 1, 2), (37, 4, 4, 2), (64, 16, 2, 1), (32, 8, 3, 0)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_triton_pass_then_tail_equals_attention_op(device, c, r, dilation, convs, layout):
+def test_triton_paths_equal_attention_op(device, c, r, dilation, convs, layout):
     ref, fused, f = folded_bam(c, r, dilation, convs)
     x = make_layout(torch.randn(2, c, 9, 13), layout)
     if device == "cuda":
@@ -117,14 +150,15 @@ def test_triton_pass_then_tail_equals_attention_op(device, c, r, dilation, convs
         f = fused.folded()
     with torch.no_grad():
         want_c, want_s = attention_cuda._run_kernel(x, f, dilation)
-        got_c, got_s = attention_cuda._run_triton(x, f, dilation)
         ref64 = ref.double()
         truth_c = ref64.channel_att(x.cpu().double()).reshape(x.shape[:2])
         truth_s = ref64.spatial_att(x.cpu().double())[:, 0]
-    torch.testing.assert_close(got_c.cpu().double(), truth_c, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got_s.cpu().double(), truth_s, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(got_c, want_c, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got_s, want_s, rtol=1e-3, atol=1e-3)
+        for run in (attention_cuda._run_triton_pass, attention_cuda._run_triton):
+            got_c, got_s = run(x, f, dilation)
+            torch.testing.assert_close(got_c.cpu().double(), truth_c, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_s.cpu().double(), truth_s, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(got_c, want_c, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_s, want_s, rtol=1e-3, atol=1e-3)
 
 
 @needs_ext
@@ -152,6 +186,23 @@ def test_attention_tail_checks_its_inputs():
 
 
 @needs_ext
+def test_channel_attention_op():
+    _, fused, f = folded_bam(32, 8, 4)
+    mlp = torch.ops.bam_fused_C.channel_attention
+    x = torch.randn(2, 32, 5, 5)
+    part = torch.stack([x[..., :2].sum((2, 3)), x[..., 2:].sum((2, 3))], 1) / 25  # two partials
+    with torch.no_grad():
+        want = fused.channel_att(x).reshape(2, 32)
+    fc = (f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
+    torch.testing.assert_close(mlp(part, *fc), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="channel_attention: part must be contiguous fp32"):
+        mlp(part.transpose(1, 2), *fc)
+    with pytest.raises(RuntimeError, match="channel_attention: w_fc0 must be contiguous fp32"):
+        mlp(torch.randn(2, 1, 31), *fc)
+    torch.library.opcheck(mlp, (part, *fc), test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_ext
 def test_attention_tail_opcheck():
     _, _, f = folded_bam(32, 8, 4)
     y = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last)
@@ -162,40 +213,41 @@ def test_attention_tail_opcheck():
     torch.library.opcheck(load_op("attention_tail"), args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_pass_mode_variable_is_checked(monkeypatch):
-    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "fastest")
-    with pytest.raises(ValueError, match="BAM_FUSED_CUDA_PASS must be one of"):
+def test_eval_mode_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "fastest")
+    with pytest.raises(ValueError, match="BAM_FUSED_CUDA_EVAL must be one of"):
         attention_cuda.mode()
-    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", " Triton ")
-    assert attention_cuda.mode() == "triton"
-    monkeypatch.delenv("BAM_FUSED_CUDA_PASS")
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", " Triton-Pass ")
+    assert attention_cuda.mode() == "triton-pass"
+    monkeypatch.delenv("BAM_FUSED_CUDA_EVAL")
     assert attention_cuda.mode() == "auto"
 
 
 def test_choice_rules(monkeypatch):
     x = torch.randn(2, 64, 5, 5)
-    narrow, wide = {"red_w": torch.randn(4, 64)}, {"red_w": torch.randn(pt.MAX_CR + 1, 64)}
+    narrow = {"red_w": torch.randn(4, 64), "dil_w": [None, None]}
+    wide = {"red_w": torch.randn(pt.MAX_CR + 1, 64), "dil_w": [None, None]}
     monkeypatch.setattr(_backends, "triton_reason", lambda dev: None)
-    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "kernel")
-    assert attention_cuda.choice(x, narrow, 4) == "kernel"
-    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "triton")
-    assert attention_cuda.choice(x, narrow, 4) == "triton"
-    assert attention_cuda.choice(x, wide, 4) == "kernel"  # more reduced channels than the kernel takes
-    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "auto")
+    for wanted in ("kernel", "triton-pass", "triton"):
+        monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", wanted)
+        assert attention_cuda.choice(x, narrow, 4) == wanted
+        assert attention_cuda.choice(x, wide, 4) == "kernel"  # more reduced channels than Triton takes
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "auto")
+    monkeypatch.setattr(attention_cuda, "_chosen", {})
     assert attention_cuda.choice(x, narrow, 4) == "kernel"  # nothing to time off CUDA: not cached
     assert not attention_cuda._chosen
     monkeypatch.setattr(_backends, "triton_reason", lambda dev: "no Triton")
-    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "triton")
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "triton")
     assert attention_cuda.choice(x, narrow, 4) == "kernel"
 
 
 @pytest.mark.cuda
 @needs_ext
-def test_auto_times_once_and_keeps_the_faster(monkeypatch):
-    monkeypatch.setenv("BAM_FUSED_CUDA_PASS", "auto")
+def test_auto_times_once_and_keeps_the_fastest(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "auto")
     monkeypatch.setattr(attention_cuda, "_chosen", {})
     calls = []
-    times = {"_run_kernel": 2.0, "_run_triton": 1.0}
+    times = {"_run_kernel": 2.0, "_run_triton_pass": 1.0, "_run_triton": 1.5}
 
     def fake_time(fn):
         calls.append(fn)
@@ -205,7 +257,7 @@ def test_auto_times_once_and_keeps_the_faster(monkeypatch):
     _, fused, _ = folded_bam(64, 16, 4)
     x = torch.randn(2, 64, 7, 9, device="cuda")
     f = fused.cuda().folded()
-    assert attention_cuda.choice(x, f, 4) == "triton"
-    assert attention_cuda.choice(x, f, 4) == "triton" and len(calls) == 2  # cached
+    assert attention_cuda.choice(x, f, 4) == "triton-pass"
+    assert attention_cuda.choice(x, f, 4) == "triton-pass" and len(calls) == 3  # cached
     times.update(_run_kernel=0.5)
     assert attention_cuda.choice(x[:1], f, 4) == "kernel"  # another shape: timed again

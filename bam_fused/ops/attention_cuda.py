@@ -1,17 +1,19 @@
-"""BAM's eval-mode attention maps on CUDA, and which pass over x computes them
-(BAM_FUSED_CUDA_PASS, read on every call so that benchmarks can compare both in one process):
+"""BAM's eval-mode attention maps on CUDA, and which kernels compute them
+(BAM_FUSED_CUDA_EVAL, read on every call so that benchmarks can compare them in one process):
 
-- ``kernel``: the extension's attention op end to end, with its CUDA-core pass over x
-  (csrc/cuda/reduce_pool.cuh);
-- ``triton``: the Triton tensor-core pass (ops/pass_triton.py), then the op's tail (spatial
-  branch and channel MLP) on its outputs;
-- ``auto`` (default): the first call for each (device, shape, Cr, dtype, layout) times both
-  and keeps the faster for the process (tens of milliseconds, once per shape).
+- ``kernel``: the extension's attention op end to end: its CUDA-core pass over x
+  (csrc/cuda/reduce_pool.cuh), the dilated convs as BAM_FUSED_CUDA_SPATIAL says, the MLP;
+- ``triton-pass``: the Triton tensor-core pass over x (ops/pass_triton.py), then the op's tail
+  (the same dilated convs and MLP) on its outputs;
+- ``triton``: the Triton pass and the Triton tensor-core dilated convs (ops/spatial_triton.py),
+  then the extension's channel MLP (BAM_FUSED_CUDA_SPATIAL does not apply);
+- ``auto`` (default): the first call for each (device, shape, Cr, dtype, layout) times the
+  three and keeps the fastest for the process (tens of milliseconds, once per shape).
 
-Both compute the same function up to float32 rounding (3xTF32 in the Triton pass). The Triton
-pass takes up to pass_triton.MAX_CR reduced channels; wider reductions, processes without
-Triton, and untimed shapes met during CUDA graph capture (where nothing can be timed) run the
-kernel.
+All compute the same function up to float32 rounding (3xTF32 in the Triton kernels). The
+Triton kernels take up to pass_triton.MAX_CR reduced channels; wider reductions, processes
+without Triton, and untimed shapes met during CUDA graph capture (where nothing can be timed)
+run the kernel.
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ import torch
 from .. import _backends
 from .branches import load_op
 
-MODES = ("auto", "kernel", "triton")
+MODES = ("auto", "kernel", "triton-pass", "triton")
 _chosen: dict[tuple, str] = {}
 _y_layouts: dict[tuple, bool] = {}
 
 
 def mode() -> str:
-    raw = os.environ.get("BAM_FUSED_CUDA_PASS", "auto").strip().lower() or "auto"
+    raw = os.environ.get("BAM_FUSED_CUDA_EVAL", "auto").strip().lower() or "auto"
     if raw not in MODES:
-        raise ValueError(f"environment variable BAM_FUSED_CUDA_PASS must be one of {MODES}, got {raw!r}")
+        raise ValueError(f"environment variable BAM_FUSED_CUDA_EVAL must be one of {MODES}, got {raw!r}")
     return raw
 
 
@@ -50,7 +52,7 @@ def _run_kernel(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, 
     )  # fmt: skip
 
 
-def _run_triton(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_triton_pass(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
     from .pass_triton import reduce_pool  # Triton is optional: imported only where it runs
 
     part, y = reduce_pool(x, f["red_w"], f["red_b"], _y_channels_last(f["red_w"].shape[0], len(f["dil_w"])))
@@ -60,6 +62,21 @@ def _run_triton(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, 
     )  # fmt: skip
 
 
+def _run_triton(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not f["dil_w"]:  # only the final 1x1 conv: nothing for the conv kernel to do
+        return _run_triton_pass(x, f, dilation)
+    from .pass_triton import reduce_pool
+    from .spatial_triton import spatial_map
+
+    part, y = reduce_pool(x, f["red_w"], f["red_b"], y_channels_last=True)
+    spatial = spatial_map(y, f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"])
+    channel = load_op("channel_attention")(part, f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
+    return channel, spatial
+
+
+_RUNS = {"kernel": _run_kernel, "triton-pass": _run_triton_pass, "triton": _run_triton}
+
+
 def _time_ms(fn) -> float:
     import triton.testing
 
@@ -67,7 +84,7 @@ def _time_ms(fn) -> float:
 
 
 def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
-    """Which pass runs for this x: "kernel" or "triton" (see the module docstring)."""
+    """Which kernels run for this x: one of "kernel", "triton-pass", "triton" (see the module docstring)."""
     wanted = mode()
     if wanted == "kernel" or _backends.triton_reason(x.device) is not None:
         return "kernel"
@@ -75,16 +92,15 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
 
     if f["red_w"].shape[0] > MAX_CR:
         return "kernel"
-    if wanted == "triton":
-        return "triton"
-    key = (x.device, tuple(x.shape), f["red_w"].shape[0], x.dtype, x.is_contiguous(),
+    if wanted != "auto":
+        return wanted
+    key = (x.device, tuple(x.shape), f["red_w"].shape[0], len(f["dil_w"]), x.dtype, x.is_contiguous(),
            os.environ.get("BAM_FUSED_CUDA_SPATIAL"))  # fmt: skip
     if key not in _chosen:
         if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return "kernel"
         _chosen[key] = "kernel"  # while timing: a re-entrant call must not time again
-        times = {name: _time_ms(lambda run=run: run(x, f, dilation)) for name, run in
-                 (("kernel", _run_kernel), ("triton", _run_triton))}  # fmt: skip
+        times = {name: _time_ms(lambda run=run: run(x, f, dilation)) for name, run in _RUNS.items()}
         _chosen[key] = min(times, key=times.get)
     return _chosen[key]
 
@@ -92,5 +108,4 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
 def attention(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The channel MLP's output (N, C) and the spatial map (N, H, W), fp32, of an eval-mode BAM
     with folded weights f (BAM.folded()) on x (NCHW- or channels_last-contiguous)."""
-    run = _run_triton if choice(x, f, dilation) == "triton" else _run_kernel
-    return run(x, f, dilation)
+    return _RUNS[choice(x, f, dilation)](x, f, dilation)

@@ -1,6 +1,7 @@
-"""Compiles the Triton pass over x (ops/pass_triton.py) ahead of time for real GPU targets (no
-GPU needed) in every variant the launcher can pick, and reports registers, spills and whether
-the tensor cores are used (mma/wgmma in the PTX).
+"""Compiles the Triton pass over x (ops/pass_triton.py) and the Triton spatial convs
+(ops/spatial_triton.py) ahead of time for real GPU targets (no GPU needed) in every variant
+their launchers can pick, and reports registers, spills and whether the tensor cores are used
+(mma/wgmma in the PTX).
 
     python -m bam_fused.ops.pass_aot [--arch 80 90]
 
@@ -18,6 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import pass_triton as pt
+from . import spatial_triton as sp
 from .gate_aot import _spills
 
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -33,6 +35,9 @@ def configs() -> list[dict]:
                 for pad, config in pt.DEFAULTS.items():
                     out.append(dict(kernel="pass", dtype=dtype, x_cl=x_cl, y_cl=y_cl, cr_pad=pad, config=config))
     out += [dict(kernel="finish", y_cl=y_cl) for y_cl in (False, True)]
+    # The convs read y as the pass writes it (either layout) and channels_last weights (the fold's).
+    out += [dict(kernel="conv", y_cl=y_cl, cr_pad=pad, final=final)
+            for y_cl in (False, True) for pad in sp.CONFIGS for final in (False, True)]  # fmt: skip
     return out
 
 
@@ -43,6 +48,20 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
         const = {"CHANNELS_LAST": cfg["y_cl"], "BLOCK": 1024}
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2)}
         return ASTSource(fn=pt._finish_kernel, signature=sig, constexprs=const, attrs=attrs), 4
+    if cfg["kernel"] == "conv":
+        sig = {"y_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "wf_ptr": "*fp32", "bf_ptr": "*fp32",
+               "out_ptr": "*fp32", "H": "i32", "W": "i32", "CR": "i32", "n_pb": "i32", "dilation": "i32",
+               "sy_n": "i32", "sy_c": "i32", "sy_h": "i32", "sy_w": "i32", "sw_o": "i32", "sw_i": "i32",
+               "sw_h": "i32", "sw_w": "i32", "so_n": "i32", "so_c": "i32", "so_p": "i32"}  # fmt: skip
+        block_p, warps = sp.CONFIGS[cfg["cr_pad"]]
+        const = {"sy_c" if cfg["y_cl"] else "sy_w": 1, "sw_i": 1, "CR_PAD": cfg["cr_pad"], "BLOCK_P": block_p,
+                 "BLOCK_K": min(cfg["cr_pad"], sp.BLOCK_K), "FINAL": cfg["final"], "PRECISION": "tf32x3"}  # fmt: skip
+        if not cfg["final"]:
+            const["so_c"] = 1
+        for k in const:
+            sig[k] = "constexpr"
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+        return ASTSource(fn=sp._dilated_conv_kernel, signature=sig, constexprs=const, attrs=attrs), warps
     c = cfg["config"]
     sig = {"x_ptr": DTYPES[cfg["dtype"]], "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "part_ptr": "*fp32",
            "C": "i32", "HW": "i32", "CR": "i32", "n_pb": "i32", "c_split": "i32", "inv_hw": "fp32",
