@@ -161,10 +161,10 @@ def sanitize() -> None:
             for layout in ("nchw", "channels_last"):
                 x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
                 m = randomize_(bam_fused.BAM(c, 8 if c < 64 else 16)).cuda().to(dtype).eval()
-                for impl in SPATIAL_IMPLS:  # both spatial paths, and every eval path
-                    for eimpl in EVAL_IMPLS:
-                        with spatial_impl(impl), eval_impl(eimpl), torch.no_grad():
-                            m(x)
+                # Every eval path: both spatial paths after each pass over x, and the Triton convs.
+                for simpl, eimpl in [(s, e) for s in SPATIAL_IMPLS for e in EVAL_IMPLS[:2]] + [("auto", "triton")]:
+                    with spatial_impl(simpl), eval_impl(eimpl), torch.no_grad():
+                        m(x)
                 m.train()
                 xg = x.detach().clone().requires_grad_()
                 m(xg).sum().backward()

@@ -3,8 +3,8 @@
 # from source, run the GPU tests, profile, benchmark, compute-sanitizer, verify, then the rest
 # of the tests. Each step gets a time box inside one ten-minute budget (BUDGET_S), most
 # important first. Logs and results go to $OUT (default ./gpu-out), at most 8 files.
-#   usage: bash benchmarks/run_gpu.sh [STEP ...]   (steps: build cuda-tests passes bench profile
-#                                                    overhead sanitize verify tests; default all
+#   usage: bash benchmarks/run_gpu.sh [STEP ...]   (steps: build cuda-tests passes bench sanitize
+#                                                    profile overhead verify tests; default all
 #                                                    but overhead)
 #   RACECHECK=1 adds the (inconclusive, 90 s) racecheck pass to the sanitize step.
 set -uo pipefail
@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
 END=$((SECONDS + ${BUDGET_S:-570}))
-STEPS=${*:-build cuda-tests passes bench profile sanitize verify tests}
+STEPS=${*:-build cuda-tests passes bench sanitize profile verify tests}
 status=0
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -40,12 +40,10 @@ if want build; then
   box 240 "$OUT/checks.log" $PY -m pip install -q --no-build-isolation --no-deps -e .
   box 30 "$OUT/checks.log" $PY -m bam_fused.cli info
 fi
-want cuda-tests && box 180 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE tests/test_cuda.py \
+want cuda-tests && box 220 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE tests/test_cuda.py \
   tests/test_pass_triton.py
 want passes && box 90 "$OUT/profile.log" $PY benchmarks/gpu_probe.py passes
 want bench && box 200 "$OUT/bench.log" $PY -m bam_fused.cli bench --quick --no-progress --out "$OUT"
-want profile && box 100 "$OUT/profile.log" $PY benchmarks/gpu_probe.py profile
-want overhead && box --soft 40 "$OUT/profile.log" $PY benchmarks/gpu_probe.py overhead
 if want sanitize; then
   # memcheck on every kernel must be clean.
   san="env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 9"
@@ -56,6 +54,8 @@ if want sanitize; then
   [[ ${RACECHECK:-0} == 1 ]] &&
     box --soft 90 "$OUT/checks.log" $san --tool racecheck --print-limit 5 $PY benchmarks/gpu_probe.py sanitize
 fi
+want profile && box 100 "$OUT/profile.log" $PY benchmarks/gpu_probe.py profile
+want overhead && box --soft 40 "$OUT/profile.log" $PY benchmarks/gpu_probe.py overhead
 want verify && box 100 "$OUT/checks.log" $PY -m bam_fused.cli verify --quick
 # -v: xdist prints each failure as it happens, so a time-boxed run still names them.
 want tests && box --soft 300 "$OUT/tests.log" $PY -m pytest -v -n 8 -p no:cacheprovider -rfE -m "not slow" \

@@ -55,8 +55,9 @@ def _run_kernel(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, 
 def _run_triton_pass(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
     from .pass_triton import reduce_pool  # Triton is optional: imported only where it runs
 
+    tail = load_op("attention_tail")  # loads the extension, which _y_channels_last asks
     part, y = reduce_pool(x, f["red_w"], f["red_b"], _y_channels_last(f["red_w"].shape[0], len(f["dil_w"])))
-    return load_op("attention_tail")(
+    return tail(
         part, y, f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"],
         f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
     )  # fmt: skip
