@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "check.h"
 #include "ops.h"
 
 namespace bam_fused {
@@ -27,8 +28,8 @@ bool cuda_spatial_kernel(int64_t Cr) {
   const std::string v = raw == nullptr ? "auto" : raw;
   if (v == "kernel") return true;
   if (v == "library") return false;
-  TORCH_CHECK(v == "auto" || v.empty(),
-              "environment variable BAM_FUSED_CUDA_SPATIAL must be auto, kernel or library, got '", v, "'");
+  BAM_CHECK(v == "auto" || v.empty(),
+            "environment variable BAM_FUSED_CUDA_SPATIAL must be auto, kernel or library, got '", v, "'");
   return Cr <= kSpatialKernelMaxCr;
 }
 #endif
@@ -39,25 +40,25 @@ namespace {
 void check_spatial_weights(const char* op, int64_t Cr, at::Device device, at::TensorList w_dilated,
                            at::TensorList b_dilated, int64_t dilation, const at::Tensor& w_final,
                            const at::Tensor& b_final) {
-  TORCH_CHECK(w_dilated.size() == b_dilated.size(), op, ": w_dilated and b_dilated differ in length");
-  TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(w_final.numel() == Cr && b_final.numel() == 1 && w_final.scalar_type() == at::kFloat &&
-                  b_final.scalar_type() == at::kFloat,
-              op, ": w_final must be fp32 with ", Cr, " elements and b_final fp32 with 1, got ",
-              w_final.numel(), " ", w_final.scalar_type(), " and ", b_final.numel(), " ", b_final.scalar_type());
+  BAM_CHECK(w_dilated.size() == b_dilated.size(), op, ": w_dilated and b_dilated differ in length");
+  BAM_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
+  BAM_CHECK(w_final.numel() == Cr && b_final.numel() == 1 && w_final.scalar_type() == at::kFloat &&
+                b_final.scalar_type() == at::kFloat,
+            op, ": w_final must be fp32 with ", Cr, " elements and b_final fp32 with 1, got ",
+            w_final.numel(), " ", w_final.scalar_type(), " and ", b_final.numel(), " ", b_final.scalar_type());
   for (const auto& t : {w_final, b_final})
-    TORCH_CHECK(t.device() == device, op, ": weights must be on x's device ", device);
+    BAM_CHECK(t.device() == device, op, ": weights must be on x's device ", device);
 
   for (size_t i = 0; i < w_dilated.size(); ++i) {
-    TORCH_CHECK(w_dilated[i].dim() == 4 && w_dilated[i].size(0) == Cr && w_dilated[i].size(1) == Cr &&
-                    w_dilated[i].size(2) == 3 && w_dilated[i].size(3) == 3 && w_dilated[i].scalar_type() == at::kFloat,
-                op, ": w_dilated[", i, "] must be fp32 (", Cr, ", ", Cr, ", 3, 3), got ",
-                w_dilated[i].sizes(), " ", w_dilated[i].scalar_type());
-    TORCH_CHECK(b_dilated[i].numel() == Cr && b_dilated[i].scalar_type() == at::kFloat,
-                op, ": b_dilated[", i, "] must be fp32 with ", Cr, " elements, got ",
-                b_dilated[i].sizes(), " ", b_dilated[i].scalar_type());
-    TORCH_CHECK(w_dilated[i].device() == device && b_dilated[i].device() == device,
-                op, ": weights must be on x's device ", device);
+    BAM_CHECK(w_dilated[i].dim() == 4 && w_dilated[i].size(0) == Cr && w_dilated[i].size(1) == Cr &&
+                  w_dilated[i].size(2) == 3 && w_dilated[i].size(3) == 3 && w_dilated[i].scalar_type() == at::kFloat,
+              op, ": w_dilated[", i, "] must be fp32 (", Cr, ", ", Cr, ", 3, 3), got ",
+              w_dilated[i].sizes(), " ", w_dilated[i].scalar_type());
+    BAM_CHECK(b_dilated[i].numel() == Cr && b_dilated[i].scalar_type() == at::kFloat,
+              op, ": b_dilated[", i, "] must be fp32 with ", Cr, " elements, got ",
+              b_dilated[i].sizes(), " ", b_dilated[i].scalar_type());
+    BAM_CHECK(w_dilated[i].device() == device && b_dilated[i].device() == device,
+              op, ": weights must be on x's device ", device);
   }
 }
 
@@ -104,20 +105,20 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
                                                const at::Tensor& b_reduce, at::TensorList w_dilated,
                                                at::TensorList b_dilated, int64_t dilation,
                                                const at::Tensor& w_final, const at::Tensor& b_final) {
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
-  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  BAM_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+            op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
   const int64_t C = x.size(1);
-  TORCH_CHECK(w_reduce.dim() == 2 && w_reduce.size(1) == C && w_reduce.scalar_type() == at::kFloat &&
-                  w_reduce.is_contiguous(),
-              op, ": w_reduce must be contiguous fp32 (Cr, ", C, "), got ", w_reduce.sizes(), " ",
-              w_reduce.scalar_type());
+  BAM_CHECK(w_reduce.dim() == 2 && w_reduce.size(1) == C && w_reduce.scalar_type() == at::kFloat &&
+                w_reduce.is_contiguous(),
+            op, ": w_reduce must be contiguous fp32 (Cr, ", C, "), got ", w_reduce.sizes(), " ",
+            w_reduce.scalar_type());
   const int64_t Cr = w_reduce.size(0);
-  TORCH_CHECK(Cr >= 1, op, ": w_reduce must have at least one row (reduced channel), got ", w_reduce.sizes());
-  TORCH_CHECK(b_reduce.numel() == Cr && b_reduce.scalar_type() == at::kFloat && b_reduce.is_contiguous(),
-              op, ": b_reduce must be contiguous fp32 (", Cr, ",), got ", b_reduce.sizes());
+  BAM_CHECK(Cr >= 1, op, ": w_reduce must have at least one row (reduced channel), got ", w_reduce.sizes());
+  BAM_CHECK(b_reduce.numel() == Cr && b_reduce.scalar_type() == at::kFloat && b_reduce.is_contiguous(),
+            op, ": b_reduce must be contiguous fp32 (", Cr, ",), got ", b_reduce.sizes());
   for (const auto& t : {w_reduce, b_reduce})
-    TORCH_CHECK(t.device() == x.device(), op, ": weights must be on x's device ", x.device());
+    BAM_CHECK(t.device() == x.device(), op, ": weights must be on x's device ", x.device());
   check_spatial_weights(op, Cr, x.device(), w_dilated, b_dilated, dilation, w_final, b_final);
 
   at::Tensor part, y;
@@ -130,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
     std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
   }
 #else
-  TORCH_CHECK(x.is_cpu(), op, ": this build has no CUDA kernels, x is on ", x.device());
+  BAM_CHECK(x.is_cpu(), op, ": this build has no CUDA kernels, x is on ", x.device());
   std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
 #endif
   return {part, spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final)};
@@ -139,9 +140,9 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
 // A plain function: an earlier lambda form of this check segfaulted while raising on the GPU
 // machine (its own torch 2.11 build, 2026-11-25; not reproduced here, this form not yet run there).
 void check_fp32(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, at::Device device) {
-  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == at::kFloat && t.is_contiguous() && t.device() == device, op,
-              ": ", name, " must be contiguous fp32 ", shape, " on ", device, ", got ", t.sizes(), " ",
-              t.scalar_type(), " on ", t.device());
+  BAM_CHECK(t.sizes() == shape && t.scalar_type() == at::kFloat && t.is_contiguous() && t.device() == device, op,
+            ": ", name, " must be contiguous fp32 ", shape, " on ", device, ", got ", t.sizes(), " ",
+            t.scalar_type(), " on ", t.device());
 }
 
 at::Tensor means(const at::Tensor& part) { return part.size(1) == 1 ? part.select(1, 0) : part.sum(1); }
@@ -162,14 +163,14 @@ at::Tensor channel_mlp(const at::Tensor& part, const at::Tensor& w_fc0, const at
 
 // Pooled partial means (N, P, C): they sum to the channel means over P.
 void check_part(const char* op, const at::Tensor& part) {
-  TORCH_CHECK(part.dim() == 3 && part.size(1) >= 1 && part.scalar_type() == at::kFloat && part.is_contiguous(), op,
-              ": part must be contiguous fp32 (N, P, C) with P >= 1, got ", part.sizes(), " ", part.scalar_type());
+  BAM_CHECK(part.dim() == 3 && part.size(1) >= 1 && part.scalar_type() == at::kFloat && part.is_contiguous(), op,
+            ": part must be contiguous fp32 (N, P, C) with P >= 1, got ", part.sizes(), " ", part.scalar_type());
 }
 
 // Checks of the channel MLP's weights for C channels.
 void check_mlp_weights(const char* op, int64_t C, at::Device device, const at::Tensor& w_fc0,
                        const at::Tensor& b_fc0, const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
-  TORCH_CHECK(w_fc0.dim() == 2, op, ": w_fc0 must be 2-D (hidden, C), got ", w_fc0.sizes());
+  BAM_CHECK(w_fc0.dim() == 2, op, ": w_fc0 must be 2-D (hidden, C), got ", w_fc0.sizes());
   const int64_t hidden = w_fc0.size(0);
   check_fp32(op, "w_fc0", w_fc0, {hidden, C}, device);
   check_fp32(op, "b_fc0", b_fc0, {hidden}, device);
@@ -195,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& x, const at::Tens
                                              const at::Tensor& w_fc0, const at::Tensor& b_fc0,
                                              const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
   const char* op = "bam_fused_C::attention";
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   check_mlp_weights(op, x.size(1), x.device(), w_fc0, b_fc0, w_fc1, b_fc1);
   auto [part, spatial] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
   return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1), spatial};
@@ -212,11 +213,11 @@ std::tuple<at::Tensor, at::Tensor> attention_tail(const at::Tensor& part, const 
                                                   const at::Tensor& b_fc1) {
   const char* op = "bam_fused_C::attention_tail";
   check_part(op, part);
-  TORCH_CHECK(y.dim() == 4 && y.size(0) == part.size(0) && y.size(1) >= 1 && y.scalar_type() == at::kFloat &&
-                  y.device() == part.device() &&
-                  (y.is_contiguous() || y.is_contiguous(at::MemoryFormat::ChannelsLast)),
-              op, ": y must be NCHW- or channels_last-contiguous fp32 (", part.size(0), ", Cr, H, W) on ",
-              part.device(), ", got ", y.sizes(), " ", y.scalar_type(), " on ", y.device(), " strides ", y.strides());
+  BAM_CHECK(y.dim() == 4 && y.size(0) == part.size(0) && y.size(1) >= 1 && y.scalar_type() == at::kFloat &&
+                y.device() == part.device() &&
+                (y.is_contiguous() || y.is_contiguous(at::MemoryFormat::ChannelsLast)),
+            op, ": y must be NCHW- or channels_last-contiguous fp32 (", part.size(0), ", Cr, H, W) on ",
+            part.device(), ", got ", y.sizes(), " ", y.scalar_type(), " on ", y.device(), " strides ", y.strides());
   check_mlp_weights(op, part.size(2), part.device(), w_fc0, b_fc0, w_fc1, b_fc1);
   check_spatial_weights(op, y.size(1), y.device(), w_dilated, b_dilated, dilation, w_final, b_final);
   return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1),
@@ -248,10 +249,10 @@ bool cuda_y_channels_last(int64_t cr, int64_t num_dilated) {
 std::tuple<at::Tensor, at::Tensor> reduce_pool(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                                bool relu) {
   const char* op = "bam_fused_C::reduce_pool";
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
-  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
-  TORCH_CHECK(w.dim() == 2 && w.size(0) >= 1, op, ": w must be 2-D (Cr, C) with Cr >= 1, got ", w.sizes());
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  BAM_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+            op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
+  BAM_CHECK(w.dim() == 2 && w.size(0) >= 1, op, ": w must be 2-D (Cr, C) with Cr >= 1, got ", w.sizes());
   check_fp32(op, "w", w, {w.size(0), x.size(1)}, x.device());
   check_fp32(op, "b", b, {w.size(0)}, x.device());
   auto [part, y] = reduce_pool_cpu(x, w, b, relu);
@@ -264,26 +265,26 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward(const at::Tensor& x, con
                                                         const at::Tensor& dmean, const at::Tensor& w,
                                                         const std::optional<at::Tensor>& dx) {
   const char* op = "bam_fused_C::reduce_pool_backward";
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   const bool nchw = x.is_contiguous();
   const auto layout = nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-  TORCH_CHECK(nchw || x.is_contiguous(layout), op, ": x must be NCHW- or channels_last-contiguous, got strides ",
-              x.strides());
+  BAM_CHECK(nchw || x.is_contiguous(layout), op, ": x must be NCHW- or channels_last-contiguous, got strides ",
+            x.strides());
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(w.dim() == 2 && w.size(0) >= 1, op, ": w must be 2-D (Cr, C) with Cr >= 1, got ", w.sizes());
+  BAM_CHECK(w.dim() == 2 && w.size(0) >= 1, op, ": w must be 2-D (Cr, C) with Cr >= 1, got ", w.sizes());
   const int64_t Cr = w.size(0);
   check_fp32(op, "w", w, {Cr, C}, x.device());
   check_fp32(op, "dmean", dmean, {N, C}, x.device());
-  TORCH_CHECK(dy.sizes() == at::IntArrayRef({N, Cr, H, W}) && dy.scalar_type() == at::kFloat &&
-                  dy.is_contiguous(layout) && dy.device() == x.device(),
-              op, ": dy must be fp32 (", N, ", ", Cr, ", ", H, ", ", W, ") laid out like x (",
-              nchw ? "NCHW" : "channels_last", "), got ", dy.sizes(), " ", dy.scalar_type(), " strides ",
-              dy.strides());
+  BAM_CHECK(dy.sizes() == at::IntArrayRef({N, Cr, H, W}) && dy.scalar_type() == at::kFloat &&
+                dy.is_contiguous(layout) && dy.device() == x.device(),
+            op, ": dy must be fp32 (", N, ", ", Cr, ", ", H, ", ", W, ") laid out like x (",
+            nchw ? "NCHW" : "channels_last", "), got ", dy.sizes(), " ", dy.scalar_type(), " strides ",
+            dy.strides());
   if (dx.has_value()) {
-    TORCH_CHECK(dx->sizes() == x.sizes() && dx->scalar_type() == x.scalar_type() && dx->is_contiguous(layout) &&
-                    dx->device() == x.device(),
-                op, ": dx must have x's sizes ", x.sizes(), ", dtype ", x.scalar_type(), " and layout, got ",
-                dx->sizes(), " ", dx->scalar_type(), " strides ", dx->strides());
+    BAM_CHECK(dx->sizes() == x.sizes() && dx->scalar_type() == x.scalar_type() && dx->is_contiguous(layout) &&
+                  dx->device() == x.device(),
+              op, ": dx must have x's sizes ", x.sizes(), ", dtype ", x.scalar_type(), " and layout, got ",
+              dx->sizes(), " ", dx->scalar_type(), " strides ", dx->strides());
   }
   return reduce_pool_backward_cpu(x, dy, dmean, w, dx);
 }

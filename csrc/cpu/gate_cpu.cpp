@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../check.h"
 #include "../fast_math.h"
 #include "simd.h"
 
@@ -155,19 +156,19 @@ BAM_KERNELS(at::BFloat16, float, bf16)
 BAM_KERNELS(double, double, f64)
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& row, const at::Tensor& col) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), op, ": x must be a contiguous (N, R, L) tensor, got sizes ",
-              x.sizes(), " strides ", x.strides());
+  BAM_CHECK(x.dim() == 3 && x.is_contiguous(), op, ": x must be a contiguous (N, R, L) tensor, got sizes ",
+            x.sizes(), " strides ", x.strides());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(row.dim() == 2 && row.size(0) == x.size(0) && row.size(1) == x.size(1) && row.is_contiguous() &&
-                  row.scalar_type() == acc,
-              op, ": row must be contiguous (N, R) = ", x.size(0), "x", x.size(1), " ", acc, ", got ", row.sizes(),
-              " ", row.scalar_type());
-  TORCH_CHECK(col.dim() == 2 && col.size(0) == x.size(0) && col.size(1) == x.size(2) && col.is_contiguous() &&
-                  col.scalar_type() == acc,
-              op, ": col must be contiguous (N, L) = ", x.size(0), "x", x.size(2), " ", acc, ", got ", col.sizes(),
-              " ", col.scalar_type());
-  TORCH_CHECK(x.device().is_cpu() && row.device().is_cpu() && col.device().is_cpu(), op,
-              ": all tensors must be on the CPU");
+  BAM_CHECK(row.dim() == 2 && row.size(0) == x.size(0) && row.size(1) == x.size(1) && row.is_contiguous() &&
+                row.scalar_type() == acc,
+            op, ": row must be contiguous (N, R) = ", x.size(0), "x", x.size(1), " ", acc, ", got ", row.sizes(),
+            " ", row.scalar_type());
+  BAM_CHECK(col.dim() == 2 && col.size(0) == x.size(0) && col.size(1) == x.size(2) && col.is_contiguous() &&
+                col.scalar_type() == acc,
+            op, ": col must be contiguous (N, L) = ", x.size(0), "x", x.size(2), " ", acc, ", got ", col.sizes(),
+            " ", col.scalar_type());
+  BAM_CHECK(x.device().is_cpu() && row.device().is_cpu() && col.device().is_cpu(), op,
+            ": all tensors must be on the CPU");
 }
 
 at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product) {
@@ -201,9 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_cpu(const at::Tenso
                                                                  const at::Tensor& row, const at::Tensor& col,
                                                                  bool product) {
   check_inputs("bam_fused_C::gate_backward", x, row, col);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
-              "bam_fused_C::gate_backward: grad must be contiguous with x's sizes ", x.sizes(), " and dtype ",
-              x.scalar_type(), ", got ", grad.sizes(), " ", grad.scalar_type());
+  BAM_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
+            "bam_fused_C::gate_backward: grad must be contiguous with x's sizes ", x.sizes(), " and dtype ",
+            x.scalar_type(), ", got ", grad.sizes(), " ", grad.scalar_type());
   auto dx = at::empty_like(x);
   const int64_t N = x.size(0), R = x.size(1), L = x.size(2);
   const int64_t n_rt = (R + kTileR - 1) / kTileR;

@@ -19,6 +19,7 @@
 #include <string>
 #include <utility>
 
+#include "../check.h"
 #include "../ops.h"
 #include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
@@ -63,10 +64,10 @@ Isa chosen_isa() {
   const int isas = static_cast<int>(std::size(kIsaNames));
   int want = 0;
   while (want < isas && v != kIsaNames[want]) ++want;
-  TORCH_CHECK(want < isas,
-              "environment variable BAM_FUSED_CPU_ISA must be auto, avx512, avx2 or generic, got '", v, "'");
-  TORCH_CHECK(want >= static_cast<int>(best),
-              "environment variable BAM_FUSED_CPU_ISA asks for ", v, ", which this CPU does not support");
+  BAM_CHECK(want < isas,
+            "environment variable BAM_FUSED_CPU_ISA must be auto, avx512, avx2 or generic, got '", v, "'");
+  BAM_CHECK(want >= static_cast<int>(best),
+            "environment variable BAM_FUSED_CPU_ISA asks for ", v, ", which this CPU does not support");
   return static_cast<Isa>(want);
 }
 
@@ -126,7 +127,7 @@ void with_storage(const at::Tensor& x, const char* what, F&& f) {
     case at::kHalf:
       return f(reinterpret_cast<Fp16*>(x.data_ptr<at::Half>()));
     default:
-      TORCH_CHECK(false, "bam_fused: ", what, " must be fp32, fp16 or bf16, got ", x.scalar_type());
+      BAM_CHECK(false, "bam_fused: ", what, " must be fp32, fp16 or bf16, got ", x.scalar_type());
   }
 }
 

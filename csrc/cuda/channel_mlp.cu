@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "../check.h"
 #include "../ops.h"
 #include "channel_mlp.cuh"
 
@@ -18,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor> channel_mlp_cuda(const at::Tensor& part, cons
   auto pooled = at::empty({N, C}, opts);
   auto out = at::empty({N, C}, opts);
   if (N == 0 || C == 0) return {pooled, out};
-  TORCH_CHECK(N <= INT32_MAX, "bam_fused_C::attention: batch too large for one launch: ", N);
+  BAM_CHECK(N <= INT32_MAX, "bam_fused_C::attention: batch too large for one launch: ", N);
   auto h = at::empty({N, Cr}, opts);
   cuda::channel_mlp_kernel<<<static_cast<unsigned>(N), cuda::kMlpThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       part.const_data_ptr<float>(), w0.const_data_ptr<float>(), b0.const_data_ptr<float>(), w1.const_data_ptr<float>(),

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "../check.h"
 #include "../ops.h"
 #include "reduce_pool.cuh"
 
@@ -59,9 +60,9 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const a
                      opts.memory_format(y_channels_last ? at::MemoryFormat::ChannelsLast
                                                         : at::MemoryFormat::Contiguous));
   if (N * HW > 0 && C > 0) {
-    TORCH_CHECK(N * plan.pixel_blocks <= INT32_MAX && plan.row_groups <= 65535 && plan.splits <= 65535 &&
-                    y.numel() / cuda::kThreads < INT32_MAX,
-                "bam_fused_C::branches: x is too large for one launch: ", x.sizes());
+    BAM_CHECK(N * plan.pixel_blocks <= INT32_MAX && plan.row_groups <= 65535 && plan.splits <= 65535 &&
+                  y.numel() / cuda::kThreads < INT32_MAX,
+              "bam_fused_C::branches: x is too large for one launch: ", x.sizes());
     auto y_part = plan.splits > 1 ? at::empty({plan.splits, N, Cr, HW}, opts) : at::Tensor();
     auto stream = c10::cuda::getCurrentCUDAStream();
     auto launch = [&](auto tag) {
@@ -77,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const a
       case at::kFloat: launch(float{}); break;
       case at::kHalf: launch(at::Half{}); break;
       case at::kBFloat16: launch(at::BFloat16{}); break;
-      default: TORCH_CHECK(false, "bam_fused_C::branches: the CUDA kernel takes float32, float16 or bfloat16 x, got ",
-                           x.scalar_type());
+      default: BAM_CHECK(false, "bam_fused_C::branches: the CUDA kernel takes float32, float16 or bfloat16 x, got ",
+                         x.scalar_type());
     }
     if (plan.splits > 1) {
       const int64_t numel = y.numel();

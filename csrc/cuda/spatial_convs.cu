@@ -7,6 +7,7 @@
 
 #include <climits>
 
+#include "../check.h"
 #include "../ops.h"
 #include "spatial_convs.cuh"
 
@@ -39,17 +40,17 @@ void launch_conv_px(const at::Tensor& in, const at::Tensor& w, const at::Tensor&
 
 at::Tensor spatial_convs_cuda(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
                               int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final) {
-  TORCH_CHECK(!w_dilated.empty(), "bam_fused_C::branches: the CUDA spatial kernel needs at least one dilated conv");
+  BAM_CHECK(!w_dilated.empty(), "bam_fused_C::branches: the CUDA spatial kernel needs at least one dilated conv");
   const c10::cuda::CUDAGuard guard(y.device());
   const int64_t N = y.size(0), Cr = y.size(1), H = y.size(2), W = y.size(3), HW = H * W;
   auto opts = y.options().dtype(at::kFloat);
   auto spatial = at::empty({N, H, W}, opts);
   if (N * HW == 0) return spatial;
-  TORCH_CHECK(dilation <= (INT_MAX / 2) / (W + 1), "bam_fused_C::branches: dilation ", dilation,
-              " is too large for a map of width ", W);
+  BAM_CHECK(dilation <= (INT_MAX / 2) / (W + 1), "bam_fused_C::branches: dilation ", dilation,
+            " is too large for a map of width ", W);
   const auto plan = cuda::plan_spatial(N, HW, Cr, 2 * cuda_multiprocessors(y.device().index()));
-  TORCH_CHECK(plan.pixel_blocks <= INT32_MAX && plan.groups <= 65535,
-              "bam_fused_C::branches: the spatial map is too large for one launch: ", y.sizes());
+  BAM_CHECK(plan.pixel_blocks <= INT32_MAX && plan.groups <= 65535,
+            "bam_fused_C::branches: the spatial map is too large for one launch: ", y.sizes());
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor cur = y.contiguous();
   for (size_t i = 0; i + 1 < w_dilated.size(); ++i) {
