@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_probe.py profile   # where a fused BAM's time goes, kernel by kernel
     python benchmarks/gpu_probe.py passes    # the CUDA-core kernels against the Triton ones
+    python benchmarks/gpu_probe.py errors    # bad arguments to the ops raise, not crash
     python benchmarks/gpu_probe.py sanitize  # small odd-shaped workloads for compute-sanitizer
     python benchmarks/gpu_probe.py overhead  # where the CPU time of a fused gate forward+backward goes
 
@@ -111,9 +112,9 @@ def passes() -> None:
     from bam_fused.ops.spatial_triton import spatial_map
 
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    print("us; |x| = one read of x at copy bandwidth; pass = Triton pass alone per config "
-          "block_p/block_c/warps/stages; tail = after the pass: op's attention_tail | Triton convs + op's MLP; "
-          "BAM = whole eval BAM, CUDA graph, by BAM_FUSED_CUDA_EVAL")  # fmt: skip
+    print("us, all CUDA-graph replays (GPU time); |x| = one read of x at copy bandwidth; pass = Triton pass "
+          "alone per config block_p/block_c/warps/stages; tail = after the pass: op's attention_tail | Triton "
+          "convs + op's MLP; BAM = whole eval BAM by BAM_FUSED_CUDA_EVAL")  # fmt: skip
     tail, mlp = load_op("attention_tail"), load_op("channel_attention")
     for shape in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
@@ -123,14 +124,15 @@ def passes() -> None:
                 m = randomize_(bam_fused.BAM(c)).cuda().to(dtype).eval()
                 f = m.folded()
                 dst = torch.empty_like(x)
-                read_us = ms(lambda: dst.copy_(x)) * 1e3 / 2  # noqa: B023
+                read_us = graph_ms(lambda: dst.copy_(x)) * 1e3 / 2  # noqa: B023
                 cr = f["red_w"].shape[0]
                 cells = []
                 # The other configurations in fp32 only: each is a compile (about a second).
-                for cfg in (pt.DEFAULTS[pt.cr_pad(cr)], *(pt.CANDIDATES if dtype == torch.float32 else ())):
+                default = pt.DEFAULTS[(layout == "channels_last", pt.cr_pad(cr))]
+                for cfg in (default, *(pt.CANDIDATES if dtype == torch.float32 else ())):
                     name = f"{cfg.block_p}/{cfg.block_c}/{cfg.num_warps}/{cfg.num_stages}"
                     try:
-                        t = ms(lambda: pt.reduce_pool(x, f["red_w"], f["red_b"], True, cfg)) * 1e3  # noqa: B023
+                        t = graph_ms(lambda: pt.reduce_pool(x, f["red_w"], f["red_b"], True, cfg)) * 1e3  # noqa: B023
                         cells.append(f"{name}={t:.1f}")
                     except Exception as exc:  # a config the GPU cannot hold: say so, go on
                         cells.append(f"{name}=fail ({type(exc).__name__})")
@@ -139,8 +141,8 @@ def passes() -> None:
                     part_cl, y_cl = pt.reduce_pool(x, f["red_w"], f["red_b"], True)
                     rest = (f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
                     fc = (f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
-                    t_tail = ms(lambda: tail(part, y, *rest, *fc)) * 1e3  # noqa: B023
-                    t_conv = ms(lambda: (spatial_map(y_cl, *rest), mlp(part_cl, *fc))) * 1e3  # noqa: B023
+                    t_tail = graph_ms(lambda: tail(part, y, *rest, *fc)) * 1e3  # noqa: B023
+                    t_conv = graph_ms(lambda: (spatial_map(y_cl, *rest), mlp(part_cl, *fc))) * 1e3  # noqa: B023
                 bam = {}
                 for impl in EVAL_IMPLS:
                     with eval_impl(impl), torch.no_grad():
@@ -151,6 +153,36 @@ def passes() -> None:
                       f"BAM kernel {bam['kernel']:6.1f} triton-pass {bam['triton-pass']:6.1f} "
                       f"triton {bam['triton']:6.1f} auto->{picked:11s} tail {t_tail:5.1f} | {t_conv:5.1f}  pass "
                       + "  ".join(cells), flush=True)  # fmt: skip
+
+
+# Bad arguments to the extension's ops: each must raise RuntimeError, not crash. On the H200
+# machine (its torch 2.11, GCC 13.3; 2026-11-26) every check whose message streamed sizes or
+# numbers segfaulted; the checks now build their messages as strings (csrc/check.h).
+ERROR_CASES = {
+    "x_sizes": "op.reduce_pool(torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(2), True)",
+    "w_sizes": "op.reduce_pool(torch.randn(1, 3, 4, 4), torch.randn(3), torch.randn(2), True)",
+    "check_fp32": "op.reduce_pool(torch.randn(1, 3, 4, 4), torch.randn(2, 3).double(), torch.randn(2), True)",
+    "check_part": "op.channel_attention(torch.randn(2, 1, 8).double(), torch.randn(2, 8), torch.randn(2), "
+    "torch.randn(8, 2), torch.randn(8))",
+    "cuda_x_dtype": "op.branches(torch.randn(1, 32, 4, 4, device='cuda').double(), torch.randn(2, 32, device='cuda'), "
+    "torch.randn(2, device='cuda'), [], [], 4, torch.randn(2, device='cuda'), torch.randn(1, device='cuda'))",
+    "gate_row": "op.gate_forward(torch.randn(2, 3, 4), torch.randn(2, 3).double(), torch.randn(2, 4), False)",
+}
+
+
+def errors() -> None:
+    """Each ERROR_CASES call in a process of its own: prints whether it raised or crashed."""
+    import subprocess
+
+    crashed = 0
+    for name, call in ERROR_CASES.items():
+        src = "\n".join(["import torch", "from bam_fused import _ext", "_ext.load()", "op = torch.ops.bam_fused_C",
+                         "try:", f"    {call}", "except RuntimeError as e:",
+                         "    print('raised:', str(e).splitlines()[0][:160])"])  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=120)
+        crashed += proc.returncode != 0
+        print(f"{name:14s} rc={proc.returncode} {proc.stdout.strip()} {proc.stderr.strip()[-200:]}", flush=True)
+    sys.exit(1 if crashed else 0)
 
 
 def sanitize() -> None:
@@ -204,4 +236,5 @@ def overhead() -> None:
 
 
 if __name__ == "__main__":
-    {"profile": profile, "passes": passes, "sanitize": sanitize, "overhead": overhead}[sys.argv[1]]()
+    steps = {"profile": profile, "passes": passes, "errors": errors, "sanitize": sanitize, "overhead": overhead}
+    steps[sys.argv[1]]()

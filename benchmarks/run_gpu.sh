@@ -39,6 +39,7 @@ if want build; then
   } >> "$OUT/checks.log" 2>&1
   box 240 "$OUT/checks.log" $PY -m pip install -q --no-build-isolation --no-deps -e .
   box 30 "$OUT/checks.log" $PY -m bam_fused.cli info
+  box 60 "$OUT/checks.log" $PY benchmarks/gpu_probe.py errors
 fi
 want cuda-tests && box 220 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE tests/test_cuda.py \
   tests/test_pass_triton.py

@@ -35,8 +35,10 @@ def truth(x, w, b):
 
 
 # (N, C, H, W, Cr): odd sizes; Cr off the power-of-two pads; enough channels for splits
-# (the interpreter's plan assumes 4 multiprocessors); one pixel; Cr at MAX_CR.
-SHAPES = [(2, 37, 7, 9, 5), (1, 300, 5, 3, 20), (3, 200, 11, 13, 64), (2, 16, 1, 1, 1), (1, 130, 9, 15, 16)]
+# (the interpreter's plan assumes 4 multiprocessors); one pixel; Cr at MAX_CR; NCHW rows
+# passed as a constant (HW a multiple of 4, not of 16: 120 and 14x14).
+SHAPES = [(2, 37, 7, 9, 5), (1, 300, 5, 3, 20), (3, 200, 11, 13, 64), (2, 16, 1, 1, 1), (1, 130, 9, 15, 16),
+          (2, 70, 12, 10, 24), (1, 48, 14, 14, 40)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -50,13 +52,23 @@ def test_pass_matches_float64(device, shape, dtype, layout, y_channels_last):
     b = torch.randn(cr, device=device) * 0.2
     part, y = pt.reduce_pool(x, w, b, y_channels_last)
     mean, want = truth(x.cpu(), w.cpu(), b.cpu())
-    block_p = pt.DEFAULTS[pt.cr_pad(cr)].block_p
+    block_p = pt.DEFAULTS[(layout == "channels_last", pt.cr_pad(cr))].block_p
     assert part.shape == (n, max(1, -(-h * wd // block_p)), c) and part.dtype == torch.float32
     assert y.shape == (n, cr, h, wd) and y.dtype == torch.float32
     assert y.is_contiguous(memory_format=torch.channels_last if y_channels_last else torch.contiguous_format)
     # 3xTF32 (compiled) or fp32 (interpreted) products, fp32 sums: float32-level error.
     torch.testing.assert_close(part.sum(1).cpu().double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(y.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_constant_row_only_for_dense_nchw_rows_of_4k_not_16k():
+    x = torch.randn(2, 8, 14, 14)
+    assert pt._constant_row(x) == 196
+    assert pt._constant_row(x.contiguous(memory_format=torch.channels_last)) == 0
+    assert pt._constant_row(torch.randn(2, 8, 16, 16)) == 0  # Triton specialises on 16 itself
+    assert pt._constant_row(torch.randn(2, 8, 7, 7)) == 0  # 49: no 16-byte rows at all
+    assert pt._constant_row(torch.randn(4, 8, 14, 14)[::2]) == 0  # samples not C * HW apart
+    assert pt._constant_row(torch.randn(2, 8, 14, 28)[..., ::2].contiguous()) == 196
 
 
 @pytest.mark.parametrize("config", [*pt.DEFAULTS.values(), *pt.CANDIDATES], ids=str)

@@ -8,7 +8,8 @@
 - ``triton``: the Triton pass and the Triton tensor-core dilated convs (ops/spatial_triton.py),
   then the extension's channel MLP (BAM_FUSED_CUDA_SPATIAL does not apply);
 - ``auto`` (default): the first call for each (device, shape, Cr, dtype, layout) times the
-  three and keeps the fastest for the process (tens of milliseconds, once per shape).
+  three (GPU time, as CUDA graph replays) and keeps the fastest for the process (tens of
+  milliseconds, once per shape).
 
 All compute the same function up to float32 rounding (3xTF32 in the Triton kernels). The
 Triton kernels take up to pass_triton.MAX_CR reduced channels; wider reductions, processes
@@ -79,9 +80,15 @@ _RUNS = {"kernel": _run_kernel, "triton-pass": _run_triton_pass, "triton": _run_
 
 
 def _time_ms(fn) -> float:
+    """GPU time of fn in ms: replays of a CUDA graph of it. Timed as plain calls, the paths with
+    more launches lost on host overhead (H200, triton 3.6, 2026-11-26: auto kept the kernel at
+    28x28 where the Triton path's GPU time was 146 against 187 us)."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
+    except Exception:  # capture refused (an op that cannot be captured): plain calls instead
+        return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
 def choice(x: torch.Tensor, f: dict, dilation: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -22,6 +23,8 @@ from . import pass_triton as pt
 from . import spatial_triton as sp
 from .gate_aot import _spills
 
+# Global-to-shared copies of fewer than 16 bytes (Triton stages tiles with cp.async).
+_NARROW = re.compile(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x4[,;]")
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
@@ -32,12 +35,14 @@ def configs() -> list[dict]:
     for dtype in DTYPES:
         for x_cl in (False, True):
             for y_cl in (False, True):
-                for pad, config in pt.DEFAULTS.items():
-                    out.append(dict(kernel="pass", dtype=dtype, x_cl=x_cl, y_cl=y_cl, cr_pad=pad, config=config))
+                for pad in (16, 32, 64):
+                    # NCHW rows of 56x56 and 28x28 (HW divisible by 16), and of 14x14 (a constant row).
+                    for row in (0,) if x_cl else (0, 196):
+                        out.append(dict(kernel="pass", dtype=dtype, x_cl=x_cl, y_cl=y_cl, cr_pad=pad, row=row,
+                                        config=pt.DEFAULTS[(x_cl, pad)]))  # fmt: skip
     out += [dict(kernel="finish", y_cl=y_cl) for y_cl in (False, True)]
-    # The convs read y as the pass writes it (either layout) and channels_last weights (the fold's).
-    out += [dict(kernel="conv", y_cl=y_cl, cr_pad=pad, final=final)
-            for y_cl in (False, True) for pad in sp.CONFIGS for final in (False, True)]  # fmt: skip
+    # The convs read channels_last y (spatial_map makes it so) and channels_last weights (the fold's).
+    out += [dict(kernel="conv", y_cl=True, cr_pad=pad, final=final) for pad in sp.CONFIGS for final in (False, True)]
     return out
 
 
@@ -60,7 +65,12 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
             const["so_c"] = 1
         for k in const:
             sig[k] = "constexpr"
+        # As the runtime specialises them for Cr a multiple of 16: channel counts and strides.
+        names = list(sig)
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+        for name in ("CR", "sy_n", "sy_c", "sy_h", "sy_w", "sw_o", "sw_h", "sw_w", "so_n", "so_p"):
+            if name not in const:
+                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
         return ASTSource(fn=sp._dilated_conv_kernel, signature=sig, constexprs=const, attrs=attrs), warps
     c = cfg["config"]
     sig = {"x_ptr": DTYPES[cfg["dtype"]], "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "part_ptr": "*fp32",
@@ -71,12 +81,16 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
     # What the runtime specialises on: stride 1 along the contiguous dimension (a constexpr),
     # 16-byte aligned pointers, and C, HW and the other strides divisible by 16 (ResNet shapes).
     const = {"sx_c" if cfg["x_cl"] else "sx_p": 1, "sy_c" if cfg["y_cl"] else "sy_p": 1,
-             "CR_PAD": cfg["cr_pad"], "BLOCK_P": c.block_p, "BLOCK_C": c.block_c, "PRECISION": "tf32x3"}  # fmt: skip
+             "CR_PAD": cfg["cr_pad"], "BLOCK_P": c.block_p, "BLOCK_C": c.block_c, "PRECISION": "tf32x3",
+             "ROW": cfg["row"], "C_DIV": 16}  # fmt: skip
     for k in const:
         sig[k] = "constexpr"
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    for name in ("C", "HW", "sx_n", "sx_c", "sx_p", "sy_n", "sy_c", "sy_p", "sy_split"):
-        if name not in const:
+    # By 16 (c_split always: whole 64-channel slices); HW and what it divides unless the case is
+    # 14x14 (HW = 196 is the constant ROW then).
+    hw_bound = {"HW", "sy_n", "sx_c", "sx_n"} if cfg["row"] else set()
+    for name in ("C", "HW", "c_split", "sx_n", "sx_c", "sx_p", "sy_n", "sy_c", "sy_p", "sy_split"):
+        if name not in const and name not in hw_bound:
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     return ASTSource(fn=pt._pass_kernel, signature=sig, constexprs=const, attrs=attrs), c.num_warps
 
@@ -96,7 +110,8 @@ def compile_all(archs=(80, 90)) -> list[dict]:
             regs, spill_st, spill_ld = _spills(ptx, arch)
             row = {k: (str(v) if k == "config" else v) for k, v in cfg.items()}
             results.append(dict(row, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
-                                tensor_cores="mma.sync" in ptx or "wgmma" in ptx))  # fmt: skip
+                                tensor_cores="mma.sync" in ptx or "wgmma" in ptx,
+                                narrow_copies=len(_NARROW.findall(ptx))))  # fmt: skip
     return results
 
 

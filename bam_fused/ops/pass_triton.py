@@ -17,6 +17,7 @@ channels_last as asked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,13 +39,24 @@ class PassConfig:
     num_stages: int
 
 
-# What the launcher uses for each padded Cr: at most 16 accumulators per thread and a
-# channel slice that keeps the 3xTF32 operand splits in registers. All compile with zero
-# spills for sm_80 and sm_90 (pass_aot.py; 128 x 32 x 4 warps spilled at Cr 64).
-DEFAULTS = {16: PassConfig(128, 32, 4, 3), 32: PassConfig(128, 32, 8, 3), 64: PassConfig(128, 16, 8, 3)}
+# What the launcher uses, by x's layout (channels_last?) and padded Cr: of the configurations
+# timed on an H200 (2026-11-26, N = 32, fp32, ResNet-50 stages, GPU time as CUDA graphs;
+# benchmarks/results/nvidia-h200/probe-configs.log), the fastest that compiles with zero
+# spills for sm_80 and sm_90 in every dtype (pass_aot.py).
+DEFAULTS = {
+    (False, 16): PassConfig(64, 32, 4, 3),  # 56x56: 47.8 us, against 51.1 for 128/32/4/3
+    (False, 32): PassConfig(64, 32, 4, 3),  # 28x28: 39.5 against 44.8 (128/32/8/3)
+    # 14x14: every NCHW time then came from 4-byte loads (now 16-byte, see ROW); unmeasured since.
+    # channels_last's fastest tile (64/16/4/4) spills nothing in NCHW.
+    (False, 64): PassConfig(64, 16, 4, 4),
+    (True, 16): PassConfig(128, 16, 4, 3),  # 62.7 against 76.3 (128/32/4/3)
+    (True, 32): PassConfig(128, 16, 4, 3),  # 50.0 against 61.7 (128/32/8/3)
+    # 45.6; 64/16/4/4 took 39.5 but spills 4 bytes for 16-bit x on sm_80.
+    (True, 64): PassConfig(128, 16, 8, 3),
+}
 # Further configurations benchmarks/gpu_probe.py times against the defaults.
 CANDIDATES = (PassConfig(64, 32, 4, 3), PassConfig(128, 16, 4, 3), PassConfig(128, 32, 8, 4),
-              PassConfig(64, 16, 4, 4), PassConfig(256, 16, 8, 3))  # fmt: skip
+              PassConfig(64, 16, 4, 4), PassConfig(256, 16, 8, 3), PassConfig(128, 32, 4, 3))  # fmt: skip
 
 
 def cr_pad(cr: int) -> int:
@@ -58,7 +70,17 @@ def _pass_kernel(
     C, HW, CR, n_pb, c_split, inv_hw,
     sx_n, sx_c, sx_p, sy_n, sy_c, sy_p, sy_split, raw,
     CR_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    ROW: tl.constexpr, C_DIV: tl.constexpr,
 ):  # fmt: skip
+    # Loads of masked tiles are 16 bytes wide only where Triton can prove alignment, and it
+    # specialises integer arguments on divisibility by 16 alone (tl.multiple_of hints on them
+    # did not help: sm_90 PTX, Triton 3.8). So NCHW rows whose length is a multiple of 4 but not
+    # of 16 (14x14 maps: HW = 196) come as the constant ROW, and the channel bound below, a
+    # minimum Triton cannot see through, is hinted.
+    if ROW > 0:
+        HW = ROW
+        sx_c = ROW
+        sx_n = C * ROW
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = (pid // n_pb).to(tl.int64)
@@ -71,6 +93,8 @@ def _pass_kernel(
     ci = tl.arange(0, BLOCK_C)
     c_begin = split * c_split
     c_end = tl.minimum(C, c_begin + c_split)
+    if C_DIV > 1:
+        c_end = tl.multiple_of(c_end, C_DIV)
     x_rows = x_ptr + n * sx_n + p64[:, None] * sx_p  # (BLOCK_P, 1) pointers
     part_row = part_ptr + (n * n_pb + pb) * C
     acc = tl.zeros((BLOCK_P, CR_PAD), dtype=tl.float32)
@@ -106,6 +130,23 @@ def _finish_kernel(part_ptr, b_ptr, y_ptr, numel, CR, HW, splits, CHANNELS_LAST:
     tl.store(y_ptr + e, tl.maximum(s + tl.load(b_ptr + r, mask=ok, other=0.0), 0.0), mask=ok)
 
 
+def pow2_divisor(v: int, most: int = 16) -> int:
+    """The largest power of two up to `most` that divides v."""
+    d = 1
+    while d < most and v % (2 * d) == 0:
+        d *= 2
+    return d
+
+
+def _constant_row(x: torch.Tensor) -> int:
+    """ROW for the kernel: HW for dense NCHW x whose HW is a multiple of 4 but not of 16 (its
+    loads can then be 16 bytes wide; one compile per such HW), else 0."""
+    n, c, h, w = x.shape
+    hw = h * w
+    dense = x.stride(1) == hw and x.stride(0) == c * hw and x.stride(3) == 1
+    return hw if dense and hw > 1 and hw % 4 == 0 and hw % 16 != 0 else 0
+
+
 def plan_splits(programs: int, c: int, min_programs: int) -> tuple[int, int]:
     """(splits, channels per split): split the channels only as far as the grid needs to
     reach min_programs, in whole SPLIT_ALIGN-channel slices, at least two slices per split."""
@@ -134,11 +175,12 @@ def reduce_pool(
 
     x: NCHW- or channels_last-contiguous fp32/fp16/bf16; w (Cr, C) and b (Cr,) contiguous fp32
     with 1 <= Cr <= MAX_CR (the caller checks: this is the fast path behind the module).
-    config: DEFAULTS[cr_pad(Cr)] unless given.
+    config: DEFAULTS[(x is channels_last, cr_pad(Cr))] unless given.
     """
     n, c, h, wd = x.shape
     hw, cr = h * wd, w.shape[0]
-    config = config or DEFAULTS[cr_pad(cr)]
+    x_cl = not x.is_contiguous()
+    config = config or DEFAULTS[(x_cl, cr_pad(cr))]
     n_pb = max(1, triton.cdiv(hw, config.block_p))
     f32 = dict(dtype=torch.float32, device=x.device)
     y_format = torch.channels_last if y_channels_last else torch.contiguous_format
@@ -155,7 +197,8 @@ def reduce_pool(
     _pass_kernel[(n * n_pb, splits)](
         x, w, b, out, part, c, hw, cr, n_pb, c_split, 1.0 / hw, *sx, *sy, y.numel(), splits > 1,
         CR_PAD=cr_pad(cr), BLOCK_P=config.block_p, BLOCK_C=config.block_c,
-        PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
+        PRECISION=precision, ROW=_constant_row(x), C_DIV=pow2_divisor(math.gcd(c, c_split)),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:
         block = 1024

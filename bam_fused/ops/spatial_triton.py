@@ -20,7 +20,7 @@ from .pass_triton import cr_pad
 
 # Pixels per program and warps for each padded Cr, and input channels per product (pass_aot.py
 # checks them for spills).
-CONFIGS = {16: (128, 8), 32: (128, 8), 64: (32, 4)}
+CONFIGS = {16: (128, 4), 32: (128, 8), 64: (32, 4)}
 BLOCK_K = 32
 
 
@@ -80,7 +80,8 @@ def spatial_map(
     b_final: torch.Tensor,
     precision: str = "tf32x3",
 ) -> torch.Tensor:
-    """The spatial map (N, H, W) fp32 from y (N, Cr, H, W) fp32 (any strides): the dilated
+    """The spatial map (N, H, W) fp32 from y (N, Cr, H, W) fp32 (any strides; read as
+    channels_last, copied first if it is not): the dilated
     convs with bias and ReLU, then the final 1x1 conv to one channel.
 
     Weights as BAM.folded() gives them: w_dilated[i] (Cr, Cr, 3, 3) fp32 (any strides),
@@ -95,7 +96,9 @@ def spatial_map(
     spatial = torch.empty((n, h, wd), dtype=torch.float32, device=y.device)
     if n * hw == 0:
         return spatial
-    cur = y
+    # channels_last: each pixel's channels are one 16-byte-aligned run (the copies stay wide);
+    # the Triton pass writes y so already.
+    cur = y.contiguous(memory_format=torch.channels_last)
     for i, (w, b) in enumerate(zip(w_dilated, b_dilated, strict=True)):
         final = i == len(w_dilated) - 1
         out = spatial if final else torch.empty_like(y, memory_format=torch.channels_last)
