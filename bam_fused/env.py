@@ -10,8 +10,8 @@
 |                          |         | auto (ours up to 16 reduced channels); read by the extension  |
 | BAM_FUSED_CUDA_EVAL      | auto    | CUDA eval attention maps: kernel (extension op, CUDA cores),  |
 |                          |         | triton-pass (Triton pass over x + op's convs and MLP), triton |
-|                          |         | (Triton pass and convs; tensor cores, 3xTF32, Cr <= 64), or   |
-|                          |         | auto (all timed on the first call per shape, fastest kept)    |
+|                          |         | (Triton pass, convs, MLP; tensor cores, 3xTF32, Cr <= 64), or |
+|                          |         | auto (GPU time of each on the first call per shape, fastest)  |
 | BAM_FUSED_CPU_ISA        | auto    | CPU pass over x and its backward: avx512, avx2, generic, or   |
 |                          |         | auto (the widest the CPU has); read by the extension          |
 | TRITON_INTERPRET         | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |

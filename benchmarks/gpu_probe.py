@@ -114,8 +114,10 @@ def passes() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print("us, all CUDA-graph replays (GPU time); |x| = one read of x at copy bandwidth; pass = Triton pass "
           "alone per config block_p/block_c/warps/stages; tail = after the pass: op's attention_tail | Triton "
-          "convs + op's MLP; BAM = whole eval BAM by BAM_FUSED_CUDA_EVAL")  # fmt: skip
-    tail, mlp = load_op("attention_tail"), load_op("channel_attention")
+          "convs + Triton MLP; BAM = whole eval BAM by BAM_FUSED_CUDA_EVAL")  # fmt: skip
+    from bam_fused.ops.mlp_triton import channel_mlp as mlp
+
+    tail = load_op("attention_tail")
     for shape in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             for layout in ("nchw", "channels_last"):
@@ -162,8 +164,8 @@ ERROR_CASES = {
     "x_sizes": "op.reduce_pool(torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(2), True)",
     "w_sizes": "op.reduce_pool(torch.randn(1, 3, 4, 4), torch.randn(3), torch.randn(2), True)",
     "check_fp32": "op.reduce_pool(torch.randn(1, 3, 4, 4), torch.randn(2, 3).double(), torch.randn(2), True)",
-    "check_part": "op.channel_attention(torch.randn(2, 1, 8).double(), torch.randn(2, 8), torch.randn(2), "
-    "torch.randn(8, 2), torch.randn(8))",
+    "check_part": "op.attention_tail(torch.randn(2, 1, 8).double(), torch.randn(2, 4, 3, 3), [], [], 4, "
+    "torch.randn(4), torch.randn(1), torch.randn(2, 8), torch.randn(2), torch.randn(8, 2), torch.randn(8))",
     "cuda_x_dtype": "op.branches(torch.randn(1, 32, 4, 4, device='cuda').double(), torch.randn(2, 32, device='cuda'), "
     "torch.randn(2, device='cuda'), [], [], 4, torch.randn(2, device='cuda'), torch.randn(1, device='cuda'))",
     "gate_row": "op.gate_forward(torch.randn(2, 3, 4), torch.randn(2, 3).double(), torch.randn(2, 4), False)",

@@ -224,16 +224,6 @@ std::tuple<at::Tensor, at::Tensor> attention_tail(const at::Tensor& part, const 
           spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final)};
 }
 
-// The channel MLP's output (N, C) fp32 from pooled partial means part (N, P, C) fp32 (the
-// Triton path's channel branch, ops/attention_cuda.py).
-at::Tensor channel_attention(const at::Tensor& part, const at::Tensor& w_fc0, const at::Tensor& b_fc0,
-                             const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
-  const char* op = "bam_fused_C::channel_attention";
-  check_part(op, part);
-  check_mlp_weights(op, part.size(2), part.device(), w_fc0, b_fc0, w_fc1, b_fc1);
-  return channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1);
-}
-
 // Whether attention on CUDA wants y channels_last (the library's convs) rather than NCHW (our
 // spatial kernel) for Cr reduced channels and num_dilated dilated convs.
 bool cuda_y_channels_last(int64_t cr, int64_t num_dilated) {
@@ -328,7 +318,6 @@ TORCH_LIBRARY(bam_fused_C, m) {
   m.def(
       "attention_tail(Tensor part, Tensor y, Tensor[] w_dilated, Tensor[] b_dilated, int dilation, Tensor w_final, "
       "Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1) -> (Tensor, Tensor)");
-  m.def("channel_attention(Tensor part, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1) -> Tensor");
   m.def("cuda_y_channels_last(int cr, int num_dilated) -> bool", &cuda_y_channels_last);
   m.def("reduce_pool(Tensor x, Tensor w, Tensor b, bool relu) -> (Tensor, Tensor)");
   m.def("reduce_pool_backward(Tensor x, Tensor dy, Tensor dmean, Tensor w, Tensor(a!)? dx) -> (Tensor, Tensor)");
@@ -338,7 +327,6 @@ TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
   m.impl("branches", &branches);
   m.impl("attention", &attention);
   m.impl("attention_tail", &attention_tail);
-  m.impl("channel_attention", &channel_attention);
   m.impl("reduce_pool", &reduce_pool);
   m.impl("reduce_pool_backward", &reduce_pool_backward);
 }
@@ -347,7 +335,6 @@ TORCH_LIBRARY_IMPL(bam_fused_C, CUDA, m) {
   m.impl("branches", &branches);
   m.impl("attention", &attention);
   m.impl("attention_tail", &attention_tail);
-  m.impl("channel_attention", &channel_attention);
 }
 #endif
 

@@ -1,4 +1,4 @@
-"""The Triton pass over x and the Triton spatial convs compile for sm_80 and sm_90 without a GPU in every variant its
+"""The Triton pass over x, spatial convs and channel MLP compile for sm_80 and sm_90 without a GPU in every variant its
 launcher picks, with zero register spills and on the tensor cores."""
 
 import json
@@ -50,6 +50,11 @@ def test_no_4_byte_copies(aot_results):
     assert rows and all(r["narrow_copies"] == 0 for r in rows), [r for r in rows if r["narrow_copies"]]
 
 
-def test_pass_and_convs_run_on_tensor_cores(aot_results):
-    passes = [r for r in aot_results if r["kernel"] in ("pass", "conv")]
+def test_mlp_kernels_compile_for_both_archs(aot_results):
+    seen = {(r["arch"], r["kernel"], r.get("relu")) for r in aot_results if r["kernel"] in ("means", "layer")}
+    assert seen == {(a, k, r) for a in (80, 90) for k, r in (("means", None), ("layer", True), ("layer", False))}
+
+
+def test_pass_convs_and_mlp_layers_run_on_tensor_cores(aot_results):
+    passes = [r for r in aot_results if r["kernel"] in ("pass", "conv", "layer")]
     assert passes and all(r["tensor_cores"] for r in passes), [r for r in passes if not r["tensor_cores"]]

@@ -1,7 +1,8 @@
 """The Triton kernels of the CUDA eval path against float64: the pass over x
-(ops/pass_triton.py) and its plan, the dilated convs (ops/spatial_triton.py); the extension ops
-that finish the job after them (attention_tail, channel_attention); the choice between them and
-the extension's op (ops/attention_cuda.py). Interpreted on the CPU without a GPU, compiled on one."""
+(ops/pass_triton.py) and its plan, the dilated convs (ops/spatial_triton.py), the channel MLP
+(ops/mlp_triton.py); the extension op that finishes the job after the Triton pass
+(attention_tail); the choice between the paths (ops/attention_cuda.py). Interpreted on the CPU
+without a GPU, compiled on one."""
 
 import pytest
 import torch
@@ -197,21 +198,26 @@ def test_attention_tail_checks_its_inputs():
         tail(part, y, *bad)
 
 
-@needs_ext
-def test_channel_attention_op():
-    _, fused, f = folded_bam(32, 8, 4)
-    mlp = torch.ops.bam_fused_C.channel_attention
-    x = torch.randn(2, 32, 5, 5)
-    part = torch.stack([x[..., :2].sum((2, 3)), x[..., 2:].sum((2, 3))], 1) / 25  # two partials
-    with torch.no_grad():
-        want = fused.channel_att(x).reshape(2, 32)
-    fc = (f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
-    torch.testing.assert_close(mlp(part, *fc), want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="channel_attention: part must be contiguous fp32"):
-        mlp(part.transpose(1, 2), *fc)
-    with pytest.raises(RuntimeError, match="channel_attention: w_fc0 must be contiguous fp32"):
-        mlp(torch.randn(2, 1, 31), *fc)
-    torch.library.opcheck(mlp, (part, *fc), test_utils=("test_schema", "test_faketensor"))
+@pytest.mark.parametrize("n,p,c,hidden", [(2, 1, 37, 3), (32, 13, 512, 32), (17, 2, 1024, 64), (3, 5, 64, 4),
+                                           (1, 1, 16, 1)])  # fmt: skip
+def test_channel_mlp_matches_float64(device, n, p, c, hidden):
+    mt = pytest.importorskip("bam_fused.ops.mlp_triton")
+    part = torch.randn(n, p, c, device=device) / p  # partial means: they sum over p
+    w0, b0 = torch.randn(hidden, c, device=device) / c**0.5, torch.randn(hidden, device=device) * 0.1
+    w1, b1 = torch.randn(c, hidden, device=device) / hidden**0.5, torch.randn(c, device=device) * 0.1
+    out = mt.channel_mlp(part, w0, b0, w1, b1)
+    mean = part.cpu().double().sum(1)
+    want = (mean @ w0.cpu().double().T + b0.cpu().double()).relu() @ w1.cpu().double().T + b1.cpu().double()
+    assert out.shape == (n, c) and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_mlp_empty_batch(device):
+    mt = pytest.importorskip("bam_fused.ops.mlp_triton")
+    w0, w1 = torch.randn(4, 64, device=device), torch.randn(64, 4, device=device)
+    out = mt.channel_mlp(torch.randn(0, 1, 64, device=device), w0, torch.randn(4, device=device), w1,
+                         torch.randn(64, device=device))  # fmt: skip
+    assert out.shape == (0, 64)
 
 
 @needs_ext

@@ -5,8 +5,8 @@
   (csrc/cuda/reduce_pool.cuh), the dilated convs as BAM_FUSED_CUDA_SPATIAL says, the MLP;
 - ``triton-pass``: the Triton tensor-core pass over x (ops/pass_triton.py), then the op's tail
   (the same dilated convs and MLP) on its outputs;
-- ``triton``: the Triton pass and the Triton tensor-core dilated convs (ops/spatial_triton.py),
-  then the extension's channel MLP (BAM_FUSED_CUDA_SPATIAL does not apply);
+- ``triton``: the Triton pass, the Triton tensor-core dilated convs (ops/spatial_triton.py) and
+  channel MLP (ops/mlp_triton.py); BAM_FUSED_CUDA_SPATIAL does not apply;
 - ``auto`` (default): the first call for each (device, shape, Cr, dtype, layout) times the
   three (GPU time, as CUDA graph replays) and keeps the fastest for the process (tens of
   milliseconds, once per shape).
@@ -67,13 +67,13 @@ def _run_triton_pass(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Ten
 def _run_triton(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not f["dil_w"]:  # only the final 1x1 conv: nothing for the conv kernel to do
         return _run_triton_pass(x, f, dilation)
+    from .mlp_triton import channel_mlp
     from .pass_triton import reduce_pool
     from .spatial_triton import spatial_map
 
     part, y = reduce_pool(x, f["red_w"], f["red_b"], y_channels_last=True)
     spatial = spatial_map(y, f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"])
-    channel = load_op("channel_attention")(part, f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
-    return channel, spatial
+    return channel_mlp(part, f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"]), spatial
 
 
 _RUNS = {"kernel": _run_kernel, "triton-pass": _run_triton_pass, "triton": _run_triton}

@@ -49,10 +49,6 @@ def _register_fake() -> None:
         n, cr, h, wd = y.shape
         return part.new_empty((n, part.shape[2])), y.new_empty((n, h, wd))
 
-    @torch.library.register_fake("bam_fused_C::channel_attention")
-    def _(part, w_fc0, b_fc0, w_fc1, b_fc1):
-        return part.new_empty((part.shape[0], part.shape[2]))
-
     @torch.library.register_fake("bam_fused_C::reduce_pool")
     def _(x, w, b, relu):
         n, c, h, wd = x.shape

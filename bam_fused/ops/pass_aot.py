@@ -1,7 +1,7 @@
-"""Compiles the Triton pass over x (ops/pass_triton.py) and the Triton spatial convs
-(ops/spatial_triton.py) ahead of time for real GPU targets (no GPU needed) in every variant
-their launchers can pick, and reports registers, spills and whether the tensor cores are used
-(mma/wgmma in the PTX).
+"""Compiles the Triton kernels of the CUDA eval path ahead of time for real GPU targets (no GPU
+needed): the pass over x (ops/pass_triton.py), the spatial convs (ops/spatial_triton.py) and
+the channel MLP (ops/mlp_triton.py), in every variant their launchers can pick. Reports
+registers, spills, whether the tensor cores are used (mma/wgmma in the PTX) and 4-byte copies.
 
     python -m bam_fused.ops.pass_aot [--arch 80 90]
 
@@ -19,6 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import mlp_triton as mt
 from . import pass_triton as pt
 from . import spatial_triton as sp
 from .gate_aot import _spills
@@ -43,6 +44,8 @@ def configs() -> list[dict]:
     out += [dict(kernel="finish", y_cl=y_cl) for y_cl in (False, True)]
     # The convs read channels_last y (spatial_map makes it so) and channels_last weights (the fold's).
     out += [dict(kernel="conv", y_cl=True, cr_pad=pad, final=final) for pad in sp.CONFIGS for final in (False, True)]
+    # The channel MLP: the means, and each layer (hidden units per program: BLOCK_H or BLOCK_C).
+    out += [dict(kernel="means")] + [dict(kernel="layer", relu=relu) for relu in (True, False)]
     return out
 
 
@@ -53,6 +56,20 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
         const = {"CHANNELS_LAST": cfg["y_cl"], "BLOCK": 1024}
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2)}
         return ASTSource(fn=pt._finish_kernel, signature=sig, constexprs=const, attrs=attrs), 4
+    if cfg["kernel"] == "means":
+        sig = {"part_ptr": "*fp32", "mean_ptr": "*fp32", "N": "i32", "P": "i32", "C": "i32",
+               "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
+        attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]]}
+        const = {"BLOCK_N": mt.BLOCK_N, "BLOCK_C": mt.BLOCK_C}
+        return ASTSource(fn=mt._means_kernel, signature=sig, constexprs=const, attrs=attrs), 4
+    if cfg["kernel"] == "layer":
+        sig = {"a_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "K": "i32",
+               "M": "i32", "RELU": "constexpr", "BLOCK_N": "constexpr", "BLOCK_M": "constexpr",
+               "BLOCK_K": "constexpr", "PRECISION": "constexpr"}  # fmt: skip
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)}
+        const = {"RELU": cfg["relu"], "BLOCK_N": mt.BLOCK_N, "BLOCK_M": mt.BLOCK_H if cfg["relu"] else mt.BLOCK_C,
+                 "BLOCK_K": 64, "PRECISION": "tf32x3"}  # fmt: skip
+        return ASTSource(fn=mt._layer_kernel, signature=sig, constexprs=const, attrs=attrs), 4
     if cfg["kernel"] == "conv":
         sig = {"y_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "wf_ptr": "*fp32", "bf_ptr": "*fp32",
                "out_ptr": "*fp32", "H": "i32", "W": "i32", "CR": "i32", "n_pb": "i32", "dilation": "i32",
