@@ -88,15 +88,16 @@ def profile() -> None:
 
 def spatial_impls() -> None:
     """The whole fused BAM (eval, CUDA graph) with each BAM_FUSED_CUDA_SPATIAL choice, side by side."""
-    print("\nBAM eval graph time (us) by BAM_FUSED_CUDA_SPATIAL (the default picks kernel for Cr <= 16)")
+    print("\nBAM eval graph time (us), BAM_FUSED_CUDA_EVAL=kernel, by BAM_FUSED_CUDA_SPATIAL (the default picks "
+          "kernel for Cr <= 16)")  # fmt: skip
     print(f"{'shape':18s} {'dtype':8s} {'kernel':>8s} {'library':>8s}")
     for shape in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape, device="cuda", dtype=dtype)
             m = randomize_(bam_fused.BAM(shape[1])).cuda().to(dtype).eval()
             times = []
-            for impl in SPATIAL_IMPLS:
-                with spatial_impl(impl), torch.no_grad():
+            for impl in SPATIAL_IMPLS:  # the extension's op: where BAM_FUSED_CUDA_SPATIAL applies
+                with spatial_impl(impl), eval_impl("kernel"), torch.no_grad():
                     times.append(graph_ms(lambda: m(x)) * 1e3)  # noqa: B023
             print(f"{str(shape):18s} {str(dtype)[6:]:8s} {times[0]:8.1f} {times[1]:8.1f}")
 

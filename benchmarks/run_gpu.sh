@@ -4,7 +4,7 @@
 # of the tests. Each step gets a time box inside one ten-minute budget (BUDGET_S), most
 # important first. Logs and results go to $OUT (default ./gpu-out), at most 8 files.
 #   usage: bash benchmarks/run_gpu.sh [STEP ...]   (steps: build cuda-tests passes bench sanitize
-#                                                    profile overhead verify tests; default all
+#                                                    verify profile overhead tests; default all
 #                                                    but overhead)
 #   RACECHECK=1 adds the (inconclusive, 90 s) racecheck pass to the sanitize step.
 set -uo pipefail
@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
 END=$((SECONDS + ${BUDGET_S:-570}))
-STEPS=${*:-build cuda-tests passes bench sanitize profile verify tests}
+STEPS=${*:-build cuda-tests passes bench sanitize verify profile tests}
 status=0
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -55,9 +55,9 @@ if want sanitize; then
   [[ ${RACECHECK:-0} == 1 ]] &&
     box --soft 90 "$OUT/checks.log" $san --tool racecheck --print-limit 5 $PY benchmarks/gpu_probe.py sanitize
 fi
+want verify && box 100 "$OUT/checks.log" $PY -m bam_fused.cli verify --quick
 want profile && box 100 "$OUT/profile.log" $PY benchmarks/gpu_probe.py profile
 want overhead && box --soft 40 "$OUT/profile.log" $PY benchmarks/gpu_probe.py overhead
-want verify && box 100 "$OUT/checks.log" $PY -m bam_fused.cli verify --quick
 # -v: xdist prints each failure as it happens, so a time-boxed run still names them.
 want tests && box --soft 300 "$OUT/tests.log" $PY -m pytest -v -n 8 -p no:cacheprovider -rfE -m "not slow" \
   --ignore=tests/test_cuda.py --ignore=tests/test_pass_triton.py tests

@@ -108,6 +108,7 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
         if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return "kernel"
         _chosen[key] = "kernel"  # while timing: a re-entrant call must not time again
+        torch.cuda.synchronize(x.device)  # the timing runs on a stream of its own: x must be ready
         times = {name: _time_ms(lambda run=run: run(x, f, dilation)) for name, run in _RUNS.items()}
         _chosen[key] = min(times, key=times.get)
     return _chosen[key]
