@@ -45,42 +45,47 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, rep=200, return_mode="median")
 
 
+def cases():
+    """(shape, dtype, layout, x, BAM in eval mode, its folded weights) for every probe row."""
+    for shape in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in ("nchw", "channels_last"):
+                x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
+                m = randomize_(bam_fused.BAM(shape[1])).cuda().to(dtype).eval()
+                yield shape, dtype, layout, x, m, m.folded()
+
+
 def profile() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
     head = f"{'shape':18s} {'dtype':5s} {'layout':13s} {'copy GB/s':>9s} {'|x| us':>7s} " \
            f"{'branch':>7s} {'gate':>7s} {'BAM':>7s} {'BAM graph':>9s} {'x 3|x| roof':>11s}"  # fmt: skip
     rows = [head]
-    for shape in SHAPES:
-        for dtype in (torch.float32, torch.bfloat16):
-            for layout in ("nchw", "channels_last"):
-                n, c, h, w = shape
-                x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
-                m = randomize_(bam_fused.BAM(c)).cuda().to(dtype).eval()
-                f = m.folded()
-                dst = torch.empty_like(x)
-                copy = ms(lambda: dst.copy_(x))  # noqa: B023
-                nbytes = x.numel() * x.element_size()
-                bw = 2 * nbytes / (copy * 1e-3)
-                args = (f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
-                ca = torch.randn(n, c, device="cuda")
-                sa = torch.randn(n, h, w, device="cuda")
-                with torch.no_grad():
-                    t_branch = ms(lambda: bam_branches(x, *args))  # noqa: B023
-                    t_gate = ms(lambda: bam_gate(x, ca, sa))  # noqa: B023
-                    t_bam = ms(lambda: m(x))  # noqa: B023
-                    t_graph = graph_ms(lambda: m(x))  # noqa: B023
-                roof = 3 * nbytes / bw * 1e3
-                rows.append(f"{str(shape):18s} {str(dtype)[6:]:5s} {layout:13s} {bw / 1e9:9.0f} "
-                            f"{nbytes / bw * 1e6:7.1f} {t_branch * 1e3:7.1f} {t_gate * 1e3:7.1f} "
-                            f"{t_bam * 1e3:7.1f} {t_graph * 1e3:9.1f} {t_graph / roof:11.2f}")  # fmt: skip
-                if dtype == torch.float32 and layout == "nchw":
-                    cuda_only = [torch.profiler.ProfilerActivity.CUDA]
-                    with torch.no_grad(), torch.profiler.profile(activities=cuda_only) as p:
-                        for _ in range(5):
-                            m(x)
-                        torch.cuda.synchronize()
-                    print(f"-- kernels of 5 fused BAM calls, {shape} fp32 nchw")
-                    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    for shape, dtype, layout, x, m, f in cases():
+        n, c, h, w = shape
+        dst = torch.empty_like(x)
+        copy = ms(lambda: dst.copy_(x))  # noqa: B023
+        nbytes = x.numel() * x.element_size()
+        bw = 2 * nbytes / (copy * 1e-3)
+        args = (f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
+        ca = torch.randn(n, c, device="cuda")
+        sa = torch.randn(n, h, w, device="cuda")
+        with torch.no_grad():
+            t_branch = ms(lambda: bam_branches(x, *args))  # noqa: B023
+            t_gate = ms(lambda: bam_gate(x, ca, sa))  # noqa: B023
+            t_bam = ms(lambda: m(x))  # noqa: B023
+            t_graph = graph_ms(lambda: m(x))  # noqa: B023
+        roof = 3 * nbytes / bw * 1e3
+        rows.append(f"{str(shape):18s} {str(dtype)[6:]:5s} {layout:13s} {bw / 1e9:9.0f} "
+                    f"{nbytes / bw * 1e6:7.1f} {t_branch * 1e3:7.1f} {t_gate * 1e3:7.1f} "
+                    f"{t_bam * 1e3:7.1f} {t_graph * 1e3:9.1f} {t_graph / roof:11.2f}")  # fmt: skip
+        if dtype == torch.float32 and layout == "nchw":
+            cuda_only = [torch.profiler.ProfilerActivity.CUDA]
+            with torch.no_grad(), torch.profiler.profile(activities=cuda_only) as p:
+                for _ in range(5):
+                    m(x)
+                torch.cuda.synchronize()
+            print(f"-- kernels of 5 fused BAM calls, {shape} fp32 nchw")
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     print("times in us; |x| us = one read of x at copy bandwidth; roof = 3|x| at copy bandwidth")
     print("\n".join(rows))
     spatial_impls()
@@ -105,57 +110,50 @@ def spatial_impls() -> None:
 def passes() -> None:
     """The eval path's pieces: the Triton pass over x in each configuration (the launcher's
     default first; the others in fp32), the rest after a pass (the extension's attention_tail
-    against the Triton convs plus the extension's MLP), and the whole fused BAM (eval, CUDA graph)
-    by BAM_FUSED_CUDA_EVAL."""
+    against the Triton convs and MLP), and the whole fused BAM (eval, CUDA graph) by
+    BAM_FUSED_CUDA_EVAL."""
     from bam_fused.ops import attention_cuda
     from bam_fused.ops import pass_triton as pt
     from bam_fused.ops.branches import load_op
+    from bam_fused.ops.mlp_triton import channel_mlp as mlp
     from bam_fused.ops.spatial_triton import spatial_map
 
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print("us, all CUDA-graph replays (GPU time); |x| = one read of x at copy bandwidth; pass = Triton pass "
           "alone per config block_p/block_c/warps/stages; tail = after the pass: op's attention_tail | Triton "
           "convs + Triton MLP; BAM = whole eval BAM by BAM_FUSED_CUDA_EVAL")  # fmt: skip
-    from bam_fused.ops.mlp_triton import channel_mlp as mlp
-
     tail = load_op("attention_tail")
-    for shape in SHAPES:
-        for dtype in (torch.float32, torch.bfloat16):
-            for layout in ("nchw", "channels_last"):
-                n, c, h, w = shape
-                x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
-                m = randomize_(bam_fused.BAM(c)).cuda().to(dtype).eval()
-                f = m.folded()
-                dst = torch.empty_like(x)
-                read_us = graph_ms(lambda: dst.copy_(x)) * 1e3 / 2  # noqa: B023
-                cr = f["red_w"].shape[0]
-                cells = []
-                # The other configurations in fp32 only: each is a compile (about a second).
-                default = pt.DEFAULTS[(layout == "channels_last", pt.cr_pad(cr))]
-                for cfg in (default, *(pt.CANDIDATES if dtype == torch.float32 else ())):
-                    name = f"{cfg.block_p}/{cfg.block_c}/{cfg.num_warps}/{cfg.num_stages}"
-                    try:
-                        t = graph_ms(lambda: pt.reduce_pool(x, f["red_w"], f["red_b"], True, cfg)) * 1e3  # noqa: B023
-                        cells.append(f"{name}={t:.1f}")
-                    except Exception as exc:  # a config the GPU cannot hold: say so, go on
-                        cells.append(f"{name}=fail ({type(exc).__name__})")
-                with torch.no_grad():
-                    part, y = pt.reduce_pool(x, f["red_w"], f["red_b"], attention_cuda._y_channels_last(cr, 2))
-                    part_cl, y_cl = pt.reduce_pool(x, f["red_w"], f["red_b"], True)
-                    rest = (f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
-                    fc = (f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
-                    t_tail = graph_ms(lambda: tail(part, y, *rest, *fc)) * 1e3  # noqa: B023
-                    t_conv = graph_ms(lambda: (spatial_map(y_cl, *rest), mlp(part_cl, *fc))) * 1e3  # noqa: B023
-                bam = {}
-                for impl in EVAL_IMPLS:
-                    with eval_impl(impl), torch.no_grad():
-                        bam[impl] = graph_ms(lambda: m(x)) * 1e3  # noqa: B023
-                with eval_impl("auto"), torch.no_grad():
-                    picked = attention_cuda.choice(x, f, 4)
-                print(f"{str(shape):18s} {str(dtype)[6:]:8s} {layout:13s} |x| {read_us:5.1f}  "
-                      f"BAM kernel {bam['kernel']:6.1f} triton-pass {bam['triton-pass']:6.1f} "
-                      f"triton {bam['triton']:6.1f} auto->{picked:11s} tail {t_tail:5.1f} | {t_conv:5.1f}  pass "
-                      + "  ".join(cells), flush=True)  # fmt: skip
+    for shape, dtype, layout, x, m, f in cases():
+        dst = torch.empty_like(x)
+        read_us = graph_ms(lambda: dst.copy_(x)) * 1e3 / 2  # noqa: B023
+        cr = f["red_w"].shape[0]
+        cells = []
+        # The other configurations in fp32 only: each is a compile (about a second).
+        default = pt.DEFAULTS[(layout == "channels_last", pt.cr_pad(cr))]
+        for cfg in (default, *(pt.CANDIDATES if dtype == torch.float32 else ())):
+            name = f"{cfg.block_p}/{cfg.block_c}/{cfg.num_warps}/{cfg.num_stages}"
+            try:
+                t = graph_ms(lambda: pt.reduce_pool(x, f["red_w"], f["red_b"], True, cfg)) * 1e3  # noqa: B023
+                cells.append(f"{name}={t:.1f}")
+            except Exception as exc:  # a config the GPU cannot hold: say so, go on
+                cells.append(f"{name}=fail ({type(exc).__name__})")
+        with torch.no_grad():
+            part, y = pt.reduce_pool(x, f["red_w"], f["red_b"], attention_cuda._y_channels_last(cr, 2))
+            part_cl, y_cl = pt.reduce_pool(x, f["red_w"], f["red_b"], True)
+            rest = (f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
+            fc = (f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
+            t_tail = graph_ms(lambda: tail(part, y, *rest, *fc)) * 1e3  # noqa: B023
+            t_conv = graph_ms(lambda: (spatial_map(y_cl, *rest), mlp(part_cl, *fc))) * 1e3  # noqa: B023
+        bam = {}
+        for impl in EVAL_IMPLS:
+            with eval_impl(impl), torch.no_grad():
+                bam[impl] = graph_ms(lambda: m(x)) * 1e3  # noqa: B023
+        with eval_impl("auto"), torch.no_grad():
+            picked = attention_cuda.choice(x, f, 4)
+        print(f"{str(shape):18s} {str(dtype)[6:]:8s} {layout:13s} |x| {read_us:5.1f}  "
+              f"BAM kernel {bam['kernel']:6.1f} triton-pass {bam['triton-pass']:6.1f} "
+              f"triton {bam['triton']:6.1f} auto->{picked:11s} tail {t_tail:5.1f} | {t_conv:5.1f}  pass "
+              + "  ".join(cells), flush=True)  # fmt: skip
 
 
 # Bad arguments to the extension's ops: each must raise RuntimeError, not crash. On the H200

@@ -27,3 +27,18 @@ def gate_inputs(n=2, c=37, h=7, w=9, dtype=torch.float32, device="cpu", layout="
         for t in (x, ca, sa):
             t.requires_grad_()
     return x, ca, sa
+
+
+def run_aot(module: str) -> list[dict]:
+    """The JSON results of `python -m <module> --arch 80 90` (an AOT compile check), run without
+    TRITON_INTERPRET (the interpreter would replace the kernels)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", module, "--arch", "80", "90"], capture_output=True, text=True,
+                          env=env, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)

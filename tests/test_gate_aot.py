@@ -1,23 +1,13 @@
 """Every Triton gate configuration the launchers use compiles for sm_80 and sm_90 without a
 GPU, with zero register spills and 16-byte vector loads where rows are 16-element aligned."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from helpers import run_aot
 
 
 @pytest.fixture(scope="module")
 def aot_results():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bam_fused.ops.gate_aot", "--arch", "80", "90"],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_aot("bam_fused.ops.gate_aot")
 
 
 def test_every_config_compiles_for_both_archs(aot_results):

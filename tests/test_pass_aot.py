@@ -1,25 +1,15 @@
-"""The Triton pass over x, spatial convs and channel MLP compile for sm_80 and sm_90 without a GPU in every variant its
-launcher picks, with zero register spills and on the tensor cores."""
-
-import json
-import os
-import subprocess
-import sys
+"""The Triton pass over x, spatial convs and channel MLP compile for sm_80 and sm_90 without a
+GPU in every variant their launchers pick: zero register spills, tensor cores, wide copies."""
 
 import pytest
+from helpers import run_aot
 
 pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def aot_results():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bam_fused.ops.pass_aot", "--arch", "80", "90"],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_aot("bam_fused.ops.pass_aot")
 
 
 def test_every_variant_compiles_for_both_archs(aot_results):

@@ -138,6 +138,13 @@ def test_spatial_convs_match_float64(device, shape, y_layout):
     torch.testing.assert_close(spatial.cpu().double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_spatial_convs_huge_dilation_is_zero_padding(device):
+    y = torch.randn(1, 8, 5, 6, device=device).relu()
+    w, b = [torch.randn(8, 8, 3, 3, device=device)], [torch.randn(8, device=device)]
+    wf, bf = torch.randn(8, device=device), torch.randn(1, device=device)
+    torch.testing.assert_close(st.spatial_map(y, w, b, 2**30, wf, bf), st.spatial_map(y, w, b, 6, wf, bf))
+
+
 def test_spatial_convs_empty_batch(device):
     w = [torch.randn(8, 8, 3, 3, device=device)]
     out = st.spatial_map(torch.randn(0, 8, 5, 5, device=device), w, [torch.randn(8, device=device)], 4,

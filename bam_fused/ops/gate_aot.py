@@ -59,6 +59,19 @@ def _spills(ptx: str, arch: int) -> tuple[int, int, int]:
     return regs, int(spill.group(1)), int(spill.group(2))
 
 
+def compile_ptx(src: ASTSource, arch: int, **options) -> tuple[str, int, int, int]:
+    """(PTX, registers, spill store bytes, spill load bytes) of src compiled for sm_<arch>."""
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+    return (ptx, *_spills(ptx, arch))
+
+
+def main_for(compile_all, doc: str) -> None:
+    """The command line of an AOT module: --arch, then its results as JSON."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    print(json.dumps(compile_all(tuple(parser.parse_args().arch)), indent=1))
+
+
 def configs() -> list[dict]:
     """Each distinct (kernel, dtype, constexprs, num_warps) the launchers pick for SHAPES."""
     seen, out = set(), []
@@ -109,21 +122,11 @@ def compile_all(archs=(80, 90)) -> list[dict]:
     results = []
     for arch in archs:
         for cfg in configs():
-            compiled = triton.compile(
-                _source(cfg), target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg["num_warps"]}
-            )
-            ptx = compiled.asm["ptx"]
-            regs, spill_st, spill_ld = _spills(ptx, arch)
+            ptx, regs, spill_st, spill_ld = compile_ptx(_source(cfg), arch, num_warps=cfg["num_warps"])
             results.append(dict(cfg, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
                                 vector_loads="ld.global.v4" in ptx or "ld.global.nc.v4" in ptx))  # fmt: skip
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    print(json.dumps(compile_all(tuple(parser.parse_args().arch)), indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    main_for(compile_all, __doc__)

@@ -10,19 +10,15 @@ Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 
-import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import mlp_triton as mt
 from . import pass_triton as pt
 from . import spatial_triton as sp
-from .gate_aot import _spills
+from .gate_aot import compile_ptx, main_for
 
 # Global-to-shared copies of fewer than 16 bytes (Triton stages tiles with cp.async).
 _NARROW = re.compile(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x4[,;]")
@@ -120,11 +116,7 @@ def compile_all(archs=(80, 90)) -> list[dict]:
         for cfg in configs():
             src, num_warps = _source(cfg)
             stages = cfg["config"].num_stages if "config" in cfg else 3
-            compiled = triton.compile(
-                src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": stages}
-            )
-            ptx = compiled.asm["ptx"]
-            regs, spill_st, spill_ld = _spills(ptx, arch)
+            ptx, regs, spill_st, spill_ld = compile_ptx(src, arch, num_warps=num_warps, num_stages=stages)
             row = {k: (str(v) if k == "config" else v) for k, v in cfg.items()}
             results.append(dict(row, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
                                 tensor_cores="mma.sync" in ptx or "wgmma" in ptx,
@@ -132,11 +124,5 @@ def compile_all(archs=(80, 90)) -> list[dict]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    print(json.dumps(compile_all(tuple(parser.parse_args().arch)), indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    main_for(compile_all, __doc__)

@@ -98,6 +98,9 @@ def spatial_map(
         return spatial
     # channels_last: each pixel's channels are one 16-byte-aligned run (the copies stay wide);
     # the Triton pass writes y so already.
+    # Past the map's size every off-centre tap falls in the zero padding: same result, and the
+    # kernel's int32 tap offsets cannot overflow.
+    dilation = min(dilation, max(h, wd))
     cur = y.contiguous(memory_format=torch.channels_last)
     for i, (w, b) in enumerate(zip(w_dilated, b_dilated, strict=True)):
         final = i == len(w_dilated) - 1
