@@ -8,8 +8,8 @@
 - ``triton``: the Triton pass, the Triton tensor-core dilated convs (ops/spatial_triton.py) and
   channel MLP (ops/mlp_triton.py); BAM_FUSED_CUDA_SPATIAL does not apply;
 - ``auto`` (default): the first call for each (device, shape, Cr, dtype, layout) times the
-  three (GPU time, as CUDA graph replays) and keeps the fastest for the process (tens of
-  milliseconds, once per shape).
+  three (GPU time, as CUDA graph replays) and keeps the fastest for the process (about a
+  fifth of a second, once per shape).
 
 All compute the same function up to float32 rounding (3xTF32 in the Triton kernels). The
 Triton kernels take up to pass_triton.MAX_CR reduced channels; wider reductions, processes
@@ -86,7 +86,8 @@ def _time_ms(fn) -> float:
     import triton.testing
 
     try:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
+        # rep: milliseconds of replays per measurement (ten of them): about 0.1 s per path.
+        return float(triton.testing.do_bench_cudagraph(fn, rep=5, return_mode="median"))
     except Exception:  # capture refused (an op that cannot be captured): plain calls instead
         return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
