@@ -109,7 +109,7 @@ def _pass_kernel(
     y_offs = n * sy_n + p64[:, None] * sy_p + r[None, :] * sy_c
     mask = p_ok[:, None] & r_ok[None, :]
     if raw:
-        tl.store(y_ptr + split * sy_split + y_offs, acc, mask=mask)
+        tl.store(y_ptr + split.to(tl.int64) * sy_split + y_offs, acc, mask=mask)
     else:
         bias = tl.load(b_ptr + r, mask=r_ok, other=0.0)
         tl.store(y_ptr + y_offs, tl.maximum(acc + bias[None, :], 0.0), mask=mask)
@@ -121,8 +121,10 @@ def _finish_kernel(part_ptr, b_ptr, y_ptr, numel, CR, HW, splits, CHANNELS_LAST:
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = e < numel
     s = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k in range(splits):
-        s += tl.load(part_ptr + k * numel + e, mask=ok, other=0.0)
+    src = part_ptr + e
+    for _ in range(splits):
+        s += tl.load(src, mask=ok, other=0.0)
+        src += numel  # a pointer step: no 32-bit product of split and numel to overflow
     if CHANNELS_LAST:
         r = e % CR
     else:
