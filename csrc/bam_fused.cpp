@@ -125,8 +125,8 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
 #ifdef BAM_FUSED_WITH_CUDA
   if (x.is_cuda()) {
     // The library's convs run channels_last without layout transposes: y is written so.
-    std::tie(part, y) = reduce_pool_cuda(x, w_reduce, b_reduce, /*y_channels_last=*/!spatial_kernel(x.device(), Cr,
-                                                                                                     w_dilated));
+    const bool y_channels_last = !spatial_kernel(x.device(), Cr, w_dilated);
+    std::tie(part, y) = reduce_pool_cuda(x, w_reduce, b_reduce, y_channels_last);
   } else {
     std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
   }
