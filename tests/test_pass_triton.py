@@ -286,3 +286,30 @@ def test_auto_times_once_and_keeps_the_fastest(monkeypatch):
     assert attention_cuda.choice(x, f, 4) == "triton-pass" and len(calls) == 3  # cached
     times.update(_run_kernel=0.5)
     assert attention_cuda.choice(x[:1], f, 4) == "kernel"  # another shape: timed again
+
+
+def test_triton_paths_need_tf32_tensor_cores(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not attention_cuda._has_tf32(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert attention_cuda._has_tf32(torch.device("cuda"))
+    assert attention_cuda._has_tf32(torch.device("cpu"))  # the interpreter
+
+
+@pytest.mark.cuda
+@needs_ext
+def test_auto_skips_a_triton_path_that_fails(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "auto")
+    monkeypatch.setattr(attention_cuda, "_chosen", {})
+
+    def fake_time(fn):
+        name = fn.__defaults__[0].__name__
+        if name == "_run_triton":
+            raise RuntimeError("out of resources")
+        return {"_run_kernel": 2.0, "_run_triton_pass": 3.0}[name]
+
+    monkeypatch.setattr(attention_cuda, "_time_ms", fake_time)
+    _, fused, _ = folded_bam(64, 16, 4)
+    x = torch.randn(2, 64, 7, 9, device="cuda")
+    with pytest.warns(RuntimeWarning, match="auto skips triton: RuntimeError: out of resources"):
+        assert attention_cuda.choice(x, fused.cuda().folded(), 4) == "kernel"

@@ -12,9 +12,10 @@
   fifth of a second, once per shape).
 
 All compute the same function up to float32 rounding (3xTF32 in the Triton kernels). The
-Triton kernels take up to pass_triton.MAX_CR reduced channels; wider reductions, processes
-without Triton, and untimed shapes met during CUDA graph capture (where nothing can be timed)
-run the kernel.
+Triton kernels take up to pass_triton.MAX_CR reduced channels and need TF32 tensor cores
+(sm_80+); wider reductions, older GPUs, processes without Triton, and untimed shapes met during
+CUDA graph capture (where nothing can be timed) run the kernel. Under auto, a Triton path that
+fails to compile or launch is skipped with one warning.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def _time_ms(fn) -> float:
         return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
+def _has_tf32(device: torch.device) -> bool:
+    """Tensor cores with TF32 (sm_80 and later), which the Triton kernels' 3xTF32 products need;
+    the interpreter (CPU tensors) has no such limit."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
     """Which kernels run for this x: one of "kernel", "triton-pass", "triton" (see the module docstring)."""
     wanted = mode()
@@ -99,7 +106,7 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
         return "kernel"
     from .pass_triton import MAX_CR
 
-    if f["red_w"].shape[0] > MAX_CR:
+    if f["red_w"].shape[0] > MAX_CR or not _has_tf32(x.device):
         return "kernel"
     if wanted != "auto":
         return wanted
@@ -110,7 +117,16 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
             return "kernel"
         _chosen[key] = "kernel"  # while timing: a re-entrant call must not time again
         torch.cuda.synchronize(x.device)  # the timing runs on a stream of its own: x must be ready
-        times = {name: _time_ms(lambda run=run: run(x, f, dilation)) for name, run in _RUNS.items()}
+        times = {}
+        for name, run in _RUNS.items():
+            try:
+                times[name] = _time_ms(lambda run=run: run(x, f, dilation))
+            except Exception as exc:
+                if name == "kernel":  # the extension's own error (bad input or variable): raise it
+                    raise
+                # A Triton path that cannot run here (a compiler or resource error): skip it.
+                why = f"{type(exc).__name__}: {exc}"
+                _backends.warn_once(f"eval:{name}:{why}", f"bam_fused: BAM_FUSED_CUDA_EVAL=auto skips {name}: {why}")
         _chosen[key] = min(times, key=times.get)
     return _chosen[key]
 
