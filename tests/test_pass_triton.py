@@ -313,3 +313,23 @@ def test_auto_skips_a_triton_path_that_fails(monkeypatch):
     x = torch.randn(2, 64, 7, 9, device="cuda")
     with pytest.warns(RuntimeWarning, match="auto skips triton: RuntimeError: out of resources"):
         assert attention_cuda.choice(x, fused.cuda().folded(), 4) == "kernel"
+
+
+def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
+    import contextlib
+
+    from bam_fused.ops import gate_triton
+
+    assert isinstance(gate_triton.on_device_of(torch.randn(2)), contextlib.nullcontext)
+
+    class FakeCuda:  # a tensor on cuda:1 while cuda:0 is current
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    gate_triton.on_device_of(FakeCuda())
+    assert entered == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert isinstance(gate_triton.on_device_of(FakeCuda()), contextlib.nullcontext)

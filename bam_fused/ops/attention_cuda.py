@@ -55,10 +55,12 @@ def _run_kernel(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, 
 
 
 def _run_triton_pass(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .pass_triton import reduce_pool  # Triton is optional: imported only where it runs
+    from .gate_triton import on_device_of  # Triton is optional: imported only where it runs
+    from .pass_triton import reduce_pool
 
     tail = load_op("attention_tail")  # loads the extension, which _y_channels_last asks
-    part, y = reduce_pool(x, f["red_w"], f["red_b"], _y_channels_last(f["red_w"].shape[0], len(f["dil_w"])))
+    with on_device_of(x):
+        part, y = reduce_pool(x, f["red_w"], f["red_b"], _y_channels_last(f["red_w"].shape[0], len(f["dil_w"])))
     return tail(
         part, y, f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"],
         f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
@@ -68,13 +70,15 @@ def _run_triton_pass(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Ten
 def _run_triton(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not f["dil_w"]:  # only the final 1x1 conv: nothing for the conv kernel to do
         return _run_triton_pass(x, f, dilation)
+    from .gate_triton import on_device_of
     from .mlp_triton import channel_mlp
     from .pass_triton import reduce_pool
     from .spatial_triton import spatial_map
 
-    part, y = reduce_pool(x, f["red_w"], f["red_b"], y_channels_last=True)
-    spatial = spatial_map(y, f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"])
-    return channel_mlp(part, f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"]), spatial
+    with on_device_of(x):
+        part, y = reduce_pool(x, f["red_w"], f["red_b"], y_channels_last=True)
+        spatial = spatial_map(y, f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"])
+        return channel_mlp(part, f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"]), spatial
 
 
 _RUNS = {"kernel": _run_kernel, "triton-pass": _run_triton_pass, "triton": _run_triton}

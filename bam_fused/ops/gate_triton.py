@@ -14,6 +14,7 @@ result is bitwise repeatable.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -194,6 +195,14 @@ def _device_index(t: torch.Tensor) -> int | None:
     return t.device.index if t.is_cuda else None
 
 
+def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes t's GPU the current one while Triton launches (it launches on the current device,
+    whatever device the tensors are on); a no-op when it already is, or off CUDA."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def gate_forward(x3: torch.Tensor, row: torch.Tensor, col: torch.Tensor, product: bool) -> torch.Tensor:
     """x3: (N, R, L) contiguous; row: (N, R) and col: (N, L) fp32 contiguous."""
     N, R, L = x3.shape
@@ -202,11 +211,12 @@ def gate_forward(x3: torch.Tensor, row: torch.Tensor, col: torch.Tensor, product
         return out
     cfg = fwd_config(R, L)
     n_rb, n_lb = _cdiv(R, cfg.block_r), _cdiv(L, cfg.block_l)
-    _gate_fwd_kernel[(N * n_rb * n_lb,)](
-        x3, row, col, out, R, L, n_rb, n_lb,
-        PRODUCT=product, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l,
-        L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, num_warps=cfg.num_warps,
-    )  # fmt: skip
+    with on_device_of(x3):
+        _gate_fwd_kernel[(N * n_rb * n_lb,)](
+            x3, row, col, out, R, L, n_rb, n_lb,
+            PRODUCT=product, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l,
+            L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, num_warps=cfg.num_warps,
+        )  # fmt: skip
     return out
 
 
@@ -223,9 +233,10 @@ def gate_backward(
     n_rc = _cdiv(R, cfg.rows_per_chunk)
     drow_part = torch.empty((N, n_lb, R), device=x3.device, dtype=torch.float32)
     dcol_part = torch.empty((N, n_rc, L), device=x3.device, dtype=torch.float32)
-    _gate_bwd_kernel[(N * n_rc * n_lb,)](
-        g3, x3, row, col, dx, drow_part, dcol_part, R, L, n_lb, n_rc, cfg.rows_per_chunk,
-        PRODUCT=product, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l,
-        L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, num_warps=cfg.num_warps,
-    )  # fmt: skip
+    with on_device_of(x3):
+        _gate_bwd_kernel[(N * n_rc * n_lb,)](
+            g3, x3, row, col, dx, drow_part, dcol_part, R, L, n_lb, n_rc, cfg.rows_per_chunk,
+            PRODUCT=product, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l,
+            L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, num_warps=cfg.num_warps,
+        )  # fmt: skip
     return dx, drow_part.sum(dim=1), dcol_part.sum(dim=1)

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gate_triton import _pow2_divisor as pow2_divisor
+
 # Reduced channels the kernel takes (the accumulator is BLOCK_P x Cr, padded to a power of
 # two >= 16, in registers); wider reductions stay on the CUDA kernel.
 MAX_CR = 64
@@ -130,14 +132,6 @@ def _finish_kernel(part_ptr, b_ptr, y_ptr, numel, CR, HW, splits, CHANNELS_LAST:
     else:
         r = (e // HW) % CR
     tl.store(y_ptr + e, tl.maximum(s + tl.load(b_ptr + r, mask=ok, other=0.0), 0.0), mask=ok)
-
-
-def pow2_divisor(v: int, most: int = 16) -> int:
-    """The largest power of two up to `most` that divides v."""
-    d = 1
-    while d < most and v % (2 * d) == 0:
-        d *= 2
-    return d
 
 
 def _constant_row(x: torch.Tensor) -> int:
