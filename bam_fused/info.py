@@ -35,13 +35,18 @@ def default_device() -> torch.device:
 
 
 def _eval_mode_reason() -> str | None:
+    """Why the CUDA eval path's Triton kernels cannot run here (given a GPU and Triton)."""
     from .ops import attention_cuda
 
     try:
         mode = attention_cuda.mode()
     except ValueError as exc:
         return str(exc)
-    return "BAM_FUSED_CUDA_EVAL=kernel" if mode == "kernel" else None
+    if mode == "kernel":
+        return "BAM_FUSED_CUDA_EVAL=kernel"
+    if not attention_cuda._has_tf32(torch.device("cuda")):
+        return "they need TF32 tensor cores (sm_80 or later)"
+    return None
 
 
 def info() -> dict[str, Any]:
@@ -74,8 +79,8 @@ def info() -> dict[str, Any]:
             "gate (C++, CPU)": status(_backends.cpp_reason(cpu)),
             "branches (C++, CPU)": status(_backends.branch_kernel_reason("cpu")),
             "branches (CUDA)": status(cuda_branch),
-            # The Triton pass over x and dilated convs in the CUDA eval path (ops/attention_cuda.py
-            # chooses them or the extension's op per BAM_FUSED_CUDA_EVAL).
+            # The Triton pass over x, dilated convs and MLP of the CUDA eval path
+            # (ops/attention_cuda.py chooses them or the extension's op per BAM_FUSED_CUDA_EVAL).
             "branches (Triton, CUDA)": status(cuda_branch or triton_cuda or _eval_mode_reason()),
             # BAM with autograd on the CPU (ops/training.py); on CUDA the branches run as modules.
             "branch autograd (CPU)": status(_backends.branch_kernel_reason("cpu")),

@@ -178,7 +178,7 @@ class BAM(reference.BAM):
         if use_op:
             f, xc = self.folded(), x.contiguous(memory_format=memory_format(x))
             if x.is_cuda and not torch.compiler.is_compiling():
-                # The CUDA kernel's or the Triton pass over x, then the op's tail (attention_cuda.py).
+                # The extension's op or the Triton kernels (attention_cuda.py, BAM_FUSED_CUDA_EVAL).
                 channel, spatial = attention_cuda.attention(xc, f, self.dilation)
             else:
                 # The folded weights are known-good: call the op itself, not bam_branches's checks.
