@@ -61,6 +61,8 @@ def _spills(ptx: str, arch: int) -> tuple[int, int, int]:
 
 def compile_ptx(src: ASTSource, arch: int, **options) -> tuple[str, int, int, int]:
     """(PTX, registers, spill store bytes, spill load bytes) of src compiled for sm_<arch>."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
     ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
     return (ptx, *_spills(ptx, arch))
 
@@ -117,8 +119,6 @@ def _source(cfg: dict) -> ASTSource:
 
 
 def compile_all(archs=(80, 90)) -> list[dict]:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
     results = []
     for arch in archs:
         for cfg in configs():

@@ -173,10 +173,17 @@ def fwd_config(R: int, L: int) -> FwdConfig:
 
 
 @functools.cache
-def _target_programs(device_index: int | None) -> int:
+def multiprocessors(device_index: int | None) -> int | None:
+    """Multiprocessors of CUDA device device_index (cached: launchers ask on every call); None
+    off CUDA (the interpreter)."""
     if device_index is None or not torch.cuda.is_available():
-        return 512
-    return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
+        return None
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device_index: int | None) -> int:
+    sms = multiprocessors(device_index)
+    return 512 if sms is None else 8 * sms
 
 
 @functools.lru_cache(maxsize=1024)

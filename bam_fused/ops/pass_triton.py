@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .gate_triton import _pow2_divisor as pow2_divisor
+from .gate_triton import multiprocessors
 
 # Reduced channels the kernel takes (the accumulator is BLOCK_P x Cr, padded to a power of
 # two >= 16, in registers); wider reductions stay on the CUDA kernel.
@@ -154,9 +155,8 @@ def plan_splits(programs: int, c: int, min_programs: int) -> tuple[int, int]:
 
 
 def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: any small number exercises the split path
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessors(device.index if device.type == "cuda" else None)
+    return 4 if sms is None else sms  # the interpreter: any small number exercises the split path
 
 
 def reduce_pool(
