@@ -34,6 +34,22 @@ bool cuda_spatial_kernel(int64_t Cr) {
 }
 #endif
 
+// Which code runs the dilated convs on the CPU for Cr reduced channels (BAM_FUSED_CPU_SPATIAL,
+// read on every call so that benchmarks and tests can compare both in one process): our vector
+// code (cpu/dilated_conv.h) or oneDNN's convs. Auto picks ours where it was faster: two convs
+// and the final one, 2-core AVX-512 CPU, 2026-11-26, ours vs oneDNN (ms): Cr = 16, N = 8, 56x56
+// 0.65 vs 0.68 (N = 1: 0.11 vs 0.14); Cr = 32, 28x28 0.48 vs 0.53 (N = 1: 0.099 vs 0.126); but
+// Cr = 64, 14x14 0.44 vs 0.42, Cr = 128 1.78 vs 1.42, Cr = 8, 56x56 0.67 vs 0.46.
+bool cpu_spatial_kernel(int64_t Cr) {
+  const char* raw = std::getenv("BAM_FUSED_CPU_SPATIAL");
+  const std::string v = raw == nullptr ? "auto" : raw;
+  if (v == "kernel") return true;
+  if (v == "library") return false;
+  BAM_CHECK(v == "auto" || v.empty(),
+            "environment variable BAM_FUSED_CPU_SPATIAL must be auto, kernel or library, got '", v, "'");
+  return Cr == 16 || Cr == 32;
+}
+
 namespace {
 
 // Checks of the spatial branch's weights after the reduce conv (Cr reduced channels).
@@ -80,6 +96,8 @@ at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList
   if (spatial_kernel(y.device(), Cr, w_dilated))
     return spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
 #endif
+  if (y.is_cpu() && !w_dilated.empty() && cpu_spatial_kernel(Cr))
+    return spatial_convs_cpu(y, w_dilated, b_dilated, dilation, w_final, b_final);
   // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const at::Tensor bias = b_dilated[i].reshape({Cr});

@@ -20,6 +20,10 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
 std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x, const at::Tensor& dy,
                                                             const at::Tensor& dmean, const at::Tensor& w,
                                                             const std::optional<at::Tensor>& dx);
+// The dilated 3x3 convs (bias, ReLU) on y (N, Cr, H, W) fp32 and the final 1x1 conv: (N, H, W),
+// in the CPU's vector code (at least one dilated conv).
+at::Tensor spatial_convs_cpu(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
+                             int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final);
 // The instruction set the CPU pass over x uses now (BAM_FUSED_CPU_ISA, else the widest).
 std::string cpu_isa();
 #ifdef BAM_FUSED_WITH_CUDA

@@ -208,3 +208,27 @@ def test_cpp_storage_conversions_are_exact_for_every_bit_pattern(dtype):
     want = (y.float() * (1 + torch.sigmoid(c[:, :, None, None] + s[:, None]))).to(dtype)
     got = bam_gate(y, c, s, backend="cpp")
     assert (got.float() - want.float()).abs().max() <= (want.float().abs() * 2**-7).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("shape", [(2, 37, 7, 9), (1, 3, 33, 31), (2, 5, 1, 1), (1, 2, 40, 40)])
+def test_cpp_stream_stores_give_the_same_bits(monkeypatch, dtype, combine, shape):
+    """Non-temporal stores (large outputs) write what plain stores write. Rows of 63, 1023 and 1
+    elements start off 16-byte boundaries; 1600 spans several staged chunks."""
+    x, ca, sa = gate_inputs(*shape, dtype=dtype)
+    sa[0, 0, 0] = 100.0  # one column past the split-exp limit: the per-element path
+    outs = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("BAM_FUSED_CPU_STREAM_STORES", mode)
+        outs[mode] = bam_gate(x, ca, sa, combine, backend="cpp")
+    assert torch.equal(outs["on"], outs["off"])
+    torch.testing.assert_close(outs["on"].double(), bam_gate_reference(x.double(), ca.double(), sa.double(), combine),
+                               rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_cpp_bad_stream_stores_variable_names_it(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CPU_STREAM_STORES", "always")
+    x, ca, sa = gate_inputs()
+    with pytest.raises(RuntimeError, match="BAM_FUSED_CPU_STREAM_STORES must be auto, on or off, got 'always'"):
+        bam_gate(x, ca, sa, backend="cpp")

@@ -1,4 +1,4 @@
-// conv1x1_pool.h for AVX2 + FMA (x86-64-v3): 8-lane vectors, 4 output channels x 3 pixel
+// conv1x1_pool.h, conv1x1_grad.h and dilated_conv.h for AVX2 + FMA (x86-64-v3): 8-lane vectors, 4 output channels x 3 pixel
 // vectors of accumulators (12 + 3 + 1 of 16 ymm registers).
 //
 // The library headers and simd.h come first, without the target options below: code that
@@ -23,6 +23,7 @@
 
 #include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
+#include "dilated_conv.h"
 
 namespace bam_fused {
 namespace {
@@ -40,6 +41,7 @@ struct Avx2 {
 
 BAM_DEFINE_CONV1X1_POOL(avx2, Avx2)
 BAM_DEFINE_CONV1X1_GRAD(avx2, Avx2)
+BAM_DEFINE_DILATED_CONV(avx2, Avx2)
 
 }  // namespace bam_fused
 

@@ -1,4 +1,4 @@
-// conv1x1_pool.h for AVX-512 (x86-64-v4): 16-lane vectors, 8 output channels x 3 pixel
+// conv1x1_pool.h, conv1x1_grad.h and dilated_conv.h for AVX-512 (x86-64-v4): 16-lane vectors, 8 output channels x 3 pixel
 // vectors of accumulators (24 + 3 + 1 of 32 zmm registers).
 //
 // The library headers and simd.h come first, without the target options below: code that
@@ -24,6 +24,7 @@
 
 #include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
+#include "dilated_conv.h"
 
 namespace bam_fused {
 namespace {
@@ -42,6 +43,7 @@ struct Avx512 {
 
 BAM_DEFINE_CONV1X1_POOL(avx512, Avx512)
 BAM_DEFINE_CONV1X1_GRAD(avx512, Avx512)
+BAM_DEFINE_DILATED_CONV(avx512, Avx512)
 
 }  // namespace bam_fused
 

@@ -1,7 +1,8 @@
-// conv1x1_pool.h for any CPU: 4-lane vectors (SSE2, NEON), 4 output channels x 3 pixel
+// conv1x1_pool.h, conv1x1_grad.h and dilated_conv.h for any CPU: 4-lane vectors (SSE2, NEON), 4 output channels x 3 pixel
 // vectors of accumulators.
 #include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
+#include "dilated_conv.h"
 
 namespace bam_fused {
 namespace {
@@ -19,5 +20,6 @@ struct Generic {
 
 BAM_DEFINE_CONV1X1_POOL(generic, Generic)
 BAM_DEFINE_CONV1X1_GRAD(generic, Generic)
+BAM_DEFINE_DILATED_CONV(generic, Generic)
 
 }  // namespace bam_fused

@@ -9,10 +9,18 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "../check.h"
 #include "../fast_math.h"
@@ -39,8 +47,49 @@ struct Tile {
   int64_t r0, r1, L;  // rows [r0, r1) of L columns
 };
 
+// Row elements per streamed chunk: computed into an L1 buffer, then stored past the caches.
+constexpr int64_t kStreamChunk = 512;
+
+// dst[0, n) = src[0, n) with non-temporal stores where dst is 16-byte aligned: a large output
+// then costs one write to memory, not a read for ownership plus a write, and does not evict
+// x from the cache. SSE2 only, which every x86-64 CPU has (so it suits every clone).
+template <typename T>
+BAM_INLINE void stream_copy(T* dst, const T* src, int64_t n) {
+#if defined(__SSE2__)
+  auto* d = reinterpret_cast<char*>(dst);
+  const auto* s = reinterpret_cast<const char*>(src);
+  int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  const int64_t head = std::min<int64_t>(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  std::memcpy(d, s, head);
+  d += head, s += head, bytes -= head;
+  for (; bytes >= 16; d += 16, s += 16, bytes -= 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  std::memcpy(d, s, bytes);
+#else
+  std::memcpy(dst, src, n * sizeof(T));
+#endif
+}
+
+// out[l] = value(l) for l < L: plain stores, or with kStream through an L1 buffer and
+// stream_copy (the caller fences).
+template <typename T, bool kStream, typename F>
+BAM_INLINE void write_row(T* out, int64_t L, F&& value) {
+  if constexpr (!kStream) {
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) st(out + l, value(l));
+  } else {
+    alignas(64) T buf[kStreamChunk];
+    for (int64_t l0 = 0; l0 < L; l0 += kStreamChunk) {
+      const int64_t n = std::min(kStreamChunk, L - l0);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) st(buf + i, value(l0 + i));
+      stream_copy(out + l0, buf, n);
+    }
+  }
+}
+
 // ecol[l] = exp(-col[l]) when every |col| <= kSplitExpLimit (sum only), else nullptr.
-template <typename T, typename A, bool kProduct>
+template <typename T, typename A, bool kProduct, bool kStream>
 BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col, const A* ecol) {
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const A rv = row[r];
@@ -48,19 +97,15 @@ BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col, const A* 
     T* outr = t.out + r * t.L;
     if (!kProduct && ecol != nullptr && std::abs(rv) <= A(kSplitExpLimit)) {
       const A er = exp_approx(-rv);
-#pragma omp simd
-      for (int64_t l = 0; l < t.L; ++l) {
-        const A xv = ld(xr + l);
-        st(outr + l, xv * (A(1) + A(1) / (A(1) + er * ecol[l])));
-      }
+      write_row<T, kStream>(outr, t.L, [&](int64_t l) BAM_INLINE_LAMBDA {
+        return ld(xr + l) * (A(1) + A(1) / (A(1) + er * ecol[l]));
+      });
       continue;
     }
-#pragma omp simd
-    for (int64_t l = 0; l < t.L; ++l) {
+    write_row<T, kStream>(outr, t.L, [&](int64_t l) BAM_INLINE_LAMBDA {
       const A a = kProduct ? rv * col[l] : rv + col[l];
-      const A xv = ld(xr + l);
-      st(outr + l, xv * (A(1) + sigmoid(a)));  // the reference's form and rounding
-    }
+      return ld(xr + l) * (A(1) + sigmoid(a));  // the reference's form and rounding
+    });
   }
 }
 
@@ -115,8 +160,8 @@ BAM_INLINE bool split_exp(const A* col, int64_t L, A* ecol) {
 }
 
 #define BAM_DEFINE_TILES(NAME, T, A, P)                                                             \
-  BAM_CLONES void fwd_##NAME(const Tile<T>& t, const A* row, const A* col, const A* ecol) {        \
-    fwd_tile<T, A, P>(t, row, col, ecol);                                                           \
+  BAM_CLONES void fwd_##NAME(const Tile<T>& t, const A* row, const A* col, const A* ecol, bool nt) { \
+    nt ? fwd_tile<T, A, P, true>(t, row, col, ecol) : fwd_tile<T, A, P, false>(t, row, col, ecol);   \
   }                                                                                                 \
   BAM_CLONES void bwd_##NAME(const Tile<T>& t, const A* row, const A* col, const A* ecol, A* drow,  \
                              A* dcol) {                                                             \
@@ -143,8 +188,8 @@ struct Kernels;
   template <>                                                                                    \
   struct Kernels<T> {                                                                            \
     using acc = A;                                                                               \
-    static void fwd(bool p, const Tile<T>& t, const A* r, const A* c, const A* e) {              \
-      p ? fwd_##NAME##_prod(t, r, c, e) : fwd_##NAME##_sum(t, r, c, e);                          \
+    static void fwd(bool p, const Tile<T>& t, const A* r, const A* c, const A* e, bool nt) {     \
+      p ? fwd_##NAME##_prod(t, r, c, e, nt) : fwd_##NAME##_sum(t, r, c, e, nt);                  \
     }                                                                                            \
     static void bwd(bool p, const Tile<T>& t, const A* r, const A* c, const A* e, A* dr, A* dc) { \
       p ? bwd_##NAME##_prod(t, r, c, e, dr, dc) : bwd_##NAME##_sum(t, r, c, e, dr, dc);          \
@@ -171,6 +216,35 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& row, co
             ": all tensors must be on the CPU");
 }
 
+// Whether an output of `bytes` bytes is written with non-temporal stores
+// (BAM_FUSED_CPU_STREAM_STORES: auto|on|off, read on every call so that tests can run both).
+// auto: when it is at least half the last-level cache, where it would evict x and the cache
+// could not hold it for the next layer anyway.
+bool stream_stores(int64_t bytes) {
+  const char* raw = std::getenv("BAM_FUSED_CPU_STREAM_STORES");
+  const std::string v = raw == nullptr ? "auto" : raw;
+  if (v == "on") return true;
+  if (v == "off") return false;
+  BAM_CHECK(v == "auto" || v.empty(),
+            "environment variable BAM_FUSED_CPU_STREAM_STORES must be auto, on or off, got '", v, "'");
+#if defined(__SSE2__)
+  static const int64_t llc = [] {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return l3 > 0 ? int64_t{l3} : int64_t{32} << 20;  // unknown: a common server L3
+  }();
+  return bytes >= llc / 2;
+#else
+  return false;
+#endif
+}
+
+// Orders this thread's non-temporal stores before the parallel region ends.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product) {
   check_inputs("bam_fused_C::gate_forward", x, row, col);
   auto out = at::empty_like(x);
@@ -184,15 +258,17 @@ at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at
     const A* cp = col.const_data_ptr<A>();
     // Whole rows, so that each thread streams one contiguous range of memory.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
+    const bool nt = stream_stores(out.nbytes());
     at::parallel_for(0, N * R, grain, [&](int64_t begin, int64_t end) {
       std::vector<A> ecol(product ? 0 : L);
       for (int64_t nr = begin; nr < end;) {
         const int64_t n = nr / R, r0 = nr % R, r1 = std::min(R, r0 + (end - nr));
         const bool split = !product && split_exp_any(cp + n * L, L, ecol.data());
         Tile<scalar_t> t{xp + n * R * L, nullptr, op + n * R * L, r0, r1, L};
-        K::fwd(product, t, rp + n * R, cp + n * L, split ? ecol.data() : nullptr);
+        K::fwd(product, t, rp + n * R, cp + n * L, split ? ecol.data() : nullptr, nt);
         nr += r1 - r0;
       }
+      if (nt) stream_fence();
     });
   });
   return out;

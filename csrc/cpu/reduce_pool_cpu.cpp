@@ -23,17 +23,11 @@
 #include "../ops.h"
 #include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
+#include "isa.h"
 
 namespace bam_fused {
 namespace {
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define BAM_X86 1
-#else
-#define BAM_X86 0
-#endif
-
-enum class Isa { kAvx512 = 0, kAvx2 = 1, kGeneric = 2 };  // widest first
 constexpr const char* kIsaNames[] = {"avx512", "avx2", "generic"};  // indexed by Isa
 
 Isa best_isa() {
@@ -53,6 +47,8 @@ Isa best_isa() {
 #endif
 }
 
+}  // namespace
+
 // BAM_FUSED_CPU_ISA (auto|avx512|avx2|generic), read on every call so that tests can run each
 // variant: the instruction set of the CPU pass over x. Asking for more than the CPU has is an
 // error.
@@ -70,6 +66,8 @@ Isa chosen_isa() {
             "environment variable BAM_FUSED_CPU_ISA asks for ", v, ", which this CPU does not support");
   return static_cast<Isa>(want);
 }
+
+namespace {
 
 template <typename T>
 void conv1x1_pool(Isa isa, bool cl, const Conv1x1PoolJob& j, const T* x, int64_t begin, int64_t end) {
@@ -99,15 +97,6 @@ void conv1x1_grad_weight(Isa isa, bool cl, const Conv1x1GradJob& j, const T* x, 
   conv1x1_grad_weight_generic(j, cl, x, begin, end);
 }
 
-// The register blocking: output channels per block of NCHW x, vector lanes.
-std::pair<int64_t, int64_t> blocking(Isa isa) {
-#if BAM_X86
-  if (isa == Isa::kAvx512) return {conv1x1_pool_avx512_kco(), conv1x1_pool_avx512_lanes()};
-  if (isa == Isa::kAvx2) return {conv1x1_pool_avx2_kco(), conv1x1_pool_avx2_lanes()};
-#endif
-  return {conv1x1_pool_generic_kco(), conv1x1_pool_generic_lanes()};
-}
-
 // (Cr, C) -> (ceil(Cr / kCo), C, kCo), zero rows past Cr: one channel's kCo weights adjacent.
 at::Tensor pack_weights(const at::Tensor& w, int64_t kCo) {
   const int64_t Cr = w.size(0), C = w.size(1), blocks = (Cr + kCo - 1) / kCo;
@@ -131,6 +120,17 @@ void with_storage(const at::Tensor& x, const char* what, F&& f) {
   }
 }
 
+}  // namespace
+
+// The register blocking: output channels per block of NCHW x, vector lanes.
+std::pair<int64_t, int64_t> blocking(Isa isa) {
+#if BAM_X86
+  if (isa == Isa::kAvx512) return {conv1x1_pool_avx512_kco(), conv1x1_pool_avx512_lanes()};
+  if (isa == Isa::kAvx2) return {conv1x1_pool_avx2_kco(), conv1x1_pool_avx2_lanes()};
+#endif
+  return {conv1x1_pool_generic_kco(), conv1x1_pool_generic_lanes()};
+}
+
 // Output channels per channels_last register block, in vectors: 1, 2 or 4.
 int64_t cl_vectors_for(int64_t channels, int64_t lanes) {
   const int64_t vectors = (channels + lanes - 1) / lanes;
@@ -146,8 +146,6 @@ int64_t chunk_pixels(int64_t N, int64_t HW) {
   const int64_t want = (HW + per_sample - 1) / per_sample;
   return std::clamp((want + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum, kChunkQuantum, kChunkPx);
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                                    bool relu) {

@@ -16,6 +16,7 @@ namespace bam_fused {
 #define BAM_CLONES
 #endif
 #define BAM_INLINE inline __attribute__((always_inline))
+#define BAM_INLINE_LAMBDA __attribute__((always_inline))  // after a lambda's parameter list
 
 // Loads and stores between storage and math types, written so that compilers vectorise them
 // (c10's conversions branch and stay scalar). Rounding is c10's: nearest-even; NaN becomes

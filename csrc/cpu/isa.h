@@ -1,0 +1,29 @@
+// Choices shared by the CPU kernels' launchers (reduce_pool_cpu.cpp, spatial_cpu.cpp): the
+// instruction set and the register and task blocking.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BAM_X86 1  // the AVX-512 and AVX2 files have code
+#else
+#define BAM_X86 0
+#endif
+
+namespace bam_fused {
+
+enum class Isa { kAvx512 = 0, kAvx2 = 1, kGeneric = 2 };  // widest first
+
+// BAM_FUSED_CPU_ISA (auto|avx512|avx2|generic), read on every call so that tests can run each
+// variant. Asking for more than the CPU has is an error.
+Isa chosen_isa();
+// The register blocking: output channels per block of NCHW x, vector lanes.
+std::pair<int64_t, int64_t> blocking(Isa isa);
+// Output channels per channels_last register block, in vectors: 1, 2 or 4.
+int64_t cl_vectors_for(int64_t channels, int64_t lanes);
+// Pixels per task of N samples of HW pixels: a multiple of kChunkQuantum (conv1x1_pool.h), set
+// by the shape alone, so results do not depend on the thread count.
+int64_t chunk_pixels(int64_t N, int64_t HW);
+
+}  // namespace bam_fused
