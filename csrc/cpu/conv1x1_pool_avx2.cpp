@@ -1,5 +1,6 @@
-// conv1x1_pool.h, conv1x1_grad.h and dilated_conv.h for AVX2 + FMA (x86-64-v3): 8-lane vectors, 4 output channels x 3 pixel
-// vectors of accumulators (12 + 3 + 1 of 16 ymm registers).
+// conv1x1_pool.h, conv1x1_grad.h and dilated_conv.h for AVX2 + FMA (x86-64-v3): 8-lane
+// vectors, 4 output channels x 3 pixel vectors of accumulators (12 + 3 + 1 of 16 ymm
+// registers).
 //
 // The library headers and simd.h come first, without the target options below: code that
 // other files also compile (inline functions, templates) must not carry AVX2.

@@ -1,5 +1,5 @@
-// conv1x1_pool.h, conv1x1_grad.h and dilated_conv.h for any CPU: 4-lane vectors (SSE2, NEON), 4 output channels x 3 pixel
-// vectors of accumulators.
+// conv1x1_pool.h, conv1x1_grad.h and dilated_conv.h for any CPU: 4-lane vectors (SSE2, NEON),
+// 4 output channels x 3 pixel vectors of accumulators.
 #include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
 #include "dilated_conv.h"
