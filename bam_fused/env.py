@@ -14,6 +14,11 @@
 |                          |         | auto (GPU time of each on the first call per shape, fastest)  |
 | BAM_FUSED_CPU_ISA        | auto    | CPU pass over x and its backward: avx512, avx2, generic, or   |
 |                          |         | auto (the widest the CPU has); read by the extension          |
+| BAM_FUSED_CPU_SPATIAL    | auto    | CPU dilated convs + final 1x1 conv: kernel (ours), library    |
+|                          |         | (oneDNN), or auto (ours at 16 and 32 reduced channels); read  |
+|                          |         | by the extension                                              |
+| BAM_FUSED_CPU_STREAM_STORES | auto | CPU gate forward output: on (non-temporal stores), off, or    |
+|                          |         | auto (on from half the last-level cache up); read by the ext. |
 | TRITON_INTERPRET         | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |
 
 Build-time only (setup.py): BAM_FUSED_SKIP_EXT, BAM_FUSED_FORCE_CUDA, TORCH_CUDA_ARCH_LIST,
