@@ -13,11 +13,11 @@ from bam_fused.ops.branches import load_op
 
 # (N, Cr, H, W, dilation, convs). Cr: the constant-channel paths (16, 32, 64, 128) and run-time
 # ones with 1, 2 and 4 output vectors per block and several blocks (5, 20, 37, 70); maps where
-# blocks span rows, odd sizes, one pixel, a row, dilations past the map; batch 0 and 1.
+# blocks span rows, odd sizes, one pixel, a row, dilations past the map, no pixels; batch 0 and 1.
 SHAPES = [(2, 16, 7, 9, 4, 2), (1, 32, 9, 13, 2, 2), (2, 64, 5, 11, 1, 3), (1, 128, 6, 7, 3, 1),
           (2, 5, 7, 9, 4, 2), (1, 20, 9, 13, 1, 2), (2, 37, 4, 50, 2, 1), (1, 70, 6, 5, 2, 2),
           (1, 16, 1, 1, 4, 2), (2, 16, 3, 40, 100, 2), (0, 16, 7, 9, 4, 2), (3, 32, 15, 17, 4, 2),
-          (1, 16, 56, 56, 4, 2)]  # fmt: skip
+          (1, 16, 56, 56, 4, 2), (2, 16, 5, 0, 4, 2), (2, 20, 0, 3, 1, 1)]  # fmt: skip
 
 
 def weights(cr: int, convs: int):
@@ -35,6 +35,8 @@ def tail(y, w, b, dilation, wf, bf, mlp):
 
 
 def reference(y, w, b, dilation, wf, bf):
+    if y.shape[2] * y.shape[3] == 0:  # conv2d refuses an empty map
+        return torch.empty(y.shape[0], *y.shape[2:], dtype=torch.float64)
     z = y.double()
     for wi, bi in zip(w, b, strict=True):
         z = torch.relu(torch.nn.functional.conv2d(z, wi.double(), bi.double(), padding=dilation, dilation=dilation))

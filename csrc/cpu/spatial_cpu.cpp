@@ -53,6 +53,7 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
   const int64_t d = std::min(dilation, std::max(H, W));
   const at::Tensor wf = padded(w_final, cob_n * kCo);
   auto spatial = at::empty({N, H, W}, y.options().memory_format(at::MemoryFormat::Contiguous));
+  if (spatial.numel() == 0) return spatial;  // no pixels (the kernels divide by W)
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const bool last = i + 1 == w_dilated.size();
     const at::Tensor wp = pack_dilated(w_dilated[i], kCo), bp = padded(b_dilated[i], cob_n * kCo);
