@@ -5,11 +5,11 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include <cstdlib>
 #include <optional>
 #include <string>
 
 #include "check.h"
+#include "env_choice.h"
 #include "ops.h"
 
 namespace bam_fused {
@@ -24,13 +24,8 @@ constexpr int64_t kSpatialKernelMaxCr = 16;
 // that benchmarks can compare both in one process): our fp32 kernel (spatial_convs.cuh) or
 // the library's convs (cuDNN; TF32 where torch.backends.cudnn.allow_tf32 allows it).
 bool cuda_spatial_kernel(int64_t Cr) {
-  const char* raw = std::getenv("BAM_FUSED_CUDA_SPATIAL");
-  const std::string v = raw == nullptr ? "auto" : raw;
-  if (v == "kernel") return true;
-  if (v == "library") return false;
-  BAM_CHECK(v == "auto" || v.empty(),
-            "environment variable BAM_FUSED_CUDA_SPATIAL must be auto, kernel or library, got '", v, "'");
-  return Cr <= kSpatialKernelMaxCr;
+  const std::string v = env_choice("BAM_FUSED_CUDA_SPATIAL", {"auto", "kernel", "library"});
+  return v == "auto" ? Cr <= kSpatialKernelMaxCr : v == "kernel";
 }
 #endif
 
@@ -41,13 +36,8 @@ bool cuda_spatial_kernel(int64_t Cr) {
 // 0.65 vs 0.68 (N = 1: 0.11 vs 0.14); Cr = 32, 28x28 0.48 vs 0.53 (N = 1: 0.099 vs 0.126); but
 // Cr = 64, 14x14 0.44 vs 0.42, Cr = 128 1.78 vs 1.42, Cr = 8, 56x56 0.67 vs 0.46.
 bool cpu_spatial_kernel(int64_t Cr) {
-  const char* raw = std::getenv("BAM_FUSED_CPU_SPATIAL");
-  const std::string v = raw == nullptr ? "auto" : raw;
-  if (v == "kernel") return true;
-  if (v == "library") return false;
-  BAM_CHECK(v == "auto" || v.empty(),
-            "environment variable BAM_FUSED_CPU_SPATIAL must be auto, kernel or library, got '", v, "'");
-  return Cr == 16 || Cr == 32;
+  const std::string v = env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"});
+  return v == "auto" ? Cr == 16 || Cr == 32 : v == "kernel";
 }
 
 namespace {

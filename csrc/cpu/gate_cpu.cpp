@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -23,6 +22,7 @@
 #endif
 
 #include "../check.h"
+#include "../env_choice.h"
 #include "../fast_math.h"
 #include "simd.h"
 
@@ -221,12 +221,8 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& row, co
 // auto: when it is at least half the last-level cache, where it would evict x and the cache
 // could not hold it for the next layer anyway.
 bool stream_stores(int64_t bytes) {
-  const char* raw = std::getenv("BAM_FUSED_CPU_STREAM_STORES");
-  const std::string v = raw == nullptr ? "auto" : raw;
-  if (v == "on") return true;
-  if (v == "off") return false;
-  BAM_CHECK(v == "auto" || v.empty(),
-            "environment variable BAM_FUSED_CPU_STREAM_STORES must be auto, on or off, got '", v, "'");
+  const std::string v = env_choice("BAM_FUSED_CPU_STREAM_STORES", {"auto", "on", "off"});
+  if (v != "auto") return v == "on";
 #if defined(__SSE2__)
   static const int64_t llc = [] {
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);

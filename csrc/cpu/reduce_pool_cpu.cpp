@@ -12,14 +12,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <iterator>
 #include <optional>
 #include <type_traits>
 #include <string>
 #include <utility>
 
 #include "../check.h"
+#include "../env_choice.h"
 #include "../ops.h"
 #include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
@@ -53,15 +52,11 @@ Isa best_isa() {
 // variant: the instruction set of the CPU pass over x. Asking for more than the CPU has is an
 // error.
 Isa chosen_isa() {
-  const char* raw = std::getenv("BAM_FUSED_CPU_ISA");
-  const std::string v = raw == nullptr ? "auto" : raw;
+  const std::string v = env_choice("BAM_FUSED_CPU_ISA", {"auto", "avx512", "avx2", "generic"});
   const Isa best = best_isa();
-  if (v == "auto" || v.empty()) return best;
-  const int isas = static_cast<int>(std::size(kIsaNames));
+  if (v == "auto") return best;
   int want = 0;
-  while (want < isas && v != kIsaNames[want]) ++want;
-  BAM_CHECK(want < isas,
-            "environment variable BAM_FUSED_CPU_ISA must be auto, avx512, avx2 or generic, got '", v, "'");
+  while (v != kIsaNames[want]) ++want;  // env_choice allowed only these
   BAM_CHECK(want >= static_cast<int>(best),
             "environment variable BAM_FUSED_CPU_ISA asks for ", v, ", which this CPU does not support");
   return static_cast<Isa>(want);
