@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from typing import Any
 
@@ -49,6 +50,19 @@ def _eval_mode_reason() -> str | None:
     return None
 
 
+def _cpu_spatial_status(unavailable: str | None) -> dict[str, Any]:
+    """Our CPU dilated convs or oneDNN's (BAM_FUSED_CPU_SPATIAL, read by the extension per call)."""
+    choice = os.environ.get("BAM_FUSED_CPU_SPATIAL", "") or "auto"
+    if choice not in ("auto", "kernel", "library"):
+        return {"active": False, "reason": f"BAM_FUSED_CPU_SPATIAL must be auto, kernel or library, got {choice!r}"}
+    if unavailable is not None or choice == "library":
+        return {"active": False, "reason": unavailable or "BAM_FUSED_CPU_SPATIAL=library: oneDNN's convs"}
+    note = (
+        "at 16 and 32 reduced channels, oneDNN's otherwise" if choice == "auto" else f"BAM_FUSED_CPU_SPATIAL={choice}"
+    )
+    return {"active": True, "reason": None, "note": note}
+
+
 def info() -> dict[str, Any]:
     """A dict a user can paste into a bug report: versions, device and kernel status."""
     device = default_device()
@@ -84,6 +98,8 @@ def info() -> dict[str, Any]:
             "branches (Triton, CUDA)": status(cuda_branch or triton_cuda or _eval_mode_reason()),
             # BAM with autograd on the CPU (ops/training.py); on CUDA the branches run as modules.
             "branch autograd (CPU)": status(_backends.branch_kernel_reason("cpu")),
+            # The CPU dilated convs of the eval path: ours or oneDNN's (BAM_FUSED_CPU_SPATIAL).
+            "dilated convs (C++, CPU)": _cpu_spatial_status(_backends.branch_kernel_reason("cpu")),
         },
     }
 
@@ -94,7 +110,12 @@ def format_info(data: dict[str, Any]) -> str:
         if key == "kernels":
             lines.append("kernels:")
             for name, st in value.items():
-                lines.append(f"  {name:23s} {'active' if st['active'] else 'inactive: ' + st['reason']}")
+                state = (
+                    ("active" + (f" ({st['note']})" if st.get("note") else ""))
+                    if st["active"]
+                    else "inactive: " + st["reason"]
+                )
+                lines.append(f"  {name:24s} {state}")
         elif key == "extension":
             lines.append("extension: " + ", ".join(f"{k}={v}" for k, v in value.items()))
         else:

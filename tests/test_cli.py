@@ -73,3 +73,18 @@ def test_cli_rejects_cuda_without_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="no CUDA device is visible"):
         cli.main(["verify", "--device", "cuda"])
+
+
+@pytest.mark.parametrize(
+    "value,active,says",
+    [(None, True, "at 16 and 32 reduced channels"), ("kernel", True, "BAM_FUSED_CPU_SPATIAL=kernel"),
+     ("library", False, "oneDNN"), ("fast", False, "must be auto, kernel or library, got 'fast'")],
+)  # fmt: skip
+def test_info_says_who_runs_the_cpu_dilated_convs(monkeypatch, capsys, value, active, says):
+    if value is None:
+        monkeypatch.delenv("BAM_FUSED_CPU_SPATIAL", raising=False)
+    else:
+        monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", value)
+    assert cli.main(["info", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)["kernels"]["dilated convs (C++, CPU)"]
+    assert st["active"] is active and says in (st.get("note") if active else st["reason"])
