@@ -29,6 +29,8 @@ bool cuda_spatial_kernel(int64_t Cr) {
 }
 #endif
 
+namespace {
+
 // Which code runs the dilated convs on the CPU for Cr reduced channels (BAM_FUSED_CPU_SPATIAL,
 // read on every call so that benchmarks and tests can compare both in one process): our vector
 // code (cpu/dilated_conv.h) or oneDNN's convs. Auto picks ours where it was faster: two convs
@@ -39,8 +41,6 @@ bool cpu_spatial_kernel(int64_t Cr) {
   const std::string v = env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"});
   return v == "auto" ? Cr == 16 || Cr == 32 : v == "kernel";
 }
-
-namespace {
 
 // Checks of the spatial branch's weights after the reduce conv (Cr reduced channels).
 void check_spatial_weights(const char* op, int64_t Cr, at::Device device, at::TensorList w_dilated,

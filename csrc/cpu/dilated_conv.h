@@ -68,7 +68,7 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
   int64_t h = p0 / W, w = p0 % W;  // of the block's first pixel
   for (int64_t p = p0; p < p1; p += kPx) {
     const int64_t np = std::min<int64_t>(kPx, p1 - p);
-    int64_t ph[kPx], pw[kPx];  // each pixel's row and column (past np: -1, never valid)
+    int64_t ph[kPx], pw[kPx];  // each pixel's row and column (past np: a row no tap reaches)
     for (int i = 0; i < kPx; ++i) {
       ph[i] = i < np ? h : -H - 1 - d;
       pw[i] = w;
