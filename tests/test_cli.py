@@ -88,3 +88,17 @@ def test_info_says_who_runs_the_cpu_dilated_convs(monkeypatch, capsys, value, ac
     assert cli.main(["info", "--json"]) == 0
     st = json.loads(capsys.readouterr().out)["kernels"]["dilated convs (C++, CPU)"]
     assert st["active"] is active and says in (st.get("note") if active else st["reason"])
+
+
+def test_cpu_probe_runs_both_subcommands():
+    """benchmarks/cpu_probe.py (not part of the package) on a small shape, so that it cannot rot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_probe.py"
+    common = ["--shape", "2,64,7,9", "--reps", "1", "--threads", "1"]
+    for args, want in ((["stages"], "convs+mlp"), (["ab", "BAM_FUSED_CPU_SPATIAL", "library", "kernel"], "=kernel")):
+        done = subprocess.run([sys.executable, str(probe), *args, *common], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert want in done.stdout and "(2, 64, 7, 9) nchw" in done.stdout

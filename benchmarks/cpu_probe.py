@@ -1,0 +1,128 @@
+"""CPU probes that `bam-fused bench` does not cover: where a fused BAM's time goes, and paired
+A/B runs of the extension's switches. This VM's memory speed drifts between (and within) runs,
+so both interleave their contenders and report medians; the A/B also reports the median of
+per-round ratios, which drifts less than either time.
+
+    python benchmarks/cpu_probe.py stages                          # pass, convs + MLP, gate, whole BAM
+    python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_SPATIAL library kernel
+    python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_STREAM_STORES off on --shape 8,256,56,56
+
+Eval mode, fp32, N = 8 at the ResNet-50 BAM shapes unless --shape says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import bam_fused
+from bam_fused.bench import keep_freed_memory
+from bam_fused.ops.branches import load_op
+from bam_fused.testing import as_layout, randomize_
+
+SHAPES = [(8, 256, 56, 56), (8, 512, 28, 28), (8, 1024, 14, 14)]
+
+
+def median_ms(fn: Callable[[], object], calls: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def make_bam(shape: tuple, layout: str) -> tuple[bam_fused.BAM, torch.Tensor]:
+    n, c, h, w = shape
+    bam = randomize_(bam_fused.BAM(c, backend="fused")).eval()
+    return bam, as_layout(torch.randn(n, c, h, w), layout)
+
+
+def stages(shape: tuple, layout: str, reps: int) -> dict[str, float]:
+    """Median ms of each stage, run in sequence as the module runs them (so each finds the
+    cache the previous one left), and of the whole module."""
+    bam, x = make_bam(shape, layout)
+    n, c, h, w = shape
+    f = bam.folded()
+    reduce_pool, tail = load_op("reduce_pool"), load_op("attention_tail")
+    gate = torch.ops.bam_fused_C.gate_forward
+    x3 = x.reshape(n, c, h * w) if layout == "nchw" else x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    times: dict[str, list[float]] = {"pass": [], "convs+mlp": [], "gate": [], "bam": []}
+    with torch.inference_mode():
+        bam(x)
+        for _ in range(reps * 7):
+            t0 = time.perf_counter()
+            means, y = reduce_pool(x, f["red_w"], f["red_b"], True)
+            t1 = time.perf_counter()
+            ch, sp = tail(means.view(n, 1, c), y, f["dil_w"], f["dil_b"], bam.dilation, f["fin_w"], f["fin_b"],
+                          f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])  # fmt: skip
+            t2 = time.perf_counter()
+            if layout == "nchw":
+                gate(x3, ch, sp.view(n, h * w), False)
+            else:  # the (N, HW, C) view: rows are pixels
+                gate(x3, sp.view(n, h * w), ch, False)
+            t3 = time.perf_counter()
+            bam(x)
+            t4 = time.perf_counter()
+            for key, a, b in zip(times, (t0, t1, t2, t3), (t1, t2, t3, t4), strict=True):
+                times[key].append((b - a) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ab(shape: tuple, layout: str, var: str, values: list[str], reps: int) -> dict[str, tuple[float, float]]:
+    """Whole fused BAM eval under each value of `var`, interleaved: value -> (median ms, median
+    speed-up over the first value)."""
+    bam, x = make_bam(shape, layout)
+    runs: dict[str, list[float]] = {v: [] for v in values}
+    old = os.environ.get(var)
+    try:
+        with torch.inference_mode():
+            for _ in range(reps):
+                for v in values:
+                    os.environ[var] = v
+                    runs[v].append(median_ms(lambda: bam(x)))
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+    base = runs[values[0]]
+    return {
+        v: (statistics.median(t), statistics.median(b / a for a, b in zip(t, base, strict=True)))
+        for v, t in runs.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["stages", "ab"])
+    parser.add_argument("var", nargs="?", help="ab: the environment variable")
+    parser.add_argument("values", nargs="*", help="ab: its values, the first one the baseline")
+    parser.add_argument("--shape", help="N,C,H,W (default: the three ResNet-50 BAM shapes)")
+    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    parser.add_argument("--reps", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.what == "ab" and (args.var is None or len(args.values) < 2):
+        parser.error("ab needs a variable and at least two values")
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    shapes = [tuple(int(v) for v in args.shape.split(","))] if args.shape else SHAPES
+    for shape in shapes:
+        if args.what == "stages":
+            st = stages(shape, args.layout, args.reps)
+            print(f"{shape} {args.layout}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in st.items()))
+        else:
+            for v, (ms, up) in ab(shape, args.layout, args.var, args.values, args.reps).items():
+                print(f"{shape} {args.layout} {args.var}={v}: {ms:.3f} ms, speed-up over {args.values[0]} {up:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
