@@ -1,25 +1,27 @@
 """Every environment variable the package reads, in one place (README: "Environment variables").
 
-| variable                 | default | effect                                                        |
-|--------------------------|---------|---------------------------------------------------------------|
-| BAM_FUSED_DISABLE_EXT    | 0       | 1: never load or build the C++/CUDA extension                 |
-| BAM_FUSED_JIT            | 1       | 0: do not JIT-build the extension when the prebuilt one fails |
-| BAM_FUSED_VERBOSE_BUILD  | 0       | 1: show the compiler's output during a JIT build              |
-| BAM_FUSED_DISABLE_TRITON | 0       | 1: act as if Triton were missing                              |
-| BAM_FUSED_CUDA_SPATIAL   | auto    | CUDA dilated convs: kernel (ours, fp32), library (cuDNN), or  |
-|                          |         | auto (ours up to 16 reduced channels); read by the extension  |
-| BAM_FUSED_CUDA_EVAL      | auto    | CUDA eval attention maps: kernel (extension op, CUDA cores),  |
-|                          |         | triton-pass (Triton pass over x + op's convs and MLP), triton |
-|                          |         | (Triton pass, convs, MLP; tensor cores, 3xTF32, Cr <= 64), or |
-|                          |         | auto (GPU time of each on the first call per shape, fastest)  |
-| BAM_FUSED_CPU_ISA        | auto    | CPU pass over x and its backward: avx512, avx2, generic, or   |
-|                          |         | auto (the widest the CPU has); read by the extension          |
-| BAM_FUSED_CPU_SPATIAL    | auto    | CPU dilated convs + final 1x1 conv: kernel (ours), library    |
-|                          |         | (oneDNN), or auto (ours at 16 and 32 reduced channels); read  |
-|                          |         | by the extension                                              |
-| BAM_FUSED_CPU_STREAM_STORES | auto | CPU gate forward output: on (non-temporal stores), off, or    |
-|                          |         | auto (on from half the last-level cache up); read by the ext. |
-| TRITON_INTERPRET         | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |
+| variable                    | default | effect                                                        |
+|-----------------------------|---------|---------------------------------------------------------------|
+| BAM_FUSED_DISABLE_EXT       | 0       | 1: never load or build the C++/CUDA extension                 |
+| BAM_FUSED_JIT               | 1       | 0: do not JIT-build the extension when the prebuilt one fails |
+| BAM_FUSED_VERBOSE_BUILD     | 0       | 1: show the compiler's output during a JIT build              |
+| BAM_FUSED_DISABLE_TRITON    | 0       | 1: act as if Triton were missing                              |
+| BAM_FUSED_CUDA_SPATIAL      | auto    | CUDA dilated convs: kernel (ours, fp32), library (cuDNN), or  |
+|                             |         | auto (ours up to 16 reduced channels); read by the extension  |
+| BAM_FUSED_CUDA_EVAL         | auto    | CUDA eval attention maps: kernel (extension op, CUDA cores),  |
+|                             |         | triton-pass (Triton pass over x + op's convs and MLP), triton |
+|                             |         | (Triton pass, convs, MLP; tensor cores, 3xTF32, Cr <= 64), or |
+|                             |         | auto (GPU time of each on the first call per shape, fastest)  |
+| BAM_FUSED_CPU_ISA           | auto    | CPU pass over x, its backward, our dilated convs: avx512,     |
+|                             |         | avx2, generic, or auto (the widest the CPU has); read by the  |
+|                             |         | extension                                                     |
+| BAM_FUSED_CPU_SPATIAL       | auto    | CPU dilated convs + final 1x1 conv: kernel (ours), library    |
+|                             |         | (oneDNN), or auto (ours at 16 and 32 reduced channels); read  |
+|                             |         | by the extension                                              |
+| BAM_FUSED_CPU_STREAM_STORES | auto    | CPU gate forward output: on (non-temporal stores), off, or    |
+|                             |         | auto (on from half the last-level cache up); read by the      |
+|                             |         | extension                                                     |
+| TRITON_INTERPRET            | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |
 
 Build-time only (setup.py): BAM_FUSED_SKIP_EXT, BAM_FUSED_FORCE_CUDA, TORCH_CUDA_ARCH_LIST,
 CUDA_HOME, MAX_JOBS.
