@@ -228,3 +228,25 @@ def test_attention_op_opcheck():
     op = bam_fused.ops.branches.load_op("attention")
     for x in (torch.randn(2, 16, 5, 7), torch.randn(2, 16, 5, 7).to(memory_format=torch.channels_last)):
         torch.library.opcheck(op, attention_args(x, fused.folded(), 2), test_utils=("test_schema", "test_faketensor"))
+
+
+# Reduced channels 16 and 32, where auto runs our CPU dilated convs (csrc/cpu/dilated_conv.h);
+# the GRID above has only smaller ones, where oneDNN runs them.
+@pytest.mark.parametrize("c,r,h,w,dilation,convs", [(256, 16, 7, 9, 4, 2), (64, 2, 13, 5, 2, 1), (128, 8, 9, 13, 1, 3),
+                                                   (256, 8, 3, 2, 4, 2)])  # fmt: skip
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_fused_bam_eval_with_our_cpu_dilated_convs(c, r, h, w, dilation, convs, layout, dtype, n):
+    ref = randomize_(RefBAM(c, r, dilation, convs)).eval()
+    fused = bam_fused.BAM(c, r, dilation, convs, backend="fused").eval()
+    fused.load_state_dict(ref.state_dict())
+    assert c // r in (16, 32)
+    x = make_layout(torch.randn(n, c, h, w).to(dtype), layout)
+    with torch.no_grad():
+        out = fused(x)
+        truth = ref.double()(x.double())
+        eager = ref.to(dtype)(x)
+    assert out.shape == x.shape and out.dtype == dtype
+    result = compare(out, truth, eager)
+    assert result.passed, result
