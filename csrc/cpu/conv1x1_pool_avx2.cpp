@@ -2,7 +2,7 @@
 // vectors, 4 output channels x 3 pixel vectors of accumulators (12 + 3 + 1 of 16 ymm
 // registers).
 //
-// The library headers and simd.h come first, without the target options below: code that
+// The library headers, isa.h and simd.h come first, without the target options below: code that
 // other files also compile (inline functions, templates) must not carry AVX2.
 #include <algorithm>
 #include <cstdint>
@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "simd.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -1,7 +1,7 @@
 // conv1x1_pool.h, conv1x1_grad.h and dilated_conv.h for AVX-512 (x86-64-v4): 16-lane vectors,
 // 8 output channels x 3 pixel vectors of accumulators (24 + 3 + 1 of 32 zmm registers).
 //
-// The library headers and simd.h come first, without the target options below: code that
+// The library headers, isa.h and simd.h come first, without the target options below: code that
 // other files also compile (inline functions, templates) must not carry AVX-512.
 #include <algorithm>
 #include <cstdint>
@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "simd.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -20,6 +20,7 @@
 #include <cstring>
 
 #include "conv1x1_pool.h"
+#include "isa.h"
 
 namespace bam_fused {
 
@@ -141,21 +142,14 @@ BAM_INLINE void dilated_conv_tasks(const DilatedConvJob& j, int64_t begin, int64
   }
 }
 
-// The output vectors per register block for Cr channels (as cl_vectors_for in isa.h).
-template <typename K>
-constexpr int cl_vectors_of(int Cr) {
-  const int v = (Cr + kLanes<K> - 1) / kLanes<K>;
-  return v <= 1 ? 1 : v <= 2 ? 2 : 4;
-}
-
 // Cr as a constant for BAM's usual reduced channels (C / 16 or C / 8 of ResNet's 256-1024).
 template <typename K>
 BAM_INLINE void dilated_conv_any(const DilatedConvJob& j, int64_t b, int64_t e) {
   switch (j.Cr) {
-    case 16: return dilated_conv_tasks<K, cl_vectors_of<K>(16), 16>(j, b, e);
-    case 32: return dilated_conv_tasks<K, cl_vectors_of<K>(32), 32>(j, b, e);
-    case 64: return dilated_conv_tasks<K, cl_vectors_of<K>(64), 64>(j, b, e);
-    case 128: return dilated_conv_tasks<K, cl_vectors_of<K>(128), 128>(j, b, e);
+    case 16: return dilated_conv_tasks<K, cl_vectors_for(16, kLanes<K>), 16>(j, b, e);
+    case 32: return dilated_conv_tasks<K, cl_vectors_for(32, kLanes<K>), 32>(j, b, e);
+    case 64: return dilated_conv_tasks<K, cl_vectors_for(64, kLanes<K>), 64>(j, b, e);
+    case 128: return dilated_conv_tasks<K, cl_vectors_for(128, kLanes<K>), 128>(j, b, e);
     default: break;
   }
   if (j.cl_vectors == 4) return dilated_conv_tasks<K, 4>(j, b, e);

@@ -1,5 +1,6 @@
 // Choices shared by the CPU kernels' launchers (reduce_pool_cpu.cpp, spatial_cpu.cpp): the
-// instruction set and the register and task blocking.
+// instruction set and the register and task blocking. Torch-free: the per-instruction-set
+// files include it too.
 #pragma once
 
 #include <cstdint>
@@ -20,8 +21,12 @@ enum class Isa { kAvx512 = 0, kAvx2 = 1, kGeneric = 2 };  // widest first
 Isa chosen_isa();
 // The register blocking: output channels per block of NCHW x, vector lanes.
 std::pair<int64_t, int64_t> blocking(Isa isa);
-// Output channels per channels_last register block, in vectors: 1, 2 or 4.
-int64_t cl_vectors_for(int64_t channels, int64_t lanes);
+// Output channels per channels_last register block, in vectors: 1, 2 or 4 (constexpr: the
+// kernels also instantiate it for constant channel counts).
+constexpr int64_t cl_vectors_for(int64_t channels, int64_t lanes) {
+  const int64_t vectors = (channels + lanes - 1) / lanes;
+  return vectors <= 1 ? 1 : vectors <= 2 ? 2 : 4;
+}
 // Pixels per task of N samples of HW pixels: a multiple of kChunkQuantum (conv1x1_pool.h), set
 // by the shape alone, so results do not depend on the thread count.
 int64_t chunk_pixels(int64_t N, int64_t HW);

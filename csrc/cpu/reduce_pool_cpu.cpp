@@ -126,12 +126,6 @@ std::pair<int64_t, int64_t> blocking(Isa isa) {
   return {conv1x1_pool_generic_kco(), conv1x1_pool_generic_lanes()};
 }
 
-// Output channels per channels_last register block, in vectors: 1, 2 or 4.
-int64_t cl_vectors_for(int64_t channels, int64_t lanes) {
-  const int64_t vectors = (channels + lanes - 1) / lanes;
-  return vectors <= 1 ? 1 : vectors <= 2 ? 2 : 4;
-}
-
 // Pixels per pooled partial (a task of the pass and of dx). Chunks of kChunkPx pixels; smaller
 // for batches under 4, so that batch 1 at 14x14 runs 5 tasks of 48 pixels, not one of 192 and
 // one of 4 (0.37 -> 0.34 ms for the whole BAM). The shape alone sets them: results do not
