@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from typing import Any
 
@@ -50,16 +49,16 @@ def _eval_mode_reason() -> str | None:
     return None
 
 
-def _cpu_spatial_status(unavailable: str | None) -> dict[str, Any]:
-    """Our CPU dilated convs or oneDNN's (BAM_FUSED_CPU_SPATIAL, read by the extension per call)."""
-    choice = os.environ.get("BAM_FUSED_CPU_SPATIAL", "") or "auto"
-    if choice not in ("auto", "kernel", "library"):
-        return {"active": False, "reason": f"BAM_FUSED_CPU_SPATIAL must be auto, kernel or library, got {choice!r}"}
-    if unavailable is not None or choice == "library":
-        return {"active": False, "reason": unavailable or "BAM_FUSED_CPU_SPATIAL=library: oneDNN's convs"}
-    note = (
-        "at 16 and 32 reduced channels, oneDNN's otherwise" if choice == "auto" else f"BAM_FUSED_CPU_SPATIAL={choice}"
-    )
+def _cpu_spatial_status(unavailable: str | None, setting: str | None) -> dict[str, Any]:
+    """Our CPU dilated convs or oneDNN's, from BAM_FUSED_CPU_SPATIAL as the extension reads it
+    (build_info's cpu_spatial: the value, or why the extension refuses it)."""
+    if unavailable is not None:
+        return {"active": False, "reason": unavailable}
+    if setting == "library":
+        return {"active": False, "reason": "BAM_FUSED_CPU_SPATIAL=library: oneDNN's convs"}
+    if setting not in ("auto", "kernel"):
+        return {"active": False, "reason": str(setting)}
+    note = "at 16 and 32 reduced channels, oneDNN's otherwise" if setting == "auto" else "BAM_FUSED_CPU_SPATIAL=kernel"
     return {"active": True, "reason": None, "note": note}
 
 
@@ -77,6 +76,7 @@ def info() -> dict[str, Any]:
     triton_cuda = _backends.triton_reason(cuda)
     if triton_cuda is None and not torch.cuda.is_available():
         triton_cuda = "no CUDA device is visible"
+    extension, branch_cpu = _ext.build_info(), _backends.branch_kernel_reason("cpu")
     return {
         "bam_fused": __version__,
         "python": platform.python_version(),
@@ -87,19 +87,19 @@ def info() -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
-        "extension": _ext.build_info(),
+        "extension": extension,
         "kernels": {
             "gate (Triton, CUDA)": status(triton_cuda),
             "gate (C++, CPU)": status(_backends.cpp_reason(cpu)),
-            "branches (C++, CPU)": status(_backends.branch_kernel_reason("cpu")),
+            "branches (C++, CPU)": status(branch_cpu),
             "branches (CUDA)": status(cuda_branch),
             # The Triton pass over x, dilated convs and MLP of the CUDA eval path
             # (ops/attention_cuda.py chooses them or the extension's op per BAM_FUSED_CUDA_EVAL).
             "branches (Triton, CUDA)": status(cuda_branch or triton_cuda or _eval_mode_reason()),
             # BAM with autograd on the CPU (ops/training.py); on CUDA the branches run as modules.
-            "branch autograd (CPU)": status(_backends.branch_kernel_reason("cpu")),
+            "branch autograd (CPU)": status(branch_cpu),
             # The CPU dilated convs of the eval path: ours or oneDNN's (BAM_FUSED_CPU_SPATIAL).
-            "dilated convs (C++, CPU)": _cpu_spatial_status(_backends.branch_kernel_reason("cpu")),
+            "dilated convs (C++, CPU)": _cpu_spatial_status(branch_cpu, extension.get("cpu_spatial")),
         },
     }
 

@@ -37,8 +37,9 @@ namespace {
 // and the final one, 2-core AVX-512 CPU, 2026-11-26, ours vs oneDNN (ms): Cr = 16, N = 8, 56x56
 // 0.65 vs 0.68 (N = 1: 0.11 vs 0.14); Cr = 32, 28x28 0.48 vs 0.53 (N = 1: 0.099 vs 0.126); but
 // Cr = 64, 14x14 0.44 vs 0.42, Cr = 128 1.78 vs 1.42, Cr = 8, 56x56 0.67 vs 0.46.
+std::string cpu_spatial_choice() { return env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"}); }
 bool cpu_spatial_kernel(int64_t Cr) {
-  const std::string v = env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"});
+  const std::string v = cpu_spatial_choice();
   return v == "auto" ? Cr == 16 || Cr == 32 : v == "kernel";
 }
 
@@ -304,6 +305,11 @@ pybind11::dict build_info() {
                        std::to_string(TORCH_VERSION_PATCH);
   d["compiler"] = __VERSION__;
   d["cpu_isa"] = cpu_isa();
+  try {
+    d["cpu_spatial"] = cpu_spatial_choice();  // as the ops read it (info's dilated-convs line)
+  } catch (const c10::Error& e) {
+    d["cpu_spatial"] = e.what_without_backtrace();  // a bad BAM_FUSED_CPU_SPATIAL: info shows why, ops raise
+  }
 #ifdef _OPENMP
   d["openmp"] = true;  // at::parallel_for in our CPU kernels uses threads only with OpenMP
 #else
