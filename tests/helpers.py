@@ -19,6 +19,16 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return out
 
 
+def bf16_products(dtype: torch.dtype, isa: str | None = None) -> bool:
+    """Whether the CPU pass over x multiplies in bf16 (weights rounded to bf16): bf16 x under the
+    avx512_bf16 instruction set (isa, or what BAM_FUSED_CPU_ISA picks now)."""
+    if isa is None:
+        from bam_fused import _ext
+
+        isa = _ext.build_info()["cpu_isa"]
+    return isa == "avx512_bf16" and dtype == torch.bfloat16
+
+
 def gate_inputs(n=2, c=37, h=7, w=9, dtype=torch.float32, device="cpu", layout="nchw", requires_grad=False):
     x = make_layout(torch.randn(n, c, h, w, dtype=dtype, device=device), layout)
     ca = torch.randn(n, c, dtype=dtype, device=device)

@@ -8,11 +8,11 @@ tile or chunk fails these tests.
 
 import pytest
 import torch
-from helpers import make_layout
+from helpers import bf16_products, make_layout
 
 from bam_fused.ops.branches import load_op
 
-ISAS = ["avx512", "avx2", "generic"]
+ISAS = ["avx512_bf16", "avx512", "avx2", "generic"]
 # (N, C, H, W, Cr): odd sizes; several pixel chunks with a partial last tile (15x17, 4x50);
 # Cr off the register blocks (5, 13, 37) and over several blocks (37, 70: channels_last uses
 # 1, 2 or 4 output vectors per block); last tiles of 1 and 2 vectors in each instruction set
@@ -33,9 +33,10 @@ def isa_env(monkeypatch, isa: str) -> None:
         raise
 
 
-def reference(x: torch.Tensor, w, b, wf, bf):
+def reference(x: torch.Tensor, w, b, wf, bf, bf16_weights: bool = False):
     x64 = x.double()
-    y = torch.relu(torch.einsum("nchw,oc->nohw", x64, w.double()) + b.double()[:, None, None])
+    w64 = (w.bfloat16() if bf16_weights else w).double()
+    y = torch.relu(torch.einsum("nchw,oc->nohw", x64, w64) + b.double()[:, None, None])
     return x64.mean((2, 3)), torch.einsum("nohw,o->nhw", y, wf.double()) + bf.double()
 
 
@@ -50,10 +51,29 @@ def test_pass_matches_reference(monkeypatch, isa, n, c, h, w, cr, dtype, layout)
     wr, br = torch.randn(cr, c, generator=g) / c**0.5, torch.randn(cr, generator=g)
     wf, bf = torch.randn(cr, generator=g), torch.randn(1, generator=g)
     pooled, spatial = load_op()(x, wr, br, [], [], 4, wf, bf)
-    want_pooled, want_spatial = reference(x, wr, br, wf, bf)
+    # The products are exact either way (bf16 x, bf16 or fp32 weights): fp32 sums only.
+    want_pooled, want_spatial = reference(x, wr, br, wf, bf, bf16_weights=bf16_products(dtype, isa))
     assert pooled.shape == (n, c) and spatial.shape == (n, h, w)
     torch.testing.assert_close(pooled.double(), want_pooled, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(spatial.double(), want_spatial, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,c,h,w,cr", SHAPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bf16_products_keep_the_pooled_bits_and_round_only_the_weights(monkeypatch, n, c, h, w, cr, layout):
+    """avx512_bf16 against avx512 on the same bf16 x: the pooled means are the same bits (x is
+    read exactly, summed in the same order); y differs from avx512's only by the weights'
+    rounding to bf16: with weights that are bf16 already, both are close to fp32 rounding."""
+    isa_env(monkeypatch, "avx512_bf16")
+    g = torch.Generator().manual_seed(7 * c + cr)
+    x = make_layout(torch.randn(n, c, h, w, generator=g).bfloat16(), layout)
+    wr = (torch.randn(cr, c, generator=g) / c**0.5).bfloat16().float()
+    args = (wr, torch.randn(cr, generator=g), [], [], 4, torch.randn(cr, generator=g), torch.randn(1, generator=g))
+    ours = load_op()(x, *args)
+    monkeypatch.setenv("BAM_FUSED_CPU_ISA", "avx512")
+    plain = load_op()(x, *args)
+    assert torch.equal(ours[0], plain[0])
+    torch.testing.assert_close(ours[1], plain[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -77,8 +97,9 @@ def test_pass_relu_keeps_nan_like_torch(layout):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("n", [1, 3])  # 667 pixels: 14 chunks of 48 (batch 1) or 4 of 192
-def test_pass_same_bits_for_any_thread_count(layout, n):
-    x = make_layout(torch.randn(n, 64, 23, 29), layout)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: bf16 products where the CPU has them
+def test_pass_same_bits_for_any_thread_count(layout, n, dtype):
+    x = make_layout(torch.randn(n, 64, 23, 29).to(dtype), layout)
     args = (torch.randn(16, 64), torch.randn(16), [torch.randn(16, 16, 3, 3)], [torch.randn(16)], 2,
             torch.randn(16), torch.randn(1))  # fmt: skip
     threads = torch.get_num_threads()
@@ -95,7 +116,8 @@ def test_pass_same_bits_for_any_thread_count(layout, n):
 def test_bad_isa_variable_names_it(monkeypatch):
     monkeypatch.setenv("BAM_FUSED_CPU_ISA", "sse9")
     x = torch.randn(1, 4, 2, 2)
-    with pytest.raises(RuntimeError, match="BAM_FUSED_CPU_ISA must be auto, avx512, avx2 or generic, got 'sse9'"):
+    want = "BAM_FUSED_CPU_ISA must be auto, avx512_bf16, avx512, avx2 or generic, got 'sse9'"
+    with pytest.raises(RuntimeError, match=want):
         load_op()(x, torch.randn(2, 4), torch.zeros(2), [], [], 1, torch.zeros(2), torch.zeros(1))
 
 

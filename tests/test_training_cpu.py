@@ -4,7 +4,7 @@ reference, forward and backward."""
 
 import pytest
 import torch
-from helpers import make_layout
+from helpers import bf16_products, make_layout
 from test_branches import no_extension  # noqa: F401 (a fixture)
 from test_cpu_pass import ISAS, isa_env
 
@@ -26,11 +26,11 @@ def ops():
     return torch.ops.bam_fused_C.reduce_pool, torch.ops.bam_fused_C.reduce_pool_backward
 
 
-def reduce_reference(x, w, b, dy, dmean, dx):
-    """float64: y, means, dx + W^T dy + dmean / HW, dW, db."""
+def reduce_reference(x, w, b, dy, dmean, dx, bf16_weights=False):
+    """float64: y (from w rounded to bf16 if asked), means, dx + W^T dy + dmean / HW, dW, db."""
     x64, w64, dy64 = x.double(), w.double(), dy.double()
     hw = x.shape[2] * x.shape[3]
-    y = torch.einsum("nchw,rc->nrhw", x64, w64) + b.double()[:, None, None]
+    y = torch.einsum("nchw,rc->nrhw", x64, (w.bfloat16() if bf16_weights else w).double()) + b.double()[:, None, None]
     dx_want = dx.double() + torch.einsum("nrhw,rc->nchw", dy64, w64) + dmean.double()[:, :, None, None] / hw
     return y, x64.mean((2, 3)), dx_want, torch.einsum("nrhw,nchw->rc", dy64, x64), dy64.sum((0, 2, 3))
 
@@ -48,7 +48,7 @@ def test_reduce_pool_and_backward_match_reference(monkeypatch, isa, n, c, h, w, 
     dy = make_layout(torch.randn(n, cr, h, w, generator=g), layout)
     dmean = torch.randn(n, c, generator=g)
     dx = make_layout(torch.randn(n, c, h, w, generator=g).to(dtype), layout)
-    y_want, m_want, dx_want, dw_want, db_want = reduce_reference(x, wr, br, dy, dmean, dx)
+    y_want, m_want, dx_want, dw_want, db_want = reduce_reference(x, wr, br, dy, dmean, dx, bf16_products(dtype, isa))
 
     means, y = fwd(x, wr, br, False)
     assert y.dtype == means.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)

@@ -38,6 +38,9 @@ struct Conv1x1PoolJob {
   float inv_hw;
   int cl_vectors;  // channels_last x: output vectors per register block (1, 2 or 4)
   bool relu;       // relu(W x + b) (the folded eval branch) or W x + b (training: BatchNorm follows)
+  // The bf16 dot-product pass (conv1x1_pool_avx512bf16.cpp) only: w rounded to bf16, channels
+  // in pairs (c even in the low half), packed (blocks, ceil(C / 2), kCo) like w.
+  const uint32_t* w_pairs = nullptr;
 };
 
 // Tasks [begin, end) of N * chunks, each one chunk of one sample; x is (N, C, HW), or
@@ -54,6 +57,10 @@ struct Conv1x1PoolJob {
 BAM_DECLARE_CONV1X1_POOL(avx512)
 BAM_DECLARE_CONV1X1_POOL(avx2)
 BAM_DECLARE_CONV1X1_POOL(generic)
+// bf16 x on CPUs with AVX512-BF16 (conv1x1_pool_avx512bf16.cpp): the products in bf16 with
+// fp32 sums (vdpbf16ps), j.w_pairs for weights; the blocking of avx512.
+void conv1x1_pool_avx512bf16(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end);
+void conv1x1_pool_cl_avx512bf16(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end);
 
 namespace {  // NOLINT: internal linkage on purpose (see the top of this file)
 
@@ -128,13 +135,32 @@ BAM_INLINE void conv_tile(const float* xt, int64_t xs, int64_t C, const float* w
   }
 }
 
+// Bias, ReLU and the store into channels_last y of one block of accumulators: output channels
+// [cob * kCo, +kCo) of the tile's np pixels from p. A transposing copy, small next to the FMAs.
+template <typename K, int kPV>
+BAM_INLINE void store_tile_block(const Conv1x1PoolJob& j, const typename K::V (&acc)[K::kCo][kPV], int64_t cob,
+                                 int64_t p, int64_t np, float* y) {
+  using V = typename K::V;
+  constexpr int kL = kLanes<K>;
+  float out[K::kCo][kPV * kL];
+  for (int o = 0; o < K::kCo; ++o) {
+    const V b = K::splat(j.bias[std::min(cob * K::kCo + o, j.Cr - 1)]);  // rows past Cr: discarded
+    for (int v = 0; v < kPV; ++v) {
+      const V r = acc[o][v] + b;
+      vstore<V>(out[o] + v * kL, j.relu ? (r < 0 ? V{} : r) : r);  // relu: NaN stays NaN, as in torch
+    }
+  }
+  const int64_t co0 = cob * K::kCo, nco = std::min<int64_t>(K::kCo, j.Cr - co0);
+  for (int64_t i = 0; i < np; ++i)
+    for (int64_t o = 0; o < nco; ++o) y[(p + i) * j.Cr + co0 + o] = out[o][i];
+}
+
 // One tile of np pixels from p (kPV vectors cover them): every block of kCo output channels,
 // y (channels_last) and, with the first block, the pooled sums.
 template <typename K, int kPV>
 BAM_INLINE void conv1x1_tile(const Conv1x1PoolJob& j, const float* xt, int64_t xs, int64_t p, int64_t np, float* y,
                              float* pool) {
   using V = typename K::V;
-  constexpr int kL = kLanes<K>;
   const int64_t C = j.C, cob_n = (j.Cr + K::kCo - 1) / K::kCo;
   for (int64_t cob = 0; cob < cob_n; ++cob) {
     V acc[K::kCo][kPV] = {};
@@ -143,18 +169,18 @@ BAM_INLINE void conv1x1_tile(const Conv1x1PoolJob& j, const float* xt, int64_t x
     } else {
       conv_tile<K, kPV, false>(xt, xs, C, j.w + cob * C * K::kCo, pool, acc);
     }
-    float out[K::kCo][kPV * kL];
-    for (int o = 0; o < K::kCo; ++o) {
-      const V b = K::splat(j.bias[std::min(cob * K::kCo + o, j.Cr - 1)]);  // rows past Cr: discarded
-      for (int v = 0; v < kPV; ++v) {
-        const V r = acc[o][v] + b;
-        vstore<V>(out[o] + v * kL, j.relu ? (r < 0 ? V{} : r) : r);  // relu: NaN stays NaN, as in torch
-      }
-    }
-    // y is channels_last (see Conv1x1PoolJob): a transposing copy, small next to the FMAs.
-    const int64_t co0 = cob * K::kCo, nco = std::min<int64_t>(K::kCo, j.Cr - co0);
-    for (int64_t i = 0; i < np; ++i)
-      for (int64_t o = 0; o < nco; ++o) y[(p + i) * j.Cr + co0 + o] = out[o][i];
+    store_tile_block<K, kPV>(j, acc, cob, p, np, y);
+  }
+}
+
+// The pooled partial of a chunk from its lane-wise sums: pool (C x kLanes) -> part (C,).
+template <typename K>
+BAM_INLINE void finish_pool(const Conv1x1PoolJob& j, const float* pool, float* part) {
+  constexpr int kL = kLanes<K>;
+  for (int64_t c = 0; c < j.C; ++c) {
+    float s = 0.f;
+    for (int i = 0; i < kL; ++i) s += pool[c * kL + i];
+    part[c] = s * j.inv_hw;
   }
 }
 
@@ -186,11 +212,7 @@ BAM_INLINE void conv1x1_pool_chunk(const Conv1x1PoolJob& j, const T* x, int64_t 
     with_tile_vectors<K>((np + kL - 1) / kL,
                          [&]<int kPV>() { conv1x1_tile<K, kPV>(j, xt, xs, p, np, y, pool); });
   }
-  for (int64_t c = 0; c < C; ++c) {
-    float s = 0.f;
-    for (int i = 0; i < kL; ++i) s += pool[c * kL + i];
-    part[c] = s * j.inv_hw;
-  }
+  finish_pool<K>(j, pool, part);
 }
 
 template <typename K, typename T>
@@ -224,6 +246,30 @@ BAM_INLINE void cl_block(In&& in, const float* w, int64_t cin, typename K::V (&a
 #pragma GCC unroll 8
       for (int v = 0; v < kCv; ++v) acc[i][v] += xb * wv[v];
     }
+  }
+}
+
+// Bias, ReLU and the store into y of one channels_last block: output channels [cob * kCo, +kCo)
+// of the np pixels from p.
+template <typename K, int kCv, int kPx>
+BAM_INLINE void store_cl_block(const Conv1x1PoolJob& j, const typename K::V (&acc)[kPx][kCv], int64_t cob, int64_t p,
+                               int64_t np, float* y) {
+  using V = typename K::V;
+  constexpr int kL = kLanes<K>, kCo = kCv * kL;
+  const int64_t Cr = j.Cr, co0 = cob * kCo, nco = std::min<int64_t>(kCo, Cr - co0);
+  V b[kCv];
+  for (int v = 0; v < kCv; ++v) {
+    float lanes[kL];
+    for (int l = 0; l < kL; ++l) lanes[l] = j.bias[std::min<int64_t>(co0 + v * kL + l, Cr - 1)];
+    b[v] = vload<V>(lanes);
+  }
+  for (int64_t i = 0; i < np; ++i) {
+    float out[kCo];
+    for (int v = 0; v < kCv; ++v) {
+      const V r = acc[i][v] + b[v];
+      vstore<V>(out + v * kL, j.relu ? (r < 0 ? V{} : r) : r);  // relu: NaN stays NaN, as in torch
+    }
+    std::memcpy(y + (p + i) * Cr + co0, out, nco * sizeof(float));
   }
 }
 
@@ -261,21 +307,7 @@ BAM_INLINE void conv1x1_pool_cl_chunk(const Conv1x1PoolJob& j, const T* x, int64
     for (int64_t cob = 0; cob < cob_n; ++cob) {
       V acc[kPx][kCv] = {};
       cl_block<K, kCv, kPx>([&](int i, int64_t c) { return xt[i * C + c]; }, j.w + cob * C * kCo, C, acc);
-      const int64_t co0 = cob * kCo, nco = std::min<int64_t>(kCo, Cr - co0);
-      V b[kCv];
-      for (int v = 0; v < kCv; ++v) {
-        float lanes[kL];
-        for (int l = 0; l < kL; ++l) lanes[l] = j.bias[std::min<int64_t>(co0 + v * kL + l, Cr - 1)];
-        b[v] = vload<V>(lanes);
-      }
-      for (int64_t i = 0; i < np; ++i) {
-        float out[kCo];
-        for (int v = 0; v < kCv; ++v) {
-          const V r = acc[i][v] + b[v];
-          vstore<V>(out + v * kL, j.relu ? (r < 0 ? V{} : r) : r);  // relu: NaN stays NaN, as in torch
-        }
-        std::memcpy(y + (p + i) * Cr + co0, out, nco * sizeof(float));
-      }
+      store_cl_block<K, kCv, kPx>(j, acc, cob, p, np, y);
     }
   }
   for (int64_t c = 0; c < C; ++c) part[c] *= j.inv_hw;

@@ -14,10 +14,13 @@
 
 namespace bam_fused {
 
-enum class Isa { kAvx512 = 0, kAvx2 = 1, kGeneric = 2 };  // widest first
+// Widest first. kAvx512Bf16 is kAvx512 plus the bf16 dot products of the pass over bf16 x
+// (conv1x1_pool_avx512bf16.cpp); every other kernel runs its avx512 code there.
+enum class Isa { kAvx512Bf16 = 0, kAvx512 = 1, kAvx2 = 2, kGeneric = 3 };
+constexpr bool avx512_vectors(Isa isa) { return isa == Isa::kAvx512Bf16 || isa == Isa::kAvx512; }
 
-// BAM_FUSED_CPU_ISA (auto|avx512|avx2|generic), read on every call so that tests can run each
-// variant. Asking for more than the CPU has is an error.
+// BAM_FUSED_CPU_ISA (auto|avx512_bf16|avx512|avx2|generic), read on every call so that tests can
+// run each variant. Asking for more than the CPU has is an error.
 Isa chosen_isa();
 // The register blocking: output channels per block of NCHW x, vector lanes.
 std::pair<int64_t, int64_t> blocking(Isa isa);

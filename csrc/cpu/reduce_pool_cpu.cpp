@@ -27,7 +27,7 @@
 namespace bam_fused {
 namespace {
 
-constexpr const char* kIsaNames[] = {"avx512", "avx2", "generic"};  // indexed by Isa
+constexpr const char* kIsaNames[] = {"avx512_bf16", "avx512", "avx2", "generic"};  // indexed by Isa
 
 Isa best_isa() {
 #if BAM_X86
@@ -35,7 +35,7 @@ Isa best_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2"))
-      return Isa::kAvx512;
+      return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
       return Isa::kAvx2;
     return Isa::kGeneric;
@@ -48,11 +48,11 @@ Isa best_isa() {
 
 }  // namespace
 
-// BAM_FUSED_CPU_ISA (auto|avx512|avx2|generic), read on every call so that tests can run each
-// variant: the instruction set of the CPU pass over x. Asking for more than the CPU has is an
-// error.
+// BAM_FUSED_CPU_ISA (auto|avx512_bf16|avx512|avx2|generic), read on every call so that tests can
+// run each variant: the instruction set of the CPU pass over x. Asking for more than the CPU has
+// is an error.
 Isa chosen_isa() {
-  const std::string v = env_choice("BAM_FUSED_CPU_ISA", {"auto", "avx512", "avx2", "generic"});
+  const std::string v = env_choice("BAM_FUSED_CPU_ISA", {"auto", "avx512_bf16", "avx512", "avx2", "generic"});
   const Isa best = best_isa();
   if (v == "auto") return best;
   int want = 0;
@@ -67,7 +67,11 @@ namespace {
 template <typename T>
 void conv1x1_pool(Isa isa, bool cl, const Conv1x1PoolJob& j, const T* x, int64_t begin, int64_t end) {
 #if BAM_X86
-  if (isa == Isa::kAvx512)
+  if constexpr (std::is_same_v<T, Bf16>) {
+    if (isa == Isa::kAvx512Bf16)
+      return cl ? conv1x1_pool_cl_avx512bf16(j, x, begin, end) : conv1x1_pool_avx512bf16(j, x, begin, end);
+  }
+  if (avx512_vectors(isa))
     return cl ? conv1x1_pool_cl_avx512(j, x, begin, end) : conv1x1_pool_avx512(j, x, begin, end);
   if (isa == Isa::kAvx2) return cl ? conv1x1_pool_cl_avx2(j, x, begin, end) : conv1x1_pool_avx2(j, x, begin, end);
 #endif
@@ -77,7 +81,7 @@ void conv1x1_pool(Isa isa, bool cl, const Conv1x1PoolJob& j, const T* x, int64_t
 template <typename T>
 void conv1x1_grad_input(Isa isa, bool cl, const Conv1x1GradJob& j, T* dx, int64_t begin, int64_t end) {
 #if BAM_X86
-  if (isa == Isa::kAvx512) return conv1x1_grad_input_avx512(j, cl, dx, begin, end);
+  if (avx512_vectors(isa)) return conv1x1_grad_input_avx512(j, cl, dx, begin, end);
   if (isa == Isa::kAvx2) return conv1x1_grad_input_avx2(j, cl, dx, begin, end);
 #endif
   conv1x1_grad_input_generic(j, cl, dx, begin, end);
@@ -86,7 +90,7 @@ void conv1x1_grad_input(Isa isa, bool cl, const Conv1x1GradJob& j, T* dx, int64_
 template <typename T>
 void conv1x1_grad_weight(Isa isa, bool cl, const Conv1x1GradJob& j, const T* x, int64_t begin, int64_t end) {
 #if BAM_X86
-  if (isa == Isa::kAvx512) return conv1x1_grad_weight_avx512(j, cl, x, begin, end);
+  if (avx512_vectors(isa)) return conv1x1_grad_weight_avx512(j, cl, x, begin, end);
   if (isa == Isa::kAvx2) return conv1x1_grad_weight_avx2(j, cl, x, begin, end);
 #endif
   conv1x1_grad_weight_generic(j, cl, x, begin, end);
@@ -98,6 +102,15 @@ at::Tensor pack_weights(const at::Tensor& w, int64_t kCo) {
   auto padded = at::zeros({blocks * kCo, C}, w.options());
   padded.narrow(0, 0, Cr).copy_(w);
   return padded.view({blocks, kCo, C}).transpose(1, 2).contiguous();
+}
+
+// pack_weights for the bf16 dot products: w rounded to bf16 (nearest even), input channels in
+// pairs (c even in the low half, a zero channel past an odd C), (ceil(Cr / kCo), ceil(C / 2), kCo).
+at::Tensor pack_weight_pairs(const at::Tensor& w, int64_t kCo) {
+  const int64_t Cr = w.size(0), C = w.size(1), blocks = (Cr + kCo - 1) / kCo, C2 = (C + 1) / 2;
+  auto padded = at::zeros({blocks * kCo, 2 * C2}, w.options().dtype(at::kBFloat16));
+  padded.narrow(0, 0, Cr).narrow(1, 0, C).copy_(w);
+  return padded.view(at::kInt).view({blocks, kCo, C2}).transpose(1, 2).contiguous();
 }
 
 // Calls f with x's storage type (fp32, Bf16 or Fp16) as T and its data pointer.
@@ -120,7 +133,7 @@ void with_storage(const at::Tensor& x, const char* what, F&& f) {
 // The register blocking: output channels per block of NCHW x, vector lanes.
 std::pair<int64_t, int64_t> blocking(Isa isa) {
 #if BAM_X86
-  if (isa == Isa::kAvx512) return {conv1x1_pool_avx512_kco(), conv1x1_pool_avx512_lanes()};
+  if (avx512_vectors(isa)) return {conv1x1_pool_avx512_kco(), conv1x1_pool_avx512_lanes()};
   if (isa == Isa::kAvx2) return {conv1x1_pool_avx2_kco(), conv1x1_pool_avx2_lanes()};
 #endif
   return {conv1x1_pool_generic_kco(), conv1x1_pool_generic_lanes()};
@@ -150,10 +163,14 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
   // channels_last y: oneDNN's dilated convs run NHWC without reorders (0.33 against 0.42 ms at 56x56).
   auto y = at::empty({N, Cr, x.size(2), x.size(3)},
                      x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
-  const at::Tensor wp = pack_weights(w, cl ? cl_vectors * lanes : kco);
-  const Conv1x1PoolJob j{C, HW, Cr, chunk_px, chunks, wp.const_data_ptr<float>(), b.const_data_ptr<float>(),
-                         y.mutable_data_ptr<float>(), part.mutable_data_ptr<float>(), 1.f / static_cast<float>(HW),
-                         static_cast<int>(cl_vectors), relu};
+  const int64_t block_co = cl ? cl_vectors * lanes : kco;
+  // bf16 x on AVX512-BF16: bf16 products (conv1x1_pool_avx512bf16.cpp), bf16 weight pairs.
+  const bool bf16_dot = isa == Isa::kAvx512Bf16 && x.scalar_type() == at::kBFloat16;
+  const at::Tensor wp = bf16_dot ? pack_weight_pairs(w, block_co) : pack_weights(w, block_co);
+  Conv1x1PoolJob j{C, HW, Cr, chunk_px, chunks, bf16_dot ? nullptr : wp.const_data_ptr<float>(),
+                   b.const_data_ptr<float>(), y.mutable_data_ptr<float>(), part.mutable_data_ptr<float>(),
+                   1.f / static_cast<float>(HW), static_cast<int>(cl_vectors), relu};
+  if (bf16_dot) j.w_pairs = reinterpret_cast<const uint32_t*>(wp.const_data_ptr<int32_t>());
   with_storage(x, "x", [&](auto* xp) {
     using T = std::remove_pointer_t<decltype(xp)>;
     const T* xc = xp;

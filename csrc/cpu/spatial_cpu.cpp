@@ -17,7 +17,7 @@ namespace {
 
 void dilated_conv(Isa isa, const DilatedConvJob& j, int64_t begin, int64_t end) {
 #if BAM_X86
-  if (isa == Isa::kAvx512) return dilated_conv_avx512(j, begin, end);
+  if (avx512_vectors(isa)) return dilated_conv_avx512(j, begin, end);
   if (isa == Isa::kAvx2) return dilated_conv_avx2(j, begin, end);
 #endif
   dilated_conv_generic(j, begin, end);
