@@ -7,7 +7,8 @@ per-round ratios, which drifts less than either time.
     python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_SPATIAL library kernel
     python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_STREAM_STORES off on --shape 8,256,56,56
 
-Eval mode, fp32, N = 8 at the ResNet-50 BAM shapes unless --shape says otherwise.
+Eval mode, N = 8 at the ResNet-50 BAM shapes unless --shape says otherwise; fp32 unless --dtype
+says otherwise (bf16: the module and x in bf16, as the bench's bf16 rows).
 """
 
 from __future__ import annotations
@@ -38,16 +39,20 @@ def median_ms(fn: Callable[[], object], calls: int = 7) -> float:
     return statistics.median(times) * 1e3
 
 
-def make_bam(shape: tuple, layout: str) -> tuple[bam_fused.BAM, torch.Tensor]:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_bam(shape: tuple, layout: str, dtype: torch.dtype = torch.float32) -> tuple[bam_fused.BAM, torch.Tensor]:
+    """A fused BAM and x, both in dtype (as the bench's bf16 rows: the module converted too)."""
     n, c, h, w = shape
-    bam = randomize_(bam_fused.BAM(c, backend="fused")).eval()
-    return bam, as_layout(torch.randn(n, c, h, w), layout)
+    bam = randomize_(bam_fused.BAM(c, backend="fused")).to(dtype).eval()
+    return bam, as_layout(torch.randn(n, c, h, w).to(dtype), layout)
 
 
-def stages(shape: tuple, layout: str, reps: int) -> dict[str, float]:
+def stages(shape: tuple, layout: str, reps: int, dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Median ms of each stage, run in sequence as the module runs them (so each finds the
     cache the previous one left), and of the whole module."""
-    bam, x = make_bam(shape, layout)
+    bam, x = make_bam(shape, layout, dtype)
     n, c, h, w = shape
     f = bam.folded()
     reduce_pool, tail = load_op("reduce_pool"), load_op("attention_tail")
@@ -75,10 +80,12 @@ def stages(shape: tuple, layout: str, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def ab(shape: tuple, layout: str, var: str, values: list[str], reps: int) -> dict[str, tuple[float, float]]:
+def ab(
+    shape: tuple, layout: str, var: str, values: list[str], reps: int, dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[float, float]]:
     """Whole fused BAM eval under each value of `var`, interleaved: value -> (median ms, median
     speed-up over the first value)."""
-    bam, x = make_bam(shape, layout)
+    bam, x = make_bam(shape, layout, dtype)
     runs: dict[str, list[float]] = {v: [] for v in values}
     old = os.environ.get(var)
     try:
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("values", nargs="*", help="ab: its values, the first one the baseline")
     parser.add_argument("--shape", help="N,C,H,W (default: the three ResNet-50 BAM shapes)")
     parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of x and the module")
     parser.add_argument("--reps", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -116,11 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [tuple(int(v) for v in args.shape.split(","))] if args.shape else SHAPES
     for shape in shapes:
         if args.what == "stages":
-            st = stages(shape, args.layout, args.reps)
-            print(f"{shape} {args.layout}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in st.items()))
+            st = stages(shape, args.layout, args.reps, DTYPES[args.dtype])
+            print(f"{shape} {args.dtype} {args.layout}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in st.items()))
         else:
-            for v, (ms, up) in ab(shape, args.layout, args.var, args.values, args.reps).items():
-                print(f"{shape} {args.layout} {args.var}={v}: {ms:.3f} ms, speed-up over {args.values[0]} {up:.3f}x")
+            runs = ab(shape, args.layout, args.var, args.values, args.reps, DTYPES[args.dtype])
+            for v, (ms, up) in runs.items():
+                print(
+                    f"{shape} {args.dtype} {args.layout} {args.var}={v}: {ms:.3f} ms, "
+                    f"speed-up over {args.values[0]} {up:.3f}x"
+                )
     return 0
 
 
