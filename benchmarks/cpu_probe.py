@@ -8,7 +8,8 @@ per-round ratios, which drifts less than either time.
     python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_STREAM_STORES off on --shape 8,256,56,56
 
 Eval mode, N = 8 at the ResNet-50 BAM shapes unless --shape says otherwise; fp32 unless --dtype
-says otherwise (bf16: the module and x in bf16, as the bench's bf16 rows).
+says otherwise (bf16: the module and x in bf16, as the bench's bf16 rows). In bf16 the stages'
+convs run on fp32 y as attention_tail does (fp32), not as the module does under avx512_bf16.
 """
 
 from __future__ import annotations

@@ -38,9 +38,11 @@ namespace {
 // 0.65 vs 0.68 (N = 1: 0.11 vs 0.14); Cr = 32, 28x28 0.48 vs 0.53 (N = 1: 0.099 vs 0.126); but
 // Cr = 64, 14x14 0.44 vs 0.42, Cr = 128 1.78 vs 1.42, Cr = 8, 56x56 0.67 vs 0.46.
 std::string cpu_spatial_choice() { return env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"}); }
-bool cpu_spatial_kernel(int64_t Cr) {
+// bf16 (cpu_bf16_products): auto leaves the convs to oneDNN's bf16 ones, faster than our fp32
+// kernel (ms: Cr 16, 56x56 0.51 vs 0.65; Cr 32, 28x28 0.44 vs 0.48).
+bool cpu_spatial_kernel(int64_t Cr, bool bf16) {
   const std::string v = cpu_spatial_choice();
-  return v == "auto" ? Cr == 16 || Cr == 32 : v == "kernel";
+  return v == "auto" ? !bf16 && (Cr == 16 || Cr == 32) : v == "kernel";
 }
 
 // Checks of the spatial branch's weights after the reduce conv (Cr reduced channels).
@@ -79,26 +81,31 @@ bool spatial_kernel(at::Device device, int64_t Cr, at::TensorList w_dilated) {
 }
 
 // The spatial branch after the reduce conv: dilated convs (bias, ReLU) and the final 1x1 conv
-// on y = relu(reduce conv) (N, Cr, H, W) fp32, giving the spatial map (N, H, W).
+// on y = relu(reduce conv) (N, Cr, H, W) fp32, giving the spatial map (N, H, W). bf16: the CPU
+// dilated convs in bf16, as a bf16 model's (y, weights and biases rounded to bf16, fp32 sums,
+// bf16 outputs; oneDNN's), unless BAM_FUSED_CPU_SPATIAL=kernel asks for ours (fp32).
 at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList b_dilated, int64_t dilation,
-                          const at::Tensor& w_final, const at::Tensor& b_final) {
+                          const at::Tensor& w_final, const at::Tensor& b_final, bool bf16 = false) {
   const int64_t Cr = y.size(1);
 #ifdef BAM_FUSED_WITH_CUDA
   if (spatial_kernel(y.device(), Cr, w_dilated))
     return spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
 #endif
-  if (y.is_cpu() && !w_dilated.empty() && cpu_spatial_kernel(Cr))
+  if (y.is_cpu() && !w_dilated.empty() && cpu_spatial_kernel(Cr, bf16))
     return spatial_convs_cpu(y, w_dilated, b_dilated, dilation, w_final, b_final);
   // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
+  const auto compute = [&](const at::Tensor& t) { return bf16 ? t.to(at::kBFloat16) : t; };
+  if (!w_dilated.empty()) y = compute(y);
   for (size_t i = 0; i < w_dilated.size(); ++i) {
-    const at::Tensor bias = b_dilated[i].reshape({Cr});
+    const at::Tensor w = compute(w_dilated[i]), bias = compute(b_dilated[i].reshape({Cr}));
     // On the CPU oneDNN's conv directly: conv2d's heuristic sends small batch-1 maps (Cr * H * W
     // < 20480, e.g. 64 x 14 x 14) to a slow native path (0.165 against 0.088 ms per conv).
     y = (y.is_cpu() && at::hasMKLDNN()
-             ? at::mkldnn_convolution(y, w_dilated[i], bias, {dilation, dilation}, {1, 1}, {dilation, dilation}, 1)
-             : at::conv2d(y, w_dilated[i], bias, 1, dilation, dilation))
+             ? at::mkldnn_convolution(y, w, bias, {dilation, dilation}, {1, 1}, {dilation, dilation}, 1)
+             : at::conv2d(y, w, bias, 1, dilation, dilation))
             .relu_();
   }
+  y = y.to(at::kFloat);  // the final conv in fp32 (a no-op unless bf16)
   if (y.is_cpu() && y.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     // The final 1x1 conv to one channel as a matrix-vector product over NHWC pixels.
     const at::Tensor pixels = y.permute({0, 2, 3, 1}).reshape({-1, Cr});
@@ -143,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
   BAM_CHECK(x.is_cpu(), op, ": this build has no CUDA kernels, x is on ", x.device());
   std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
 #endif
-  return {part, spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final)};
+  return {part, spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, cpu_bf16_products(x))};
 }
 
 // A plain function: an earlier lambda form of this check segfaulted while raising on the GPU

@@ -26,6 +26,9 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y, at::TensorList w_dilated, at::
                              int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final);
 // The instruction set the CPU pass over x uses now (BAM_FUSED_CPU_ISA, else the widest).
 std::string cpu_isa();
+// Whether the CPU branches on x compute in bf16 as a bf16 model does (bf16 x on avx512_bf16):
+// the pass's products, then the dilated convs on y rounded to bf16.
+bool cpu_bf16_products(const at::Tensor& x);
 #ifdef BAM_FUSED_WITH_CUDA
 // y_channels_last: y is returned in channels_last memory (for the library's NHWC convs).
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cuda(const at::Tensor& x, const at::Tensor& w,

@@ -98,7 +98,9 @@ def test_cpu_probe_runs_both_subcommands():
 
     probe = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_probe.py"
     common = ["--shape", "2,64,7,9", "--reps", "1", "--threads", "1"]
-    for args, want in ((["stages"], "convs+mlp"), (["ab", "BAM_FUSED_CPU_SPATIAL", "library", "kernel"], "=kernel")):
+    runs = ((["stages"], "convs+mlp", "fp32"), (["stages", "--dtype", "bf16"], "convs+mlp", "bf16"),
+            (["ab", "BAM_FUSED_CPU_SPATIAL", "library", "kernel"], "=kernel", "fp32"))  # fmt: skip
+    for args, want, dtype in runs:
         done = subprocess.run([sys.executable, str(probe), *args, *common], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
-        assert want in done.stdout and "(2, 64, 7, 9) nchw" in done.stdout
+        assert want in done.stdout and f"(2, 64, 7, 9) {dtype} nchw" in done.stdout

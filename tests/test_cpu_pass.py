@@ -127,3 +127,43 @@ def test_info_shows_the_instruction_set(monkeypatch):
     assert _ext.build_info()["cpu_isa"] in ISAS
     monkeypatch.setenv("BAM_FUSED_CPU_ISA", "generic")
     assert _ext.build_info()["cpu_isa"] == "generic"
+
+
+def emulate_bf16_model(x, wr, br, dw, db, dilation, wf, bf, bf16_convs: bool) -> torch.Tensor:
+    """float64 spatial map with the avx512_bf16 rounding points: the reduce weights in bf16, y in
+    fp32, then (bf16_convs) y, the dilated weights, biases and outputs in bf16; the final conv
+    on them exactly."""
+
+    def r(t):
+        return t.bfloat16().double() if bf16_convs else t.double()
+
+    y = torch.relu(torch.einsum("nchw,oc->nohw", x.double(), wr.bfloat16().double()) + br.double()[:, None, None])
+    y = y.float().double()
+    for w, b in zip(dw, db, strict=True):
+        y = torch.relu(torch.nn.functional.conv2d(r(y), r(w), r(b), padding=dilation, dilation=dilation))
+    return torch.einsum("nohw,o->nhw", r(y), wf.double()) + bf.double()
+
+
+# (N, C, H, W, Cr, dilation, convs): Cr of oneDNN's and of our kernel's compiled sizes, 1-3 convs.
+BF16_CASES = [(2, 64, 7, 9, 4, 1, 2), (2, 256, 13, 15, 16, 2, 2), (1, 512, 9, 13, 32, 4, 3), (2, 96, 14, 14, 64, 4, 1)]
+
+
+@pytest.mark.parametrize("n,c,h,w,cr,dilation,convs", BF16_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("spatial", ["auto", "library", "kernel"])
+def test_bf16_branches_round_where_a_bf16_model_does(monkeypatch, n, c, h, w, cr, dilation, convs, layout, spatial):
+    """bf16 x on avx512_bf16: oneDNN's bf16 dilated convs (auto, library), or our fp32 kernel
+    (kernel), after the bf16-product pass. The emulation of the chosen rounding points matches to
+    fp32 rounding; the other one is 1e-3 away, so this tells them apart."""
+    isa_env(monkeypatch, "avx512_bf16")
+    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", spatial)
+    g = torch.Generator().manual_seed(c + cr)
+    x = make_layout(torch.randn(n, c, h, w, generator=g).bfloat16(), layout)
+    wr, br = torch.randn(cr, c, generator=g) / c**0.5, torch.randn(cr, generator=g) * 0.1
+    dw = [torch.randn(cr, cr, 3, 3, generator=g) / (3 * cr**0.5) for _ in range(convs)]
+    db = [torch.randn(cr, generator=g) * 0.1 for _ in range(convs)]
+    wf, bf = torch.randn(cr, generator=g) / cr**0.5, torch.randn(1, generator=g)
+    _, spatial_map = load_op()(x, wr, br, dw, db, dilation, wf, bf)
+    want = emulate_bf16_model(x, wr, br, dw, db, dilation, wf, bf, bf16_convs=spatial != "kernel")
+    scale = float(want.abs().max())
+    torch.testing.assert_close(spatial_map.double(), want, rtol=0, atol=1e-5 * scale)

@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
                      x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t block_co = cl ? cl_vectors * lanes : kco;
   // bf16 x on AVX512-BF16: bf16 products (conv1x1_pool_avx512bf16.cpp), bf16 weight pairs.
-  const bool bf16_dot = isa == Isa::kAvx512Bf16 && x.scalar_type() == at::kBFloat16;
+  const bool bf16_dot = cpu_bf16_products(x);
   const at::Tensor wp = bf16_dot ? pack_weight_pairs(w, block_co) : pack_weights(w, block_co);
   Conv1x1PoolJob j{C, HW, Cr, chunk_px, chunks, bf16_dot ? nullptr : wp.const_data_ptr<float>(),
                    b.const_data_ptr<float>(), y.mutable_data_ptr<float>(), part.mutable_data_ptr<float>(),
@@ -228,6 +228,10 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
   for (int64_t t = 0; t < parts; ++t)
     for (int64_t r = 0; r < Cr; ++r) dbo[r] += dbp[t * Cr + r];
   return {dw, db};
+}
+
+bool cpu_bf16_products(const at::Tensor& x) {
+  return x.is_cpu() && x.scalar_type() == at::kBFloat16 && chosen_isa() == Isa::kAvx512Bf16;
 }
 
 std::string cpu_isa() {
