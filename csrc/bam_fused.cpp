@@ -38,8 +38,9 @@ namespace {
 // 0.65 vs 0.68 (N = 1: 0.11 vs 0.14); Cr = 32, 28x28 0.48 vs 0.53 (N = 1: 0.099 vs 0.126); but
 // Cr = 64, 14x14 0.44 vs 0.42, Cr = 128 1.78 vs 1.42, Cr = 8, 56x56 0.67 vs 0.46.
 std::string cpu_spatial_choice() { return env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"}); }
-// bf16 (cpu_bf16_products): auto leaves the convs to oneDNN's bf16 ones, faster than our fp32
-// kernel (ms: Cr 16, 56x56 0.51 vs 0.65; Cr 32, 28x28 0.44 vs 0.48).
+// bf16 (cpu_bf16_products): auto leaves the convs to oneDNN's bf16 ones at every Cr (one rounding
+// scheme for bf16 x). Whole bf16 BAM eval, paired A/B, ours -> oneDNN's bf16: 0.99x at Cr 16
+// (56x56), 1.09x at Cr 32 (28x28); standalone convs 0.51 vs 0.65 and 0.44 vs 0.48 ms.
 bool cpu_spatial_kernel(int64_t Cr, bool bf16) {
   const std::string v = cpu_spatial_choice();
   return v == "auto" ? !bf16 && (Cr == 16 || Cr == 32) : v == "kernel";

@@ -28,17 +28,15 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,bmi2")
 #endif
 
+#include "avx512_traits.h"  // the blocking the launcher packs the weights for
 #include "conv1x1_pool.h"
 
 namespace bam_fused {
 namespace {
 
-struct Avx512 {  // the blocking of conv1x1_pool_avx512.cpp, which the launcher packs the weights for
-  typedef float V __attribute__((vector_size(64)));
-  static constexpr int kPV = 3, kCo = 8, kAcc = 24;
-  static BAM_INLINE V splat(float s) { return _mm512_set1_ps(s); }
-};
 using V = Avx512::V;
+// Reads of x's bf16 storage as 32-bit channel pairs.
+typedef uint32_t PairWord __attribute__((may_alias));
 constexpr int kL = 16, kCo = Avx512::kCo;
 
 // acc += pairs . weights, lane by lane (two bf16 products per fp32 lane).
@@ -48,11 +46,6 @@ BAM_INLINE V dot2(V acc, __m512i pairs, __m512i weights) {
 // 16 bf16 from p (lanes outside m read as zeros), each in the low half of a 32-bit lane.
 BAM_INLINE __m512i widen(const Bf16* p, __mmask16 m) { return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)); }
 BAM_INLINE V as_fp32(__m512i low_halves) { return (V)_mm512_slli_epi32(low_halves, 16); }
-BAM_INLINE uint32_t load_pair(const void* p) {
-  uint32_t u;
-  std::memcpy(&u, p, sizeof(u));
-  return u;
-}
 
 // NCHW: np pixels from p (kPV vectors of them) as channel pairs, pairs[(c / 2 * kPV + v) * 16 +
 // lane] = x[c] | x[c + 1] << 16 (zeros past np and past C), and their pooled sums added to
@@ -139,7 +132,7 @@ BAM_INLINE void pool_rows(const Bf16* xt, int64_t C, int64_t np, float* part) {
 // channels_last: acc[i][v] += pair c2 of pixel i (xw + i * C2 + c2, broadcast) . weight pairs
 // w[c2][vector v], over the C2 input pairs; cl_block's loop with bf16 pairs.
 template <int kCv, int kPx>
-BAM_INLINE void dot_block(const uint32_t* xw, int64_t C2, const uint32_t* w, V (&acc)[kPx][kCv]) {
+BAM_INLINE void dot_block(const PairWord* xw, int64_t C2, const uint32_t* w, V (&acc)[kPx][kCv]) {
   constexpr int kCoCl = kCv * kL;
   V a[kPx][kCv];  // a local copy whose address is never taken: GCC then keeps it in registers
 #pragma GCC unroll 32
@@ -183,7 +176,7 @@ void pass_cl(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end)
         for (int64_t i = 0; i < np; ++i) std::memcpy(buf.data() + i * C2, rows + i * C, C * sizeof(Bf16));
         xt = buf.data();
       }
-      const auto* xw = static_cast<const uint32_t*>(xt);
+      const auto* xw = static_cast<const PairWord*>(xt);
       for (int64_t cob = 0; cob < cob_n; ++cob) {
         V acc[kPx][kCv] = {};
         dot_block<kCv, kPx>(xw, C2, j.w_pairs + cob * C2 * kCoCl, acc);
