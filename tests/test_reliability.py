@@ -302,3 +302,31 @@ def test_cpu_gate_same_bits_for_any_thread_count():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_sixty_four_bit_indexing_cpu_pass(layout):
+    """The CPU pass over x (bf16 products where the CPU has them) on 2^31 + elements (4.4 GB in
+    bf16): pooled means and map values far into x land where they should."""
+    from helpers import bf16_products
+
+    from bam_fused.ops.branches import load_op
+
+    n, c, h, w = 1, 34, 8192, 7800
+    assert n * c * h * w > 2**31
+    if layout == "nchw":
+        x = torch.empty(n, c, h, w, dtype=torch.bfloat16)
+    else:
+        x = torch.empty(n, h, w, c, dtype=torch.bfloat16).permute(0, 3, 1, 2)
+    x.normal_()
+    wr, br, wf, bf = torch.randn(2, c) / c**0.5, torch.randn(2), torch.randn(2), torch.randn(1)
+    pooled, spatial = load_op()(x, wr, br, [], [], 4, wf, bf)
+    for ci in (0, 17, 33):
+        want = x[0, ci].double().mean()
+        assert abs(float(pooled[0, ci]) - float(want)) < 1e-5
+    w64 = (wr.bfloat16() if bf16_products(x.dtype) else wr).double()
+    for hi, wi in ((0, 0), (8191, 7799), (4095, 123), (8000, 7000)):
+        y = torch.relu(w64 @ x[0, :, hi, wi].double() + br.double())
+        want = float(y @ wf.double() + bf.double())
+        assert abs(float(spatial[0, hi, wi]) - want) < 1e-4 * max(1.0, abs(want))
