@@ -59,7 +59,7 @@ def _cpu_spatial_status(unavailable: str | None, setting: str | None) -> dict[st
     if setting not in ("auto", "kernel"):
         return {"active": False, "reason": str(setting)}
     note = (
-        "at 16 and 32 reduced channels in fp32, oneDNN's otherwise (bf16 ones for bf16 x on avx512_bf16)"
+        "at 16 and 32 reduced channels, oneDNN's otherwise; in bf16 for bf16 x on avx512_bf16"
         if setting == "auto"
         else "BAM_FUSED_CPU_SPATIAL=kernel"
     )

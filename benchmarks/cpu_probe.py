@@ -9,7 +9,8 @@ per-round ratios, which drifts less than either time.
 
 Eval mode, N = 8 at the ResNet-50 BAM shapes unless --shape says otherwise; fp32 unless --dtype
 says otherwise (bf16: the module and x in bf16, as the bench's bf16 rows). In bf16 the stages'
-convs run on fp32 y as attention_tail does (fp32), not as the module does under avx512_bf16.
+convs run in fp32 (attention_tail takes fp32 y), not in bf16 as the module's do under
+avx512_bf16.
 """
 
 from __future__ import annotations

@@ -38,12 +38,14 @@ namespace {
 // 0.65 vs 0.68 (N = 1: 0.11 vs 0.14); Cr = 32, 28x28 0.48 vs 0.53 (N = 1: 0.099 vs 0.126); but
 // Cr = 64, 14x14 0.44 vs 0.42, Cr = 128 1.78 vs 1.42, Cr = 8, 56x56 0.67 vs 0.46.
 std::string cpu_spatial_choice() { return env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"}); }
-// bf16 (cpu_bf16_products): auto leaves the convs to oneDNN's bf16 ones at every Cr (one rounding
-// scheme for bf16 x). Whole bf16 BAM eval, paired A/B, ours -> oneDNN's bf16: 0.99x at Cr 16
-// (56x56), 1.09x at Cr 32 (28x28); standalone convs 0.51 vs 0.65 and 0.44 vs 0.48 ms.
+// bf16 (cpu_bf16_products): the convs round as oneDNN's bf16 ones do, in our bf16 kernel (it
+// has Cr 16, 32, 64, 128) or oneDNN's. Auto picks ours at 16 and 32 there too: whole bf16 BAM
+// eval, paired A/B, oneDNN's -> ours: 1.17x / 1.11x at Cr 16 / 32 (N = 8, 56x56 / 28x28), 1.17x /
+// 1.20x at N = 1; Cr 64 (14x14) 1.04x at N = 8 but 0.92x at N = 1.
 bool cpu_spatial_kernel(int64_t Cr, bool bf16) {
   const std::string v = cpu_spatial_choice();
-  return v == "auto" ? !bf16 && (Cr == 16 || Cr == 32) : v == "kernel";
+  if (v == "auto") return Cr == 16 || Cr == 32;
+  return v == "kernel" && (!bf16 || cpu_bf16_spatial_kernel(Cr));
 }
 
 // Checks of the spatial branch's weights after the reduce conv (Cr reduced channels).
@@ -84,7 +86,7 @@ bool spatial_kernel(at::Device device, int64_t Cr, at::TensorList w_dilated) {
 // The spatial branch after the reduce conv: dilated convs (bias, ReLU) and the final 1x1 conv
 // on y = relu(reduce conv) (N, Cr, H, W) fp32, giving the spatial map (N, H, W). bf16: the CPU
 // dilated convs in bf16, as a bf16 model's (y, weights and biases rounded to bf16, fp32 sums,
-// bf16 outputs; oneDNN's), unless BAM_FUSED_CPU_SPATIAL=kernel asks for ours (fp32).
+// bf16 outputs), ours or oneDNN's; the final conv in fp32.
 at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList b_dilated, int64_t dilation,
                           const at::Tensor& w_final, const at::Tensor& b_final, bool bf16 = false) {
   const int64_t Cr = y.size(1);
@@ -93,7 +95,7 @@ at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList
     return spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
 #endif
   if (y.is_cpu() && !w_dilated.empty() && cpu_spatial_kernel(Cr, bf16))
-    return spatial_convs_cpu(y, w_dilated, b_dilated, dilation, w_final, b_final);
+    return spatial_convs_cpu(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16);
   // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
   const auto compute = [&](const at::Tensor& t) { return bf16 ? t.to(at::kBFloat16) : t; };
   if (!w_dilated.empty()) y = compute(y);

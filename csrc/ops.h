@@ -21,9 +21,14 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
                                                             const at::Tensor& dmean, const at::Tensor& w,
                                                             const std::optional<at::Tensor>& dx);
 // The dilated 3x3 convs (bias, ReLU) on y (N, Cr, H, W) fp32 and the final 1x1 conv: (N, H, W),
-// in the CPU's vector code (at least one dilated conv).
+// in the CPU's vector code (at least one dilated conv). bf16 (cpu_bf16_spatial_kernel(Cr) and
+// avx512_bf16 only): y, weights, biases and conv outputs rounded to bf16, as oneDNN's bf16
+// convs round them; the final conv in fp32.
 at::Tensor spatial_convs_cpu(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
-                             int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final);
+                             int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final,
+                             bool bf16 = false);
+// Whether spatial_convs_cpu has a bf16 kernel for Cr reduced channels.
+bool cpu_bf16_spatial_kernel(int64_t Cr);
 // The instruction set the CPU pass over x uses now (BAM_FUSED_CPU_ISA, else the widest).
 std::string cpu_isa();
 // Whether the CPU branches on x compute in bf16 as a bf16 model does (bf16 x on avx512_bf16):

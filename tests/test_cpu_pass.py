@@ -129,7 +129,7 @@ def test_info_shows_the_instruction_set(monkeypatch):
     assert _ext.build_info()["cpu_isa"] == "generic"
 
 
-def emulate_bf16_model(x, wr, br, dw, db, dilation, wf, bf, bf16_convs: bool) -> torch.Tensor:
+def emulate_bf16_model(x, wr, br, dw, db, dilation, wf, bf, bf16_convs: bool = True) -> torch.Tensor:
     """float64 spatial map with the avx512_bf16 rounding points: the reduce weights in bf16, y in
     fp32, then (bf16_convs) y, the dilated weights, biases and outputs in bf16; the final conv
     on them exactly."""
@@ -144,17 +144,20 @@ def emulate_bf16_model(x, wr, br, dw, db, dilation, wf, bf, bf16_convs: bool) ->
     return torch.einsum("nohw,o->nhw", r(y), wf.double()) + bf.double()
 
 
-# (N, C, H, W, Cr, dilation, convs): Cr of oneDNN's and of our kernel's compiled sizes, 1-3 convs.
-BF16_CASES = [(2, 64, 7, 9, 4, 1, 2), (2, 256, 13, 15, 16, 2, 2), (1, 512, 9, 13, 32, 4, 3), (2, 96, 14, 14, 64, 4, 1)]
+# (N, C, H, W, Cr, dilation, convs): Cr of oneDNN's (4, 24) and of our bf16 kernel (16, 32, 64,
+# 128), 1-3 convs, dilation past the map (16 on 9x13).
+BF16_CASES = [(2, 64, 7, 9, 4, 1, 2), (2, 256, 13, 15, 16, 2, 2), (1, 512, 9, 13, 32, 4, 3), (2, 96, 14, 14, 64, 4, 1),
+              (1, 256, 5, 11, 128, 2, 2), (2, 48, 9, 13, 24, 16, 2), (0, 256, 7, 7, 16, 4, 2)]  # fmt: skip
 
 
 @pytest.mark.parametrize("n,c,h,w,cr,dilation,convs", BF16_CASES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("spatial", ["auto", "library", "kernel"])
 def test_bf16_branches_round_where_a_bf16_model_does(monkeypatch, n, c, h, w, cr, dilation, convs, layout, spatial):
-    """bf16 x on avx512_bf16: oneDNN's bf16 dilated convs (auto, library), or our fp32 kernel
-    (kernel), after the bf16-product pass. The emulation of the chosen rounding points matches to
-    fp32 rounding; the other one is 1e-3 away, so this tells them apart."""
+    """bf16 x on avx512_bf16: the bf16-product pass, then the dilated convs rounding as oneDNN's
+    bf16 convs do, by our bf16 kernel (auto, kernel: at 16-128 reduced channels) or oneDNN's.
+    All match the float64 emulation of those rounding points to fp32 rounding; fp32 convs would
+    be 1e-3 away."""
     isa_env(monkeypatch, "avx512_bf16")
     monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", spatial)
     g = torch.Generator().manual_seed(c + cr)
@@ -164,6 +167,9 @@ def test_bf16_branches_round_where_a_bf16_model_does(monkeypatch, n, c, h, w, cr
     db = [torch.randn(cr, generator=g) * 0.1 for _ in range(convs)]
     wf, bf = torch.randn(cr, generator=g) / cr**0.5, torch.randn(1, generator=g)
     _, spatial_map = load_op()(x, wr, br, dw, db, dilation, wf, bf)
-    want = emulate_bf16_model(x, wr, br, dw, db, dilation, wf, bf, bf16_convs=spatial != "kernel")
-    scale = float(want.abs().max())
+    want = emulate_bf16_model(x, wr, br, dw, db, dilation, wf, bf)
+    scale = float(want.abs().max()) if want.numel() else 1.0
     torch.testing.assert_close(spatial_map.double(), want, rtol=0, atol=1e-5 * scale)
+    if want.numel():  # the fp32-conv scheme is far outside that tolerance: the test tells them apart
+        fp32_convs = emulate_bf16_model(x, wr, br, dw, db, dilation, wf, bf, bf16_convs=False)
+        assert (fp32_convs - want).abs().max() > 1e-4 * scale

@@ -1,13 +1,14 @@
-// The CPU pass over bf16 x (conv1x1_pool.h) with AVX512-BF16 dot products: vdpbf16ps adds two
-// bf16 products per fp32 lane, twice the multiply-adds of an fp32 FMA per instruction (2-core
-// AVX-512 VM: 481 against 237 GFLOP/s per core). The weights are rounded to bf16 (nearest even),
-// as a bf16 model's own conv weights are; each product is exact in fp32, the sums are fp32 (in
-// the instruction's order: odd channel, then even; denormals read and written as zero).
-// The pooled sums read x exactly, in the order of the avx512 pass: the same bits.
+// The CPU pass over bf16 x (conv1x1_pool.h) and the bf16 dilated convs (dilated_conv.h) with
+// AVX512-BF16 dot products: vdpbf16ps adds two bf16 products per fp32 lane, twice the
+// multiply-adds of an fp32 FMA per instruction (2-core AVX-512 VM: 481 against 237 GFLOP/s per
+// core). Weights are rounded to bf16 (nearest even), as a bf16 model's own are; each product is
+// exact in fp32, the sums are fp32 (in the instruction's order: odd channel, then even;
+// denormals read and written as zero). The pass's pooled sums read x exactly, in the order of
+// the avx512 pass: the same bits.
 //
-// Input channels go in pairs (c, c + 1), as the instruction takes them: channels_last x holds a
-// pair in one 32-bit word (one broadcast per pixel); NCHW tiles are interleaved into pairs once
-// per tile, and the pairs then serve every block of output channels.
+// Input channels go in pairs (c, c + 1), as the instruction takes them: channels_last x and y
+// hold a pair in one 32-bit word (one broadcast per pixel); NCHW tiles are interleaved into
+// pairs once per tile, and the pairs then serve every block of output channels.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -30,13 +31,12 @@
 
 #include "avx512_traits.h"  // the blocking the launcher packs the weights for
 #include "conv1x1_pool.h"
+#include "dilated_conv.h"
 
 namespace bam_fused {
 namespace {
 
 using V = Avx512::V;
-// Reads of x's bf16 storage as 32-bit channel pairs.
-typedef uint32_t PairWord __attribute__((may_alias));
 constexpr int kL = 16, kCo = Avx512::kCo;
 
 // acc += pairs . weights, lane by lane (two bf16 products per fp32 lane).
@@ -129,30 +129,49 @@ BAM_INLINE void pool_rows(const Bf16* xt, int64_t C, int64_t np, float* part) {
     for (int64_t i = 0; i < np; ++i) part[c] += ld(xt + i * C + c);
 }
 
-// channels_last: acc[i][v] += pair c2 of pixel i (xw + i * C2 + c2, broadcast) . weight pairs
-// w[c2][vector v], over the C2 input pairs; cl_block's loop with bf16 pairs.
-template <int kCv, int kPx>
-BAM_INLINE void dot_block(const PairWord* xw, int64_t C2, const uint32_t* w, V (&acc)[kPx][kCv]) {
-  constexpr int kCoCl = kCv * kL;
-  V a[kPx][kCv];  // a local copy whose address is never taken: GCC then keeps it in registers
+// bf16 channel pairs: y's units and the packed weights are 32-bit words holding channels
+// (c, c + 1) (c in the low half). The product of the channels_last pass and, as the policy of
+// dilated_conv.h, of the bf16 dilated convs (outputs rounded to bf16 as oneDNN's bf16 convs
+// round them).
+struct Bf16Conv {
+  using Unit = uint32_t;
+  static constexpr int64_t units(int64_t Cr) { return Cr / 2; }
+  // acc[i][v] += in(i, c2) (broadcast) . w[c2][vector v], over the input pairs: cl_block's loop.
+  template <int kCv, int kPx, typename In>
+  static BAM_INLINE void block(In&& in, const uint32_t* w, int64_t pairs, V (&acc)[kPx][kCv]) {
+    constexpr int kCoCl = kCv * kL;
+    V a[kPx][kCv];  // a local copy whose address is never taken: GCC then keeps it in registers
 #pragma GCC unroll 32
-  for (int i = 0; i < kPx; ++i)
-    for (int v = 0; v < kCv; ++v) a[i][v] = acc[i][v];
-  for (int64_t c2 = 0; c2 < C2; ++c2) {
-    __m512i wv[kCv];
+    for (int i = 0; i < kPx; ++i)
+      for (int v = 0; v < kCv; ++v) a[i][v] = acc[i][v];
+    for (int64_t c2 = 0; c2 < pairs; ++c2) {
+      __m512i wv[kCv];
 #pragma GCC unroll 4
-    for (int v = 0; v < kCv; ++v) wv[v] = _mm512_loadu_si512(w + c2 * kCoCl + v * kL);
+      for (int v = 0; v < kCv; ++v) wv[v] = _mm512_loadu_si512(w + c2 * kCoCl + v * kL);
 #pragma GCC unroll 32
-    for (int i = 0; i < kPx; ++i) {
-      const __m512i xb = _mm512_set1_epi32(static_cast<int>(xw[i * C2 + c2]));
+      for (int i = 0; i < kPx; ++i) {
+        const __m512i xb = _mm512_set1_epi32(static_cast<int>(in(i, c2)));
 #pragma GCC unroll 4
-      for (int v = 0; v < kCv; ++v) a[i][v] = dot2(a[i][v], xb, wv[v]);
+        for (int v = 0; v < kCv; ++v) a[i][v] = dot2(a[i][v], xb, wv[v]);
+      }
+    }
+#pragma GCC unroll 32
+    for (int i = 0; i < kPx; ++i)
+      for (int v = 0; v < kCv; ++v) acc[i][v] = a[i][v];
+  }
+  // r rounded to bf16 (nearest even; denormals to zero), back in fp32.
+  static BAM_INLINE V round(V r) { return as_fp32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)r))); }
+  // nco bf16 outputs from r (already rounded) at element `at` of out.
+  template <int kCv>
+  static BAM_INLINE void store(void* out, int64_t at, const V (&r)[kCv], int64_t nco) {
+    Bf16* o = static_cast<Bf16*>(out) + at;
+    for (int v = 0; v < kCv; ++v) {
+      const int64_t n = std::clamp<int64_t>(nco - v * kL, 0, kL);
+      _mm256_mask_storeu_epi16(o + v * kL, static_cast<__mmask16>((1u << n) - 1u),
+                               (__m256i)_mm512_cvtneps_pbh((__m512)r[v]));
     }
   }
-#pragma GCC unroll 32
-  for (int i = 0; i < kPx; ++i)
-    for (int v = 0; v < kCv; ++v) acc[i][v] = a[i][v];
-}
+};
 
 // channels_last, kCv output vectors per block: kPx pixels x kCv vectors of accumulators.
 template <int kCv>
@@ -176,10 +195,11 @@ void pass_cl(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end)
         for (int64_t i = 0; i < np; ++i) std::memcpy(buf.data() + i * C2, rows + i * C, C * sizeof(Bf16));
         xt = buf.data();
       }
-      const auto* xw = static_cast<const PairWord*>(xt);
+      const auto* xw = static_cast<const uint32_t*>(xt);
       for (int64_t cob = 0; cob < cob_n; ++cob) {
         V acc[kPx][kCv] = {};
-        dot_block<kCv, kPx>(xw, C2, j.w_pairs + cob * C2 * kCoCl, acc);
+        Bf16Conv::block<kCv, kPx>([&](int i, int64_t c2) { return xw[i * C2 + c2]; }, j.w_pairs + cob * C2 * kCoCl,
+                                  C2, acc);
         store_cl_block<Avx512, kCv, kPx>(j, acc, cob, p, np, y);
       }
     }
@@ -197,6 +217,10 @@ void conv1x1_pool_cl_avx512bf16(const Conv1x1PoolJob& j, const Bf16* x, int64_t 
   if (j.cl_vectors == 4) return pass_cl<4>(j, x, begin, end);
   if (j.cl_vectors == 2) return pass_cl<2>(j, x, begin, end);
   pass_cl<1>(j, x, begin, end);
+}
+
+void dilated_conv_avx512bf16(const DilatedConvJob& j, int64_t begin, int64_t end) {
+  dilated_conv_any<Avx512, Bf16Conv, true>(j, begin, end);
 }
 
 }  // namespace bam_fused

@@ -12,6 +12,11 @@
 // skipped. Every output is one fixed-order sum over (tap, input channel): results do not
 // depend on the thread count.
 //
+// The arithmetic comes from a policy P: FloatConv below (fp32 y, weights and outputs), or the
+// bf16 one of conv1x1_pool_avx512bf16.cpp (y, weights and outputs in bf16, channel pairs). P
+// gives the unit of y (a float, or a 32-bit pair of bf16), the block product, and how an
+// output vector is rounded and stored.
+//
 // Included by the per-instruction-set files after conv1x1_pool.h (K traits, cl_block).
 #pragma once
 
@@ -24,12 +29,14 @@
 
 namespace bam_fused {
 
+// y, weights and outputs are fp32 (FloatConv), or bf16 (the bf16 policy): in, w and out point
+// to P's types.
 struct DilatedConvJob {
   int64_t H, W, Cr, dilation, chunk_px, chunks;  // chunks = ceil(H * W / chunk_px) per sample
-  const float* in;       // (N, H, W, Cr)
-  const float* w;        // packed (9 taps, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs
+  const void* in;        // (N, H, W, Cr)
+  const void* w;         // packed (9 taps, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs
   const float* bias;     // (cob_n * kCo), zeros past Cr
-  float* out;            // (N, H, W, Cr): relu(conv + bias); nullptr: the final 1x1 conv instead
+  void* out;             // (N, H, W, Cr): relu(conv + bias); nullptr: the final 1x1 conv instead
   const float* w_final;  // (cob_n * kCo), zeros past Cr: spatial = w_final . relu(conv + bias) + b_final
   float b_final;
   float* spatial;        // (N, H, W) when out is nullptr
@@ -42,30 +49,43 @@ struct DilatedConvJob {
 BAM_DECLARE_DILATED_CONV(avx512)
 BAM_DECLARE_DILATED_CONV(avx2)
 BAM_DECLARE_DILATED_CONV(generic)
+// bf16 y, weights (channel pairs) and outputs, Cr of 16, 32, 64 or 128 (conv1x1_pool_avx512bf16.cpp).
+BAM_DECLARE_DILATED_CONV(avx512bf16)
 
 namespace {  // NOLINT: internal linkage on purpose (see conv1x1_pool.h)
 
-// dst[0, n) = src[0, n), in vectors: one pixel's Cr input channels.
+// The fp32 policy: y, weights and outputs are floats, one unit per channel.
 template <typename K>
-BAM_INLINE void copy_pixel(float* dst, const float* src, int64_t n) {
+struct FloatConv {
   using V = typename K::V;
-  constexpr int kL = kLanes<K>;
-  int64_t c = 0;
-  for (; c + kL <= n; c += kL) vstore<V>(dst + c, vload<V>(src + c));
-  for (; c < n; ++c) dst[c] = src[c];
-}
+  using Unit = float;  // of y and of the packed weights
+  static constexpr int64_t units(int64_t Cr) { return Cr; }
+  template <int kCv, int kPx, typename In>
+  static BAM_INLINE void block(In&& in, const Unit* w, int64_t units, V (&acc)[kPx][kCv]) {
+    cl_block<K, kCv, kPx>(in, w, units, acc);
+  }
+  static BAM_INLINE V round(V r) { return r; }  // outputs stay fp32
+  template <int kCv>
+  static BAM_INLINE void store(void* out, int64_t at, const V (&r)[kCv], int64_t nco) {
+    float o[kCv * kLanes<K>];
+    for (int v = 0; v < kCv; ++v) vstore<V>(o + v * kLanes<K>, r[v]);
+    std::memcpy(static_cast<float*>(out) + at, o, nco * sizeof(float));
+  }
+};
 
-// Pixels [p0, p1) of sample n. buf holds kPx * Cr floats. kCr: Cr as a constant (0: j.Cr),
-// so that the kPx pixels' inputs are constant offsets from one pointer (with a run-time Cr,
-// GCC kept a pointer per pixel and reloaded half of them from the stack: 0.84 against
-// 0.70 ms for oneDNN at Cr = 16, 56x56, N = 8, two convs).
-template <typename K, int kCv, int kCr>
-BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p0, int64_t p1, float* buf) {
+// Pixels [p0, p1) of sample n. buf holds kPx pixels of y's units. kCr: Cr as a constant (0:
+// j.Cr), so that the kPx pixels' inputs are constant offsets from one pointer (with a run-time
+// Cr, GCC kept a pointer per pixel and reloaded half of them from the stack: 0.84 against 0.70
+// ms for oneDNN at Cr = 16, 56x56, N = 8, two convs).
+template <typename K, typename P, int kCv, int kCr>
+BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p0, int64_t p1,
+                                   typename P::Unit* buf) {
   using V = typename K::V;
+  using Unit = typename P::Unit;
   constexpr int kL = kLanes<K>, kPx = K::kAcc / kCv, kCo = kCv * kL;
   const int64_t H = j.H, W = j.W, HW = H * W, Cr = kCr > 0 ? kCr : j.Cr, d = j.dilation;
-  const int64_t cob_n = (Cr + kCo - 1) / kCo;
-  const float* in = j.in + n * HW * Cr;
+  const int64_t U = P::units(Cr), cob_n = (Cr + kCo - 1) / kCo;  // y's units per pixel
+  const Unit* in = static_cast<const Unit*>(j.in) + n * HW * U;
   int64_t h = p0 / W, w = p0 % W;  // of the block's first pixel
   for (int64_t p = p0; p < p1; p += kPx) {
     const int64_t np = std::min<int64_t>(kPx, p1 - p);
@@ -78,29 +98,29 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
     float s[kPx] = {};
     for (int64_t cob = 0; cob < cob_n; ++cob) {
       V acc[kPx][kCv] = {};
-      const float* wcob = j.w + cob * Cr * kCo;
+      const Unit* wcob = static_cast<const Unit*>(j.w) + cob * U * kCo;
       for (int tap = 0; tap < 9; ++tap) {
         const int64_t dh = (tap / 3 - 1) * d, dw = (tap % 3 - 1) * d;
-        const float* wt = wcob + tap * cob_n * Cr * kCo;
+        const Unit* wt = wcob + tap * cob_n * U * kCo;
         int valid = 0;
         for (int i = 0; i < kPx; ++i)
           valid += ph[i] + dh >= 0 && ph[i] + dh < H && pw[i] + dw >= 0 && pw[i] + dw < W;
         if (valid == 0) continue;
         if (valid == kPx) {
           // Every pixel's input is the pixel dh rows and dw columns away: one shift of y.
-          const float* src = in + (p + dh * W + dw) * Cr;
-          cl_block<K, kCv, kPx>([&](int i, int64_t c) { return src[i * Cr + c]; }, wt, Cr, acc);
+          const Unit* src = in + (p + dh * W + dw) * U;
+          P::template block<kCv, kPx>([&](int i, int64_t c) { return src[i * U + c]; }, wt, U, acc);
           continue;
         }
         for (int i = 0; i < kPx; ++i) {  // some pixels read zero padding: stage the inputs
           const int64_t hh = ph[i] + dh, ww = pw[i] + dw;
           if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
-            copy_pixel<K>(buf + i * Cr, in + (hh * W + ww) * Cr, Cr);
+            std::memcpy(buf + i * U, in + (hh * W + ww) * U, U * sizeof(Unit));
           } else {
-            std::fill(buf + i * Cr, buf + (i + 1) * Cr, 0.f);
+            std::fill(buf + i * U, buf + (i + 1) * U, Unit{});
           }
         }
-        cl_block<K, kCv, kPx>([&](int i, int64_t c) { return buf[i * Cr + c]; }, wt, Cr, acc);
+        P::template block<kCv, kPx>([&](int i, int64_t c) { return buf[i * U + c]; }, wt, U, acc);
       }
       const int64_t co0 = cob * kCo, nco = std::min<int64_t>(kCo, Cr - co0);
       V b[kCv], wf[kCv];
@@ -112,12 +132,10 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
         V r[kCv];
         for (int v = 0; v < kCv; ++v) {
           const V t = acc[i][v] + b[v];
-          r[v] = t < 0 ? V{} : t;  // relu: NaN stays NaN, as in torch
+          r[v] = P::round(t < 0 ? V{} : t);  // relu: NaN stays NaN, as in torch
         }
         if (j.out != nullptr) {
-          float o[kCo];
-          for (int v = 0; v < kCv; ++v) vstore<V>(o + v * kL, r[v]);
-          std::memcpy(j.out + ((n * HW) + p + i) * Cr + co0, o, nco * sizeof(float));
+          P::template store<kCv>(j.out, ((n * HW) + p + i) * Cr + co0, r, nco);
         } else {
           V t = r[0] * wf[0];
           for (int v = 1; v < kCv; ++v) t += r[v] * wf[v];
@@ -132,29 +150,32 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
   }
 }
 
-template <typename K, int kCv, int kCr = 0>
+template <typename K, typename P, int kCv, int kCr = 0>
 BAM_INLINE void dilated_conv_tasks(const DilatedConvJob& j, int64_t begin, int64_t end) {
   constexpr int kPx = K::kAcc / kCv;
-  std::vector<float> buf(kPx * j.Cr);
+  std::vector<typename P::Unit> buf(kPx * P::units(j.Cr));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / j.chunks, p0 = task % j.chunks * j.chunk_px;
-    dilated_conv_chunk<K, kCv, kCr>(j, n, p0, std::min(j.H * j.W, p0 + j.chunk_px), buf.data());
+    dilated_conv_chunk<K, P, kCv, kCr>(j, n, p0, std::min(j.H * j.W, p0 + j.chunk_px), buf.data());
   }
 }
 
-// Cr as a constant for BAM's usual reduced channels (C / 16 or C / 8 of ResNet's 256-1024).
-template <typename K>
+// Cr as a constant for BAM's usual reduced channels (C / 16 or C / 8 of ResNet's 256-1024);
+// with kConstantOnly (the bf16 policy) the others are not instantiated.
+template <typename K, typename P = FloatConv<K>, bool kConstantOnly = false>
 BAM_INLINE void dilated_conv_any(const DilatedConvJob& j, int64_t b, int64_t e) {
   switch (j.Cr) {
-    case 16: return dilated_conv_tasks<K, cl_vectors_for(16, kLanes<K>), 16>(j, b, e);
-    case 32: return dilated_conv_tasks<K, cl_vectors_for(32, kLanes<K>), 32>(j, b, e);
-    case 64: return dilated_conv_tasks<K, cl_vectors_for(64, kLanes<K>), 64>(j, b, e);
-    case 128: return dilated_conv_tasks<K, cl_vectors_for(128, kLanes<K>), 128>(j, b, e);
+    case 16: return dilated_conv_tasks<K, P, cl_vectors_for(16, kLanes<K>), 16>(j, b, e);
+    case 32: return dilated_conv_tasks<K, P, cl_vectors_for(32, kLanes<K>), 32>(j, b, e);
+    case 64: return dilated_conv_tasks<K, P, cl_vectors_for(64, kLanes<K>), 64>(j, b, e);
+    case 128: return dilated_conv_tasks<K, P, cl_vectors_for(128, kLanes<K>), 128>(j, b, e);
     default: break;
   }
-  if (j.cl_vectors == 4) return dilated_conv_tasks<K, 4>(j, b, e);
-  if (j.cl_vectors == 2) return dilated_conv_tasks<K, 2>(j, b, e);
-  dilated_conv_tasks<K, 1>(j, b, e);
+  if constexpr (!kConstantOnly) {
+    if (j.cl_vectors == 4) return dilated_conv_tasks<K, P, 4>(j, b, e);
+    if (j.cl_vectors == 2) return dilated_conv_tasks<K, P, 2>(j, b, e);
+    dilated_conv_tasks<K, P, 1>(j, b, e);
+  }
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // CPU launcher of the spatial branch after the pass over x (dilated_conv.h): each dilated 3x3
-// conv (bias, ReLU) in our vector code, the final 1x1 conv in the last one's epilogue.
+// conv (bias, ReLU) in our vector code, the final 1x1 conv in the last one's epilogue; in fp32,
+// or in bf16 (conv1x1_pool_avx512bf16.cpp) after the pass's bf16 products.
 // Against oneDNN's NHWC convs plus a matrix-vector product for the final conv, it skips
 // oneDNN's per-call setup and the last conv's output in memory.
 #include <ATen/ATen.h>
@@ -8,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../check.h"
 #include "../ops.h"
 #include "dilated_conv.h"
 #include "isa.h"
@@ -15,21 +17,34 @@
 namespace bam_fused {
 namespace {
 
-void dilated_conv(Isa isa, const DilatedConvJob& j, int64_t begin, int64_t end) {
+void dilated_conv(Isa isa, bool bf16, const DilatedConvJob& j, int64_t begin, int64_t end) {
 #if BAM_X86
+  if (bf16) return dilated_conv_avx512bf16(j, begin, end);
   if (avx512_vectors(isa)) return dilated_conv_avx512(j, begin, end);
   if (isa == Isa::kAvx2) return dilated_conv_avx2(j, begin, end);
 #endif
   dilated_conv_generic(j, begin, end);
 }
 
-// (Cr, Cr, 3, 3) -> (9 taps, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs.
+// (Cr, Cr, 3, 3) -> (3, 3 taps, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs.
 at::Tensor pack_dilated(const at::Tensor& w, int64_t kCo) {
   const int64_t Cr = w.size(0), cob_n = (Cr + kCo - 1) / kCo;
   auto padded = at::zeros({cob_n * kCo, Cr, 3, 3}, w.options());
   padded.narrow(0, 0, Cr).copy_(w);
   // (cob, o, i, kh, kw) -> (kh, kw, cob, i, o)
   return padded.view({cob_n, kCo, Cr, 3, 3}).permute({3, 4, 0, 2, 1}).contiguous();
+}
+
+// pack_dilated's (3, 3, cob_n, Cr, kCo) in bf16 channel pairs: (3, 3, cob_n, Cr / 2, kCo) words
+// holding inputs (2 c2, 2 c2 + 1), the even one in the low half (Cr even).
+at::Tensor pair_inputs(const at::Tensor& packed) {
+  const int64_t cob_n = packed.size(2), Cr = packed.size(3), kCo = packed.size(4);
+  return packed.view({3, 3, cob_n, Cr / 2, 2, kCo})
+      .transpose(4, 5)
+      .to(at::kBFloat16)
+      .contiguous()
+      .view(at::kInt)
+      .view({3, 3, cob_n, Cr / 2, kCo});
 }
 
 // v (Cr elements) zero-padded to n.
@@ -41,10 +56,14 @@ at::Tensor padded(const at::Tensor& v, int64_t n) {
 
 }  // namespace
 
+bool cpu_bf16_spatial_kernel(int64_t Cr) { return Cr == 16 || Cr == 32 || Cr == 64 || Cr == 128; }
+
 at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, at::TensorList b_dilated,
-                             int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final) {
-  at::Tensor y = y_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t N = y.size(0), Cr = y.size(1), H = y.size(2), W = y.size(3);
+                             int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final, bool bf16) {
+  const int64_t N = y_in.size(0), Cr = y_in.size(1), H = y_in.size(2), W = y_in.size(3);
+  BAM_CHECK(!bf16 || cpu_bf16_spatial_kernel(Cr), "bam_fused: no bf16 dilated-conv kernel for ", Cr, " channels");
+  // bf16: y, the weights and biases rounded to bf16 as oneDNN's bf16 convs round them.
+  at::Tensor y = y_in.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const Isa isa = chosen_isa();
   const int64_t lanes = blocking(isa).second, cl_vectors = cl_vectors_for(Cr, lanes);
   const int64_t kCo = cl_vectors * lanes, cob_n = (Cr + kCo - 1) / kCo;
@@ -52,17 +71,20 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
   // Dilations past the map reach only padding: any such dilation gives the same result.
   const int64_t d = std::min(dilation, std::max(H, W));
   const at::Tensor wf = padded(w_final, cob_n * kCo);
-  auto spatial = at::empty({N, H, W}, y.options().memory_format(at::MemoryFormat::Contiguous));
+  auto spatial = at::empty({N, H, W}, y.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   if (spatial.numel() == 0) return spatial;  // no pixels (the kernels divide by W)
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const bool last = i + 1 == w_dilated.size();
-    const at::Tensor wp = pack_dilated(w_dilated[i], kCo), bp = padded(b_dilated[i], cob_n * kCo);
+    const at::Tensor packed = pack_dilated(w_dilated[i], kCo);
+    const at::Tensor wp = bf16 ? pair_inputs(packed) : packed;
+    const at::Tensor bp = bf16 ? padded(b_dilated[i].to(at::kBFloat16).to(at::kFloat), cob_n * kCo)
+                               : padded(b_dilated[i], cob_n * kCo);
     at::Tensor out = last ? at::Tensor() : at::empty_like(y);
-    const DilatedConvJob j{H, W, Cr, d, chunk_px, chunks, y.const_data_ptr<float>(), wp.const_data_ptr<float>(),
-                           bp.const_data_ptr<float>(), last ? nullptr : out.mutable_data_ptr<float>(),
+    const DilatedConvJob j{H, W, Cr, d, chunk_px, chunks, y.const_data_ptr(), wp.const_data_ptr(),
+                           bp.const_data_ptr<float>(), last ? nullptr : out.mutable_data_ptr(),
                            wf.const_data_ptr<float>(), b_final.item<float>(),
                            last ? spatial.mutable_data_ptr<float>() : nullptr, static_cast<int>(cl_vectors)};
-    at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) { dilated_conv(isa, j, begin, end); });
+    at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) { dilated_conv(isa, bf16, j, begin, end); });
     if (!last) y = out;
   }
   return spatial;
