@@ -159,6 +159,7 @@ struct Bf16Conv {
     for (int i = 0; i < kPx; ++i)
       for (int v = 0; v < kCv; ++v) acc[i][v] = a[i][v];
   }
+  static BAM_INLINE void copy(Unit* dst, const Unit* src, int64_t n) { std::memcpy(dst, src, n * sizeof(Unit)); }
   // r rounded to bf16 (nearest even; denormals to zero), back in fp32.
   static BAM_INLINE V round(V r) { return as_fp32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)r))); }
   // nco bf16 outputs from r (already rounded) at element `at` of out.

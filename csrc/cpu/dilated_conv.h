@@ -64,6 +64,13 @@ struct FloatConv {
   static BAM_INLINE void block(In&& in, const Unit* w, int64_t units, V (&acc)[kPx][kCv]) {
     cl_block<K, kCv, kPx>(in, w, units, acc);
   }
+  // dst[0, n) = src[0, n), in vectors: one pixel's input channels.
+  static BAM_INLINE void copy(Unit* dst, const Unit* src, int64_t n) {
+    constexpr int kL = kLanes<K>;
+    int64_t c = 0;
+    for (; c + kL <= n; c += kL) vstore<V>(dst + c, vload<V>(src + c));
+    for (; c < n; ++c) dst[c] = src[c];
+  }
   static BAM_INLINE V round(V r) { return r; }  // outputs stay fp32
   template <int kCv>
   static BAM_INLINE void store(void* out, int64_t at, const V (&r)[kCv], int64_t nco) {
@@ -115,7 +122,7 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
         for (int i = 0; i < kPx; ++i) {  // some pixels read zero padding: stage the inputs
           const int64_t hh = ph[i] + dh, ww = pw[i] + dw;
           if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
-            std::memcpy(buf + i * U, in + (hh * W + ww) * U, U * sizeof(Unit));
+            P::copy(buf + i * U, in + (hh * W + ww) * U, U);
           } else {
             std::fill(buf + i * U, buf + (i + 1) * U, Unit{});
           }
