@@ -34,7 +34,7 @@ namespace bam_fused {
 struct DilatedConvJob {
   int64_t H, W, Cr, dilation, chunk_px, chunks;  // chunks = ceil(H * W / chunk_px) per sample
   const void* in;        // (N, H, W, Cr)
-  const void* w;         // packed (9 taps, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs
+  const void* w;         // packed (9 taps, cob_n, Cr inputs (bf16: Cr / 2 pairs), kCo outputs), zeros past Cr
   const float* bias;     // (cob_n * kCo), zeros past Cr
   void* out;             // (N, H, W, Cr): relu(conv + bias); nullptr: the final 1x1 conv instead
   const float* w_final;  // (cob_n * kCo), zeros past Cr: spatial = w_final . relu(conv + bias) + b_final
