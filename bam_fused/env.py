@@ -13,7 +13,7 @@
 |                             |         | (Triton pass, convs, MLP; tensor cores, 3xTF32, Cr <= 64), or |
 |                             |         | auto (GPU time of each on the first call per shape, fastest)  |
 | BAM_FUSED_CPU_ISA           | auto    | CPU pass over x, its backward, our dilated convs:             |
-|                             |         | avx512_bf16 (avx512 + bf16 products for bf16 x), avx512,      |
+|                             |         | avx512_bf16 (avx512 + bf16 branches for bf16 x), avx512,      |
 |                             |         | avx2, generic, or auto (the widest the CPU has); read by the  |
 |                             |         | extension                                                     |
 | BAM_FUSED_CPU_SPATIAL       | auto    | CPU dilated convs + final 1x1 conv: kernel (ours), library    |
