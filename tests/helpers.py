@@ -20,8 +20,9 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def bf16_products(dtype: torch.dtype, isa: str | None = None) -> bool:
-    """Whether the CPU pass over x multiplies in bf16 (weights rounded to bf16): bf16 x under the
-    avx512_bf16 instruction set (isa, or what BAM_FUSED_CPU_ISA picks now)."""
+    """Whether the CPU branches compute in bf16 (README, "bf16 on the CPU": the pass's products
+    with weights rounded to bf16, then bf16 dilated convs): bf16 x under the avx512_bf16
+    instruction set (isa, or what BAM_FUSED_CPU_ISA picks now)."""
     if isa is None:
         from bam_fused import _ext
 
