@@ -173,3 +173,22 @@ def test_bf16_branches_round_where_a_bf16_model_does(monkeypatch, n, c, h, w, cr
     if want.numel():  # the fp32-conv scheme is far outside that tolerance: the test tells them apart
         fp32_convs = emulate_bf16_model(x, wr, br, dw, db, dilation, wf, bf, bf16_convs=False)
         assert (fp32_convs - want).abs().max() > 1e-4 * scale
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bf16_dilated_conv_nan_reaches_exactly_the_dilated_neighbours(monkeypatch, layout):
+    """One NaN pixel of bf16 x: y is NaN there only (ReLU keeps NaN), and after our bf16 dilated
+    conv (Cr 16) the map is NaN exactly one dilation step around it, so a wrong tap, padding or
+    rounding of NaN shows."""
+    isa_env(monkeypatch, "avx512_bf16")
+    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "kernel")
+    x = torch.rand(1, 48, 11, 13)
+    x[0, :, 5, 6] = float("nan")
+    x = make_layout(x.bfloat16(), layout)
+    g = torch.Generator().manual_seed(3)
+    wr, br = torch.randn(16, 48, generator=g), torch.randn(16, generator=g)
+    dw, db = [torch.randn(16, 16, 3, 3, generator=g)], [torch.randn(16, generator=g)]
+    _, spatial = load_op()(x, wr, br, dw, db, 3, torch.randn(16, generator=g), torch.randn(1, generator=g))
+    want = torch.zeros(11, 13, dtype=torch.bool)
+    want[2:9:3, 3:10:3] = True
+    assert torch.equal(torch.isnan(spatial[0]), want)
