@@ -294,3 +294,31 @@ def test_reduce_pool_ops_opcheck(layout):
     torch.library.opcheck(fwd.default, (x, w, b, False))
     torch.library.opcheck(bwd.default, (x, dy, dmean, w, make_layout(torch.randn(2, 12, 5, 7), layout)))
     torch.library.opcheck(bwd.default, (x, dy, dmean, w, None))
+
+
+@pytest.mark.parametrize("n,c,h,w,cr", SHAPES)
+def test_bf16_weight_gradient_is_exact_in_bf16_products(monkeypatch, n, c, h, w, cr):
+    """NCHW bf16 x and bf16-representable dy (what a bf16 model's backward brings): avx512_bf16
+    computes dW with bf16 products, which are exact, so dW matches float64 as the fp32 path does
+    and db keeps the fp32 path's bits. dy that bf16 cannot hold takes the fp32 path: the same
+    bits as avx512."""
+    isa_env(monkeypatch, "avx512_bf16")
+    _, bwd = ops()
+    g = torch.Generator().manual_seed(n * 100 + c)
+    x = torch.randn(n, c, h, w, generator=g).bfloat16()
+    dy = torch.randn(n, cr, h, w, generator=g).bfloat16().float()
+    dmean, wr = torch.randn(n, c, generator=g), torch.randn(cr, c, generator=g)
+    dw, db = bwd(x, dy, dmean, wr, None)
+    dw_want = torch.einsum("nrhw,nchw->rc", dy.double(), x.double())
+    scale = max(1.0, float(dw_want.abs().max())) if dw_want.numel() else 1.0
+    torch.testing.assert_close(dw.double(), dw_want, rtol=1e-5, atol=1e-5 * scale)
+    monkeypatch.setenv("BAM_FUSED_CPU_ISA", "avx512")
+    dw_fp32, db_fp32 = bwd(x, dy, dmean, wr, None)
+    assert torch.equal(db, db_fp32)
+    if h * w >= 63:  # the bf16 path ran: it sums pixel pairs, so some dW bits differ from fp32's order
+        assert not torch.equal(dw, dw_fp32)
+    dy_fp32 = dy + 1e-3  # not bf16 values: the fp32 path
+    monkeypatch.setenv("BAM_FUSED_CPU_ISA", "avx512_bf16")
+    ours = bwd(x, dy_fp32, dmean, wr, None)
+    monkeypatch.setenv("BAM_FUSED_CPU_ISA", "avx512")
+    assert all(torch.equal(a, b) for a, b in zip(ours, bwd(x, dy_fp32, dmean, wr, None), strict=True))

@@ -59,6 +59,8 @@ struct Conv1x1GradJob {
 BAM_DECLARE_CONV1X1_GRAD(avx512)
 BAM_DECLARE_CONV1X1_GRAD(avx2)
 BAM_DECLARE_CONV1X1_GRAD(generic)
+// dW of NCHW bf16 x with bf16-representable dy, in exact bf16 products (conv1x1_pool_avx512bf16.cpp).
+void conv1x1_grad_weight_avx512bf16(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int64_t end);
 
 namespace {  // NOLINT: internal linkage on purpose (see conv1x1_pool.h)
 

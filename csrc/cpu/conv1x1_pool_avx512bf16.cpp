@@ -30,6 +30,7 @@
 #endif
 
 #include "avx512_traits.h"  // the blocking the launcher packs the weights for
+#include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
 #include "dilated_conv.h"
 
@@ -208,7 +209,83 @@ void pass_cl(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end)
   }
 }
 
+// dW of the NCHW pass for bf16 x and bf16-representable dy (the launcher checks): every
+// product is exact, so this is the fp32 dW up to summation order. acc[r][c] (kGR rows of dy x
+// kGC rows of x) gains a pixel pair per lane per vdpbf16ps, 32 pixels a vector, read from x in
+// place (the last vector masked); dy is packed to bf16 pairs once per task. db as the fp32 path
+// sums it (the same bits).
+void grad_weight_nchw(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int64_t end) {
+  constexpr int kR = Avx512::kGR, kC = Avx512::kGC, kP2 = 2 * kL;
+  static_assert(kR * kC == kL, "one block of accumulators is summed as one vector of lane sums");
+  const int64_t C = j.C, HW = j.HW, Cr = j.Cr;
+  const int64_t wpad = (j.wchunk_px + kP2 - 1) / kP2 * kP2;
+  std::vector<uint32_t> dybuf(Cr * wpad / 2);  // dy rows as bf16 pixel pairs, zero-padded
+  for (int64_t task = begin; task < end; ++task) {
+    const GradWeightRange t = grad_weight_range(j, task);
+    const int64_t np = t.p1 - t.p0, nv = (np + kP2 - 1) / kP2, nc = t.g1 - t.g0;
+    const Bf16* xn = x + t.n * C * HW + t.p0;
+    const float* dyn = j.dy + t.n * Cr * HW + t.p0;
+    const auto tail = static_cast<__mmask32>(np % kP2 == 0 ? ~0u : (1u << (np % kP2)) - 1u);
+    for (int64_t r = 0; r < Cr; ++r) {
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t n0 = std::clamp<int64_t>(np - v * kP2, 0, kL), n1 = std::clamp<int64_t>(np - v * kP2 - kL, 0, kL);
+        const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n0) - 1u), dyn + r * HW + v * kP2);
+        const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n1) - 1u), dyn + r * HW + v * kP2 + kL);
+        _mm512_storeu_si512(dybuf.data() + (r * wpad + v * kP2) / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    }
+    float* dw = j.dw_part + (t.n * j.wchunks + t.k) * Cr * C;
+    for (int64_t c0 = 0; c0 < nc; c0 += kC) {
+      const Bf16* xr[kC];
+      for (int c = 0; c < kC; ++c) xr[c] = xn + (t.g0 + std::min<int64_t>(c0 + c, nc - 1)) * HW;  // past nc: discarded
+      for (int64_t r0 = 0; r0 < Cr; r0 += kR) {
+        const uint32_t* dr[kR];
+        for (int r = 0; r < kR; ++r) dr[r] = dybuf.data() + std::min<int64_t>(r0 + r, Cr - 1) * wpad / 2;
+        V a[kR][kC] = {};
+        for (int64_t v = 0; v < nv; ++v) {
+          const __mmask32 m = v + 1 == nv ? tail : ~0u;
+          __m512i dv[kR];
+#pragma GCC unroll 8
+          for (int r = 0; r < kR; ++r) dv[r] = _mm512_loadu_si512(dr[r] + v * kL);
+#pragma GCC unroll 8
+          for (int c = 0; c < kC; ++c) {
+            // x rows are HW apart: too many streams for the hardware prefetcher (as in the forward).
+            if (r0 == 0) __builtin_prefetch(xr[c] + v * kP2 + 256);
+            const __m512i xv = _mm512_maskz_loadu_epi16(m, xr[c] + v * kP2);
+#pragma GCC unroll 8
+            for (int r = 0; r < kR; ++r) a[r][c] = dot2(a[r][c], dv[r], xv);
+          }
+        }
+        V acc[kR * kC];
+        for (int r = 0; r < kR; ++r)
+          for (int c = 0; c < kC; ++c) acc[r * kC + c] = a[r][c];
+        float sums[kL];
+        vstore<V>(sums, lane_sums<V>(acc));  // sums[r * kC + c] is the sum of a[r][c]
+        for (int64_t r = 0; r < std::min<int64_t>(kR, Cr - r0); ++r)
+          for (int64_t c = 0; c < std::min<int64_t>(kC, nc - c0); ++c)
+            dw[(r0 + r) * C + t.g0 + c0 + c] = sums[r * kC + c];
+      }
+    }
+    if (t.g0 == 0) {  // db, once per chunk, as grad_weight_tasks sums it: 16-pixel vectors, then lanes
+      float* db = j.db_part + t.n * j.wchunks * Cr + t.k * Cr;
+      const int64_t nv16 = (np + kL - 1) / kL;
+      for (int64_t r = 0; r < Cr; ++r) {
+        V s{};
+        for (int64_t v = 0; v < nv16; ++v) {
+          const int64_t n = std::min<int64_t>(np - v * kL, kL);
+          s += (V)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), dyn + r * HW + v * kL);
+        }
+        db[r] = lane_sum(s);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void conv1x1_grad_weight_avx512bf16(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int64_t end) {
+  grad_weight_nchw(j, x, begin, end);
+}
 
 void conv1x1_pool_avx512bf16(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end) {
   pass_nchw(j, x, begin, end);

@@ -113,6 +113,19 @@ at::Tensor pack_weight_pairs(const at::Tensor& w, int64_t kCo) {
   return padded.view(at::kInt).view({blocks, kCo, C2}).transpose(1, 2).contiguous();
 }
 
+// Whether every element of t (contiguous fp32) is a bf16 value: the low 16 bits are zero.
+bool bf16_representable(const at::Tensor& t) {
+  const auto* u = reinterpret_cast<const uint32_t*>(t.const_data_ptr<float>());
+  return at::parallel_reduce(
+      0, t.numel(), 1 << 16, true,
+      [&](int64_t begin, int64_t end, bool ok) {
+        uint32_t low = 0;
+        for (int64_t i = begin; i < end; ++i) low |= u[i];
+        return ok && (low & 0xFFFFu) == 0;
+      },
+      [](bool a, bool b) { return a && b; });
+}
+
 // Calls f with x's storage type (fp32, Bf16 or Fp16) as T and its data pointer.
 template <typename F>
 void with_storage(const at::Tensor& x, const char* what, F&& f) {
@@ -201,12 +214,23 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
                          wt.defined() ? wt.const_data_ptr<float>() : nullptr, dy.const_data_ptr<float>(),
                          dm.const_data_ptr<float>(), dw_part.mutable_data_ptr<float>(),
                          db_part.mutable_data_ptr<float>(), static_cast<int>(cl_vectors)};
-  with_storage(x, "x", [&](auto* xp) {
-    using T = std::remove_pointer_t<decltype(xp)>;
-    const T* xc = xp;
+#if BAM_X86
+  // NCHW bf16 x on AVX512-BF16, dy bf16-representable (a bf16 model's: the gradient of y cast to
+  // bf16): dW in bf16 products, exact, so only the summation order differs from fp32.
+  if (!cl && isa == Isa::kAvx512Bf16 && x.scalar_type() == at::kBFloat16 && bf16_representable(dy)) {
+    const Bf16* xb = reinterpret_cast<const Bf16*>(x.const_data_ptr<at::BFloat16>());
     at::parallel_for(0, N * wchunks * groups, 1,
-                     [&](int64_t begin, int64_t end) { conv1x1_grad_weight(isa, cl, j, xc, begin, end); });
-  });
+                     [&](int64_t begin, int64_t end) { conv1x1_grad_weight_avx512bf16(j, xb, begin, end); });
+  } else
+#endif
+  {
+    with_storage(x, "x", [&](auto* xp) {
+      using T = std::remove_pointer_t<decltype(xp)>;
+      const T* xc = xp;
+      at::parallel_for(0, N * wchunks * groups, 1,
+                       [&](int64_t begin, int64_t end) { conv1x1_grad_weight(isa, cl, j, xc, begin, end); });
+    });
+  }
   if (dx.has_value()) {
     with_storage(*dx, "dx", [&](auto* dxp) {
       at::parallel_for(0, N * chunks, 1,
