@@ -47,6 +47,11 @@ BAM_INLINE V dot2(V acc, __m512i pairs, __m512i weights) {
 // 16 bf16 from p (lanes outside m read as zeros), each in the low half of a 32-bit lane.
 BAM_INLINE __m512i widen(const Bf16* p, __mmask16 m) { return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)); }
 BAM_INLINE V as_fp32(__m512i low_halves) { return (V)_mm512_slli_epi32(low_halves, 16); }
+// The first n of 16 lanes (none for n <= 0, all for n >= 16): the mask of a vector that holds
+// the n elements left.
+BAM_INLINE __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, kL)) - 1u);
+}
 
 // NCHW: np pixels from p (kPV vectors of them) as channel pairs, pairs[(c / 2 * kPV + v) * 16 +
 // lane] = x[c] | x[c + 1] << 16 (zeros past np and past C), and their pooled sums added to
@@ -54,10 +59,7 @@ BAM_INLINE V as_fp32(__m512i low_halves) { return (V)_mm512_slli_epi32(low_halve
 template <int kPV>
 BAM_INLINE void pair_tile(const Bf16* x, int64_t C, int64_t HW, int64_t p, int64_t np, uint32_t* pairs, float* pool) {
   __mmask16 mask[kPV];
-  for (int v = 0; v < kPV; ++v) {
-    const int64_t n = std::clamp<int64_t>(np - v * kL, 0, kL);
-    mask[v] = static_cast<__mmask16>((1u << n) - 1u);
-  }
+  for (int v = 0; v < kPV; ++v) mask[v] = first_lanes(np - v * kL);
   for (int64_t c = 0; c < C; c += 2) {
     const bool pair = c + 1 < C;
     const Bf16* row = x + c * HW + p;
@@ -167,11 +169,8 @@ struct Bf16Conv {
   template <int kCv>
   static BAM_INLINE void store(void* out, int64_t at, const V (&r)[kCv], int64_t nco) {
     Bf16* o = static_cast<Bf16*>(out) + at;
-    for (int v = 0; v < kCv; ++v) {
-      const int64_t n = std::clamp<int64_t>(nco - v * kL, 0, kL);
-      _mm256_mask_storeu_epi16(o + v * kL, static_cast<__mmask16>((1u << n) - 1u),
-                               (__m256i)_mm512_cvtneps_pbh((__m512)r[v]));
-    }
+    for (int v = 0; v < kCv; ++v)
+      _mm256_mask_storeu_epi16(o + v * kL, first_lanes(nco - v * kL), (__m256i)_mm512_cvtneps_pbh((__m512)r[v]));
   }
 };
 
@@ -228,9 +227,9 @@ void grad_weight_nchw(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int
     const auto tail = static_cast<__mmask32>(np % kP2 == 0 ? ~0u : (1u << (np % kP2)) - 1u);
     for (int64_t r = 0; r < Cr; ++r) {
       for (int64_t v = 0; v < nv; ++v) {
-        const int64_t n0 = std::clamp<int64_t>(np - v * kP2, 0, kL), n1 = std::clamp<int64_t>(np - v * kP2 - kL, 0, kL);
-        const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n0) - 1u), dyn + r * HW + v * kP2);
-        const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n1) - 1u), dyn + r * HW + v * kP2 + kL);
+        const float* src = dyn + r * HW + v * kP2;
+        const __m512 lo = _mm512_maskz_loadu_ps(first_lanes(np - v * kP2), src);
+        const __m512 hi = _mm512_maskz_loadu_ps(first_lanes(np - v * kP2 - kL), src + kL);
         _mm512_storeu_si512(dybuf.data() + (r * wpad + v * kP2) / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       }
     }
@@ -271,10 +270,8 @@ void grad_weight_nchw(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int
       const int64_t nv16 = (np + kL - 1) / kL;
       for (int64_t r = 0; r < Cr; ++r) {
         V s{};
-        for (int64_t v = 0; v < nv16; ++v) {
-          const int64_t n = std::min<int64_t>(np - v * kL, kL);
-          s += (V)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), dyn + r * HW + v * kL);
-        }
+        for (int64_t v = 0; v < nv16; ++v)
+          s += (V)_mm512_maskz_loadu_ps(first_lanes(np - v * kL), dyn + r * HW + v * kL);
         db[r] = lane_sum(s);
       }
     }

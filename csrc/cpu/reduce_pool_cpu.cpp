@@ -113,6 +113,11 @@ at::Tensor pack_weight_pairs(const at::Tensor& w, int64_t kCo) {
   return padded.view(at::kInt).view({blocks, kCo, C2}).transpose(1, 2).contiguous();
 }
 
+// Whether the pass over x multiplies in bf16 under isa (cpu_bf16_products).
+bool bf16_products(Isa isa, const at::Tensor& x) {
+  return isa == Isa::kAvx512Bf16 && x.scalar_type() == at::kBFloat16;
+}
+
 // Whether every element of t (contiguous fp32) is a bf16 value: the low 16 bits are zero.
 bool bf16_representable(const at::Tensor& t) {
   const auto* u = reinterpret_cast<const uint32_t*>(t.const_data_ptr<float>());
@@ -178,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
                      x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t block_co = cl ? cl_vectors * lanes : kco;
   // bf16 x on AVX512-BF16: bf16 products (conv1x1_pool_avx512bf16.cpp), bf16 weight pairs.
-  const bool bf16_dot = cpu_bf16_products(x);
+  const bool bf16_dot = bf16_products(isa, x);
   const at::Tensor wp = bf16_dot ? pack_weight_pairs(w, block_co) : pack_weights(w, block_co);
   Conv1x1PoolJob j{C, HW, Cr, chunk_px, chunks, bf16_dot ? nullptr : wp.const_data_ptr<float>(),
                    b.const_data_ptr<float>(), y.mutable_data_ptr<float>(), part.mutable_data_ptr<float>(),
@@ -217,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
 #if BAM_X86
   // NCHW bf16 x on AVX512-BF16, dy bf16-representable (a bf16 model's: the gradient of y cast to
   // bf16): dW in bf16 products, exact, so only the summation order differs from fp32.
-  if (!cl && isa == Isa::kAvx512Bf16 && x.scalar_type() == at::kBFloat16 && bf16_representable(dy)) {
+  if (!cl && bf16_products(isa, x) && bf16_representable(dy)) {
     const Bf16* xb = reinterpret_cast<const Bf16*>(x.const_data_ptr<at::BFloat16>());
     at::parallel_for(0, N * wchunks * groups, 1,
                      [&](int64_t begin, int64_t end) { conv1x1_grad_weight_avx512bf16(j, xb, begin, end); });
@@ -254,9 +259,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
   return {dw, db};
 }
 
-bool cpu_bf16_products(const at::Tensor& x) {
-  return x.is_cpu() && x.scalar_type() == at::kBFloat16 && chosen_isa() == Isa::kAvx512Bf16;
-}
+bool cpu_bf16_products(const at::Tensor& x) { return x.is_cpu() && bf16_products(chosen_isa(), x); }
 
 std::string cpu_isa() {
   try {

@@ -77,8 +77,7 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
     const bool last = i + 1 == w_dilated.size();
     const at::Tensor packed = pack_dilated(w_dilated[i], kCo);
     const at::Tensor wp = bf16 ? pair_inputs(packed) : packed;
-    const at::Tensor bp = bf16 ? padded(b_dilated[i].to(at::kBFloat16).to(at::kFloat), cob_n * kCo)
-                               : padded(b_dilated[i], cob_n * kCo);
+    const at::Tensor bp = padded(bf16 ? b_dilated[i].to(at::kBFloat16).to(at::kFloat) : b_dilated[i], cob_n * kCo);
     at::Tensor out = last ? at::Tensor() : at::empty_like(y);
     const DilatedConvJob j{H, W, Cr, d, chunk_px, chunks, y.const_data_ptr(), wp.const_data_ptr(),
                            bp.const_data_ptr<float>(), last ? nullptr : out.mutable_data_ptr(),
