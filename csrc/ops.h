@@ -27,6 +27,9 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
 at::Tensor spatial_convs_cpu(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
                              int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final,
                              bool bf16 = false);
+// The gate's forward over a batch (bam_fused_C::gate_forward): x (N, R, L) contiguous, row (N, R)
+// and col (N, L) fp32 (fp64 for fp64 x).
+at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product);
 // Whether spatial_convs_cpu has a bf16 kernel for Cr reduced channels.
 bool cpu_bf16_spatial_kernel(int64_t Cr);
 // The instruction set the CPU pass over x uses now (BAM_FUSED_CPU_ISA, else the widest).

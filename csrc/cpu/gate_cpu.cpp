@@ -24,6 +24,7 @@
 #include "../check.h"
 #include "../env_choice.h"
 #include "../fast_math.h"
+#include "../ops.h"
 #include "simd.h"
 
 namespace bam_fused {
@@ -241,6 +242,8 @@ inline void stream_fence() {
 #endif
 }
 
+}  // namespace
+
 at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product) {
   check_inputs("bam_fused_C::gate_forward", x, row, col);
   auto out = at::empty_like(x);
@@ -269,6 +272,8 @@ at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at
   });
   return out;
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                  const at::Tensor& row, const at::Tensor& col,
