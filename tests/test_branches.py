@@ -115,6 +115,18 @@ def test_folding_cache_follows_weight_updates_state_dict_and_mode():
         for m in (fused, other):
             m.spatial_att.gate_s.gate_s_conv_final.weight = torch.nn.Parameter(torch.full((1, 6, 1, 1), 0.3))
         torch.testing.assert_close(fused(x), other(x), rtol=1e-5, atol=1e-5)
+        # So does a replaced layer.
+        conv = torch.nn.Conv2d(6, 6, 3, padding=2, dilation=2)
+        for m in (fused, other):
+            m.spatial_att.gate_s.gate_s_conv_di_0 = conv
+        torch.testing.assert_close(fused(x), other(x), rtol=1e-5, atol=1e-5)
+        # And a conversion (.to, .half, ...): a round trip changes the weights by rounding, and
+        # its new tensors could land where the cached fold's were.
+        fused(x)
+        fused.half()
+        assert fused._folded is None
+        other.half().float()
+        torch.testing.assert_close(fused.float()(x), other(x), rtol=1e-5, atol=1e-5)
 
 
 def test_batch_zero_and_one_pixel():
@@ -234,6 +246,51 @@ def test_attention_op_opcheck():
     op = bam_fused.ops.branches.load_op("attention")
     for x in (torch.randn(2, 16, 5, 7), torch.randn(2, 16, 5, 7).to(memory_format=torch.channels_last)):
         torch.library.opcheck(op, attention_args(x, fused.folded(), 2), test_utils=("test_schema", "test_faketensor"))
+
+
+# Cr 16 (C 48 / 3): our dilated convs under auto; Cr 6 (48 / 8): oneDNN's.
+@pytest.mark.parametrize("r", [3, 8])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_bam_eval_op_is_the_attention_op_then_the_gate(r, layout, dtype, combine):
+    _, fused = make_pair(48, 4, r, combine)
+    x = make_layout(torch.randn(3, 48, 9, 13).to(dtype), layout)
+    f = fused.folded()
+    out = bam_fused.ops.branches.load_op("bam_eval")(*attention_args(x, f, 4), combine == "product")
+    channel, spatial = bam_fused.ops.branches.load_op("attention")(*attention_args(x, f, 4))
+    assert out.dtype == dtype
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    assert torch.equal(out, bam_fused.ops.bam_gate(x, channel, spatial, combine, backend="cpp"))
+    with torch.no_grad():
+        assert torch.equal(fused(x), out)  # the module's eval path on the CPU is this op
+        # Other strides: the module makes x NCHW-contiguous first, with the same bits.
+        assert torch.equal(fused(make_layout(x, "strided")), fused(x.contiguous()))
+
+
+def test_bam_eval_op_errors_name_it():
+    _, fused = make_pair(16, 2, 4)
+    f = fused.folded()
+    op = bam_fused.ops.branches.load_op("bam_eval")
+    x = torch.randn(2, 16, 5, 7)
+    with pytest.raises(RuntimeError, match=r"bam_fused_C::bam_eval: x must be 4-D"):
+        op(*attention_args(x[0], f, 2), False)
+    with pytest.raises(RuntimeError, match=r"bam_fused_C::bam_eval: w_fc1 must be contiguous fp32"):
+        op(*attention_args(x, {**f, "fc1_w": f["fc1_w"].double()}, 2), False)
+    with pytest.raises(RuntimeError, match=r"x must be fp32, fp16 or bf16"):
+        op(*attention_args(x.double(), f, 2), False)
+    with pytest.raises(RuntimeError, match=r"bam_fused_C::bam_eval: x must be NCHW- or channels_last-contiguous"):
+        op(*attention_args(x.transpose(2, 3), f, 2), False)
+
+
+def test_bam_eval_op_opcheck():
+    _, fused = make_pair(64, 2, 4)  # Cr 16: our dilated convs
+    op = bam_fused.ops.branches.load_op("bam_eval")
+    for x in (torch.randn(2, 64, 5, 7), torch.randn(2, 64, 5, 7).to(memory_format=torch.channels_last)):
+        for product in (False, True):
+            args = (*attention_args(x, fused.folded(), 2), product)
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # Reduced channels 16 and 32, where auto runs our CPU dilated convs (csrc/cpu/dilated_conv.h);
