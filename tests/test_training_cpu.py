@@ -322,3 +322,58 @@ def test_bf16_weight_gradient_is_exact_in_bf16_products(monkeypatch, n, c, h, w,
     ours = bwd(x, dy_fp32, dmean, wr, None)
     monkeypatch.setenv("BAM_FUSED_CPU_ISA", "avx512")
     assert all(torch.equal(a, b) for a, b in zip(ours, bwd(x, dy_fp32, dmean, wr, None), strict=True))
+
+
+@pytest.mark.parametrize("n,c,h,w,cr", SHAPES)
+def test_bf16_input_gradient_is_exact_in_bf16_products(monkeypatch, n, c, h, w, cr):
+    """channels_last bf16 x with bf16-representable dy and W (a bf16 model's backward): avx512_bf16
+    computes dx += W^T dy + dmean / HW with bf16 products, which are exact, so dx differs from
+    the fp32 path only where the fp32 sums' order moves a rounding to bf16 (one ulp). W that bf16
+    cannot hold, or NCHW x, take the fp32 path: the same bits as avx512."""
+    isa_env(monkeypatch, "avx512_bf16")
+    _, bwd = ops()
+    g = torch.Generator().manual_seed(n * 100 + c + 7)
+    cl = torch.channels_last
+    x = torch.randn(n, c, h, w, generator=g).bfloat16().contiguous(memory_format=cl)
+    dy = torch.randn(n, cr, h, w, generator=g).bfloat16().float().contiguous(memory_format=cl)
+    dmean, wr = torch.randn(n, c, generator=g), torch.randn(cr, c, generator=g).bfloat16().float()
+    dx0 = torch.randn(n, c, h, w, generator=g).bfloat16().contiguous(memory_format=cl)
+
+    def dx_of(isa, weights, x=x, dy=dy, dx0=dx0):
+        monkeypatch.setenv("BAM_FUSED_CPU_ISA", isa)
+        dx = dx0.clone()
+        bwd(x, dy, dmean, weights, dx)
+        return dx
+
+    ours, fp32 = dx_of("avx512_bf16", wr), dx_of("avx512", wr)
+    want = dx0.double() + torch.einsum("nrhw,rc->nchw", dy.double(), wr.double())
+    want += dmean.double()[:, :, None, None] / (h * w)
+    if ours.numel() > 0:
+        torch.testing.assert_close(ours.double(), want, rtol=1e-2, atol=1e-2)
+        ulp = ours.float().abs().clamp_min(1e-30) * 2.0**-7
+        assert bool(((ours.float() - fp32.float()).abs() <= ulp).all())
+        assert (ours != fp32).float().mean() < 1e-3
+    not_bf16 = wr + 1e-3
+    assert torch.equal(dx_of("avx512_bf16", not_bf16), dx_of("avx512", not_bf16))
+    nchw = (x.contiguous(), dy.contiguous(), dx0.contiguous())
+    assert torch.equal(dx_of("avx512_bf16", wr, *nchw), dx_of("avx512", wr, *nchw))
+
+
+def test_bf16_input_gradient_reads_denormals_as_zero(monkeypatch):
+    """The path ran, and what it gives up: vdpbf16ps reads a denormal dy (bf16 holds 2^-133) as
+    zero, where fp32 products keep 2^-133 * 2^100."""
+    isa_env(monkeypatch, "avx512_bf16")
+    _, bwd = ops()
+    cl = torch.channels_last
+    x = torch.randn(2, 40, 3, 5).bfloat16().contiguous(memory_format=cl)
+    dy = torch.zeros(2, 6, 3, 5).contiguous(memory_format=cl)
+    dy[1, 2, 1, 3] = 2.0**-133
+    wr = torch.full((6, 40), 2.0**100)
+    results = {}
+    for isa in ("avx512_bf16", "avx512"):
+        monkeypatch.setenv("BAM_FUSED_CPU_ISA", isa)
+        dx = torch.zeros(2, 40, 3, 5).bfloat16().contiguous(memory_format=cl)
+        bwd(x, dy, torch.zeros(2, 40), wr, dx)
+        results[isa] = dx
+    assert not results["avx512_bf16"].any()
+    assert torch.equal(results["avx512"][1, :, 1, 3].float(), torch.full((40,), 2.0**-33))

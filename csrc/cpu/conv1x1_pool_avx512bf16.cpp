@@ -278,10 +278,77 @@ void grad_weight_nchw(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int
   }
 }
 
+// v rounded to bf16 as vst rounds it (nearest even, NaN -> 0x7FC0: the fp32 path's bits), the
+// lanes in m stored at p.
+BAM_INLINE void store_bf16(Bf16* p, V v, __mmask16 m) {
+  const __m512i u = (__m512i)v;
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bits));
+}
+
+// dx of channels_last bf16 x, dx += W^T dy + dm, for bf16-representable dy and W (the launcher
+// checks): every product is exact, so this is the fp32 path up to summation order (and
+// denormal dy or W, read as zero). Bf16Conv::block with dy as the input: each pixel's dy in
+// channel pairs (packed to bf16 once per tile), W^T in pairs (wt, pack_weight_pairs of W^T).
+template <int kCv>
+void grad_input_cl(const Conv1x1GradJob& j, const uint32_t* wt, Bf16* dx, int64_t begin, int64_t end) {
+  constexpr int kPx = Avx512::kAcc / kCv, kCoCl = kCv * kL;
+  const int64_t C = j.C, HW = j.HW, Cr = j.Cr, R2 = (Cr + 1) / 2, cob_n = (C + kCoCl - 1) / kCoCl;
+  std::vector<uint32_t> dyb(kPx * R2);  // the tile's dy as pairs; zeros past Cr and past np
+  for (int64_t task = begin; task < end; ++task) {
+    const ChunkRange r = chunk_range(j, task);
+    const float* dy = j.dy + r.n * HW * Cr;
+    Bf16* dxn = dx + r.n * HW * C;
+    const float* dm = j.dm + r.n * C;
+    for (int64_t p = r.p0; p < r.p1; p += kPx) {
+      const int64_t np = std::min<int64_t>(kPx, r.p1 - p);
+      for (int64_t i = 0; i < kPx; ++i) {
+        const float* src = dy + (p + i) * Cr;
+        for (int64_t c = 0; c < 2 * R2; c += 2 * kL) {  // 32 channels -> 16 pairs
+          const int64_t left = i < np ? Cr - c : 0;
+          const __m512 lo = _mm512_maskz_loadu_ps(first_lanes(left), src + c);
+          const __m512 hi = _mm512_maskz_loadu_ps(first_lanes(left - kL), src + c + kL);
+          _mm512_mask_storeu_epi32(dyb.data() + i * R2 + c / 2, first_lanes(R2 - c / 2),
+                                   (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+      for (int64_t cob = 0; cob < cob_n; ++cob) {
+        const int64_t c0 = cob * kCoCl;
+        // Two tiles ahead, as the fp32 path: the loads of dx stall on memory without it.
+        for (int i = 0; i < kPx; ++i)
+#pragma GCC unroll 4
+          for (int c = 0; c < kCoCl; c += 32) __builtin_prefetch(dxn + (p + 2 * kPx + i) * C + c0 + c, 1);
+        V acc[kPx][kCv];
+        for (int v = 0; v < kCv; ++v) {
+          const __mmask16 m = first_lanes(C - c0 - v * kL);
+          const V d = (V)_mm512_maskz_loadu_ps(m, dm + c0 + v * kL);
+          for (int i = 0; i < kPx; ++i) {
+            const Bf16* src = dxn + (p + std::min<int64_t>(i, np - 1)) * C + c0 + v * kL;  // past np: discarded
+            acc[i][v] = as_fp32(widen(src, m)) + d;
+          }
+        }
+        Bf16Conv::block<kCv, kPx>([&](int i, int64_t r2) { return dyb[i * R2 + r2]; }, wt + cob * R2 * kCoCl, R2, acc);
+        for (int64_t i = 0; i < np; ++i)
+          for (int v = 0; v < kCv; ++v)
+            store_bf16(dxn + (p + i) * C + c0 + v * kL, acc[i][v], first_lanes(C - c0 - v * kL));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void conv1x1_grad_weight_avx512bf16(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int64_t end) {
   grad_weight_nchw(j, x, begin, end);
+}
+
+void conv1x1_grad_input_cl_avx512bf16(const Conv1x1GradJob& j, const uint32_t* wt, Bf16* dx, int64_t begin,
+                                      int64_t end) {
+  if (j.cl_vectors == 4) return grad_input_cl<4>(j, wt, dx, begin, end);
+  if (j.cl_vectors == 2) return grad_input_cl<2>(j, wt, dx, begin, end);
+  grad_input_cl<1>(j, wt, dx, begin, end);
 }
 
 void conv1x1_pool_avx512bf16(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end) {
