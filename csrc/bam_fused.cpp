@@ -372,7 +372,8 @@ TORCH_LIBRARY(bam_fused_C, m) {
       "Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1) -> (Tensor, Tensor)");
   m.def(
       "bam_eval(Tensor x, Tensor w_reduce, Tensor b_reduce, Tensor[] w_dilated, Tensor[] b_dilated, int dilation, "
-      "Tensor w_final, Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1, bool product) -> Tensor");
+      "Tensor w_final, Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1, bool product) "
+      "-> Tensor");
   m.def("cuda_y_channels_last(int cr, int num_dilated) -> bool", &cuda_y_channels_last);
   m.def("reduce_pool(Tensor x, Tensor w, Tensor b, bool relu) -> (Tensor, Tensor)");
   m.def("reduce_pool_backward(Tensor x, Tensor dy, Tensor dmean, Tensor w, Tensor(a!)? dx) -> (Tensor, Tensor)");

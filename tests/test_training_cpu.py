@@ -325,21 +325,21 @@ def test_bf16_weight_gradient_is_exact_in_bf16_products(monkeypatch, n, c, h, w,
 
 
 @pytest.mark.parametrize("n,c,h,w,cr", SHAPES)
-def test_bf16_input_gradient_is_exact_in_bf16_products(monkeypatch, n, c, h, w, cr):
-    """channels_last bf16 x with bf16-representable dy and W (a bf16 model's backward): avx512_bf16
-    computes dx += W^T dy + dmean / HW with bf16 products, which are exact, so dx differs from
-    the fp32 path only where the fp32 sums' order moves a rounding to bf16 (one ulp). W that bf16
-    cannot hold, or NCHW x, take the fp32 path: the same bits as avx512."""
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bf16_input_gradient_is_exact_in_bf16_products(monkeypatch, n, c, h, w, cr, layout):
+    """bf16 x with bf16-representable dy and W (a bf16 model's backward): avx512_bf16 computes
+    dx += W^T dy + dmean / HW with bf16 products, which are exact, so dx differs from the fp32
+    path only where the fp32 sums' order moves a rounding to bf16 (one ulp). W that bf16 cannot
+    hold takes the fp32 path: the same bits as avx512."""
     isa_env(monkeypatch, "avx512_bf16")
     _, bwd = ops()
     g = torch.Generator().manual_seed(n * 100 + c + 7)
-    cl = torch.channels_last
-    x = torch.randn(n, c, h, w, generator=g).bfloat16().contiguous(memory_format=cl)
-    dy = torch.randn(n, cr, h, w, generator=g).bfloat16().float().contiguous(memory_format=cl)
+    x = make_layout(torch.randn(n, c, h, w, generator=g).bfloat16(), layout)
+    dy = make_layout(torch.randn(n, cr, h, w, generator=g).bfloat16().float(), layout)
     dmean, wr = torch.randn(n, c, generator=g), torch.randn(cr, c, generator=g).bfloat16().float()
-    dx0 = torch.randn(n, c, h, w, generator=g).bfloat16().contiguous(memory_format=cl)
+    dx0 = make_layout(torch.randn(n, c, h, w, generator=g).bfloat16(), layout)
 
-    def dx_of(isa, weights, x=x, dy=dy, dx0=dx0):
+    def dx_of(isa, weights):
         monkeypatch.setenv("BAM_FUSED_CPU_ISA", isa)
         dx = dx0.clone()
         bwd(x, dy, dmean, weights, dx)
@@ -355,24 +355,23 @@ def test_bf16_input_gradient_is_exact_in_bf16_products(monkeypatch, n, c, h, w, 
         assert (ours != fp32).float().mean() < 1e-3
     not_bf16 = wr + 1e-3
     assert torch.equal(dx_of("avx512_bf16", not_bf16), dx_of("avx512", not_bf16))
-    nchw = (x.contiguous(), dy.contiguous(), dx0.contiguous())
-    assert torch.equal(dx_of("avx512_bf16", wr, *nchw), dx_of("avx512", wr, *nchw))
 
 
-def test_bf16_input_gradient_reads_denormals_as_zero(monkeypatch):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bf16_input_gradient_reads_denormals_as_zero(monkeypatch, layout):
     """The path ran, and what it gives up: vdpbf16ps reads a denormal dy (bf16 holds 2^-133) as
     zero, where fp32 products keep 2^-133 * 2^100."""
     isa_env(monkeypatch, "avx512_bf16")
     _, bwd = ops()
-    cl = torch.channels_last
-    x = torch.randn(2, 40, 3, 5).bfloat16().contiguous(memory_format=cl)
-    dy = torch.zeros(2, 6, 3, 5).contiguous(memory_format=cl)
+    x = make_layout(torch.randn(2, 40, 3, 5).bfloat16(), layout)
+    dy = torch.zeros(2, 6, 3, 5)
     dy[1, 2, 1, 3] = 2.0**-133
+    dy = make_layout(dy, layout)
     wr = torch.full((6, 40), 2.0**100)
     results = {}
     for isa in ("avx512_bf16", "avx512"):
         monkeypatch.setenv("BAM_FUSED_CPU_ISA", isa)
-        dx = torch.zeros(2, 40, 3, 5).bfloat16().contiguous(memory_format=cl)
+        dx = make_layout(torch.zeros(2, 40, 3, 5).bfloat16(), layout)
         bwd(x, dy, torch.zeros(2, 40), wr, dx)
         results[isa] = dx
     assert not results["avx512_bf16"].any()

@@ -283,8 +283,10 @@ void grad_weight_nchw(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int
 BAM_INLINE void store_bf16(Bf16* p, V v, __mmask16 m) {
   const __m512i u = (__m512i)v;
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
+  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i bits = _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7FC0));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bits));
 }
 
@@ -338,14 +340,79 @@ void grad_input_cl(const Conv1x1GradJob& j, const uint32_t* wt, Bf16* dx, int64_
   }
 }
 
+// dx of one NCHW tile (np pixels from p, kPV vectors of them), as grad_input_cl but with pixels
+// in lanes (the roles of the NCHW pass's dot_tile): dy as pairs over r per pixel (bf16 values,
+// so the high halves of their fp32 bits are exact), W^T pairs broadcast, dx read and rounded as
+// the fp32 path does.
+template <int kPV>
+BAM_INLINE void grad_input_tile(const Conv1x1GradJob& j, const uint32_t* wt, const float* dy, Bf16* dx,
+                                const float* dm, int64_t p, int64_t np, uint32_t* pairs) {
+  const int64_t C = j.C, HW = j.HW, Cr = j.Cr, R2 = (Cr + 1) / 2;
+  __mmask16 mask[kPV];
+  for (int v = 0; v < kPV; ++v) mask[v] = first_lanes(np - v * kL);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t r2 = 0; r2 < R2; ++r2) {
+    const float* lo_row = dy + 2 * r2 * HW + p;
+    const bool pair = 2 * r2 + 1 < Cr;
+    for (int v = 0; v < kPV; ++v) {
+      const __m512i lo = (__m512i)_mm512_maskz_loadu_ps(mask[v], lo_row + v * kL);
+      const __m512i hi = pair ? (__m512i)_mm512_maskz_loadu_ps(mask[v], lo_row + HW + v * kL) : _mm512_setzero_si512();
+      _mm512_storeu_si512(pairs + (r2 * kPV + v) * kL,
+                          _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, high)));
+    }
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += kCo) {
+    const int64_t nc = std::min<int64_t>(kCo, C - c0);
+    V acc[kCo][kPV] = {};
+    for (int64_t o = 0; o < nc; ++o) {
+      const Bf16* row = dx + (c0 + o) * HW + p;
+      // Rows are HW apart: too many streams for the hardware prefetcher (as in the fp32 path).
+      for (int l = 0; l < kPV * kL; l += 32) __builtin_prefetch(row + 2 * kPV * kL + l, 1);
+      const V d = _mm512_set1_ps(dm[c0 + o]);
+      for (int v = 0; v < kPV; ++v) acc[o][v] = as_fp32(widen(row + v * kL, mask[v])) + d;
+    }
+    const uint32_t* w = wt + c0 * R2;  // block c0 / kCo of (blocks, R2, kCo)
+    for (int64_t r2 = 0; r2 < R2; ++r2) {
+      __m512i dv[kPV];
+#pragma GCC unroll 4
+      for (int v = 0; v < kPV; ++v) dv[v] = _mm512_loadu_si512(pairs + (r2 * kPV + v) * kL);
+#pragma GCC unroll 16
+      for (int o = 0; o < kCo; ++o) {
+        const __m512i wb = _mm512_set1_epi32(static_cast<int>(w[r2 * kCo + o]));
+#pragma GCC unroll 4
+        for (int v = 0; v < kPV; ++v) acc[o][v] = dot2(acc[o][v], dv[v], wb);
+      }
+    }
+    for (int64_t o = 0; o < nc; ++o)
+      for (int v = 0; v < kPV; ++v) store_bf16(dx + (c0 + o) * HW + p + v * kL, acc[o][v], mask[v]);
+  }
+}
+
+void grad_input_nchw(const Conv1x1GradJob& j, const uint32_t* wt, Bf16* dx, int64_t begin, int64_t end) {
+  constexpr int kP = Avx512::kPV * kL;
+  std::vector<uint32_t> pairs((j.Cr + 1) / 2 * kP);
+  for (int64_t task = begin; task < end; ++task) {
+    const ChunkRange r = chunk_range(j, task);
+    const float* dy = j.dy + r.n * j.Cr * j.HW;
+    Bf16* dxn = dx + r.n * j.C * j.HW;
+    for (int64_t p = r.p0; p < r.p1; p += kP) {
+      const int64_t np = std::min<int64_t>(kP, r.p1 - p);
+      with_tile_vectors<Avx512>((np + kL - 1) / kL, [&]<int kPV>() {
+        grad_input_tile<kPV>(j, wt, dy, dxn, j.dm + r.n * j.C, p, np, pairs.data());
+      });
+    }
+  }
+}
+
 }  // namespace
 
 void conv1x1_grad_weight_avx512bf16(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int64_t end) {
   grad_weight_nchw(j, x, begin, end);
 }
 
-void conv1x1_grad_input_cl_avx512bf16(const Conv1x1GradJob& j, const uint32_t* wt, Bf16* dx, int64_t begin,
-                                      int64_t end) {
+void conv1x1_grad_input_avx512bf16(const Conv1x1GradJob& j, bool cl, const uint32_t* wt, Bf16* dx, int64_t begin,
+                                   int64_t end) {
+  if (!cl) return grad_input_nchw(j, wt, dx, begin, end);
   if (j.cl_vectors == 4) return grad_input_cl<4>(j, wt, dx, begin, end);
   if (j.cl_vectors == 2) return grad_input_cl<2>(j, wt, dx, begin, end);
   grad_input_cl<1>(j, wt, dx, begin, end);

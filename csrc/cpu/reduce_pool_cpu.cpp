@@ -216,13 +216,14 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
   auto db_part = at::empty({N * wchunks, Cr}, x.options().dtype(at::kFloat));
   // bf16 x on AVX512-BF16 and dy bf16-representable (a bf16 model's: the gradient of y cast to
   // bf16): products of x or W with dy in bf16 are exact, so only the summation order differs
-  // from fp32 (and denormals read as zero). dx takes them for channels_last x when W is a bf16
-  // model's too (then wt holds W^T in bf16 pairs).
+  // from fp32 (and denormals read as zero). dx takes them when W is a bf16 model's too (then wt
+  // holds W^T in bf16 pairs).
   const bool exact_dy = bf16_products(isa, x) && bf16_representable(dy);
-  const bool bf16_dx = dx.has_value() && cl && exact_dy && bf16_representable(w);
+  const bool bf16_dx = dx.has_value() && exact_dy && bf16_representable(w);
+  const int64_t dx_block = cl ? cl_vectors * lanes : kco;
   const at::Tensor wt = !dx.has_value() ? at::Tensor()
-                        : bf16_dx       ? pack_weight_pairs(w.t(), cl_vectors * lanes)
-                                        : pack_weights(w.t(), cl ? cl_vectors * lanes : kco);
+                        : bf16_dx       ? pack_weight_pairs(w.t(), dx_block)
+                                        : pack_weights(w.t(), dx_block);
   const Conv1x1GradJob j{C, HW, Cr, chunk_px, chunks, wchunk_px, wchunks, groups,
                          wt.defined() && !bf16_dx ? wt.const_data_ptr<float>() : nullptr, dy.const_data_ptr<float>(),
                          dm.const_data_ptr<float>(), dw_part.mutable_data_ptr<float>(),
@@ -248,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
     const auto* wtp = reinterpret_cast<const uint32_t*>(wt.const_data_ptr<int32_t>());
     Bf16* dxp = reinterpret_cast<Bf16*>(dx->data_ptr<at::BFloat16>());
     at::parallel_for(0, N * chunks, 1,
-                     [&](int64_t begin, int64_t end) { conv1x1_grad_input_cl_avx512bf16(j, wtp, dxp, begin, end); });
+                     [&](int64_t begin, int64_t end) { conv1x1_grad_input_avx512bf16(j, cl, wtp, dxp, begin, end); });
   } else
 #endif
   if (dx.has_value()) {
