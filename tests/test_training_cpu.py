@@ -297,16 +297,17 @@ def test_reduce_pool_ops_opcheck(layout):
 
 
 @pytest.mark.parametrize("n,c,h,w,cr", SHAPES)
-def test_bf16_weight_gradient_is_exact_in_bf16_products(monkeypatch, n, c, h, w, cr):
-    """NCHW bf16 x and bf16-representable dy (what a bf16 model's backward brings): avx512_bf16
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bf16_weight_gradient_is_exact_in_bf16_products(monkeypatch, n, c, h, w, cr, layout):
+    """bf16 x and bf16-representable dy (what a bf16 model's backward brings): avx512_bf16
     computes dW with bf16 products, which are exact, so dW matches float64 as the fp32 path does
     and db keeps the fp32 path's bits. dy that bf16 cannot hold takes the fp32 path: the same
     bits as avx512."""
     isa_env(monkeypatch, "avx512_bf16")
     _, bwd = ops()
     g = torch.Generator().manual_seed(n * 100 + c)
-    x = torch.randn(n, c, h, w, generator=g).bfloat16()
-    dy = torch.randn(n, cr, h, w, generator=g).bfloat16().float()
+    x = make_layout(torch.randn(n, c, h, w, generator=g).bfloat16(), layout)
+    dy = make_layout(torch.randn(n, cr, h, w, generator=g).bfloat16().float(), layout)
     dmean, wr = torch.randn(n, c, generator=g), torch.randn(cr, c, generator=g)
     dw, db = bwd(x, dy, dmean, wr, None)
     dw_want = torch.einsum("nrhw,nchw->rc", dy.double(), x.double())

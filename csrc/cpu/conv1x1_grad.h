@@ -59,8 +59,8 @@ struct Conv1x1GradJob {
 BAM_DECLARE_CONV1X1_GRAD(avx512)
 BAM_DECLARE_CONV1X1_GRAD(avx2)
 BAM_DECLARE_CONV1X1_GRAD(generic)
-// dW of NCHW bf16 x with bf16-representable dy, in exact bf16 products (conv1x1_pool_avx512bf16.cpp).
-void conv1x1_grad_weight_avx512bf16(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int64_t end);
+// dW of bf16 x with bf16-representable dy, in exact bf16 products (conv1x1_pool_avx512bf16.cpp).
+void conv1x1_grad_weight_avx512bf16(const Conv1x1GradJob& j, bool cl, const Bf16* x, int64_t begin, int64_t end);
 // dx of bf16 x with bf16-representable dy and W, in exact bf16 products; wt: W^T in channel
 // pairs, packed (ceil(C / kCo), ceil(Cr / 2), kCo) for the avx512 blocking (channels_last: kCo =
 // cl_vectors * 16).

@@ -229,11 +229,10 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
                          dm.const_data_ptr<float>(), dw_part.mutable_data_ptr<float>(),
                          db_part.mutable_data_ptr<float>(), static_cast<int>(cl_vectors)};
 #if BAM_X86
-  // dW of NCHW x in bf16 products.
-  if (!cl && exact_dy) {
+  if (exact_dy) {
     const Bf16* xb = reinterpret_cast<const Bf16*>(x.const_data_ptr<at::BFloat16>());
     at::parallel_for(0, N * wchunks * groups, 1,
-                     [&](int64_t begin, int64_t end) { conv1x1_grad_weight_avx512bf16(j, xb, begin, end); });
+                     [&](int64_t begin, int64_t end) { conv1x1_grad_weight_avx512bf16(j, cl, xb, begin, end); });
   } else
 #endif
   {
