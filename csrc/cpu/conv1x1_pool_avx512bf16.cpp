@@ -77,24 +77,31 @@ BAM_INLINE void pair_tile(const Bf16* x, int64_t C, int64_t HW, int64_t p, int64
   }
 }
 
+// NCHW, pixels in lanes: acc[o][v] += pairs[k][vector v] . w[k][o] (w's pair broadcast) over k <
+// K input pairs; pairs as pair_tile lays them out, w a block of (blocks, K, kCo) weight pairs.
+// The product of the pass (x's channel pairs) and of dx (dy's row pairs).
+template <int kPV>
+BAM_INLINE void dot_pairs(const uint32_t* pairs, const uint32_t* w, int64_t K, V (&acc)[kCo][kPV]) {
+  for (int64_t k = 0; k < K; ++k) {
+    __m512i xv[kPV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kPV; ++v) xv[v] = _mm512_loadu_si512(pairs + (k * kPV + v) * kL);
+#pragma GCC unroll 16
+    for (int o = 0; o < kCo; ++o) {
+      const __m512i wb = _mm512_set1_epi32(static_cast<int>(w[k * kCo + o]));
+#pragma GCC unroll 4
+      for (int v = 0; v < kPV; ++v) acc[o][v] = dot2(acc[o][v], xv[v], wb);
+    }
+  }
+}
+
 // NCHW: every block of kCo output channels of a paired tile, into y.
 template <int kPV>
 BAM_INLINE void dot_tile(const Conv1x1PoolJob& j, const uint32_t* pairs, int64_t p, int64_t np, float* y) {
   const int64_t C2 = (j.C + 1) / 2, cob_n = (j.Cr + kCo - 1) / kCo;
   for (int64_t cob = 0; cob < cob_n; ++cob) {
     V acc[kCo][kPV] = {};
-    const uint32_t* w = j.w_pairs + cob * C2 * kCo;
-    for (int64_t c2 = 0; c2 < C2; ++c2) {
-      __m512i xv[kPV];
-#pragma GCC unroll 4
-      for (int v = 0; v < kPV; ++v) xv[v] = _mm512_loadu_si512(pairs + (c2 * kPV + v) * kL);
-#pragma GCC unroll 16
-      for (int o = 0; o < kCo; ++o) {
-        const __m512i wb = _mm512_set1_epi32(static_cast<int>(w[c2 * kCo + o]));
-#pragma GCC unroll 4
-        for (int v = 0; v < kPV; ++v) acc[o][v] = dot2(acc[o][v], xv[v], wb);
-      }
-    }
+    dot_pairs<kPV>(pairs, j.w_pairs + cob * C2 * kCo, C2, acc);
     store_tile_block<Avx512, kPV>(j, acc, cob, p, np, y);
   }
 }
@@ -363,28 +370,26 @@ BAM_INLINE void grad_input_tile(const Conv1x1GradJob& j, const uint32_t* wt, con
   }
   for (int64_t c0 = 0; c0 < C; c0 += kCo) {
     const int64_t nc = std::min<int64_t>(kCo, C - c0);
+    // acc through constant indices only (o < nc inside): a run-time bound kept it in memory,
+    // stored at every step of dot_pairs.
     V acc[kCo][kPV] = {};
-    for (int64_t o = 0; o < nc; ++o) {
+#pragma GCC unroll 16
+    for (int o = 0; o < kCo; ++o) {
+      if (o >= nc) continue;  // rows past C: zero weights, discarded
       const Bf16* row = dx + (c0 + o) * HW + p;
       // Rows are HW apart: too many streams for the hardware prefetcher (as in the fp32 path).
       for (int l = 0; l < kPV * kL; l += 32) __builtin_prefetch(row + 2 * kPV * kL + l, 1);
       const V d = _mm512_set1_ps(dm[c0 + o]);
+#pragma GCC unroll 4
       for (int v = 0; v < kPV; ++v) acc[o][v] = as_fp32(widen(row + v * kL, mask[v])) + d;
     }
-    const uint32_t* w = wt + c0 * R2;  // block c0 / kCo of (blocks, R2, kCo)
-    for (int64_t r2 = 0; r2 < R2; ++r2) {
-      __m512i dv[kPV];
-#pragma GCC unroll 4
-      for (int v = 0; v < kPV; ++v) dv[v] = _mm512_loadu_si512(pairs + (r2 * kPV + v) * kL);
+    dot_pairs<kPV>(pairs, wt + c0 * R2, R2, acc);  // block c0 / kCo of (blocks, R2, kCo)
 #pragma GCC unroll 16
-      for (int o = 0; o < kCo; ++o) {
-        const __m512i wb = _mm512_set1_epi32(static_cast<int>(w[r2 * kCo + o]));
+    for (int o = 0; o < kCo; ++o) {
+      if (o >= nc) continue;
 #pragma GCC unroll 4
-        for (int v = 0; v < kPV; ++v) acc[o][v] = dot2(acc[o][v], dv[v], wb);
-      }
-    }
-    for (int64_t o = 0; o < nc; ++o)
       for (int v = 0; v < kPV; ++v) store_bf16(dx + (c0 + o) * HW + p + v * kL, acc[o][v], mask[v]);
+    }
   }
 }
 
