@@ -3,8 +3,8 @@
 Data path (backend "fused", or "auto" where the kernels are available):
 - eval mode without autograd: attention op = branch op (one pass over x: pooled means and
   spatial map, with BatchNorm folded into the weights) -> channel MLP on (N, C), then the
-  fused gate; on CUDA, ops/attention_cuda.py picks that op or the Triton kernels
-  (BAM_FUSED_CUDA_EVAL);
+  fused gate; on the CPU all of it in one op (bam_fused_C::bam_eval); on CUDA,
+  ops/attention_cuda.py picks that op or the Triton kernels (BAM_FUSED_CUDA_EVAL);
 - with autograd (training, or gradients wanted), on the CPU: ops/training.py (one pass over x
   for the reduce conv and the means, the rest of the branches as the module's layers, the
   fused gate; dx accumulated in place backward);

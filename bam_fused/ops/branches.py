@@ -68,7 +68,8 @@ def _register_fake() -> None:
 
 def load_op(name: str = "branches"):
     """Loads the extension (raising ExtensionUnavailable with the reason) and returns the op:
-    "branches" (bam_branches) or "attention" (the branch op and the channel MLP: BAM's eval path)."""
+    "branches" (bam_branches), "attention" (the branch op and the channel MLP: BAM's eval path on
+    CUDA) or "bam_eval" (attention, then the gate: BAM's eval path on the CPU), among others."""
     _ext.load()
     _register_fake()
     return getattr(torch.ops.bam_fused_C, name)
