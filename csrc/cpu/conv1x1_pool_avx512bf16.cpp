@@ -1,14 +1,20 @@
-// The CPU pass over bf16 x (conv1x1_pool.h) and the bf16 dilated convs (dilated_conv.h) with
-// AVX512-BF16 dot products: vdpbf16ps adds two bf16 products per fp32 lane, twice the
-// multiply-adds of an fp32 FMA per instruction (2-core AVX-512 VM: 481 against 237 GFLOP/s per
-// core). Weights are rounded to bf16 (nearest even), as a bf16 model's own are; each product is
-// exact in fp32, the sums are fp32 (in the instruction's order: odd channel, then even;
-// denormals read and written as zero). The pass's pooled sums read x exactly, in the order of
-// the avx512 pass: the same bits.
+// The CPU pass over bf16 x (conv1x1_pool.h), the bf16 dilated convs (dilated_conv.h) and the
+// pass's backward where its products are exact (conv1x1_grad.h: dW, dx) with AVX512-BF16 dot
+// products: vdpbf16ps adds two bf16 products per fp32 lane, twice the multiply-adds of an fp32
+// FMA per instruction (2-core AVX-512 VM: 481 against 237 GFLOP/s per core). Weights are rounded
+// to bf16 (nearest even), as a bf16 model's own are; each product is exact in fp32, the sums are
+// fp32 (in the instruction's order: odd channel, then even; denormals read and written as zero).
+// The pass's pooled sums read x exactly, in the order of the avx512 pass: the same bits.
 //
 // Input channels go in pairs (c, c + 1), as the instruction takes them: channels_last x and y
 // hold a pair in one 32-bit word (one broadcast per pixel); NCHW tiles are interleaved into
-// pairs once per tile, and the pairs then serve every block of output channels.
+// pairs once per tile, and the pairs then serve every block of output channels. The backward
+// pairs what it sums over: dy's rows for dx, pixels for dW.
+//
+// GCC keeps an accumulator array in registers only while every index into it is a constant
+// (after unrolling): a run-time index anywhere (a store loop to np or nc) made it store the
+// whole array at every step of the inner loop. Hence the constant-bound loops with a test
+// inside, and the local copies.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
