@@ -58,6 +58,23 @@ def test_pass_matches_reference(monkeypatch, isa, n, c, h, w, cr, dtype, layout)
     torch.testing.assert_close(spatial.double(), want_spatial, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c", [256, 512, 1024])
+@pytest.mark.parametrize("cr", [5, 16])
+def test_channels_last_pass_at_constant_channel_counts(monkeypatch, isa, c, cr):
+    """fp32 channels_last x with one output vector per block (Cr 5 everywhere, 16 under AVX-512)
+    runs kernels compiled for C = 256, 512 and 1024; 63 pixels end in a partial tile."""
+    isa_env(monkeypatch, isa)
+    g = torch.Generator().manual_seed(c + cr)
+    x = make_layout(torch.randn(2, c, 7, 9, generator=g), "channels_last")
+    wr, br = torch.randn(cr, c, generator=g) / c**0.5, torch.randn(cr, generator=g)
+    wf, bf = torch.randn(cr, generator=g), torch.randn(1, generator=g)
+    pooled, spatial = load_op()(x, wr, br, [], [], 4, wf, bf)
+    want_pooled, want_spatial = reference(x, wr, br, wf, bf)
+    torch.testing.assert_close(pooled.double(), want_pooled, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(spatial.double(), want_spatial, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("n,c,h,w,cr", SHAPES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_bf16_products_keep_the_pooled_bits_and_round_only_the_weights(monkeypatch, n, c, h, w, cr, layout):
