@@ -325,9 +325,10 @@ BAM_INLINE void conv1x1_pool_cl_tasks(const Conv1x1PoolJob& j, const T* x, int64
   }
 }
 
-// C as a constant for ResNet's BAM channels where it pays: one output vector per block (kPx =
-// K::kAcc pixels, each a pointer for a run-time C; with AVX-512 at Cr = 16, N = 8, 56x56, paired:
-// 1.10x), fp32 x (other dtypes are staged in buf). At 2 and 4 vectors it measured 0.97-1.02x.
+// C as a constant for ResNet's BAM channels where it pays: one output vector per block, whose
+// kPx = K::kAcc pixel offsets i * C GCC otherwise computed or reloaded from the stack in the
+// inner loop (AVX-512, Cr = 16, N = 8, 56x56, paired: 1.10x); fp32 x only (other dtypes are
+// staged in buf). At 2 and 4 vectors per block it measured 0.97-1.02x.
 template <typename K, int kCv, typename T>
 BAM_INLINE void conv1x1_pool_cl_channels(const Conv1x1PoolJob& j, const T* x, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<T, float> && kCv == 1) {
