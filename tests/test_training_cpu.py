@@ -70,9 +70,11 @@ def test_reduce_pool_and_backward_match_reference(monkeypatch, isa, n, c, h, w, 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_reduce_pool_backward_rounds_dx_like_torch(monkeypatch, isa, dtype, layout):
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_reduce_pool_backward_rounds_dx_like_torch(monkeypatch, isa, dtype, layout, bf16_weights):
     # With dy = 0 the kernel adds dmean / HW to dx in fp32 and rounds once: torch's rounding,
-    # bit for bit, NaN and infinity included.
+    # bit for bit, NaN and infinity included. bf16 weights (with bf16 x on avx512_bf16): the
+    # bf16-product dx kernels, which round with their own stores.
     isa_env(monkeypatch, isa)
     _, bwd = ops()
     n, c, h, w = 2, 70, 8, 8
@@ -86,7 +88,8 @@ def test_reduce_pool_backward_rounds_dx_like_torch(monkeypatch, isa, dtype, layo
     dx = make_layout(dx, layout)
     want = (dx.float() + dmean[:, :, None, None] / (h * w)).to(dtype)
     x = make_layout(torch.randn(n, c, h, w).to(dtype), layout)
-    bwd(x, make_layout(torch.zeros(n, 3, h, w), layout), dmean, torch.randn(3, c), dx)
+    weights = torch.randn(3, c).bfloat16().float() if bf16_weights else torch.randn(3, c)
+    bwd(x, make_layout(torch.zeros(n, 3, h, w), layout), dmean, weights, dx)
     assert torch.equal(dx.isnan(), want.isnan()) and dx.isnan().sum() == 1
     finite = ~want.isnan()
     assert torch.equal(dx[finite].view(torch.int16), want[finite].view(torch.int16))

@@ -99,16 +99,22 @@ BAM_INLINE V vld(const T* p) {
     return vload<V>(t);
   }
 }
+// v's lanes as bfloat16 bits, rounded as simd.h's st rounds them (nearest even, NaN -> 0x7FC0).
+template <typename V>
+BAM_INLINE U16<V> bf16_bits(V v) {
+  U32<V> u;
+  std::memcpy(&u, &v, sizeof(u));
+  const U32<V> rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const U32<V> bits = v != v ? U32<V>{} + 0x7FC0u : rounded;
+  return __builtin_convertvector(bits, U16<V>);
+}
+
 template <typename V, typename T>
 BAM_INLINE void vst(T* p, V v) {
   if constexpr (std::is_same_v<T, float>) {
     vstore<V>(p, v);
   } else if constexpr (std::is_same_v<T, Bf16>) {
-    U32<V> u;
-    std::memcpy(&u, &v, sizeof(u));
-    const U32<V> rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const U32<V> bits = v != v ? U32<V>{} + 0x7FC0u : rounded;
-    const U16<V> h = __builtin_convertvector(bits, U16<V>);
+    const U16<V> h = bf16_bits<V>(v);
     std::memcpy(p, &h, sizeof(h));
   } else {
     constexpr int kL = sizeof(V) / sizeof(float);

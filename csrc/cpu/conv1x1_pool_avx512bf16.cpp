@@ -53,6 +53,13 @@ BAM_INLINE V dot2(V acc, __m512i pairs, __m512i weights) {
 // 16 bf16 from p (lanes outside m read as zeros), each in the low half of a 32-bit lane.
 BAM_INLINE __m512i widen(const Bf16* p, __mmask16 m) { return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)); }
 BAM_INLINE V as_fp32(__m512i low_halves) { return (V)_mm512_slli_epi32(low_halves, 16); }
+// Pair words lo | hi << 16 from two vectors of bf16 in low halves (widen's).
+BAM_INLINE __m512i pair_low_halves(__m512i lo, __m512i hi) { return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)); }
+// Pair words from two vectors of fp32 that hold bf16 values (their high halves, exact).
+BAM_INLINE __m512i pair_high_halves(__m512 lo, __m512 hi) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  return _mm512_or_si512(_mm512_srli_epi32((__m512i)lo, 16), _mm512_and_si512((__m512i)hi, high));
+}
 // The first n of 16 lanes (none for n <= 0, all for n >= 16): the mask of a vector that holds
 // the n elements left.
 BAM_INLINE __mmask16 first_lanes(int64_t n) {
@@ -74,7 +81,7 @@ BAM_INLINE void pair_tile(const Bf16* x, int64_t C, int64_t HW, int64_t p, int64
     for (int v = 0; v < kPV; ++v) {
       const __m512i lo = widen(row + v * kL, mask[v]);
       const __m512i hi = pair ? widen(row + HW + v * kL, mask[v]) : _mm512_setzero_si512();
-      _mm512_storeu_si512(pairs + (c / 2 * kPV + v) * kL, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      _mm512_storeu_si512(pairs + (c / 2 * kPV + v) * kL, pair_low_halves(lo, hi));
       s0 = v == 0 ? as_fp32(lo) : s0 + as_fp32(lo);
       s1 = v == 0 ? as_fp32(hi) : s1 + as_fp32(hi);
     }
@@ -291,16 +298,12 @@ void grad_weight_nchw(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int
   }
 }
 
-// v rounded to bf16 as vst rounds it (nearest even, NaN -> 0x7FC0: the fp32 path's bits), the
-// lanes in m stored at p.
+// v rounded to bf16 as vst rounds it (bf16_bits: the fp32 path's bits), the lanes in m stored at p.
 BAM_INLINE void store_bf16(Bf16* p, V v, __mmask16 m) {
-  const __m512i u = (__m512i)v;
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  const __m512i bits = _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bits));
+  const U16<V> h = bf16_bits<V>(v);
+  __m256i bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  _mm256_mask_storeu_epi16(p, m, bits);
 }
 
 // dx of channels_last bf16 x, dx += W^T dy + dm, for bf16-representable dy and W (the launcher
@@ -363,15 +366,13 @@ BAM_INLINE void grad_input_tile(const Conv1x1GradJob& j, const uint32_t* wt, con
   const int64_t C = j.C, HW = j.HW, Cr = j.Cr, R2 = (Cr + 1) / 2;
   __mmask16 mask[kPV];
   for (int v = 0; v < kPV; ++v) mask[v] = first_lanes(np - v * kL);
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t r2 = 0; r2 < R2; ++r2) {
     const float* lo_row = dy + 2 * r2 * HW + p;
     const bool pair = 2 * r2 + 1 < Cr;
     for (int v = 0; v < kPV; ++v) {
-      const __m512i lo = (__m512i)_mm512_maskz_loadu_ps(mask[v], lo_row + v * kL);
-      const __m512i hi = pair ? (__m512i)_mm512_maskz_loadu_ps(mask[v], lo_row + HW + v * kL) : _mm512_setzero_si512();
-      _mm512_storeu_si512(pairs + (r2 * kPV + v) * kL,
-                          _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, high)));
+      const __m512 lo = _mm512_maskz_loadu_ps(mask[v], lo_row + v * kL);
+      const __m512 hi = pair ? _mm512_maskz_loadu_ps(mask[v], lo_row + HW + v * kL) : _mm512_setzero_ps();
+      _mm512_storeu_si512(pairs + (r2 * kPV + v) * kL, pair_high_halves(lo, hi));
     }
   }
   for (int64_t c0 = 0; c0 < C; c0 += kCo) {
@@ -426,7 +427,6 @@ void grad_weight_cl(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int64
   const int64_t C = j.C, HW = j.HW, Cr = j.Cr;
   const int64_t max_pairs = (j.wchunk_px + 1) / 2;
   std::vector<uint32_t> xp(max_pairs * kGradGroupC), dyp(max_pairs * Cr);
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t task = begin; task < end; ++task) {
     const GradWeightRange t = grad_weight_range(j, task);
     const int64_t np = t.p1 - t.p0, nq = (np + 1) / 2, nc = t.g1 - t.g0, ncp = (nc + kCoW - 1) / kCoW * kCoW;
@@ -438,15 +438,13 @@ void grad_weight_cl(const Conv1x1GradJob& j, const Bf16* x, int64_t begin, int64
         const __mmask16 m = first_lanes(nc - c);
         const __m512i lo = widen(xn + 2 * q * C + c, m);
         const __m512i hi = pair ? widen(xn + (2 * q + 1) * C + c, m) : _mm512_setzero_si512();
-        _mm512_storeu_si512(xp.data() + q * ncp + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        _mm512_storeu_si512(xp.data() + q * ncp + c, pair_low_halves(lo, hi));
       }
       for (int64_t r = 0; r < Cr; r += kL) {  // dy holds bf16 values: the high halves are exact
         const __mmask16 m = first_lanes(Cr - r);
-        const __m512i lo = (__m512i)_mm512_maskz_loadu_ps(m, dyn + 2 * q * Cr + r);
-        const float* odd = dyn + (2 * q + 1) * Cr + r;
-        const __m512i hi = pair ? (__m512i)_mm512_maskz_loadu_ps(m, odd) : _mm512_setzero_si512();
-        _mm512_mask_storeu_epi32(dyp.data() + q * Cr + r, m,
-                                 _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, high)));
+        const __m512 lo = _mm512_maskz_loadu_ps(m, dyn + 2 * q * Cr + r);
+        const __m512 hi = pair ? _mm512_maskz_loadu_ps(m, dyn + (2 * q + 1) * Cr + r) : _mm512_setzero_ps();
+        _mm512_mask_storeu_epi32(dyp.data() + q * Cr + r, m, pair_high_halves(lo, hi));
       }
     }
     float* dw = j.dw_part + (t.n * j.wchunks + t.k) * Cr * C;
