@@ -29,8 +29,6 @@ bool cuda_spatial_kernel(int64_t Cr) {
 }
 #endif
 
-namespace {
-
 // Which code runs the dilated convs on the CPU for Cr reduced channels (BAM_FUSED_CPU_SPATIAL,
 // read on every call so that benchmarks and tests can compare both in one process): our vector
 // code (cpu/dilated_conv.h) or oneDNN's convs. Auto picks ours where it was faster: two convs
@@ -47,6 +45,8 @@ bool cpu_spatial_kernel(int64_t Cr, bool bf16) {
   if (v == "auto") return Cr == 16 || Cr == 32;
   return v == "kernel" && (!bf16 || cpu_bf16_spatial_kernel(Cr));
 }
+
+namespace {
 
 // Checks of the spatial branch's weights after the reduce conv (Cr reduced channels).
 void check_spatial_weights(const char* op, int64_t Cr, at::Device device, at::TensorList w_dilated,
@@ -377,6 +377,12 @@ TORCH_LIBRARY(bam_fused_C, m) {
   m.def("cuda_y_channels_last(int cr, int num_dilated) -> bool", &cuda_y_channels_last);
   m.def("reduce_pool(Tensor x, Tensor w, Tensor b, bool relu) -> (Tensor, Tensor)");
   m.def("reduce_pool_backward(Tensor x, Tensor dy, Tensor dmean, Tensor w, Tensor(a!)? dx) -> (Tensor, Tensor)");
+  m.def(
+      "spatial_train(Tensor y, Tensor?[] bn_weight, Tensor?[] bn_bias, float[] eps, Tensor[] conv_weight, "
+      "Tensor?[] conv_bias, int dilation, Tensor final_weight, Tensor? final_bias) -> (Tensor, Tensor[], Tensor)");
+  m.def(
+      "spatial_train_backward(Tensor ds, Tensor y, Tensor[] maps, Tensor stats, Tensor?[] bn_weight, Tensor?[] bn_bias, "
+      "Tensor[] conv_weight, int dilation, Tensor final_weight, bool dy_channels_last) -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
@@ -386,6 +392,8 @@ TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
   m.impl("bam_eval", &bam_eval);
   m.impl("reduce_pool", &reduce_pool);
   m.impl("reduce_pool_backward", &reduce_pool_backward);
+  m.impl("spatial_train", &spatial_train);
+  m.impl("spatial_train_backward", &spatial_train_backward);
 }
 #ifdef BAM_FUSED_WITH_CUDA
 TORCH_LIBRARY_IMPL(bam_fused_C, CUDA, m) {

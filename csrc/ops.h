@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace bam_fused {
 
@@ -27,9 +28,29 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
 at::Tensor spatial_convs_cpu(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
                              int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final,
                              bool bf16 = false);
+// One dilated 3x3 conv (zero padding = dilation) + bias, with or without ReLU, on y (N, Cr, H, W)
+// in our fp32 vector code: (N, Cr, H, W) fp32 channels_last. w (Cr, Cr, 3, 3), b (Cr,).
+at::Tensor dilated_conv_cpu(const at::Tensor& y, const at::Tensor& w, const at::Tensor& b, int64_t dilation,
+                            bool relu);
+// The training-mode spatial branch after the reduce conv (spatial_train_cpu.cpp; schemas in
+// bam_fused.cpp): forward -> (spatial map (N, H, W), maps, stats) and its backward.
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> spatial_train(
+    const at::Tensor& y, const c10::List<std::optional<at::Tensor>>& bn_weight,
+    const c10::List<std::optional<at::Tensor>>& bn_bias, at::ArrayRef<double> eps, at::TensorList conv_weight,
+    const c10::List<std::optional<at::Tensor>>& conv_bias, int64_t dilation, const at::Tensor& final_weight,
+    const std::optional<at::Tensor>& final_bias);
+std::tuple<at::Tensor, std::vector<at::Tensor>> spatial_train_backward(
+    const at::Tensor& ds, const at::Tensor& y, at::TensorList maps, const at::Tensor& stats,
+    const c10::List<std::optional<at::Tensor>>& bn_weight, const c10::List<std::optional<at::Tensor>>& bn_bias,
+    at::TensorList conv_weight, int64_t dilation, const at::Tensor& final_weight, bool dy_channels_last);
 // The gate's forward over a batch (bam_fused_C::gate_forward): x (N, R, L) contiguous, row (N, R)
 // and col (N, L) fp32 (fp64 for fp64 x).
 at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product);
+// Whether the CPU dilated convs for Cr reduced channels run our vector code (else oneDNN's):
+// BAM_FUSED_CPU_SPATIAL, and in auto what was faster (bam_fused.cpp says where).
+bool cpu_spatial_kernel(int64_t Cr, bool bf16);
+// BAM_FUSED_CPU_SPATIAL as read now: auto, kernel or library.
+std::string cpu_spatial_choice();
 // Whether spatial_convs_cpu has a bf16 kernel for Cr reduced channels.
 bool cpu_bf16_spatial_kernel(int64_t Cr);
 // The instruction set the CPU pass over x uses now (BAM_FUSED_CPU_ISA, else the widest).

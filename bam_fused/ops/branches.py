@@ -63,6 +63,29 @@ def _register_fake() -> None:
     def _(x, dy, dmean, w, dx):
         return w.new_empty(w.shape), w.new_empty(w.shape[:1])
 
+    @torch.library.register_fake("bam_fused_C::spatial_train")
+    def _(y, bn_weight, bn_bias, eps, conv_weight, conv_bias, dilation, final_weight, final_bias):
+        n, cr, h, wd = y.shape
+        maps = [y.new_empty(y.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+                for _ in range(2 * len(bn_weight) - 1)]  # fmt: skip
+        return y.new_empty((n, h, wd), dtype=torch.float32), maps, y.new_empty((3, len(bn_weight), cr))
+
+    @torch.library.register_fake("bam_fused_C::spatial_train_backward")
+    def _(ds, y, maps, stats, bn_weight, bn_bias, conv_weight, dilation, final_weight, dy_channels_last):
+        layout = torch.channels_last if dy_channels_last else torch.contiguous_format
+        dy = torch.empty(y.shape, dtype=torch.float32, device=y.device).contiguous(memory_format=layout)
+        cr = y.shape[1]
+        grads = []
+        for w in conv_weight:
+            grads += [stats.new_empty(cr), stats.new_empty(cr), w.new_empty(w.shape), stats.new_empty(cr)]
+        grads += [
+            stats.new_empty(cr),
+            stats.new_empty(cr),
+            final_weight.new_empty(final_weight.shape),
+            stats.new_empty(1),
+        ]
+        return dy, grads
+
     _fake_registered = True
 
 

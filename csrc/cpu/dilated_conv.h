@@ -1,5 +1,5 @@
 // The CPU spatial branch after the pass over x, torch-free: one dilated 3x3 conv (zero padding
-// = dilation) + bias + ReLU on channels_last y (N, H, W, Cr) fp32, optionally followed by the
+// = dilation) + bias + ReLU (or no ReLU) on channels_last y (N, H, W, Cr) fp32, optionally followed by the
 // final 1x1 conv to one channel in the same epilogue (then the conv's output never reaches
 // memory).
 //
@@ -41,6 +41,7 @@ struct DilatedConvJob {
   float b_final;
   float* spatial;        // (N, H, W) when out is nullptr
   int cl_vectors;        // output vectors per register block (1, 2 or 4): kCo = cl_vectors * lanes
+  bool relu = true;      // false: out = conv + bias (training: a BatchNorm follows, spatial_train_cpu.cpp)
 };
 
 // Tasks [begin, end) of N * chunks, each one chunk of one sample.
@@ -139,7 +140,7 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
         V r[kCv];
         for (int v = 0; v < kCv; ++v) {
           const V t = acc[i][v] + b[v];
-          r[v] = P::round(t < 0 ? V{} : t);  // relu: NaN stays NaN, as in torch
+          r[v] = P::round(j.relu ? (t < 0 ? V{} : t) : t);  // relu: NaN stays NaN, as in torch
         }
         if (j.out != nullptr) {
           P::template store<kCv>(j.out, ((n * HW) + p + i) * Cr + co0, r, nco);

@@ -58,6 +58,25 @@ at::Tensor padded(const at::Tensor& v, int64_t n) {
 
 bool cpu_bf16_spatial_kernel(int64_t Cr) { return Cr == 16 || Cr == 32 || Cr == 64 || Cr == 128; }
 
+at::Tensor dilated_conv_cpu(const at::Tensor& y_in, const at::Tensor& w, const at::Tensor& b, int64_t dilation,
+                            bool relu) {
+  const int64_t N = y_in.size(0), Cr = y_in.size(1), H = y_in.size(2), W = y_in.size(3);
+  const at::Tensor y = y_in.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  auto out = at::empty_like(y);
+  if (out.numel() == 0) return out;
+  const Isa isa = chosen_isa();
+  const int64_t lanes = blocking(isa).second, cl_vectors = cl_vectors_for(Cr, lanes);
+  const int64_t kCo = cl_vectors * lanes, cob_n = (Cr + kCo - 1) / kCo;
+  const int64_t chunk_px = chunk_pixels(N, H * W), chunks = std::max<int64_t>(1, (H * W + chunk_px - 1) / chunk_px);
+  const at::Tensor wp = pack_dilated(w.to(at::kFloat), kCo), bp = padded(b.to(at::kFloat), cob_n * kCo);
+  DilatedConvJob j{H, W, Cr, std::min(dilation, std::max(H, W)), chunk_px, chunks, y.const_data_ptr(),
+                   wp.const_data_ptr(), bp.const_data_ptr<float>(), out.mutable_data_ptr(), nullptr, 0.f, nullptr,
+                   static_cast<int>(cl_vectors)};
+  j.relu = relu;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) { dilated_conv(isa, false, j, begin, end); });
+  return out;
+}
+
 at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, at::TensorList b_dilated,
                              int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final, bool bf16) {
   const int64_t N = y_in.size(0), Cr = y_in.size(1), H = y_in.size(2), W = y_in.size(3);
