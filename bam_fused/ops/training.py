@@ -102,12 +102,10 @@ class _Tail:
         def d(t):
             return None if t is None else t.detach()  # shares the version counter
 
-        # (layer, weight, bias) in the order of the backward op's gradients
-        self.slots = [
-            (layer, d(layer.weight), d(layer.bias)) for pair in zip(bns[:-1], convs, strict=True) for layer in pair
-        ]
-        self.slots += [(bns[-1], d(bns[-1].weight), d(bns[-1].bias)), (final, d(final.weight), d(final.bias))]
-        self.versions = [t._version for _, *ts in self.slots for t in ts if t is not None]
+        # The layers' (weight, bias) parameters (or None) in the order of the backward op's gradients.
+        layers = [layer for pair in zip(bns[:-1], convs, strict=True) for layer in pair] + [bns[-1], final]
+        self.params = [p for layer in layers for p in (layer._parameters.get("weight"), layer._parameters.get("bias"))]
+        self.versions = [p._version for p in self.params if p is not None]
         self.bn_w, self.bn_b = [d(b.weight) for b in bns], [d(b.bias) for b in bns]
         self.conv_w, self.fin_w = [c.weight.detach() for c in convs], final.weight.detach()
         self.y = y
@@ -119,7 +117,7 @@ class _Tail:
 
     def backward(self, ds: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, dict]:
         """dy (laid out as asked) and {parameter: gradient} for the layers' parameters."""
-        if [t._version for _, *ts in self.slots for t in ts if t is not None] != self.versions:
+        if [p._version for p in self.params if p is not None] != self.versions:
             raise RuntimeError(
                 "bam_fused.BAM: a spatial-branch weight was modified by an inplace operation between "
                 "the forward and the backward"
@@ -128,13 +126,7 @@ class _Tail:
             ds.contiguous(), self.y, self.maps, self.stats, self.bn_w, self.bn_b, self.conv_w, self.dilation,
             self.fin_w, channels_last,
         )  # fmt: skip
-        grads = {}
-        for k, (layer, *_) in enumerate(self.slots):
-            for name, g in (("weight", flat[2 * k]), ("bias", flat[2 * k + 1])):
-                p = layer._parameters.get(name)
-                if p is not None:
-                    grads[p] = g.view(p.shape)
-        return dy, grads
+        return dy, {p: g.view(p.shape) for p, g in zip(self.params, flat, strict=True) if p is not None}
 
 
 class _TrainingBAM(torch.autograd.Function):

@@ -19,13 +19,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "../check.h"
 #include "../ops.h"
+#include "conv1x1_pool.h"  // vload, vstore
 #include "simd.h"
 
 namespace bam_fused {
@@ -41,16 +41,6 @@ using Vec4 = float __attribute__((vector_size(16)));
 
 template <typename T>
 constexpr int64_t kWidth = sizeof(T) / sizeof(float);
-template <typename T>
-BAM_INLINE T load(const float* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
-template <typename T>
-BAM_INLINE void store(float* p, T v) {
-  std::memcpy(p, &v, sizeof(T));
-}
 // relu(y * scale + shift): NaN stays NaN, as in torch.relu.
 template <typename T>
 BAM_INLINE T bn_relu(T y, T scale, T shift) {
@@ -116,7 +106,7 @@ struct BnRelu {
       at::parallel_for(0, M, kBlockPx, [&](int64_t p0, int64_t p1) {
         for (int64_t i = p0 * cr; i < p1 * cr; i += cr)
           for (int64_t c = 0; c < cr; c += L)
-            store<T>(a + i + c, bn_relu(load<T>(y + i + c), load<T>(sc + c), load<T>(sh + c)));
+            vstore<T>(a + i + c, bn_relu(vload<T>(y + i + c), vload<T>(sc + c), vload<T>(sh + c)));
       });
     });
   }
@@ -143,16 +133,16 @@ struct BnRelu {
       const float *sc = scale.data(), *sh = shift.data(), *mu = mean;
       // The gradient of u at pixel p (element i = p * cr), channels [c, c + L).
       const auto du = [&](int64_t p, int64_t i, int64_t c) BAM_INLINE_LAMBDA {
-        const T g = kOuter ? da[p] * load<T>(wf + c) : load<T>(da + i + c);
-        return bn_relu(load<T>(y + i + c), load<T>(sc + c), load<T>(sh + c)) <= 0.f ? T{} : g;
+        const T g = kOuter ? da[p] * vload<T>(wf + c) : vload<T>(da + i + c);
+        return bn_relu(vload<T>(y + i + c), vload<T>(sc + c), vload<T>(sh + c)) <= 0.f ? T{} : g;
       };
       const std::vector<double> s = channel_sums<2>(M, cr, [&](int64_t p0, int64_t p1, float* acc) {
         for (int64_t p = p0; p < p1; ++p)
           for (int64_t c = 0; c < cr; c += L) {
             const int64_t i = p * cr;
             const T g = du(p, i, c);
-            store<T>(acc + c, load<T>(acc + c) + g);
-            store<T>(acc + cr + c, load<T>(acc + cr + c) + g * (load<T>(y + i + c) - load<T>(mu + c)));
+            vstore<T>(acc + c, vload<T>(acc + c) + g);
+            vstore<T>(acc + cr + c, vload<T>(acc + cr + c) + g * (vload<T>(y + i + c) - vload<T>(mu + c)));
           }
       });
       for (int64_t c = 0; c < cr; ++c) {
@@ -167,13 +157,13 @@ struct BnRelu {
         for (int64_t p = p0; p < p1; ++p)
           for (int64_t c = 0; c < cr; c += L) {
             const int64_t i = p * cr;
-            const T r = (du(p, i, c) - (load<T>(y + i + c) - load<T>(mu + c)) * load<T>(pj + c) - load<T>(gm + c)) *
-                        load<T>(gs + c);
+            const T r = (du(p, i, c) - (vload<T>(y + i + c) - vload<T>(mu + c)) * vload<T>(pj + c) - vload<T>(gm + c)) *
+                        vload<T>(gs + c);
             if (nchw_hw == 0) {
-              store<T>(dy + i + c, r);
+              vstore<T>(dy + i + c, r);
             } else {  // the reduce conv's backward takes dy laid out like x: spares a transpose
               float lanes[L];
-              store<T>(lanes, r);
+              vstore<T>(lanes, r);
               const int64_t n = p / nchw_hw, hw = p % nchw_hw;
               for (int64_t l = 0; l < L; ++l) dy[(n * cr + c + l) * nchw_hw + hw] = lanes[l];
             }
@@ -199,14 +189,14 @@ void batch_stats(const float* y, int64_t M, int64_t Cr, double eps, float* mean,
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t p0 = b * kBlockPx, p1 = std::min(M, p0 + kBlockPx);
         float *sum = part.data() + b * 2 * cr, *dev = sum + cr;
-        for (int64_t c = 0; c < cr; c += L) store<T>(sum + c, T{}), store<T>(dev + c, T{});
+        for (int64_t c = 0; c < cr; c += L) vstore<T>(sum + c, T{}), vstore<T>(dev + c, T{});
         for (int64_t i = p0 * cr; i < p1 * cr; i += cr)
-          for (int64_t c = 0; c < cr; c += L) store<T>(sum + c, load<T>(sum + c) + load<T>(y + i + c));
+          for (int64_t c = 0; c < cr; c += L) vstore<T>(sum + c, vload<T>(sum + c) + vload<T>(y + i + c));
         for (int64_t c = 0; c < cr; ++c) block_mean[c] = sum[c] / static_cast<float>(p1 - p0);
         for (int64_t i = p0 * cr; i < p1 * cr; i += cr)
           for (int64_t c = 0; c < cr; c += L) {
-            const T d = load<T>(y + i + c) - load<T>(block_mean.data() + c);
-            store<T>(dev + c, load<T>(dev + c) + d * d);
+            const T d = vload<T>(y + i + c) - vload<T>(block_mean.data() + c);
+            vstore<T>(dev + c, vload<T>(dev + c) + d * d);
           }
       }
     });
