@@ -3,6 +3,8 @@
 module's own layers in float64, inside BAM against the reference (gradients and running
 statistics), and the cases where the layers must run as modules instead."""
 
+import copy
+
 import pytest
 import torch
 from helpers import make_layout
@@ -228,6 +230,18 @@ def test_bam_training_with_batchnorm_without_running_stats_or_affine(monkeypatch
     assert "spatial_train" in calls
 
 
+def test_bam_training_with_convs_without_bias(monkeypatch):
+    calls = count_tail_ops(monkeypatch)
+    ref, fused = make_pair(48, 8, 4, "sum")
+    di, fin = nn.Conv2d(6, 6, 3, padding=4, dilation=4, bias=False), nn.Conv2d(6, 1, 1, bias=False)
+    for m in (ref, fused):
+        m.spatial_att.gate_s.gate_s_conv_di_0 = copy.deepcopy(di)
+        m.spatial_att.gate_s.gate_s_conv_final = copy.deepcopy(fin)
+    x = torch.randn(2, 48, 9, 13)
+    assert_same_training(ref, fused, x, torch.randn(2, 48, 9, 13))
+    assert "spatial_train" in calls
+
+
 def freeze_bn(m):
     m.spatial_att.gate_s.gate_s_bn_di_1.eval()  # fine-tuning with frozen statistics
 
@@ -248,10 +262,15 @@ def subclass(m):
     m.spatial_att.gate_s.gate_s_bn_reduce0 = MyBatchNorm(6)
 
 
+def mixed_dilations(m):
+    torch.manual_seed(4)  # the same weights in both modules
+    m.spatial_att.gate_s.gate_s_conv_di_1 = nn.Conv2d(6, 6, 3, padding=1)  # the op takes one dilation
+
+
 HOOKED: list = []
 
 
-@pytest.mark.parametrize("change", [freeze_bn, hook_bn, leaky, subclass], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("change", [freeze_bn, hook_bn, leaky, subclass, mixed_dilations], ids=lambda f: f.__name__)
 def test_bam_training_runs_the_layers_when_they_are_not_stock(monkeypatch, change):
     calls = count_tail_ops(monkeypatch)
     HOOKED.clear()
