@@ -32,6 +32,11 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y, at::TensorList w_dilated, at::
 // in our fp32 vector code: (N, Cr, H, W) fp32 channels_last. w (Cr, Cr, 3, 3), b (Cr,).
 at::Tensor dilated_conv_cpu(const at::Tensor& y, const at::Tensor& w, const at::Tensor& b, int64_t dilation,
                             bool relu);
+// Whether dilated_conv_grad_weight_cpu has a kernel for Cr channels (16, 32, 64).
+bool cpu_dilated_grad_weight_kernel(int64_t Cr);
+// The weight gradient (Cr, Cr, 3, 3) fp32 of that conv from dy and its input in (both
+// (N, Cr, H, W)), in our vector code; the same bits for any thread count.
+at::Tensor dilated_conv_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& in, int64_t dilation);
 // The training-mode spatial branch after the reduce conv (spatial_train_cpu.cpp; schemas in
 // bam_fused.cpp): forward -> (spatial map (N, H, W), maps, stats) and its backward.
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> spatial_train(

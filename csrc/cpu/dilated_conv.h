@@ -53,6 +53,23 @@ BAM_DECLARE_DILATED_CONV(generic)
 // bf16 y, weights (channel pairs) and outputs, Cr of 16, 32, 64 or 128 (conv1x1_pool_avx512bf16.cpp).
 BAM_DECLARE_DILATED_CONV(avx512bf16)
 
+// The weight gradient of one fp32 dilated 3x3 conv (zero padding = dilation) in training
+// (spatial_train_cpu.cpp), for Cr of 16, 32 or 64: per task (one chunk of one sample's pixels),
+// part[task] (9 taps, Cr outputs, Cr inputs) = the sum over the task's pixels p of
+// dy[p][o] * in[p shifted by the tap][i]. The launcher adds the partials in task order: results
+// do not depend on the thread count.
+struct DilatedGradJob {
+  int64_t H, W, Cr, dilation, chunk_px, chunks;
+  const float* in;  // (N, H, W, Cr): the conv's input
+  const float* dy;  // (N, H, W, Cr): the gradient of its output
+  float* part;      // (N * chunks, 9, Cr, Cr)
+};
+#define BAM_DECLARE_DILATED_GRAD(ISA) \
+  void dilated_conv_grad_weight_##ISA(const DilatedGradJob& j, int64_t begin, int64_t end);
+BAM_DECLARE_DILATED_GRAD(avx512)
+BAM_DECLARE_DILATED_GRAD(avx2)
+BAM_DECLARE_DILATED_GRAD(generic)
+
 namespace {  // NOLINT: internal linkage on purpose (see conv1x1_pool.h)
 
 // The fp32 policy: y, weights and outputs are floats, one unit per channel.
@@ -186,9 +203,69 @@ BAM_INLINE void dilated_conv_any(const DilatedConvJob& j, int64_t b, int64_t e) 
   }
 }
 
+constexpr int pow2_floor(int v) { return v >= 16 ? 16 : v >= 8 ? 8 : v >= 4 ? 4 : v >= 2 ? 2 : 1; }
+
+// kO outputs x kIv input vectors of accumulators (kO a power of two dividing kCr, within K's
+// accumulator budget); one input vector load per kIv and one broadcast of dy per output.
+template <typename K, int kCr>
+BAM_INLINE void dilated_grad_weight_tasks(const DilatedGradJob& j, int64_t begin, int64_t end) {
+  using V = typename K::V;
+  constexpr int kL = kLanes<K>, kIv = std::min(kCr / kL, 4), kO = pow2_floor(std::min(kCr, K::kAcc / kIv));
+  static_assert(kCr % (kIv * kL) == 0 && kCr % kO == 0);
+  const int64_t H = j.H, W = j.W, HW = H * W, d = j.dilation;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / j.chunks, p0 = task % j.chunks * j.chunk_px, p1 = std::min(HW, p0 + j.chunk_px);
+    const float* in = j.in + n * HW * kCr;
+    const float* dy = j.dy + n * HW * kCr;
+    float* part = j.part + task * 9 * kCr * kCr;
+    for (int tap = 0; tap < 9; ++tap) {
+      const int64_t dh = (tap / 3 - 1) * d, dw = (tap % 3 - 1) * d;
+      for (int o0 = 0; o0 < kCr; o0 += kO) {
+        for (int i0 = 0; i0 < kCr; i0 += kIv * kL) {
+          V acc[kO][kIv] = {};
+          // Row by row: the pixels whose shifted pixel lies inside the map (else zero padding)
+          // are one run of columns, with no test per pixel.
+          for (int64_t row0 = p0; row0 < p1;) {
+            const int64_t h = row0 / W, w0 = row0 % W, row1 = std::min(p1, row0 - w0 + W);
+            const int64_t lo = std::max(w0, -dw), hi = std::min(w0 + row1 - row0, W - dw);
+            if (h + dh >= 0 && h + dh < H && lo < hi) {
+              const float* src = in + ((h + dh) * W + lo + dw) * kCr + i0;
+              const float* g = dy + (h * W + lo) * kCr + o0;
+              for (int64_t k = 0; k < hi - lo; ++k, src += kCr, g += kCr) {
+                V a[kIv];
+                for (int v = 0; v < kIv; ++v) a[v] = vload<V>(src + v * kL);
+                for (int o = 0; o < kO; ++o) {
+                  const V b = K::splat(g[o]);
+                  for (int v = 0; v < kIv; ++v) acc[o][v] += b * a[v];
+                }
+              }
+            }
+            row0 = row1;
+          }
+          for (int o = 0; o < kO; ++o)
+            for (int v = 0; v < kIv; ++v) vstore<V>(part + (tap * kCr + o0 + o) * kCr + i0 + v * kL, acc[o][v]);
+        }
+      }
+    }
+  }
+}
+
+template <typename K>
+BAM_INLINE void dilated_grad_weight_any(const DilatedGradJob& j, int64_t b, int64_t e) {
+  switch (j.Cr) {
+    case 16: return dilated_grad_weight_tasks<K, 16>(j, b, e);
+    case 32: return dilated_grad_weight_tasks<K, 32>(j, b, e);
+    case 64: return dilated_grad_weight_tasks<K, 64>(j, b, e);
+    default: break;  // the launcher sends other channel counts to oneDNN
+  }
+}
+
 }  // namespace
 
-#define BAM_DEFINE_DILATED_CONV(ISA, K) \
-  void dilated_conv_##ISA(const DilatedConvJob& j, int64_t b, int64_t e) { dilated_conv_any<K>(j, b, e); }
+#define BAM_DEFINE_DILATED_CONV(ISA, K)                                                                \
+  void dilated_conv_##ISA(const DilatedConvJob& j, int64_t b, int64_t e) { dilated_conv_any<K>(j, b, e); } \
+  void dilated_conv_grad_weight_##ISA(const DilatedGradJob& j, int64_t b, int64_t e) {                \
+    dilated_grad_weight_any<K>(j, b, e);                                                           \
+  }
 
 }  // namespace bam_fused

@@ -26,6 +26,14 @@ void dilated_conv(Isa isa, bool bf16, const DilatedConvJob& j, int64_t begin, in
   dilated_conv_generic(j, begin, end);
 }
 
+void dilated_conv_grad_weight(Isa isa, const DilatedGradJob& j, int64_t begin, int64_t end) {
+#if BAM_X86
+  if (avx512_vectors(isa)) return dilated_conv_grad_weight_avx512(j, begin, end);
+  if (isa == Isa::kAvx2) return dilated_conv_grad_weight_avx2(j, begin, end);
+#endif
+  dilated_conv_grad_weight_generic(j, begin, end);
+}
+
 // (Cr, Cr, 3, 3) -> (3, 3 taps, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs.
 at::Tensor pack_dilated(const at::Tensor& w, int64_t kCo) {
   const int64_t Cr = w.size(0), cob_n = (Cr + kCo - 1) / kCo;
@@ -57,6 +65,41 @@ at::Tensor padded(const at::Tensor& v, int64_t n) {
 }  // namespace
 
 bool cpu_bf16_spatial_kernel(int64_t Cr) { return Cr == 16 || Cr == 32 || Cr == 64 || Cr == 128; }
+
+bool cpu_dilated_grad_weight_kernel(int64_t Cr) { return Cr == 16 || Cr == 32 || Cr == 64; }
+
+at::Tensor dilated_conv_grad_weight_cpu(const at::Tensor& dy_in, const at::Tensor& in_in, int64_t dilation) {
+  const int64_t N = dy_in.size(0), Cr = dy_in.size(1), H = dy_in.size(2), W = dy_in.size(3);
+  BAM_CHECK(cpu_dilated_grad_weight_kernel(Cr), "bam_fused: no dilated-conv weight-gradient kernel for ", Cr,
+            " channels");
+  const at::Tensor dy = dy_in.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor in = in_in.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t taps = 9 * Cr * Cr;
+  if (N * H * W == 0) return at::zeros({Cr, Cr, 3, 3}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+  // Tasks of up to kDwChunk pixels of one sample (set by the shape alone): few partials to add
+  // (with the conv's chunks of at most 192 pixels, writing and adding them cost 0.1 ms at
+  // Cr = 32, 28x28, N = 8), and each tap's sweep of a task stays in L2.
+  constexpr int64_t kDwChunk = 1024;
+  const int64_t chunk_px = std::min(H * W, kDwChunk), chunks = (H * W + chunk_px - 1) / chunk_px;
+  auto part = at::empty({N * chunks, taps}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+  const DilatedGradJob j{H, W, Cr, dilation, chunk_px, chunks, in.const_data_ptr<float>(), dy.const_data_ptr<float>(),
+                         part.mutable_data_ptr<float>()};
+  const Isa isa = chosen_isa();
+  at::parallel_for(0, N * chunks, 1, [&](int64_t b, int64_t e) { dilated_conv_grad_weight(isa, j, b, e); });
+  // The partials added in task order (in double), in parallel over the weights.
+  auto sum = at::empty({9, Cr, Cr}, part.options());
+  const float* pp = part.const_data_ptr<float>();
+  float* sp = sum.mutable_data_ptr<float>();
+  const int64_t tasks = N * chunks;
+  at::parallel_for(0, taps, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      double s = 0.0;
+      for (int64_t t = 0; t < tasks; ++t) s += pp[t * taps + i];
+      sp[i] = static_cast<float>(s);
+    }
+  });
+  return sum.permute({1, 2, 0}).reshape({Cr, Cr, 3, 3}).contiguous();  // (tap, o, i) -> (o, i, kh, kw)
+}
 
 at::Tensor dilated_conv_cpu(const at::Tensor& y_in, const at::Tensor& w, const at::Tensor& b, int64_t dilation,
                             bool relu) {

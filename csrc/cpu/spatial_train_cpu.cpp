@@ -6,13 +6,14 @@
 // As PyTorch layers this part is many small ops on maps of 1/16 of x's size (ATen's BatchNorm
 // and ReLU, oneDNN's convs and their backward, a 1x1 conv to one channel). Here the maps are
 // channels_last, viewed as (M = N * H * W pixels, Cr): a BatchNorm with its ReLU is two sweeps
-// forward and two backward; the dilated convs and their input gradients run in our vector code
-// (dilated_conv.h; the input gradient is the conv with transposed, flipped weights) where the
-// eval path runs ours (cpu_spatial_kernel), else in oneDNN; the weight gradients in oneDNN.
+// forward and two backward; the dilated convs, their input gradients (the conv with
+// transposed, flipped weights) and weight gradients run in our vector code (dilated_conv.h)
+// where the eval path runs ours (cpu_spatial_kernel: 16 and 32 channels in auto), else in
+// oneDNN.
 //
 // Per-channel sums are taken in float over fixed blocks of kBlockPx pixels, then over the
 // blocks in order in double: results do not depend on the thread count (except oneDNN's conv
-// weight and bias gradients, whose sums follow its threads, as in PyTorch).
+// weight and bias gradients where oneDNN runs, whose sums follow its threads, as in PyTorch).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -232,12 +233,29 @@ struct DilatedConvs {
   // The gradients of the conv's input (channels_last), weight and bias, from dy.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy, const at::Tensor& a,
                                                           const at::Tensor& w) const {
-    auto [da, dw, db] = at::convolution_backward(dy, a, w, at::IntArrayRef({Cr}), {1, 1}, {d, d}, {d, d}, false,
-                                                 {0, 0}, 1, {!ours, true, true});
-    // Ours: the conv with the weights transposed and flipped (zero padding = dilation keeps
-    // the map's size).
-    if (ours) da = dilated_conv_cpu(dy, w.transpose(0, 1).flip({2, 3}), at::zeros({Cr}, dy.options()), d, false);
-    return {da.contiguous(at::MemoryFormat::ChannelsLast), dw.contiguous(), db};
+    if (!ours) {
+      auto [da, dw, db] = at::convolution_backward(dy, a, w, at::IntArrayRef({Cr}), {1, 1}, {d, d}, {d, d}, false,
+                                                   {0, 0}, 1, {true, true, true});
+      return {da.contiguous(at::MemoryFormat::ChannelsLast), dw.contiguous(), db};
+    }
+    // Ours: the input gradient is the conv with the weights transposed and flipped (zero
+    // padding = dilation keeps the map's size); the weight gradient ours at 16, 32 and 64
+    // channels (then the same bits for any thread count), else oneDNN's.
+    at::Tensor da = dilated_conv_cpu(dy, w.transpose(0, 1).flip({2, 3}), at::zeros({Cr}, dy.options()), d, false);
+    if (!cpu_dilated_grad_weight_kernel(Cr)) {
+      auto [unused, dw, db] = at::convolution_backward(dy, a, w, at::IntArrayRef({Cr}), {1, 1}, {d, d}, {d, d}, false,
+                                                       {0, 0}, 1, {false, true, true});
+      return {da, dw.contiguous(), db};
+    }
+    const int64_t M = dy.numel() / Cr;
+    const std::vector<double> s = channel_sums<1>(M, Cr, [&](int64_t p0, int64_t p1, float* acc) {
+      const float* g = dy.const_data_ptr<float>();
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t c = 0; c < Cr; ++c) acc[c] += g[p * Cr + c];
+    });
+    at::Tensor db = at::empty({Cr}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+    for (int64_t c = 0; c < Cr; ++c) db.mutable_data_ptr<float>()[c] = static_cast<float>(s[c]);
+    return {da, dilated_conv_grad_weight_cpu(dy, a, d), db};
   }
 };
 
