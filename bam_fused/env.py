@@ -18,7 +18,8 @@
 |                             |         | extension                                                     |
 | BAM_FUSED_CPU_SPATIAL       | auto    | CPU dilated convs + final 1x1 conv: kernel (ours), library    |
 |                             |         | (oneDNN), or auto (ours at 16 and 32 reduced channels); in    |
-|                             |         | bf16 for bf16 x on avx512_bf16; read by the extension         |
+|                             |         | bf16 for bf16 x on avx512_bf16; also the fp32 training convs  |
+|                             |         | (spatial_train); read by the extension                        |
 | BAM_FUSED_CPU_STREAM_STORES | auto    | CPU gate forward output: on (non-temporal stores), off, or    |
 |                             |         | auto (on from half the last-level cache up); read by the      |
 |                             |         | extension                                                     |
