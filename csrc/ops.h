@@ -38,7 +38,13 @@ bool cpu_dilated_grad_weight_kernel(int64_t Cr);
 // (N, Cr, H, W)), in our vector code; the same bits for any thread count.
 at::Tensor dilated_conv_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& in, int64_t dilation);
 // The training-mode spatial branch after the reduce conv (spatial_train_cpu.cpp; schemas in
-// bam_fused.cpp): forward -> (spatial map (N, H, W), maps, stats) and its backward.
+// bam_fused.cpp), for y = the reduce conv's output (N, Cr, H, W) fp32 and K dilated convs
+// (K + 1 BatchNorms): the forward returns the spatial map (N, H, W), the maps the backward
+// needs (a_0, y_1, a_1, ..., y_K, a_K: BatchNorm inputs y_k and ReLU outputs a_k, channels_last
+// fp32) and stats (3, K + 1, Cr): each BatchNorm's batch mean, invstd and biased variance.
+// The backward takes the spatial map's gradient ds and the same y, and returns dy (NCHW, or
+// channels_last with dy_channels_last) and the layers' gradients, (bn_k weight, bn_k bias,
+// conv_k weight, conv_k bias) for k < K, then bn_K's and the final conv's weight and bias.
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> spatial_train(
     const at::Tensor& y, const c10::List<std::optional<at::Tensor>>& bn_weight,
     const c10::List<std::optional<at::Tensor>>& bn_bias, at::ArrayRef<double> eps, at::TensorList conv_weight,

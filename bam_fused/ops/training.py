@@ -14,7 +14,8 @@ gate) and autograd adds three gradients of x's size on the way back. Here:
 When the rest of the spatial branch is the stock one (BatchNorm2d with batch statistics, ReLU,
 dilated 3x3 convs, the final 1x1 conv; fp32; no hooks, no autocast), it runs as two C++ ops
 instead of its layers (``bam_fused_C::spatial_train`` and its backward: BatchNorm and ReLU in
-a few sweeps over the small maps, the convs and their input gradients in our vector code);
+a few sweeps over the small maps, the convs and their input and weight gradients in our vector
+code where our convs run);
 this module updates the BatchNorms' running statistics as nn.BatchNorm2d does. At 56x56 those
 layers took about 40% of a training step.
 
