@@ -378,12 +378,13 @@ TORCH_LIBRARY(bam_fused_C, m) {
   m.def("reduce_pool(Tensor x, Tensor w, Tensor b, bool relu) -> (Tensor, Tensor)");
   m.def("reduce_pool_backward(Tensor x, Tensor dy, Tensor dmean, Tensor w, Tensor(a!)? dx) -> (Tensor, Tensor)");
   m.def(
-      "spatial_train(Tensor y, Tensor?[] bn_weight, Tensor?[] bn_bias, float[] eps, Tensor[] conv_weight, "
-      "Tensor?[] conv_bias, int dilation, Tensor final_weight, Tensor? final_bias) -> (Tensor, Tensor[], Tensor)");
+      "spatial_train(Tensor y, Tensor?[] bn_weight, Tensor?[] bn_bias, float[] eps, Tensor?[] running_mean, "
+      "Tensor?[] running_var, Tensor[] conv_weight, Tensor?[] conv_bias, int dilation, Tensor final_weight, "
+      "Tensor? final_bias) -> (Tensor, Tensor[], Tensor)");
   m.def(
       "spatial_train_backward(Tensor ds, Tensor y, Tensor[] maps, Tensor stats, Tensor?[] bn_weight, "
-      "Tensor?[] bn_bias, Tensor[] conv_weight, int dilation, Tensor final_weight, bool dy_channels_last) "
-      "-> (Tensor, Tensor[])");
+      "Tensor?[] bn_bias, Tensor[] conv_weight, int dilation, Tensor final_weight, bool[] batch_stats, "
+      "bool dy_channels_last) -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {

@@ -39,7 +39,8 @@ bool cpu_dilated_grad_weight_kernel(int64_t Cr);
 at::Tensor dilated_conv_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& in, int64_t dilation);
 // The training-mode spatial branch after the reduce conv (spatial_train_cpu.cpp; schemas in
 // bam_fused.cpp), for y = the reduce conv's output (N, Cr, H, W) fp32 and K dilated convs
-// (K + 1 BatchNorms): the forward returns the spatial map (N, H, W), the maps the backward
+// (K + 1 BatchNorms; a BatchNorm given running_mean and running_var uses them, as in eval
+// mode, else its batch statistics): the forward returns the spatial map (N, H, W), the maps the backward
 // needs (a_0, y_1, a_1, ..., y_K, a_K: BatchNorm inputs y_k and ReLU outputs a_k, channels_last
 // fp32) and stats (3, K + 1, Cr): each BatchNorm's batch mean, invstd and biased variance.
 // The backward takes the spatial map's gradient ds and the same y, and returns dy (NCHW, or
@@ -47,13 +48,15 @@ at::Tensor dilated_conv_grad_weight_cpu(const at::Tensor& dy, const at::Tensor& 
 // conv_k weight, conv_k bias) for k < K, then bn_K's and the final conv's weight and bias.
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> spatial_train(
     const at::Tensor& y, const c10::List<std::optional<at::Tensor>>& bn_weight,
-    const c10::List<std::optional<at::Tensor>>& bn_bias, at::ArrayRef<double> eps, at::TensorList conv_weight,
-    const c10::List<std::optional<at::Tensor>>& conv_bias, int64_t dilation, const at::Tensor& final_weight,
-    const std::optional<at::Tensor>& final_bias);
+    const c10::List<std::optional<at::Tensor>>& bn_bias, at::ArrayRef<double> eps,
+    const c10::List<std::optional<at::Tensor>>& running_mean, const c10::List<std::optional<at::Tensor>>& running_var,
+    at::TensorList conv_weight, const c10::List<std::optional<at::Tensor>>& conv_bias, int64_t dilation,
+    const at::Tensor& final_weight, const std::optional<at::Tensor>& final_bias);
 std::tuple<at::Tensor, std::vector<at::Tensor>> spatial_train_backward(
     const at::Tensor& ds, const at::Tensor& y, at::TensorList maps, const at::Tensor& stats,
     const c10::List<std::optional<at::Tensor>>& bn_weight, const c10::List<std::optional<at::Tensor>>& bn_bias,
-    at::TensorList conv_weight, int64_t dilation, const at::Tensor& final_weight, bool dy_channels_last);
+    at::TensorList conv_weight, int64_t dilation, const at::Tensor& final_weight, const c10::List<bool>& batch_stats,
+    bool dy_channels_last);
 // The gate's forward over a batch (bam_fused_C::gate_forward): x (N, R, L) contiguous, row (N, R)
 // and col (N, L) fp32 (fp64 for fp64 x).
 at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product);

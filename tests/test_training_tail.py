@@ -47,13 +47,17 @@ def op_args(seq):
 def run_ops(seq, y, dilation, ds, channels_last):
     bns, convs, bn_w, bn_b, conv_w = op_args(seq)
     fin = convs[-1]
+    frozen = [not b.training for b in bns]  # eval-mode BatchNorms: their running statistics
+    rm = [b.running_mean.float() if f else None for b, f in zip(bns, frozen, strict=True)]
+    rv = [b.running_var.float() if f else None for b, f in zip(bns, frozen, strict=True)]
     s, maps, stats = load_op("spatial_train")(
-        y.float().contiguous(memory_format=torch.channels_last), bn_w, bn_b, [b.eps for b in bns], conv_w,
+        y.float().contiguous(memory_format=torch.channels_last), bn_w, bn_b, [b.eps for b in bns], rm, rv, conv_w,
         [c.bias.detach().float() for c in convs[:-1]], dilation, fin.weight.detach().float(), fin.bias.detach().float(),
     )  # fmt: skip
     dy, grads = load_op("spatial_train_backward")(
-        ds, y.float(), maps, stats, bn_w, bn_b, conv_w, dilation, fin.weight.detach().float(), channels_last
-    )
+        ds, y.float(), maps, stats, bn_w, bn_b, conv_w, dilation, fin.weight.detach().float(),
+        [not f for f in frozen], channels_last,
+    )  # fmt: skip
     return s, maps, stats, dy, grads
 
 
@@ -141,6 +145,35 @@ def test_ops_do_not_depend_on_the_thread_count(monkeypatch, convs):
             assert torch.equal(ga, gb), i
 
 
+@pytest.mark.parametrize("frozen", [(1,), (0, 2), (0, 1, 2)])
+@pytest.mark.parametrize("convs", ["kernel", "library"])
+def test_ops_with_batchnorms_in_eval_mode_match_the_layers(monkeypatch, frozen, convs):
+    # Frozen BatchNorms (fine-tuning) or a whole BAM in eval mode with gradients: running statistics.
+    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", convs)
+    torch.manual_seed(6)
+    seq = tail_layers(16, 2, 2).double().train()
+    bns = [m for m in seq if isinstance(m, nn.BatchNorm2d)]
+    for k in frozen:
+        bns[k].running_mean.normal_(0, 0.5)
+        bns[k].running_var.uniform_(0.5, 2.0)
+        bns[k].eval()
+    before = [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
+    n = 1 if len(frozen) == 3 else 2  # all frozen: one pixel per channel is fine (no batch statistics)
+    h, w = (1, 1) if n == 1 else (7, 9)
+    y = torch.randn(n, 16, h, w, dtype=torch.float64, requires_grad=True)
+    ds = torch.randn(n, h, w, dtype=torch.float64)
+    want = seq(y)
+    want_grads = torch.autograd.grad(want, [y, *seq.parameters()], ds.view(n, 1, h, w))
+    s, _, stats, dy, grads = run_ops(seq, y.detach(), 2, ds.float(), False)
+    torch.testing.assert_close(s.double(), want.detach().view(n, h, w), rtol=1e-4, atol=1e-4)
+    for k in frozen:
+        torch.testing.assert_close(stats[0, k].double(), before[k][0], rtol=0, atol=1e-7)
+    scale = max(1.0, max(float(g.abs().max()) for g in want_grads))
+    torch.testing.assert_close(dy.double(), want_grads[0], rtol=1e-4, atol=1e-5 * scale)
+    for i, (got, ref) in enumerate(zip(grads, want_grads[1:], strict=True)):
+        torch.testing.assert_close(got.double().view_as(ref), ref, rtol=1e-4, atol=1e-5 * scale, msg=str(i))
+
+
 def test_ops_without_affine_batchnorm():
     torch.manual_seed(2)
     seq = tail_layers(8, 2, 2, affine=False).double().train()
@@ -158,6 +191,9 @@ def test_ops_without_affine_batchnorm():
         torch.testing.assert_close(got.double().view_as(ref), ref, rtol=1e-4, atol=1e-5)
 
 
+NONE = [None] * 3  # batch statistics in all three BatchNorms
+
+
 def test_ops_reject_bad_arguments():
     seq = tail_layers(4, 2, 2).train()
     bns, convs, bn_w, bn_b, conv_w = op_args(seq)
@@ -166,29 +202,36 @@ def test_ops_reject_bad_arguments():
     y = torch.randn(2, 4, 5, 6)
     biases = [c.bias.detach() for c in convs[:-1]]
     with pytest.raises(RuntimeError, match="y must be fp32"):
-        fwd(y.double(), bn_w, bn_b, [1e-5] * 3, conv_w, biases, 2, fin_w, fin_b)
+        fwd(y.double(), bn_w, bn_b, [1e-5] * 3, NONE, NONE, conv_w, biases, 2, fin_w, fin_b)
     with pytest.raises(RuntimeError, match="bn_weight and bn_bias need 3 entries"):
-        fwd(y, bn_w[:2], bn_b, [1e-5] * 3, conv_w, biases, 2, fin_w, fin_b)
+        fwd(y, bn_w[:2], bn_b, [1e-5] * 3, NONE, NONE, conv_w, biases, 2, fin_w, fin_b)
     with pytest.raises(RuntimeError, match="eps needs 3 entries"):
-        fwd(y, bn_w, bn_b, [1e-5], conv_w, biases, 2, fin_w, fin_b)
+        fwd(y, bn_w, bn_b, [1e-5], NONE, NONE, conv_w, biases, 2, fin_w, fin_b)
     with pytest.raises(RuntimeError, match=r"conv_weight\[1\] must be fp32 \(4, 4, 3, 3\)"):
-        fwd(y, bn_w, bn_b, [1e-5] * 3, [conv_w[0], conv_w[1][:, :3]], biases, 2, fin_w, fin_b)
+        fwd(y, bn_w, bn_b, [1e-5] * 3, NONE, NONE, [conv_w[0], conv_w[1][:, :3]], biases, 2, fin_w, fin_b)
     with pytest.raises(RuntimeError, match=r"bn_bias\[0\] must be fp32 with 4 elements"):
-        fwd(y, bn_w, [torch.zeros(5), *bn_b[1:]], [1e-5] * 3, conv_w, biases, 2, fin_w, fin_b)
+        fwd(y, bn_w, [torch.zeros(5), *bn_b[1:]], [1e-5] * 3, NONE, NONE, conv_w, biases, 2, fin_w, fin_b)
     with pytest.raises(RuntimeError, match="dilation must be >= 1"):
-        fwd(y, bn_w, bn_b, [1e-5] * 3, conv_w, biases, 0, fin_w, fin_b)
+        fwd(y, bn_w, bn_b, [1e-5] * 3, NONE, NONE, conv_w, biases, 0, fin_w, fin_b)
+    with pytest.raises(RuntimeError, match=r"running_mean\[1\] and running_var\[1\] must both be given"):
+        fwd(y, bn_w, bn_b, [1e-5] * 3, [None, torch.zeros(4), None], NONE, conv_w, biases, 2, fin_w, fin_b)
+    with pytest.raises(RuntimeError, match=r"running_mean\[0\] and running_var\[0\] must be fp32 with 4"):
+        fwd(y, bn_w, bn_b, [1e-5] * 3, [torch.zeros(3), None, None], [torch.ones(3), None, None], conv_w, biases, 2,
+            fin_w, fin_b)  # fmt: skip
     with pytest.raises(RuntimeError, match="more than one value per channel"):
-        fwd(y[:1, :, :1, :1], bn_w, bn_b, [1e-5] * 3, conv_w, biases, 2, fin_w, fin_b)
-    s, maps, stats = fwd(y, bn_w, bn_b, [1e-5] * 3, conv_w, biases, 2, fin_w, fin_b)
+        fwd(y[:1, :, :1, :1], bn_w, bn_b, [1e-5] * 3, NONE, NONE, conv_w, biases, 2, fin_w, fin_b)
+    s, maps, stats = fwd(y, bn_w, bn_b, [1e-5] * 3, NONE, NONE, conv_w, biases, 2, fin_w, fin_b)
     ds = torch.randn(2, 5, 6)
     with pytest.raises(RuntimeError, match="maps must be spatial_train's 5 maps"):
-        bwd(ds, y, maps[:4], stats, bn_w, bn_b, conv_w, 2, fin_w, False)
+        bwd(ds, y, maps[:4], stats, bn_w, bn_b, conv_w, 2, fin_w, [True] * 3, False)
     with pytest.raises(RuntimeError, match="maps must be spatial_train's"):
-        bwd(ds, y, [m.contiguous() for m in maps], stats, bn_w, bn_b, conv_w, 2, fin_w, False)
+        bwd(ds, y, [m.contiguous() for m in maps], stats, bn_w, bn_b, conv_w, 2, fin_w, [True] * 3, False)
     with pytest.raises(RuntimeError, match="ds must be fp32 with N \\* H \\* W = 60"):
-        bwd(ds[:1], y, maps, stats, bn_w, bn_b, conv_w, 2, fin_w, False)
+        bwd(ds[:1], y, maps, stats, bn_w, bn_b, conv_w, 2, fin_w, [True] * 3, False)
+    with pytest.raises(RuntimeError, match="batch_stats needs 3 entries"):
+        bwd(ds, y, maps, stats, bn_w, bn_b, conv_w, 2, fin_w, [True], False)
     with pytest.raises(RuntimeError, match="stats must be"):
-        bwd(ds, y, maps, stats[:2], bn_w, bn_b, conv_w, 2, fin_w, False)
+        bwd(ds, y, maps, stats[:2], bn_w, bn_b, conv_w, 2, fin_w, [True] * 3, False)
 
 
 def test_ops_opcheck():
@@ -196,12 +239,26 @@ def test_ops_opcheck():
     bns, convs, bn_w, bn_b, conv_w = op_args(seq)
     fin_w, fin_b = convs[-1].weight.detach(), convs[-1].bias.detach()
     y = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last)
-    args = (y, bn_w, bn_b, [1e-5] * 3, conv_w, [c.bias.detach() for c in convs[:-1]], 2, fin_w, fin_b)
+    args = (
+        y,
+        bn_w,
+        bn_b,
+        [1e-5] * 3,
+        [None, torch.zeros(4), None],
+        [None, torch.ones(4), None],
+        conv_w,
+        [c.bias.detach() for c in convs[:-1]],
+        2,
+        fin_w,
+        fin_b,
+    )
     fwd, bwd = load_op("spatial_train"), load_op("spatial_train_backward")
     torch.library.opcheck(fwd.default, args)
     _, maps, stats = fwd(*args)
     for cl in (False, True):
-        torch.library.opcheck(bwd.default, (torch.randn(2, 5, 6), y, maps, stats, bn_w, bn_b, conv_w, 2, fin_w, cl))
+        torch.library.opcheck(
+            bwd.default, (torch.randn(2, 5, 6), y, maps, stats, bn_w, bn_b, conv_w, 2, fin_w, [True, False, True], cl)
+        )
 
 
 def count_tail_ops(monkeypatch):
@@ -255,6 +312,23 @@ def test_bam_training_with_batchnorm_without_running_stats_or_affine(monkeypatch
     assert "spatial_train" in calls
 
 
+def test_bam_with_frozen_batchnorms_and_in_eval_mode_runs_the_ops(monkeypatch):
+    calls = count_tail_ops(monkeypatch)
+    ref, fused = make_pair(48, 8, 2, "sum")
+    for m in (ref, fused):
+        m.spatial_att.gate_s.gate_s_bn_di_1.eval()  # fine-tuning with frozen statistics
+    x = torch.randn(2, 48, 7, 9)
+    assert_same_training(ref, fused, x, torch.randn(2, 48, 7, 9))
+    assert calls.count("spatial_train") == 2
+    for m in (ref, fused):
+        m.eval()  # gradients in eval mode (saliency, attacks, gradient checks): running statistics
+    assert_same_training(ref, fused, x, torch.randn(2, 48, 7, 9), steps=1)
+    assert calls.count("spatial_train") == 3
+    # One pixel per channel: fine in eval mode.
+    assert_same_training(ref, fused, x[:1, :, :1, :1], torch.randn(1, 48, 1, 1), steps=1)
+    assert calls.count("spatial_train") == 4
+
+
 def test_bam_training_with_convs_without_bias(monkeypatch):
     calls = count_tail_ops(monkeypatch)
     ref, fused = make_pair(48, 8, 4, "sum")
@@ -265,10 +339,6 @@ def test_bam_training_with_convs_without_bias(monkeypatch):
     x = torch.randn(2, 48, 9, 13)
     assert_same_training(ref, fused, x, torch.randn(2, 48, 9, 13))
     assert "spatial_train" in calls
-
-
-def freeze_bn(m):
-    m.spatial_att.gate_s.gate_s_bn_di_1.eval()  # fine-tuning with frozen statistics
 
 
 def hook_bn(m):
@@ -295,7 +365,7 @@ def mixed_dilations(m):
 HOOKED: list = []
 
 
-@pytest.mark.parametrize("change", [freeze_bn, hook_bn, leaky, subclass, mixed_dilations], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("change", [hook_bn, leaky, subclass, mixed_dilations], ids=lambda f: f.__name__)
 def test_bam_training_runs_the_layers_when_they_are_not_stock(monkeypatch, change):
     calls = count_tail_ops(monkeypatch)
     HOOKED.clear()

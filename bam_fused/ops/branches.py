@@ -64,14 +64,15 @@ def _register_fake() -> None:
         return w.new_empty(w.shape), w.new_empty(w.shape[:1])
 
     @torch.library.register_fake("bam_fused_C::spatial_train")
-    def _(y, bn_weight, bn_bias, eps, conv_weight, conv_bias, dilation, final_weight, final_bias):
+    def _(y, bn_weight, bn_bias, eps, running_mean, running_var, conv_weight, conv_bias, dilation, final_weight,
+          final_bias):  # fmt: skip
         n, cr, h, wd = y.shape
         maps = [y.new_empty(y.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
                 for _ in range(2 * len(bn_weight) - 1)]  # fmt: skip
         return y.new_empty((n, h, wd), dtype=torch.float32), maps, y.new_empty((3, len(bn_weight), cr))
 
     @torch.library.register_fake("bam_fused_C::spatial_train_backward")
-    def _(ds, y, maps, stats, bn_weight, bn_bias, conv_weight, dilation, final_weight, dy_channels_last):
+    def _(ds, y, maps, stats, bn_weight, bn_bias, conv_weight, dilation, final_weight, batch_stats, dy_channels_last):
         layout = torch.channels_last if dy_channels_last else torch.contiguous_format
         dy = torch.empty(y.shape, dtype=torch.float32, device=y.device).contiguous(memory_format=layout)
         cr = y.shape[1]

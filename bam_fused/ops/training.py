@@ -11,13 +11,12 @@ gate) and autograd adds three gradients of x's size on the way back. Here:
   ``bam_fused_C::reduce_pool_backward`` adds the reduce conv's and the mean's share into dx
   in place and gives the reduce conv's weight and bias gradients.
 
-When the rest of the spatial branch is the stock one (BatchNorm2d with batch statistics, ReLU,
+When the rest of the spatial branch is the stock one (BatchNorm2d in either mode, ReLU,
 dilated 3x3 convs, the final 1x1 conv; fp32; no hooks, no autocast), it runs as two C++ ops
 instead of its layers (``bam_fused_C::spatial_train`` and its backward: BatchNorm and ReLU in
 a few sweeps over the small maps, the convs and their input and weight gradients in our vector
-code where our convs run);
-this module updates the BatchNorms' running statistics as nn.BatchNorm2d does. At 56x56 those
-layers took about 40% of a training step.
+code where our convs run); this module updates the BatchNorms' running statistics as
+nn.BatchNorm2d does. At 56x56 those layers took about 40% of a training step.
 
 First derivatives only. Otherwise the layers of the rest run as modules (their hooks fire,
 BatchNorm updates its running statistics); the reduce conv's own forward does not run (its
@@ -52,19 +51,27 @@ def _fp32(layer: nn.Module) -> bool:
     return all(t.dtype == torch.float32 for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point())
 
 
+def _batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """Whether bn normalises with the batch's statistics (nn.BatchNorm2d's rule), not its running ones."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
 def _stock_tail(rest: list[nn.Module], pixels: int) -> tuple[list, list, nn.Conv2d, int] | None:
     """(BatchNorms, dilated convs, final conv, dilation) when the rest of the spatial branch is
     what spatial_train computes, else None (the layers run as modules)."""
-    if pixels < 2 or torch.is_autocast_enabled("cpu") or (len(rest) - 3) % 3 != 0:
+    if torch.is_autocast_enabled("cpu") or (len(rest) - 3) % 3 != 0:
         return None
     bns, convs, final = rest[0:-1:3], rest[2:-1:3], rest[-1]
+    if not all(type(bn) is nn.BatchNorm2d for bn in bns):
+        return None
+    if pixels < 2 and any(_batch_stats(bn) for bn in bns):
+        return None  # the layers raise BatchNorm's own error
     relus = rest[1:-1:3]
     d = convs[0].dilation[0] if convs else 1
     for layer in rest:
         if _has_hooks(layer) or not _fp32(layer):
             return None
-    ok = all(type(bn) is nn.BatchNorm2d and bn.training for bn in bns)
-    ok = ok and all(type(r) is nn.ReLU for r in relus)
+    ok = all(type(r) is nn.ReLU for r in relus)
     ok = ok and all(
         type(c) is nn.Conv2d and c.kernel_size == (3, 3) and c.stride == (1, 1) and c.dilation == (d, d)
         and c.padding == (d, d) and c.groups == 1 and c.padding_mode == "zeros"
@@ -80,7 +87,7 @@ def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: to
     """What nn.BatchNorm2d's training forward does to its buffers, given the batch's mean and
     biased variance (K, Cr)."""
     for k, bn in enumerate(bns):
-        if not bn.track_running_stats:
+        if not (bn.training and bn.track_running_stats):
             continue
         factor = 0.0 if bn.momentum is None else bn.momentum
         if bn.num_batches_tracked is not None:
@@ -108,11 +115,18 @@ class _Tail:
         self.params = [p for layer in layers for p in (layer._parameters.get("weight"), layer._parameters.get("bias"))]
         self.versions = [p._version for p in self.params if p is not None]
         self.bn_w, self.bn_b = [d(b.weight) for b in bns], [d(b.bias) for b in bns]
+        # BatchNorms in eval mode (frozen, or the whole BAM in eval mode with gradients) normalise
+        # with their running statistics.
+        self.batch_stats = [_batch_stats(b) for b in bns]
+        running = [
+            (None, None) if bs else (d(b.running_mean), d(b.running_var))
+            for b, bs in zip(bns, self.batch_stats, strict=True)
+        ]
         self.conv_w, self.fin_w = [c.weight.detach() for c in convs], final.weight.detach()
         self.y = y
         self.s, self.maps, self.stats = load_op("spatial_train")(
-            y, self.bn_w, self.bn_b, [bn.eps for bn in bns], self.conv_w, [d(c.bias) for c in convs],
-            self.dilation, self.fin_w, d(final.bias),
+            y, self.bn_w, self.bn_b, [bn.eps for bn in bns], [m for m, _ in running], [v for _, v in running],
+            self.conv_w, [d(c.bias) for c in convs], self.dilation, self.fin_w, d(final.bias),
         )  # fmt: skip
         _update_running_stats(bns, self.stats[0], self.stats[2], pixels)
 
@@ -125,7 +139,7 @@ class _Tail:
             )
         dy, flat = load_op("spatial_train_backward")(
             ds.contiguous(), self.y, self.maps, self.stats, self.bn_w, self.bn_b, self.conv_w, self.dilation,
-            self.fin_w, channels_last,
+            self.fin_w, self.batch_stats, channels_last,
         )  # fmt: skip
         return dy, {p: g.view(p.shape) for p, g in zip(self.params, flat, strict=True) if p is not None}
 

@@ -116,16 +116,18 @@ struct BnRelu {
   // dbeta (Cr,). ReLU passes da where relu(u) <= 0 is false (torch's threshold_backward: NaN
   // passes); BatchNorm's backward as PyTorch's CPU kernel writes it:
   // (du - (y - mean) * proj - grad_mean) * invstd * gamma.
-  // dy is written channels_last, or NCHW when nchw_hw (H * W) is not 0.
+  // dy is written channels_last, or NCHW when nchw_hw (H * W) is not 0. With running
+  // statistics (!batch_stats: a BatchNorm in eval mode) the mean and invstd are constants:
+  // dy = du * invstd * gamma.
   void backward(const float* da, const float* ds, const float* wf, const float* y, const float* gamma, float* dy,
-                float* dgamma, float* dbeta, int64_t nchw_hw) const {
-    if (ds != nullptr) return backward_impl<true>(ds, wf, y, gamma, dy, dgamma, dbeta, nchw_hw);
-    backward_impl<false>(da, nullptr, y, gamma, dy, dgamma, dbeta, nchw_hw);
+                float* dgamma, float* dbeta, int64_t nchw_hw, bool batch_stats) const {
+    if (ds != nullptr) return backward_impl<true>(ds, wf, y, gamma, dy, dgamma, dbeta, nchw_hw, batch_stats);
+    backward_impl<false>(da, nullptr, y, gamma, dy, dgamma, dbeta, nchw_hw, batch_stats);
   }
 
   template <bool kOuter>
   void backward_impl(const float* da, const float* wf, const float* y, const float* gamma, float* dy, float* dgamma,
-                     float* dbeta, int64_t nchw_hw) const {
+                     float* dbeta, int64_t nchw_hw, bool batch_stats) const {
     std::vector<float> grad_mean(Cr), proj(Cr), grad_scale(Cr);
     with_channels(Cr, [&](auto kCr, auto t) {
       using T = decltype(t);
@@ -149,8 +151,8 @@ struct BnRelu {
       for (int64_t c = 0; c < cr; ++c) {
         dbeta[c] = static_cast<float>(s[c]);
         dgamma[c] = static_cast<float>(s[cr + c] * invstd[c]);
-        grad_mean[c] = static_cast<float>(s[c] / M);
-        proj[c] = static_cast<float>(s[cr + c] / M * invstd[c] * invstd[c]);
+        grad_mean[c] = batch_stats ? static_cast<float>(s[c] / M) : 0.f;
+        proj[c] = batch_stats ? static_cast<float>(s[cr + c] / M * invstd[c] * invstd[c]) : 0.f;
         grad_scale[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
       }
       const float *gm = grad_mean.data(), *pj = proj.data(), *gs = grad_scale.data();
@@ -178,7 +180,7 @@ struct BnRelu {
 // (Cr,). One sweep over y: per block of kBlockPx pixels (in L1) its sum, then its squared
 // deviations from its own mean; the blocks merged in order in double (Chan et al.'s pairwise
 // update), so no E[y^2] - mean^2 cancellation.
-void batch_stats(const float* y, int64_t M, int64_t Cr, double eps, float* mean, float* invstd, float* var) {
+void batch_statistics(const float* y, int64_t M, int64_t Cr, double eps, float* mean, float* invstd, float* var) {
   const int64_t blocks = (M + kBlockPx - 1) / kBlockPx;
   std::vector<float> part(blocks * 2 * Cr);  // per block: sum (Cr), squared deviations (Cr)
   with_channels(Cr, [&](auto kCr, auto t) {
@@ -297,9 +299,10 @@ void check_layers(const char* op, int64_t Cr, const c10::List<std::optional<at::
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> spatial_train(
     const at::Tensor& y, const c10::List<std::optional<at::Tensor>>& bn_weight,
-    const c10::List<std::optional<at::Tensor>>& bn_bias, at::ArrayRef<double> eps, at::TensorList conv_weight,
-    const c10::List<std::optional<at::Tensor>>& conv_bias, int64_t dilation, const at::Tensor& final_weight,
-    const std::optional<at::Tensor>& final_bias) {
+    const c10::List<std::optional<at::Tensor>>& bn_bias, at::ArrayRef<double> eps,
+    const c10::List<std::optional<at::Tensor>>& running_mean, const c10::List<std::optional<at::Tensor>>& running_var,
+    at::TensorList conv_weight, const c10::List<std::optional<at::Tensor>>& conv_bias, int64_t dilation,
+    const at::Tensor& final_weight, const std::optional<at::Tensor>& final_bias) {
   const char* op = "bam_fused_C::spatial_train";
   BAM_CHECK(y.dim() == 4 && y.scalar_type() == at::kFloat && y.is_cpu(), op,
             ": y must be fp32 (N, Cr, H, W) on the CPU, got ", y.sizes(), " ", y.scalar_type(), " on ", y.device());
@@ -315,8 +318,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> spatial_train(
   }
   BAM_CHECK(!final_bias.has_value() || (final_bias->numel() == 1 && final_bias->scalar_type() == at::kFloat), op,
             ": final_bias must be fp32 with 1 element");
+  BAM_CHECK(running_mean.size() == K + 1 && running_var.size() == K + 1, op,
+            ": running_mean and running_var need ", K + 1, " entries, got ", running_mean.size(), " and ",
+            running_var.size());
+  bool any_batch_stats = false;
+  for (size_t k = 0; k <= K; ++k) {
+    const auto rm = running_mean.get(k), rv = running_var.get(k);
+    BAM_CHECK(rm.has_value() == rv.has_value(), op, ": running_mean[", k, "] and running_var[", k,
+              "] must both be given (the BatchNorm's running statistics) or both be None (batch statistics)");
+    BAM_CHECK(!rm.has_value() || (rm->numel() == Cr && rm->scalar_type() == at::kFloat && rv->numel() == Cr &&
+                                  rv->scalar_type() == at::kFloat),
+              op, ": running_mean[", k, "] and running_var[", k, "] must be fp32 with ", Cr, " elements");
+    any_batch_stats |= !rm.has_value();
+  }
   // PyTorch's BatchNorm raises here too: one value per channel has no variance.
-  BAM_CHECK(M > 1, op, ": BatchNorm needs more than one value per channel in training, got N * H * W = ", M);
+  BAM_CHECK(M > 1 || !any_batch_stats, op,
+            ": BatchNorm needs more than one value per channel in training, got N * H * W = ", M);
 
   auto stats = at::empty({3, static_cast<int64_t>(K) + 1, Cr}, y.options().dtype(at::kFloat));
   float* st = stats.mutable_data_ptr<float>();
@@ -325,7 +342,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> spatial_train(
   const DilatedConvs convs{Cr, dilation, cpu_spatial_kernel(Cr, false)};
   for (size_t k = 0; k <= K; ++k) {
     float *mean = st + k * Cr, *invstd = st + (K + 1 + k) * Cr, *var = st + (2 * (K + 1) + k) * Cr;
-    batch_stats(cur.const_data_ptr<float>(), M, Cr, eps[k], mean, invstd, var);
+    const auto rm = running_mean.get(k), rv = running_var.get(k);
+    if (rm.has_value()) {  // a BatchNorm in eval mode: its running statistics
+      const at::Tensor m = rm->contiguous(), v = rv->contiguous();
+      for (int64_t c = 0; c < Cr; ++c) {
+        mean[c] = m.const_data_ptr<float>()[c];
+        var[c] = v.const_data_ptr<float>()[c];
+        invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps[k]));
+      }
+    } else {
+      batch_statistics(cur.const_data_ptr<float>(), M, Cr, eps[k], mean, invstd, var);
+    }
     at::Tensor a = at::empty_like(cur);
     BnRelu(M, Cr, mean, invstd, contiguous_or_none(bn_weight.get(k)), contiguous_or_none(bn_bias.get(k)))
         .forward(cur.const_data_ptr<float>(), a.mutable_data_ptr<float>());
@@ -345,7 +372,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> spatial_train(
 std::tuple<at::Tensor, std::vector<at::Tensor>> spatial_train_backward(
     const at::Tensor& ds, const at::Tensor& y, at::TensorList maps_after_y, const at::Tensor& stats,
     const c10::List<std::optional<at::Tensor>>& bn_weight, const c10::List<std::optional<at::Tensor>>& bn_bias,
-    at::TensorList conv_weight, int64_t dilation, const at::Tensor& final_weight, bool dy_channels_last) {
+    at::TensorList conv_weight, int64_t dilation, const at::Tensor& final_weight, const c10::List<bool>& batch_stats,
+    bool dy_channels_last) {
   const char* op = "bam_fused_C::spatial_train_backward";
   const size_t K = conv_weight.size();
   BAM_CHECK(maps_after_y.size() == 2 * K + 1, op, ": maps must be spatial_train's ", 2 * K + 1, " maps, got ",
@@ -367,6 +395,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> spatial_train_backward(
   BAM_CHECK(ds.numel() == M && ds.scalar_type() == at::kFloat && ds.is_cpu(), op, ": ds must be fp32 with N * H * W = ",
             M, " elements on the CPU, got ", ds.sizes(), " ", ds.scalar_type());
   check_layers(op, Cr, bn_weight, bn_bias, conv_weight, dilation, final_weight);
+  BAM_CHECK(batch_stats.size() == K + 1, op, ": batch_stats needs ", K + 1, " entries, got ", batch_stats.size());
 
   const float* st = stats.const_data_ptr<float>();
   const auto opts = stats.options();
@@ -393,9 +422,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> spatial_train_backward(
     float* dbp = dbeta.mutable_data_ptr<float>();
     const int64_t nchw_hw = k == 0 && !dy_channels_last ? H * W : 0;
     if (k == K) {  // a_K's gradient is ds times the final conv's weights
-      bn.backward(nullptr, dsv.const_data_ptr<float>(), wf.const_data_ptr<float>(), y, g, dyp, dgp, dbp, nchw_hw);
+      bn.backward(nullptr, dsv.const_data_ptr<float>(), wf.const_data_ptr<float>(), y, g, dyp, dgp, dbp, nchw_hw,
+                  batch_stats.get(k));
     } else {
-      bn.backward(da.const_data_ptr<float>(), nullptr, nullptr, y, g, dyp, dgp, dbp, nchw_hw);
+      bn.backward(da.const_data_ptr<float>(), nullptr, nullptr, y, g, dyp, dgp, dbp, nchw_hw, batch_stats.get(k));
     }
     grads[4 * k] = dgamma;
     grads[4 * k + 1] = dbeta;
