@@ -1,7 +1,8 @@
-"""The training-mode spatial branch after the reduce conv as two C++ ops
-(bam_fused_C::spatial_train and its backward, csrc/cpu/spatial_train_cpu.cpp): against the
-module's own layers in float64, inside BAM against the reference (gradients and running
-statistics), and the cases where the layers must run as modules instead."""
+"""The spatial branch after the reduce conv with autograd on the CPU (training, or eval mode
+with gradients) as two C++ ops (bam_fused_C::spatial_train and its backward,
+csrc/cpu/spatial_train_cpu.cpp): against the module's own layers in float64, inside BAM against
+the reference (gradients and running statistics), and the cases where the layers must run as
+modules instead."""
 
 import copy
 

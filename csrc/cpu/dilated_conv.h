@@ -1,7 +1,7 @@
 // The CPU spatial branch after the pass over x, torch-free: one dilated 3x3 conv (zero padding
-// = dilation) + bias + ReLU (or no ReLU) on channels_last y (N, H, W, Cr) fp32, optionally followed by the
-// final 1x1 conv to one channel in the same epilogue (then the conv's output never reaches
-// memory).
+// = dilation) + bias + ReLU (or no ReLU, for training) on channels_last y (N, H, W, Cr) fp32,
+// optionally followed by the final 1x1 conv to one channel in the same epilogue (then the
+// conv's output never reaches memory). Further down: the conv's weight gradient (training).
 //
 // Blocks of kPx consecutive pixels (row-major over H x W, so a block may span rows and the
 // last one is the only partial block) accumulate kPx pixels x kCv output vectors in registers
