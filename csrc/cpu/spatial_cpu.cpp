@@ -64,6 +64,25 @@ at::Tensor padded(const at::Tensor& v, int64_t n) {
 
 }  // namespace
 
+namespace {
+
+// The register and task blocking of our dilated convs on an (N, Cr, H, W) map, shared by the
+// eval branch's convs and the training convs.
+struct DilatedBlocking {
+  Isa isa;
+  int64_t cl_vectors, kCo, cob_n, chunk_px, chunks;
+  int64_t d;  // the dilation: those past the map reach only padding, so any such one gives the same result
+};
+
+DilatedBlocking dilated_blocking(int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t dilation) {
+  const Isa isa = chosen_isa();
+  const int64_t lanes = blocking(isa).second, cl_vectors = cl_vectors_for(Cr, lanes), kCo = cl_vectors * lanes;
+  const int64_t chunk_px = chunk_pixels(N, H * W), chunks = std::max<int64_t>(1, (H * W + chunk_px - 1) / chunk_px);
+  return {isa, cl_vectors, kCo, (Cr + kCo - 1) / kCo, chunk_px, chunks, std::min(dilation, std::max(H, W))};
+}
+
+}  // namespace
+
 bool cpu_bf16_spatial_kernel(int64_t Cr) { return Cr == 16 || Cr == 32 || Cr == 64 || Cr == 128; }
 
 bool cpu_dilated_grad_weight_kernel(int64_t Cr) { return Cr == 16 || Cr == 32 || Cr == 64; }
@@ -107,16 +126,13 @@ at::Tensor dilated_conv_cpu(const at::Tensor& y_in, const at::Tensor& w, const a
   const at::Tensor y = y_in.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   auto out = at::empty_like(y);
   if (out.numel() == 0) return out;
-  const Isa isa = chosen_isa();
-  const int64_t lanes = blocking(isa).second, cl_vectors = cl_vectors_for(Cr, lanes);
-  const int64_t kCo = cl_vectors * lanes, cob_n = (Cr + kCo - 1) / kCo;
-  const int64_t chunk_px = chunk_pixels(N, H * W), chunks = std::max<int64_t>(1, (H * W + chunk_px - 1) / chunk_px);
-  const at::Tensor wp = pack_dilated(w.to(at::kFloat), kCo), bp = padded(b.to(at::kFloat), cob_n * kCo);
-  DilatedConvJob j{H, W, Cr, std::min(dilation, std::max(H, W)), chunk_px, chunks, y.const_data_ptr(),
-                   wp.const_data_ptr(), bp.const_data_ptr<float>(), out.mutable_data_ptr(), nullptr, 0.f, nullptr,
-                   static_cast<int>(cl_vectors)};
+  const DilatedBlocking k = dilated_blocking(N, Cr, H, W, dilation);
+  const at::Tensor wp = pack_dilated(w.to(at::kFloat), k.kCo), bp = padded(b.to(at::kFloat), k.cob_n * k.kCo);
+  DilatedConvJob j{H, W, Cr, k.d, k.chunk_px, k.chunks, y.const_data_ptr(), wp.const_data_ptr(),
+                   bp.const_data_ptr<float>(), out.mutable_data_ptr(), nullptr, 0.f, nullptr,
+                   static_cast<int>(k.cl_vectors)};
   j.relu = relu;
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) { dilated_conv(isa, false, j, begin, end); });
+  at::parallel_for(0, N * k.chunks, 1, [&](int64_t begin, int64_t end) { dilated_conv(k.isa, false, j, begin, end); });
   return out;
 }
 
@@ -126,26 +142,23 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
   BAM_CHECK(!bf16 || cpu_bf16_spatial_kernel(Cr), "bam_fused: no bf16 dilated-conv kernel for ", Cr, " channels");
   // bf16: y, the weights and biases rounded to bf16 as oneDNN's bf16 convs round them.
   at::Tensor y = y_in.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
-  const Isa isa = chosen_isa();
-  const int64_t lanes = blocking(isa).second, cl_vectors = cl_vectors_for(Cr, lanes);
-  const int64_t kCo = cl_vectors * lanes, cob_n = (Cr + kCo - 1) / kCo;
-  const int64_t chunk_px = chunk_pixels(N, H * W), chunks = std::max<int64_t>(1, (H * W + chunk_px - 1) / chunk_px);
-  // Dilations past the map reach only padding: any such dilation gives the same result.
-  const int64_t d = std::min(dilation, std::max(H, W));
-  const at::Tensor wf = padded(w_final, cob_n * kCo);
+  const DilatedBlocking k = dilated_blocking(N, Cr, H, W, dilation);
+  const at::Tensor wf = padded(w_final, k.cob_n * k.kCo);
   auto spatial = at::empty({N, H, W}, y.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   if (spatial.numel() == 0) return spatial;  // no pixels (the kernels divide by W)
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const bool last = i + 1 == w_dilated.size();
-    const at::Tensor packed = pack_dilated(w_dilated[i], kCo);
+    const at::Tensor packed = pack_dilated(w_dilated[i], k.kCo);
     const at::Tensor wp = bf16 ? pair_inputs(packed) : packed;
-    const at::Tensor bp = padded(bf16 ? b_dilated[i].to(at::kBFloat16).to(at::kFloat) : b_dilated[i], cob_n * kCo);
+    const at::Tensor bp =
+        padded(bf16 ? b_dilated[i].to(at::kBFloat16).to(at::kFloat) : b_dilated[i], k.cob_n * k.kCo);
     at::Tensor out = last ? at::Tensor() : at::empty_like(y);
-    const DilatedConvJob j{H, W, Cr, d, chunk_px, chunks, y.const_data_ptr(), wp.const_data_ptr(),
+    const DilatedConvJob j{H, W, Cr, k.d, k.chunk_px, k.chunks, y.const_data_ptr(), wp.const_data_ptr(),
                            bp.const_data_ptr<float>(), last ? nullptr : out.mutable_data_ptr(),
                            wf.const_data_ptr<float>(), b_final.item<float>(),
-                           last ? spatial.mutable_data_ptr<float>() : nullptr, static_cast<int>(cl_vectors)};
-    at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) { dilated_conv(isa, bf16, j, begin, end); });
+                           last ? spatial.mutable_data_ptr<float>() : nullptr, static_cast<int>(k.cl_vectors)};
+    at::parallel_for(0, N * k.chunks, 1,
+                     [&](int64_t begin, int64_t end) { dilated_conv(k.isa, bf16, j, begin, end); });
     if (!last) y = out;
   }
   return spatial;
