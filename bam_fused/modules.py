@@ -19,7 +19,7 @@ from torch import nn
 
 from . import _backends, reference
 from ._checks import check_choice, check_feature_map
-from .ops import attention_cuda, training
+from .ops import attention_cuda, training, training_compiled
 from .ops.branches import BRANCH_DTYPES, load_op
 from .ops.gate import bam_gate, memory_format
 
@@ -198,8 +198,11 @@ class BAM(reference.BAM):
                     xc, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"],
                     self.dilation, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
                 )  # fmt: skip
-        elif impl == "cpp" and not torch.compiler.is_compiling() and training.reason(self, x) is None:
-            # Autograd on the CPU: one pass over x forward, dx in place backward (ops/training.py).
+        elif impl == "cpp" and training.reason(self, x) is None:
+            # Autograd on the CPU: one pass over x forward, dx in place backward (ops/training.py);
+            # under torch.compile the pass over x as a custom op (ops/training_compiled.py).
+            if torch.compiler.is_compiling():
+                return training_compiled.compiled_training_bam(self, x, self.combine)
             return training.training_bam(self, x, self.combine)
         else:
             channel, spatial = self.channel_att(x), self.spatial_att(x)

@@ -1,0 +1,198 @@
+"""BAM with autograd on the CPU under torch.compile.
+
+Dynamo cannot trace ops/training.py's autograd Function (its backward runs torch.autograd.grad
+through the module's layers), so under torch.compile the branches used to run as plain
+modules: oneDNN's 1x1 reduce conv and its backward took 6.3 ms of a 28 ms step at 56x56
+(N = 8, 2-core CPU; our pass and its backward about 3), and, as the graph held convolutions,
+Inductor laid x out channels_last, copying it back and forth around our gate and handing back
+x's gradient channels_last (5 ms to add into an NCHW x.grad). Here, as custom ops with their own autograd, traced into one graph:
+
+- the pass over x (``bam_fused::reduce_pool_train``: ``bam_fused_C::reduce_pool``, backward
+  ``bam_fused_C::reduce_pool_backward`` into zeros; Inductor adds the gate's dx to it);
+- the stock rest of the spatial branch (``bam_fused::spatial_train``: ``bam_fused_C::
+  spatial_train`` and its backward, as in ops/training.py), the running statistics updated
+  here with tensor arithmetic; any other rest runs as the module's layers, traced;
+- the channel MLP runs as the module's layers, traced; the gate is ``bam_fused::gate``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .branches import load_op
+from .gate import bam_gate, memory_format
+from .training import _batch_stats, _rest_of_spatial, _stock_tail
+
+
+@torch.library.custom_op("bam_fused::reduce_pool_train", mutates_args=())
+def _reduce_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x dense NCHW or channels_last; w (Cr, C) and b (Cr,) fp32. The channel means (N, C) and
+    the reduce conv's output y (N, Cr, H, W), both fp32, y channels_last."""
+    return load_op("reduce_pool")(x, w, b, False)
+
+
+@_reduce_pool.register_fake
+def _(x, w, b):
+    n, c, h, wd = x.shape
+    y = x.new_empty((n, w.shape[0], h, wd), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    return x.new_empty((n, c), dtype=torch.float32), y
+
+
+@torch.library.custom_op("bam_fused::reduce_pool_train_backward", mutates_args=())
+def _reduce_pool_backward(
+    x: torch.Tensor, dy: torch.Tensor, dmean: torch.Tensor, w: torch.Tensor, want_dx: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (like x; empty when not wanted), dw (Cr, C), db (Cr,)."""
+    mf = memory_format(x)
+    dx = torch.zeros_like(x, memory_format=mf) if want_dx else None
+    dw, db = load_op("reduce_pool_backward")(x, dy.contiguous(memory_format=mf), dmean.contiguous(), w, dx)
+    return (dx if want_dx else x.new_empty(0)), dw, db
+
+
+@_reduce_pool_backward.register_fake
+def _(x, dy, dmean, w, want_dx):
+    dx = torch.empty_like(x, memory_format=memory_format(x)) if want_dx else x.new_empty(0)
+    return dx, w.new_empty(w.shape), w.new_empty(w.shape[:1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, _ = inputs
+    ctx.save_for_backward(x, w)
+
+
+def _backward(ctx, dmean, dy):
+    x, w = ctx.saved_tensors
+    want_dx = ctx.needs_input_grad[0]
+    dx, dw, db = _reduce_pool_backward(x, dy, dmean, w, want_dx)
+    return (dx if want_dx else None), dw, db
+
+
+_reduce_pool.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("bam_fused::spatial_train", mutates_args=())
+def _spatial_train(
+    y: torch.Tensor,
+    bn_weight: list[torch.Tensor],
+    bn_bias: list[torch.Tensor],
+    eps: list[float],
+    running_mean: list[torch.Tensor | None],
+    running_var: list[torch.Tensor | None],
+    conv_weight: list[torch.Tensor],
+    conv_bias: list[torch.Tensor],
+    dilation: int,
+    final_weight: torch.Tensor,
+    final_bias: torch.Tensor,
+    dy_channels_last: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """bam_fused_C::spatial_train: the map s (N, H, W), the maps its backward reads, the
+    statistics (3, K + 1, Cr). Every weight and bias is a tensor (torch.library differentiates
+    no list that holds a None): ones and zeros stand for missing ones, which changes no bit. A
+    running_mean given (eval-mode BatchNorm) normalises with the running statistics.
+    dy_channels_last: the layout of the backward's dy (x's)."""
+    args = (y, bn_weight, bn_bias, eps, running_mean, running_var, conv_weight, conv_bias, dilation, final_weight)
+    return load_op("spatial_train")(*args, final_bias)
+
+
+@_spatial_train.register_fake
+def _(y, bn_weight, bn_bias, eps, running_mean, running_var, conv_weight, conv_bias, dilation, final_weight,
+      final_bias, dy_channels_last):  # fmt: skip
+    args = (y, bn_weight, bn_bias, eps, running_mean, running_var, conv_weight, conv_bias, dilation, final_weight)
+    return load_op("spatial_train")(*args, final_bias)  # the C++ op's fake kernel
+
+
+def _spatial_setup_context(ctx, inputs, output):
+    y, bn_weight, bn_bias, _, running_mean, _, conv_weight, _, dilation, final_weight, _, cl = inputs
+    _, maps, stats = output
+    ctx.save_for_backward(y, stats, final_weight, *maps, *conv_weight, *bn_weight, *bn_bias)
+    ctx.n_maps, ctx.k = len(maps), len(conv_weight)
+    ctx.batch_stats = [m is None for m in running_mean]
+    ctx.dilation, ctx.dy_channels_last = dilation, cl
+
+
+def _spatial_backward(ctx, ds, dmaps, dstats):
+    y, stats, final_weight, *rest = ctx.saved_tensors
+    k = ctx.k
+    maps, rest = rest[: ctx.n_maps], rest[ctx.n_maps :]
+    conv_weight, bn_weight, bn_bias = rest[:k], rest[k : 2 * k + 1], rest[2 * k + 1 :]
+    dy, flat = load_op("spatial_train_backward")(
+        ds.contiguous(), y, maps, stats, bn_weight, bn_bias, conv_weight, ctx.dilation, final_weight,
+        ctx.batch_stats, ctx.dy_channels_last,
+    )  # fmt: skip
+    # flat: (weight, bias) of bn_0, conv_0, ..., bn_K, then the final conv.
+    bn_w = [flat[4 * i] for i in range(k + 1)]
+    bn_b = [flat[4 * i + 1] for i in range(k + 1)]
+    conv_w = [flat[4 * i + 2].view(w.shape) for i, w in enumerate(conv_weight)]
+    conv_b = [flat[4 * i + 3] for i in range(k)]
+    fin_w, fin_b = flat[4 * k + 2].view(final_weight.shape), flat[4 * k + 3]
+    # The structure of the inputs as torch.library flattens them: a list of tensors takes a list,
+    # one that holds a None (the running statistics of BatchNorms in training mode) or floats
+    # takes one None.
+    running = None if any(ctx.batch_stats) else [None] * (k + 1)
+    return dy, bn_w, bn_b, None, running, running, conv_w, conv_b, None, fin_w, fin_b, None
+
+
+_spatial_train.register_autograd(_spatial_backward, setup_context=_spatial_setup_context)
+
+
+def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: torch.Tensor, pixels: int) -> None:
+    """training._update_running_stats without a Python float of num_batches_tracked (a graph
+    break under Dynamo): the cumulative factor of momentum=None as a tensor."""
+    for k, bn in enumerate(bns):
+        if not (bn.training and bn.track_running_stats):
+            continue
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / bn.num_batches_tracked.double()
+        if bn.running_mean is not None:
+            bn.running_mean.mul_(1 - factor).add_(mean[k] * factor)
+        if bn.running_var is not None:
+            bn.running_var.mul_(1 - factor).add_(var[k] * (factor * pixels / (pixels - 1)))
+
+
+def _spatial_tail(stock: tuple, y: torch.Tensor, pixels: int, channels_last: bool) -> torch.Tensor:
+    bns, convs, final, dilation = stock
+    batch = [_batch_stats(bn) for bn in bns]
+    cr = y.shape[1]
+
+    def given(t: torch.Tensor | None, fill: float, size: int) -> torch.Tensor:
+        return y.new_full((size,), fill) if t is None else t
+
+    s, _, stats = _spatial_train(
+        y, [given(bn.weight, 1.0, cr) for bn in bns], [given(bn.bias, 0.0, cr) for bn in bns], [bn.eps for bn in bns],
+        [None if b else bn.running_mean for bn, b in zip(bns, batch, strict=True)],
+        [None if b else bn.running_var for bn, b in zip(bns, batch, strict=True)],
+        [c.weight for c in convs], [given(c.bias, 0.0, cr) for c in convs], dilation, final.weight,
+        given(final.bias, 0.0, 1), channels_last,
+    )  # fmt: skip
+    stats = stats.detach()
+    with torch.no_grad():
+        _update_running_stats(bns, stats[0], stats[2], pixels)
+    return s
+
+
+def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> torch.Tensor:
+    """module (a bam_fused.BAM) on x with autograd, under torch.compile (training.reason(module,
+    x) is None)."""
+    red = module.spatial_att.gate_s.gate_s_conv_reduce0
+    gc = module.channel_att.gate_c
+    n, c = x.shape[:2]
+    cr = red.weight.shape[0]
+    x = x.contiguous(memory_format=memory_format(x))
+    w32 = red.weight.reshape(cr, c).float()
+    b32 = red.bias.float() if red.bias is not None else red.weight.new_zeros(cr, dtype=torch.float32)
+    means, y = _reduce_pool(x, w32, b32)
+    rest = _rest_of_spatial(module.spatial_att.gate_s)
+    n, _, h, w = x.shape
+    stock = _stock_tail(rest, n * h * w)
+    if stock is not None:
+        s = _spatial_tail(stock, y, n * h * w, memory_format(x) == torch.channels_last)
+    else:
+        s = y.to(red.weight.dtype)
+        for layer in rest:
+            s = layer(s)
+    channel = gc(means.to(gc.gate_c_fc_0.weight.dtype))
+    return bam_gate(x, channel, s, combine, backend="cpp")
