@@ -6,10 +6,11 @@ Data path (backend "fused", or "auto" where the kernels are available):
   fused gate; on the CPU all of it in one op (bam_fused_C::bam_eval); on CUDA,
   ops/attention_cuda.py picks that op or the Triton kernels (BAM_FUSED_CUDA_EVAL);
 - with autograd (training, or gradients wanted), on the CPU: ops/training.py (one pass over x
-  for the reduce conv and the means, the rest of the branches as the module's layers, the
-  fused gate; dx accumulated in place backward);
-- otherwise (CUDA with autograd, float64, under torch.compile): the branches as PyTorch
-  modules -> fused gate.
+  for the reduce conv and the means, the rest of the branches as the module's layers or, when
+  they are the stock ones, two C++ ops; the fused gate; dx accumulated in place backward);
+  under torch.compile the same kernels as custom ops with their own autograd
+  (ops/training_compiled.py);
+- otherwise (CUDA with autograd, float64): the branches as PyTorch modules -> fused gate.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ per-round ratios, which drifts less than either time.
     python benchmarks/cpu_probe.py stages                          # pass, convs + MLP, gate, whole BAM
     python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_SPATIAL library kernel
     python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_STREAM_STORES off on --shape 8,256,56,56
+    python benchmarks/cpu_probe.py compiled                        # training steps under torch.compile
 
 Eval mode, N = 8 at the ResNet-50 BAM shapes unless --shape says otherwise; fp32 unless --dtype
 says otherwise (bf16: the module and x in bf16, as the bench's bf16 rows). In bf16 the stages'
@@ -108,9 +109,38 @@ def ab(
     }
 
 
+def compiled(shape: tuple, layout: str, reps: int, dtype: torch.dtype = torch.float32) -> dict[str, tuple]:
+    """A training step (forward + backward) of the fused BAM in eager mode and under torch.compile,
+    and of torch.compile of the reference, interleaved: name -> (median ms, median speed-up of
+    the compiled fused BAM over it)."""
+    from bam_fused.reference import BAM as RefBAM
+
+    n, c, h, w = shape
+    ref = randomize_(RefBAM(c)).to(dtype).train()
+    fused = bam_fused.BAM(c, backend="fused").to(dtype).train()
+    fused.load_state_dict(ref.state_dict())
+    steps = {"fused": fused, "fused compiled": torch.compile(fused), "reference compiled": torch.compile(ref)}
+    x = as_layout(torch.randn(shape, dtype=dtype), layout).requires_grad_()
+    g = as_layout(torch.randn(shape, dtype=dtype), layout)
+    for m in steps.values():
+        for _ in range(2):  # compile, then warm up
+            m(x).backward(g)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(reps):
+        for name, m in steps.items():
+            t0 = time.perf_counter()
+            m(x).backward(g)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    ours = times["fused compiled"]
+    return {
+        k: (statistics.median(t), statistics.median(a / b for a, b in zip(t, ours, strict=True)))
+        for k, t in times.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["stages", "ab"])
+    parser.add_argument("what", choices=["stages", "ab", "compiled"])
     parser.add_argument("var", nargs="?", help="ab: the environment variable")
     parser.add_argument("values", nargs="*", help="ab: its values, the first one the baseline")
     parser.add_argument("--shape", help="N,C,H,W (default: the three ResNet-50 BAM shapes)")
@@ -125,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     shapes = [tuple(int(v) for v in args.shape.split(","))] if args.shape else SHAPES
     for shape in shapes:
-        if args.what == "stages":
+        if args.what == "compiled":
+            for name, (ms, up) in compiled(shape, args.layout, args.reps, DTYPES[args.dtype]).items():
+                print(f"{shape} {args.dtype} {args.layout} {name}: {ms:.3f} ms, fused compiled {up:.3f}x faster")
+        elif args.what == "stages":
             st = stages(shape, args.layout, args.reps, DTYPES[args.dtype])
             print(f"{shape} {args.dtype} {args.layout}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in st.items()))
         else:

@@ -90,7 +90,7 @@ def test_info_says_who_runs_the_cpu_dilated_convs(monkeypatch, capsys, value, ac
     assert st["active"] is active and says in (st.get("note") if active else st["reason"])
 
 
-def test_cpu_probe_runs_both_subcommands():
+def test_cpu_probe_runs_its_subcommands():
     """benchmarks/cpu_probe.py (not part of the package) on a small shape, so that it cannot rot."""
     import subprocess
     import sys
@@ -99,7 +99,8 @@ def test_cpu_probe_runs_both_subcommands():
     probe = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_probe.py"
     common = ["--shape", "2,64,7,9", "--reps", "1", "--threads", "1"]
     runs = ((["stages"], "convs+mlp", "fp32"), (["stages", "--dtype", "bf16"], "convs+mlp", "bf16"),
-            (["ab", "BAM_FUSED_CPU_SPATIAL", "library", "kernel"], "=kernel", "fp32"))  # fmt: skip
+            (["ab", "BAM_FUSED_CPU_SPATIAL", "library", "kernel"], "=kernel", "fp32"),
+            (["compiled"], "reference compiled", "fp32"))  # fmt: skip
     for args, want, dtype in runs:
         done = subprocess.run([sys.executable, str(probe), *args, *common], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr

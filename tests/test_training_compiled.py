@@ -7,7 +7,7 @@ import pytest
 import test_training_tail
 import torch
 from helpers import make_layout
-from test_training_cpu import make_pair
+from test_training_cpu import make_pair, run_both
 from test_training_tail import assert_same_training, hook_bn, leaky
 from torch import nn
 
@@ -134,8 +134,19 @@ def test_compiled_training_in_bf16_runs_the_layers():
 def test_compiled_training_ops_opcheck():
     x = torch.randn(2, 12, 5, 6)
     w, b = torch.randn(4, 12), torch.randn(4)
+    # Not test_aot_dispatch_*: they compare every output, and the third is never initialised (a
+    # token for the gradient); the module tests above compile and compare what the op computes.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    c, s = torch.randn(2, 12, requires_grad=True), torch.randn(2, 30, requires_grad=True)
+    dy, dmean = torch.randn(2, 4, 5, 6), torch.randn(2, 12)
     for xx in (x, x.contiguous(memory_format=torch.channels_last)):
-        torch.library.opcheck(training_compiled._reduce_pool, (xx.requires_grad_(), w.requires_grad_(), b))
+        args = (xx.detach().requires_grad_(), w.requires_grad_(), b)
+        torch.library.opcheck(training_compiled._reduce_pool, args, test_utils=utils)
+        token = torch.randn_like(xx).requires_grad_()
+        torch.library.opcheck(training_compiled._gate, (xx.detach().requires_grad_(), token, c, s, True))
+        dy_x = dy.contiguous(memory_format=torch.channels_last) if xx is not x else dy
+        for dx in (torch.randn_like(xx), None):  # dx mutated in place (declared), or not wanted
+            torch.library.opcheck(training_compiled._reduce_pool_backward, (xx.detach(), dy_x, dmean, w.detach(), dx))
     y = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     bn_w = [torch.rand(4, requires_grad=True) + 0.5 for _ in range(3)]
     bn_b = [torch.randn(4, requires_grad=True) for _ in range(3)]
@@ -146,3 +157,26 @@ def test_compiled_training_ops_opcheck():
         args = (y, bn_w, bn_b, [1e-5] * 3, [None, torch.zeros(4), None], [None, torch.ones(4), None],
                 conv_w, conv_b, 2, fin_w, fin_b, cl)  # fmt: skip
         torch.library.opcheck(training_compiled._spatial_train, args)
+
+
+def test_compiled_training_with_partial_requirements():
+    # (retain_graph is not tested: torch.compile refuses it after a first backward without it,
+    # for the reference as well: "donated buffers".)
+    ref, fused = make_pair(48, 8, 4, "sum")
+    model, seen = compiled(fused)
+    x, g = torch.randn(2, 48, 9, 13), torch.randn(2, 48, 9, 13)
+    # Parameters only (x needs no gradient): a frozen input.
+    out_r, out_f, xr, xf = run_both(ref, model, x, g, x_grad=False)
+    assert xf.grad is None
+    red_f, red_r = fused.spatial_att.gate_s.gate_s_conv_reduce0, ref.spatial_att.gate_s.gate_s_conv_reduce0
+    torch.testing.assert_close(red_f.weight.grad, red_r.weight.grad, rtol=1e-4, atol=1e-4)
+    # Frozen reduce conv: the others still get theirs.
+    for m in (ref, fused):
+        m.zero_grad(set_to_none=True)
+        m.spatial_att.gate_s.gate_s_conv_reduce0.requires_grad_(False)
+    out_r, out_f, xr, xf = run_both(ref, model, x, g)
+    assert red_f.weight.grad is None
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    fc_f, fc_r = fused.channel_att.gate_c.gate_c_fc_0, ref.channel_att.gate_c.gate_c_fc_0
+    torch.testing.assert_close(fc_f.weight.grad, fc_r.weight.grad, rtol=1e-4, atol=1e-4)
+    assert {PASS_OP, TAIL_OP} <= seen, seen

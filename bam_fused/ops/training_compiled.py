@@ -5,14 +5,16 @@ through the module's layers), so under torch.compile the branches used to run as
 modules: oneDNN's 1x1 reduce conv and its backward took 6.3 ms of a 28 ms step at 56x56
 (N = 8, 2-core CPU; our pass and its backward about 3), and, as the graph held convolutions,
 Inductor laid x out channels_last, copying it back and forth around our gate and handing back
-x's gradient channels_last (5 ms to add into an NCHW x.grad). Here, as custom ops with their own autograd, traced into one graph:
+x's gradient channels_last (5 ms to add into an NCHW x.grad). Here, as custom ops with their
+own autograd, traced into one graph:
 
-- the pass over x (``bam_fused::reduce_pool_train``: ``bam_fused_C::reduce_pool``, backward
-  ``bam_fused_C::reduce_pool_backward`` into zeros; Inductor adds the gate's dx to it);
+- the pass over x (``bam_fused::reduce_pool_train``: ``bam_fused_C::reduce_pool``; backward
+  ``bam_fused_C::reduce_pool_backward``, which adds its share into the gate's dx in place);
 - the stock rest of the spatial branch (``bam_fused::spatial_train``: ``bam_fused_C::
   spatial_train`` and its backward, as in ops/training.py), the running statistics updated
   here with tensor arithmetic; any other rest runs as the module's layers, traced;
-- the channel MLP runs as the module's layers, traced; the gate is ``bam_fused::gate``.
+- the channel MLP as the module's layers, traced;
+- the gate (``bam_fused::gate_train``), whose dx goes to the pass's backward through a token.
 """
 
 from __future__ import annotations
@@ -21,39 +23,44 @@ import torch
 from torch import nn
 
 from .branches import load_op
-from .gate import bam_gate, memory_format
+from .gate import _forward, _gate_backward_op, memory_format
 from .training import _batch_stats, _rest_of_spatial, _stock_tail
 
 
 @torch.library.custom_op("bam_fused::reduce_pool_train", mutates_args=())
-def _reduce_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reduce_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x dense NCHW or channels_last; w (Cr, C) and b (Cr,) fp32. The channel means (N, C) and
-    the reduce conv's output y (N, Cr, H, W), both fp32, y channels_last."""
-    return load_op("reduce_pool")(x, w, b, False)
+    the reduce conv's output y (N, Cr, H, W), both fp32, y channels_last; and a token: a tensor
+    like x, allocated but never written or read, that only carries the gate's dx back here (see
+    _gate). Inductor takes no expanded (stride 0) output from a custom op."""
+    means, y = load_op("reduce_pool")(x, w, b, False)
+    return means, y, _token(x)
+
+
+def _token(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=memory_format(x))
 
 
 @_reduce_pool.register_fake
 def _(x, w, b):
     n, c, h, wd = x.shape
     y = x.new_empty((n, w.shape[0], h, wd), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-    return x.new_empty((n, c), dtype=torch.float32), y
+    return x.new_empty((n, c), dtype=torch.float32), y, _token(x)
 
 
-@torch.library.custom_op("bam_fused::reduce_pool_train_backward", mutates_args=())
+@torch.library.custom_op("bam_fused::reduce_pool_train_backward", mutates_args=("dx",))
 def _reduce_pool_backward(
-    x: torch.Tensor, dy: torch.Tensor, dmean: torch.Tensor, w: torch.Tensor, want_dx: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx (like x; empty when not wanted), dw (Cr, C), db (Cr,)."""
+    x: torch.Tensor, dy: torch.Tensor, dmean: torch.Tensor, w: torch.Tensor, dx: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dw (Cr, C), db (Cr,); adds the reduce conv's and the means' share of x's gradient into dx
+    (laid out like x) in place, when given."""
     mf = memory_format(x)
-    dx = torch.zeros_like(x, memory_format=mf) if want_dx else None
-    dw, db = load_op("reduce_pool_backward")(x, dy.contiguous(memory_format=mf), dmean.contiguous(), w, dx)
-    return (dx if want_dx else x.new_empty(0)), dw, db
+    return load_op("reduce_pool_backward")(x, dy.contiguous(memory_format=mf), dmean.contiguous(), w, dx)
 
 
 @_reduce_pool_backward.register_fake
-def _(x, dy, dmean, w, want_dx):
-    dx = torch.empty_like(x, memory_format=memory_format(x)) if want_dx else x.new_empty(0)
-    return dx, w.new_empty(w.shape), w.new_empty(w.shape[:1])
+def _(x, dy, dmean, w, dx):
+    return w.new_empty(w.shape), w.new_empty(w.shape[:1])
 
 
 def _setup_context(ctx, inputs, output):
@@ -61,14 +68,45 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w)
 
 
-def _backward(ctx, dmean, dy):
+def _backward(ctx, dmean, dy, dtoken):
     x, w = ctx.saved_tensors
-    want_dx = ctx.needs_input_grad[0]
-    dx, dw, db = _reduce_pool_backward(x, dy, dmean, w, want_dx)
-    return (dx if want_dx else None), dw, db
+    # dtoken is the gate's dx, a tensor of this backward's own: x's whole gradient is summed in it.
+    dx = dtoken.contiguous(memory_format=memory_format(x)) if ctx.needs_input_grad[0] else None
+    dw, db = _reduce_pool_backward(x, dy, dmean, w, dx)
+    return dx, dw, db
 
 
 _reduce_pool.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("bam_fused::gate_train", mutates_args=())
+def _gate(
+    x: torch.Tensor, token: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tensor, product: bool
+) -> torch.Tensor:
+    """bam_fused::gate whose backward gives x's gradient to token (from _reduce_pool), so that the
+    pass's backward adds its share in place: without it, Inductor summed two gradients of x's size
+    (a zeroed one for the pass's share), about 1.4 ms of a 14.6 ms step at 56x56."""
+    return _forward(x, channel_att, spatial_att, product, "cpp")
+
+
+@_gate.register_fake
+def _(x, token, channel_att, spatial_att, product):
+    return torch.empty_like(x)
+
+
+def _gate_setup_context(ctx, inputs, output):
+    x, _, channel_att, spatial_att, ctx.product = inputs
+    ctx.save_for_backward(x, channel_att, spatial_att)
+
+
+def _gate_backward(ctx, grad):
+    x, channel_att, spatial_att = ctx.saved_tensors
+    grad = grad.contiguous(memory_format=memory_format(x))
+    dx, dc, ds = _gate_backward_op(grad, x, channel_att, spatial_att, ctx.product, "cpp")
+    return None, dx, dc, ds, None
+
+
+_gate.register_autograd(_gate_backward, setup_context=_gate_setup_context)
 
 
 @torch.library.custom_op("bam_fused::spatial_train", mutates_args=())
@@ -184,7 +222,7 @@ def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> t
     x = x.contiguous(memory_format=memory_format(x))
     w32 = red.weight.reshape(cr, c).float()
     b32 = red.bias.float() if red.bias is not None else red.weight.new_zeros(cr, dtype=torch.float32)
-    means, y = _reduce_pool(x, w32, b32)
+    means, y, token = _reduce_pool(x, w32, b32)
     rest = _rest_of_spatial(module.spatial_att.gate_s)
     n, _, h, w = x.shape
     stock = _stock_tail(rest, n * h * w)
@@ -195,4 +233,6 @@ def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> t
         for layer in rest:
             s = layer(s)
     channel = gc(means.to(gc.gate_c_fc_0.weight.dtype))
-    return bam_gate(x, channel, s, combine, backend="cpp")
+    # The attention terms in fp32 (autograd casts their gradients back), as bam_gate passes them.
+    c32, s32 = channel.float().reshape(n, c).contiguous(), s.float().reshape(n, h * w).contiguous()
+    return _gate(x, token, c32, s32, combine == "product")
