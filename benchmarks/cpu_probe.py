@@ -6,7 +6,7 @@ per-round ratios, which drifts less than either time.
     python benchmarks/cpu_probe.py stages                          # pass, convs + MLP, gate, whole BAM
     python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_SPATIAL library kernel
     python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_STREAM_STORES off on --shape 8,256,56,56
-    python benchmarks/cpu_probe.py compiled                        # training steps under torch.compile
+    python benchmarks/cpu_probe.py compiled [--in-model]           # training steps under torch.compile
 
 Eval mode, N = 8 at the ResNet-50 BAM shapes unless --shape says otherwise; fp32 unless --dtype
 says otherwise (bf16: the module and x in bf16, as the bench's bf16 rows). In bf16 the stages'
@@ -109,17 +109,32 @@ def ab(
     }
 
 
-def compiled(shape: tuple, layout: str, reps: int, dtype: torch.dtype = torch.float32) -> dict[str, tuple]:
+def _in_model(c: int, bam: torch.nn.Module | None) -> torch.nn.Module:
+    """1x1 conv, BatchNorm, ReLU, the BAM (or nothing), 1x1 conv: a BAM among the convolutions
+    around which Inductor lays activations out channels_last."""
+    torch.manual_seed(1)
+    layers = [torch.nn.Conv2d(c, c, 1), torch.nn.BatchNorm2d(c), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, *([bam] if bam is not None else []), torch.nn.Conv2d(c, c, 1)).train()
+
+
+def compiled(
+    shape: tuple, layout: str, reps: int, dtype: torch.dtype = torch.float32, in_model: bool = False
+) -> dict[str, tuple]:
     """A training step (forward + backward) of the fused BAM in eager mode and under torch.compile,
     and of torch.compile of the reference, interleaved: name -> (median ms, median speed-up of
-    the compiled fused BAM over it)."""
+    the compiled fused BAM over it). in_model: each inside _in_model, and the model without a BAM
+    (eager and compiled) for the BAM's share."""
     from bam_fused.reference import BAM as RefBAM
 
     n, c, h, w = shape
     ref = randomize_(RefBAM(c)).to(dtype).train()
     fused = bam_fused.BAM(c, backend="fused").to(dtype).train()
     fused.load_state_dict(ref.state_dict())
+    if in_model:
+        ref, fused, bare = (_in_model(c, m).to(dtype) for m in (ref, fused, None))
     steps = {"fused": fused, "fused compiled": torch.compile(fused), "reference compiled": torch.compile(ref)}
+    if in_model:
+        steps |= {"no BAM": bare, "no BAM compiled": torch.compile(bare)}
     x = as_layout(torch.randn(shape, dtype=dtype), layout).requires_grad_()
     g = as_layout(torch.randn(shape, dtype=dtype), layout)
     for m in steps.values():
@@ -148,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of x and the module")
     parser.add_argument("--reps", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--in-model", action="store_true", help="compiled: each BAM between 1x1 convs")
     args = parser.parse_args(argv)
     if args.what == "ab" and (args.var is None or len(args.values) < 2):
         parser.error("ab needs a variable and at least two values")
@@ -156,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [tuple(int(v) for v in args.shape.split(","))] if args.shape else SHAPES
     for shape in shapes:
         if args.what == "compiled":
-            for name, (ms, up) in compiled(shape, args.layout, args.reps, DTYPES[args.dtype]).items():
+            runs = compiled(shape, args.layout, args.reps, DTYPES[args.dtype], args.in_model)
+            for name, (ms, up) in runs.items():
                 print(f"{shape} {args.dtype} {args.layout} {name}: {ms:.3f} ms, fused compiled {up:.3f}x faster")
         elif args.what == "stages":
             st = stages(shape, args.layout, args.reps, DTYPES[args.dtype])

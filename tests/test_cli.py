@@ -100,7 +100,8 @@ def test_cpu_probe_runs_its_subcommands():
     common = ["--shape", "2,64,7,9", "--reps", "1", "--threads", "1"]
     runs = ((["stages"], "convs+mlp", "fp32"), (["stages", "--dtype", "bf16"], "convs+mlp", "bf16"),
             (["ab", "BAM_FUSED_CPU_SPATIAL", "library", "kernel"], "=kernel", "fp32"),
-            (["compiled"], "reference compiled", "fp32"))  # fmt: skip
+            (["compiled"], "reference compiled", "fp32"),
+            (["compiled", "--in-model"], "no BAM compiled", "fp32"))  # fmt: skip
     for args, want, dtype in runs:
         done = subprocess.run([sys.executable, str(probe), *args, *common], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr

@@ -6,6 +6,8 @@ the ops, and the cases where the layers must run as modules instead."""
 import pytest
 import test_training_tail
 import torch
+import torch._functorch.config
+import torch._inductor.config
 from helpers import make_layout
 from test_training_cpu import make_pair, run_both
 from test_training_tail import assert_same_training, hook_bn, leaky
@@ -14,12 +16,15 @@ from torch import nn
 from bam_fused.ops import training_compiled
 
 PASS_OP, TAIL_OP = "bam_fused.reduce_pool_train.default", "bam_fused.spatial_train.default"
+FIXED_PASS_OP = "bam_fused.reduce_pool_train_fixed.default"  # with the module's own spatial layers
 
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()  # every test compiles BAM.forward anew (the recompile limit is per code object)
-    yield
+    # Inductor's on-disk caches would serve graphs compiled before an op's tags changed.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()
 
 
@@ -116,7 +121,7 @@ def test_compiled_training_runs_the_layers_when_they_are_not_stock(change):
     model, seen = compiled(fused)
     x = torch.randn(2, 48, 7, 9)
     assert_same_training(ref, model, x, torch.randn(2, 48, 7, 9))
-    assert PASS_OP in seen and TAIL_OP not in seen, seen
+    assert FIXED_PASS_OP in seen and TAIL_OP not in seen, seen
     if change is hook_bn:
         assert len(test_training_tail.HOOKED) == 4  # two steps, the reference's and ours
 
@@ -128,25 +133,38 @@ def test_compiled_training_in_bf16_runs_the_layers():
     out_r, out_f = ref(x), model(x)
     assert out_f.dtype == torch.bfloat16
     torch.testing.assert_close(out_f.float(), out_r.float(), rtol=2e-2, atol=2e-2)
-    assert PASS_OP in seen and TAIL_OP not in seen, seen
+    assert FIXED_PASS_OP in seen and TAIL_OP not in seen, seen
 
 
-def test_compiled_training_ops_opcheck():
+@pytest.mark.parametrize("ops", ["FLEXIBLE", "FIXED"])
+def test_compiled_training_ops_opcheck_and_any_layout(ops):
+    ops = getattr(training_compiled, ops)
     x = torch.randn(2, 12, 5, 6)
     w, b = torch.randn(4, 12), torch.randn(4)
     # Not test_aot_dispatch_*: they compare every output, and the third is never initialised (a
     # token for the gradient); the module tests above compile and compare what the op computes.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     c, s = torch.randn(2, 12, requires_grad=True), torch.randn(2, 30, requires_grad=True)
-    dy, dmean = torch.randn(2, 4, 5, 6), torch.randn(2, 12)
-    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+    dy, dmean, grad = torch.randn(2, 4, 5, 6), torch.randn(2, 12), torch.randn(2, 12, 5, 6)
+    cl = torch.channels_last
+    gate_dx, want_dc, want_ds = ops.gate_backward(grad, x, c.detach(), s.detach(), True)
+    want_dx = gate_dx.clone()
+    want_dw, want_db = ops.reduce_pool_backward(x, dy, dmean, w.detach(), want_dx)  # adds into want_dx
+    for xx in (x, x.contiguous(memory_format=cl)):
         args = (xx.detach().requires_grad_(), w.requires_grad_(), b)
-        torch.library.opcheck(training_compiled._reduce_pool, args, test_utils=utils)
+        torch.library.opcheck(ops.reduce_pool, args, test_utils=utils)
         token = torch.randn_like(xx).requires_grad_()
-        torch.library.opcheck(training_compiled._gate, (xx.detach().requires_grad_(), token, c, s, True))
-        dy_x = dy.contiguous(memory_format=torch.channels_last) if xx is not x else dy
+        torch.library.opcheck(ops.gate, (xx.detach().requires_grad_(), token, c, s, True))
         for dx in (torch.randn_like(xx), None):  # dx mutated in place (declared), or not wanted
-            torch.library.opcheck(training_compiled._reduce_pool_backward, (xx.detach(), dy_x, dmean, w.detach(), dx))
+            torch.library.opcheck(ops.reduce_pool_backward, (xx.detach(), dy, dmean, w.detach(), dx))
+        # grad, dy and dx in either layout, whatever x's (Inductor may hand them so): same values.
+        for other in (torch.contiguous_format, cl):
+            dx, dc, ds = ops.gate_backward(grad.contiguous(memory_format=other), xx, c.detach(), s.detach(), True)
+            assert dx.is_contiguous(memory_format=training_compiled.memory_format(xx))
+            torch.testing.assert_close((dx, dc, ds), (gate_dx, want_dc, want_ds))
+            dx = dx.contiguous(memory_format=other)
+            dw, db = ops.reduce_pool_backward(xx, dy.contiguous(memory_format=other), dmean, w.detach(), dx)
+            torch.testing.assert_close((dx, dw, db), (want_dx, want_dw, want_db))
     y = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     bn_w = [torch.rand(4, requires_grad=True) + 0.5 for _ in range(3)]
     bn_b = [torch.randn(4, requires_grad=True) for _ in range(3)]
@@ -180,3 +198,49 @@ def test_compiled_training_with_partial_requirements():
     fc_f, fc_r = fused.channel_att.gate_c.gate_c_fc_0, ref.channel_att.gate_c.gate_c_fc_0
     torch.testing.assert_close(fc_f.weight.grad, fc_r.weight.grad, rtol=1e-4, atol=1e-4)
     assert {PASS_OP, TAIL_OP} <= seen, seen
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_compiled_model_with_inductor_layouts_matches_reference(monkeypatch, layout):
+    # Inside a model, Inductor lays activations out channels_last around convolutions: the ops
+    # take x as it comes (flexible_layout), with no copy back to NCHW, and must give the same
+    # results in either layout.
+    layouts = []
+    real = training_compiled.load_op
+
+    def recording(name):
+        op = real(name)
+        if name != "reduce_pool":
+            return op
+        return lambda x, *args: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) or op(x, *args)
+
+    monkeypatch.setattr(training_compiled, "load_op", recording)
+
+    def model(bam):
+        torch.manual_seed(1)
+        layers = [nn.Conv2d(48, 48, 1), nn.BatchNorm2d(48), nn.ReLU(), bam, nn.Conv2d(48, 48, 1)]
+        return nn.Sequential(*layers)
+
+    ref, fused = make_pair(48, 8, 2, "sum")
+    m_ref, m_fused = model(ref), model(fused)
+    compiled_model, seen = compiled(m_fused, backend="inductor")
+    x = make_layout(torch.randn(3, 48, 9, 13), layout)
+    for _ in range(2):
+        for m in (m_ref, m_fused):
+            m.zero_grad(set_to_none=True)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(3, 48, 9, 13)
+        out_r, out_f = m_ref(xr), compiled_model(xf)
+        out_r.backward(g)
+        out_f.backward(g)
+        torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5 * max(1.0, float(xr.grad.abs().max())))
+        scale = max(1.0, max(float(p.grad.abs().max()) for p in m_ref.parameters()))
+        for (name, pr), pf in zip(m_ref.named_parameters(), m_fused.parameters(), strict=True):
+            if name.endswith(("reduce0.bias", "conv_di_0.bias", "conv_di_1.bias", "fc_0.bias")):
+                continue  # zero in theory (a BatchNorm follows)
+            torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        for (name, br), bf in zip(m_ref.named_buffers(), m_fused.buffers(), strict=True):
+            torch.testing.assert_close(bf, br, msg=name)
+    assert {PASS_OP, TAIL_OP} <= seen, seen
+    assert layouts and all(layouts), "x did not reach the pass in Inductor's channels_last layout"

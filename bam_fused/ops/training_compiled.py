@@ -15,98 +15,143 @@ own autograd, traced into one graph:
   here with tensor arithmetic; any other rest runs as the module's layers, traced;
 - the channel MLP as the module's layers, traced;
 - the gate (``bam_fused::gate_train``), whose dx goes to the pass's backward through a token.
+
+With the stock spatial layers the ops that take x take it in the layout Inductor gives them
+(flexible_layout), NCHW or channels_last, so that a BAM among convolutions, where Inductor lays
+activations out channels_last, costs no copies of x (see FLEXIBLE and FIXED below).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .branches import load_op
-from .gate import _forward, _gate_backward_op, memory_format
+from .gate import _backward_kernels, _forward, memory_format
 from .training import _batch_stats, _rest_of_spatial, _stock_tail
 
 
-@torch.library.custom_op("bam_fused::reduce_pool_train", mutates_args=())
-def _reduce_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x dense NCHW or channels_last; w (Cr, C) and b (Cr,) fp32. The channel means (N, C) and
-    the reduce conv's output y (N, Cr, H, W), both fp32, y channels_last; and a token: a tensor
-    like x, allocated but never written or read, that only carries the gate's dx back here (see
-    _gate). Inductor takes no expanded (stride 0) output from a custom op."""
-    means, y = load_op("reduce_pool")(x, w, b, False)
-    return means, y, _token(x)
+def _dense(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t laid out as like (x) is: NCHW or channels_last."""
+    return t.contiguous(memory_format=memory_format(like))
 
 
 def _token(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=memory_format(x))
 
 
-@_reduce_pool.register_fake
-def _(x, w, b):
-    n, c, h, wd = x.shape
-    y = x.new_empty((n, w.shape[0], h, wd), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-    return x.new_empty((n, c), dtype=torch.float32), y, _token(x)
+class _XOps(NamedTuple):
+    reduce_pool: Callable
+    reduce_pool_backward: Callable
+    gate: Callable
+    gate_backward: Callable
 
 
-@torch.library.custom_op("bam_fused::reduce_pool_train_backward", mutates_args=("dx",))
-def _reduce_pool_backward(
-    x: torch.Tensor, dy: torch.Tensor, dmean: torch.Tensor, w: torch.Tensor, dx: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dw (Cr, C), db (Cr,); adds the reduce conv's and the means' share of x's gradient into dx
-    (laid out like x) in place, when given."""
-    mf = memory_format(x)
-    return load_op("reduce_pool_backward")(x, dy.contiguous(memory_format=mf), dmean.contiguous(), w, dx)
+def _x_ops(suffix: str, tags: tuple) -> _XOps:
+    """The custom ops that take x, registered as bam_fused::<name><suffix> with tags. They take x
+    (and tensors laid out like it) NCHW or channels_last, whichever they are given."""
+
+    @torch.library.custom_op(f"bam_fused::reduce_pool_train{suffix}", mutates_args=(), tags=tags)
+    def reduce_pool(
+        x: torch.Tensor, w: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w (Cr, C) and b (Cr,) fp32. The channel means (N, C) and the reduce conv's output y (N,
+        Cr, H, W), both fp32, y channels_last; and a token: a tensor like x, allocated but never
+        written or read, that only carries the gate's dx back here (see gate). Inductor takes no
+        expanded (stride 0) output from a custom op."""
+        x = _dense(x, x)
+        means, y = load_op("reduce_pool")(x, w, b, False)
+        return means, y, _token(x)
+
+    @reduce_pool.register_fake
+    def _(x, w, b):
+        n, c, h, wd = x.shape
+        y = x.new_empty((n, w.shape[0], h, wd), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+        return x.new_empty((n, c), dtype=torch.float32), y, _token(x)
+
+    @torch.library.custom_op(f"bam_fused::reduce_pool_train_backward{suffix}", mutates_args=("dx",), tags=tags)
+    def reduce_pool_backward(
+        x: torch.Tensor, dy: torch.Tensor, dmean: torch.Tensor, w: torch.Tensor, dx: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """dw (Cr, C), db (Cr,); adds the reduce conv's and the means' share of x's gradient into
+        dx in place, when given."""
+        x = _dense(x, x)
+        acc = None if dx is None else _dense(dx, x)  # dx itself unless laid out otherwise
+        dw, db = load_op("reduce_pool_backward")(x, _dense(dy, x), dmean.contiguous(), w, acc)
+        if acc is not None and acc is not dx:
+            dx.copy_(acc)
+        return dw, db
+
+    @reduce_pool_backward.register_fake
+    def _(x, dy, dmean, w, dx):
+        return w.new_empty(w.shape), w.new_empty(w.shape[:1])
+
+    def setup_context(ctx, inputs, output):
+        x, w, _ = inputs
+        ctx.save_for_backward(x, w)
+
+    def backward(ctx, dmean, dy, dtoken):
+        x, w = ctx.saved_tensors
+        # dtoken is the gate's dx, a tensor of this backward's own: x's whole gradient is summed in it.
+        dx = dtoken if ctx.needs_input_grad[0] else None
+        dw, db = reduce_pool_backward(x, dy, dmean, w, dx)
+        return dx, dw, db
+
+    reduce_pool.register_autograd(backward, setup_context=setup_context)
+
+    @torch.library.custom_op(f"bam_fused::gate_train{suffix}", mutates_args=(), tags=tags)
+    def gate(
+        x: torch.Tensor, token: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tensor, product: bool
+    ) -> torch.Tensor:
+        """bam_fused::gate whose backward gives x's gradient to token (from reduce_pool), so that
+        the pass's backward adds its share in place: without it, Inductor summed two gradients of
+        x's size (a zeroed one for the pass's share), about 1.4 ms of a 14.6 ms step at 56x56."""
+        return _forward(_dense(x, x), channel_att, spatial_att, product, "cpp")
+
+    @gate.register_fake
+    def _(x, token, channel_att, spatial_att, product):
+        return torch.empty_like(x, memory_format=memory_format(x))
+
+    @torch.library.custom_op(f"bam_fused::gate_train_backward{suffix}", mutates_args=(), tags=tags)
+    def gate_backward(
+        grad: torch.Tensor, x: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tensor, product: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """bam_fused::gate_backward, with grad taken in any layout: dx (like x), d channel_att (N,
+        C), d spatial_att (N, H*W)."""
+        x = _dense(x, x)
+        return _backward_kernels(_dense(grad, x), x, channel_att, spatial_att, product, "cpp")
+
+    @gate_backward.register_fake
+    def _(grad, x, channel_att, spatial_att, product):
+        dx = torch.empty_like(x, memory_format=memory_format(x))
+        return dx, torch.empty_like(channel_att), torch.empty_like(spatial_att)
+
+    def gate_setup_context(ctx, inputs, output):
+        x, _, channel_att, spatial_att, ctx.product = inputs
+        ctx.save_for_backward(x, channel_att, spatial_att)
+
+    def gate_grad(ctx, grad):
+        x, channel_att, spatial_att = ctx.saved_tensors
+        dx, dc, ds = gate_backward(grad, x, channel_att, spatial_att, ctx.product)
+        return None, dx, dc, ds, None
+
+    gate.register_autograd(gate_grad, setup_context=gate_setup_context)
+    return _XOps(reduce_pool, reduce_pool_backward, gate, gate_backward)
 
 
-@_reduce_pool_backward.register_fake
-def _(x, dy, dmean, w, dx):
-    return w.new_empty(w.shape), w.new_empty(w.shape[:1])
-
-
-def _setup_context(ctx, inputs, output):
-    x, w, _ = inputs
-    ctx.save_for_backward(x, w)
-
-
-def _backward(ctx, dmean, dy, dtoken):
-    x, w = ctx.saved_tensors
-    # dtoken is the gate's dx, a tensor of this backward's own: x's whole gradient is summed in it.
-    dx = dtoken.contiguous(memory_format=memory_format(x)) if ctx.needs_input_grad[0] else None
-    dw, db = _reduce_pool_backward(x, dy, dmean, w, dx)
-    return dx, dw, db
-
-
-_reduce_pool.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("bam_fused::gate_train", mutates_args=())
-def _gate(
-    x: torch.Tensor, token: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tensor, product: bool
-) -> torch.Tensor:
-    """bam_fused::gate whose backward gives x's gradient to token (from _reduce_pool), so that the
-    pass's backward adds its share in place: without it, Inductor summed two gradients of x's size
-    (a zeroed one for the pass's share), about 1.4 ms of a 14.6 ms step at 56x56."""
-    return _forward(x, channel_att, spatial_att, product, "cpp")
-
-
-@_gate.register_fake
-def _(x, token, channel_att, spatial_att, product):
-    return torch.empty_like(x)
-
-
-def _gate_setup_context(ctx, inputs, output):
-    x, _, channel_att, spatial_att, ctx.product = inputs
-    ctx.save_for_backward(x, channel_att, spatial_att)
-
-
-def _gate_backward(ctx, grad):
-    x, channel_att, spatial_att = ctx.saved_tensors
-    grad = grad.contiguous(memory_format=memory_format(x))
-    dx, dc, ds = _gate_backward_op(grad, x, channel_att, spatial_att, ctx.product, "cpp")
-    return None, dx, dc, ds, None
-
-
-_gate.register_autograd(_gate_backward, setup_context=_gate_setup_context)
+# Two sets. FLEXIBLE (flexible_layout): x as Inductor lays it out. In a compiled CPU model,
+# Inductor lays activations out channels_last around convolutions (layout optimisation), and
+# copying x back to NCHW for these ops (five copies a step) had cost nearly all the fused BAM
+# saved (N = 8, 56x56, NCHW: its share of a step 17.8 ms, against 18.6 for the compiled
+# reference; 12.2 without the copies). FIXED: x as traced, for the module's own spatial layers
+# (bf16, autocast, hooks), whose convolutions make Inductor lay x out channels_last even for a
+# BAM alone: there the flexible ops ran on converted copies and took 22.6 ms against 16.3 (bf16,
+# 56x56).
+FLEXIBLE = _x_ops("", (torch.Tag.flexible_layout,))
+FIXED = _x_ops("_fixed", ())
 
 
 @torch.library.custom_op("bam_fused::spatial_train", mutates_args=())
@@ -222,10 +267,11 @@ def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> t
     x = x.contiguous(memory_format=memory_format(x))
     w32 = red.weight.reshape(cr, c).float()
     b32 = red.bias.float() if red.bias is not None else red.weight.new_zeros(cr, dtype=torch.float32)
-    means, y, token = _reduce_pool(x, w32, b32)
     rest = _rest_of_spatial(module.spatial_att.gate_s)
     n, _, h, w = x.shape
     stock = _stock_tail(rest, n * h * w)
+    ops = FLEXIBLE if stock is not None else FIXED
+    means, y, token = ops.reduce_pool(x, w32, b32)
     if stock is not None:
         s = _spatial_tail(stock, y, n * h * w, memory_format(x) == torch.channels_last)
     else:
@@ -235,4 +281,4 @@ def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> t
     channel = gc(means.to(gc.gate_c_fc_0.weight.dtype))
     # The attention terms in fp32 (autograd casts their gradients back), as bam_gate passes them.
     c32, s32 = channel.float().reshape(n, c).contiguous(), s.float().reshape(n, h * w).contiguous()
-    return _gate(x, token, c32, s32, combine == "product")
+    return ops.gate(x, token, c32, s32, combine == "product")
