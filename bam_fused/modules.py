@@ -21,7 +21,7 @@ from torch import nn
 from . import _backends, reference
 from ._checks import check_choice, check_feature_map
 from .ops import attention_cuda, training, training_compiled
-from .ops.branches import BRANCH_DTYPES, load_op
+from .ops.branches import BRANCH_DTYPES, bam_eval_flexible, load_op
 from .ops.gate import bam_gate, memory_format
 
 MODULE_BACKENDS = ("auto", "fused", "reference")
@@ -186,7 +186,12 @@ class BAM(reference.BAM):
             elif x.device.type == "cpu":
                 # The whole forward in one op (bam_eval): the attention op, then the gate, with no
                 # Python between them.
-                op = torch.ops.bam_fused_C.bam_eval if torch.compiler.is_compiling() else load_op("bam_eval")
+                # Under torch.compile the same op, taking x in Inductor's layout; exported programs
+                # keep the C++ op itself, which runs without Python.
+                if torch.compiler.is_exporting():
+                    op = torch.ops.bam_fused_C.bam_eval
+                else:
+                    op = bam_eval_flexible if torch.compiler.is_compiling() else load_op("bam_eval")
                 return op(
                     xc, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], self.dilation, f["fin_w"], f["fin_b"],
                     f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"], self.combine == "product",

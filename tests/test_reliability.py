@@ -119,6 +119,42 @@ def test_compile_fullgraph_module_inductor_eval():
         torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_compiled_eval_model_takes_x_in_inductors_layout(monkeypatch, layout):
+    # Between convolutions Inductor lays activations out channels_last: the eval op takes x so
+    # (bam_fused::bam_eval_flexible), with no copy back to NCHW, and gives the same output.
+    from bam_fused.ops import branches
+
+    torch._dynamo.reset()
+    layouts = []
+    real = branches.load_op
+
+    def recording(name="branches"):
+        op = real(name)
+        if name != "bam_eval":
+            return op
+        return lambda x, *args: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) or op(x, *args)
+
+    monkeypatch.setattr(branches, "load_op", recording)
+    torch.manual_seed(1)
+    bam = randomize_(bam_fused.BAM(32, 4))
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 1), torch.nn.ReLU(), bam, torch.nn.Conv2d(32, 32, 1)).eval()
+    x = make_layout(torch.randn(2, 32, 6, 7), layout)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        want = model(x)
+        layouts.clear()  # the eager call runs the C++ op directly, not through the wrapper
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), want, rtol=1e-5, atol=1e-5)
+    assert layouts and all(layouts), layouts
+    torch._dynamo.reset()
+    x = torch.randn(2, 32, 6, 7)
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        f = bam.folded()
+        args = (xx, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"],
+                f["fc1_w"], f["fc1_b"], False)  # fmt: skip
+        # Inference only (no autograd formula), as bam_fused_C::bam_eval.
+        torch.library.opcheck(branches.bam_eval_flexible, args, test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_compile_fullgraph_resnet50_bam(training):
     model = resnet50_bam(num_classes=10).train(training)
@@ -138,7 +174,8 @@ def test_export_eval_model():
     with torch.no_grad():
         exported = torch.export.export(model, (x,))
         ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
-        assert any("bam_fused" in op for op in ops), ops
+        # The C++ op itself (it runs without Python), not torch.compile's flexible-layout wrapper.
+        assert "bam_fused_C.bam_eval.default" in ops and not any("flexible" in op for op in ops), ops
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 

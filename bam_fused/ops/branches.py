@@ -143,3 +143,22 @@ def bam_branches(
         [f32(f"b_dilated[{i}]", b) for i, b in enumerate(b_dilated)], dilation,
         f32("w_final", w_final.reshape(-1)), f32("b_final", b_final.reshape(-1)),
     )  # fmt: skip
+
+
+@torch.library.custom_op("bam_fused::bam_eval_flexible", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def bam_eval_flexible(
+    x: torch.Tensor, w_reduce: torch.Tensor, b_reduce: torch.Tensor, w_dilated: list[torch.Tensor],
+    b_dilated: list[torch.Tensor], dilation: int, w_final: torch.Tensor, b_final: torch.Tensor,
+    w_fc0: torch.Tensor, b_fc0: torch.Tensor, w_fc1: torch.Tensor, b_fc1: torch.Tensor, product: bool,
+) -> torch.Tensor:  # fmt: skip
+    """bam_fused_C::bam_eval (CPU) for torch.compile, taking x NCHW or channels_last as Inductor
+    lays it out (flexible_layout): in a compiled model Inductor lays activations out
+    channels_last around convolutions, and the C++ op, fixed to the traced layout, cost a copy
+    of x each way."""
+    weights = (w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1)
+    return load_op("bam_eval")(x.contiguous(memory_format=memory_format(x)), *weights, product)
+
+
+@bam_eval_flexible.register_fake
+def _(x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1, product):
+    return torch.empty_like(x, memory_format=memory_format(x))
