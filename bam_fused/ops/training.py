@@ -85,7 +85,9 @@ def _stock_tail(rest: list[nn.Module], pixels: int) -> tuple[list, list, nn.Conv
 
 def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: torch.Tensor, pixels: int) -> None:
     """What nn.BatchNorm2d's training forward does to its buffers, given the batch's mean and
-    biased variance (K, Cr)."""
+    biased variance (K, Cr). The cumulative factor of momentum=None is a 0-d double tensor, not a
+    Python float (a graph break under Dynamo, ops/training_compiled.py): the same arithmetic, the
+    factor cast to float32 where it meets the buffers either way."""
     for k, bn in enumerate(bns):
         if not (bn.training and bn.track_running_stats):
             continue
@@ -93,7 +95,7 @@ def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: to
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             if bn.momentum is None:
-                factor = 1.0 / float(bn.num_batches_tracked)
+                factor = 1.0 / bn.num_batches_tracked.double()
         if bn.running_mean is not None:
             bn.running_mean.mul_(1 - factor).add_(mean[k] * factor)
         if bn.running_var is not None:

@@ -12,7 +12,7 @@ own autograd, traced into one graph:
   ``bam_fused_C::reduce_pool_backward``, which adds its share into the gate's dx in place);
 - the stock rest of the spatial branch (``bam_fused::spatial_train``: ``bam_fused_C::
   spatial_train`` and its backward, as in ops/training.py), the running statistics updated
-  here with tensor arithmetic; any other rest runs as the module's layers, traced;
+  here (training._update_running_stats); any other rest runs as the module's layers, traced;
 - the channel MLP as the module's layers, traced;
 - the gate (``bam_fused::gate_train``), whose dx goes to the pass's backward through a token.
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from .branches import load_op
 from .gate import _backward_kernels, _forward, memory_format
-from .training import _batch_stats, _rest_of_spatial, _stock_tail
+from .training import _batch_stats, _rest_of_spatial, _stock_tail, _update_running_stats
 
 
 def _dense(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -219,23 +219,6 @@ def _spatial_backward(ctx, ds, dmaps, dstats):
 _spatial_train.register_autograd(_spatial_backward, setup_context=_spatial_setup_context)
 
 
-def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: torch.Tensor, pixels: int) -> None:
-    """training._update_running_stats without a Python float of num_batches_tracked (a graph
-    break under Dynamo): the cumulative factor of momentum=None as a tensor."""
-    for k, bn in enumerate(bns):
-        if not (bn.training and bn.track_running_stats):
-            continue
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                factor = 1.0 / bn.num_batches_tracked.double()
-        if bn.running_mean is not None:
-            bn.running_mean.mul_(1 - factor).add_(mean[k] * factor)
-        if bn.running_var is not None:
-            bn.running_var.mul_(1 - factor).add_(var[k] * (factor * pixels / (pixels - 1)))
-
-
 def _spatial_tail(stock: tuple, y: torch.Tensor, pixels: int, channels_last: bool) -> torch.Tensor:
     bns, convs, final, dilation = stock
     batch = [_batch_stats(bn) for bn in bns]
@@ -262,13 +245,12 @@ def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> t
     x) is None)."""
     red = module.spatial_att.gate_s.gate_s_conv_reduce0
     gc = module.channel_att.gate_c
-    n, c = x.shape[:2]
+    n, c, h, w = x.shape
     cr = red.weight.shape[0]
     x = x.contiguous(memory_format=memory_format(x))
     w32 = red.weight.reshape(cr, c).float()
     b32 = red.bias.float() if red.bias is not None else red.weight.new_zeros(cr, dtype=torch.float32)
     rest = _rest_of_spatial(module.spatial_att.gate_s)
-    n, _, h, w = x.shape
     stock = _stock_tail(rest, n * h * w)
     ops = FLEXIBLE if stock is not None else FIXED
     means, y, token = ops.reduce_pool(x, w32, b32)
