@@ -204,11 +204,13 @@ def test_module_autograd_batch_one_and_bf16():
         assert err_mine <= 2 * err_eager + 1e-2, (err_mine, err_eager)
 
 
-def test_module_autograd_partial_requirements_and_errors():
-    ref, fused = make_pair(48, 8, 4, "sum")
+def assert_partial_requirements(ref, fused, model=None):
+    """ref and fused (run as model: fused itself, or compiled) with x needing no gradient, then
+    with a frozen reduce conv: the gradients wanted match the reference's. Returns (x, g)."""
+    model = fused if model is None else model
     x, g = torch.randn(2, 48, 9, 13), torch.randn(2, 48, 9, 13)
     # Parameters only (x needs no gradient): a frozen input.
-    out_r, out_f, xr, xf = run_both(ref, fused, x, g, x_grad=False)
+    out_r, out_f, xr, xf = run_both(ref, model, x, g, x_grad=False)
     assert xf.grad is None
     red_f, red_r = fused.spatial_att.gate_s.gate_s_conv_reduce0, ref.spatial_att.gate_s.gate_s_conv_reduce0
     torch.testing.assert_close(red_f.weight.grad, red_r.weight.grad, rtol=1e-4, atol=1e-4)
@@ -216,11 +218,17 @@ def test_module_autograd_partial_requirements_and_errors():
     for m in (ref, fused):
         m.zero_grad(set_to_none=True)
         m.spatial_att.gate_s.gate_s_conv_reduce0.requires_grad_(False)
-    out_r, out_f, xr, xf = run_both(ref, fused, x, g)
+    out_r, out_f, xr, xf = run_both(ref, model, x, g)
     assert red_f.weight.grad is None
     torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
     fc_f, fc_r = fused.channel_att.gate_c.gate_c_fc_0, ref.channel_att.gate_c.gate_c_fc_0
     torch.testing.assert_close(fc_f.weight.grad, fc_r.weight.grad, rtol=1e-4, atol=1e-4)
+    return x, g
+
+
+def test_module_autograd_partial_requirements_and_errors():
+    ref, fused = make_pair(48, 8, 4, "sum")
+    x, g = assert_partial_requirements(ref, fused)
     # A retained graph gives the same gradients twice.
     for m in (ref, fused):
         m.zero_grad(set_to_none=True)
