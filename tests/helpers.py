@@ -53,3 +53,19 @@ def run_aot(module: str) -> list[dict]:
                           env=env, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
+
+
+def record_channels_last(monkeypatch, module, op_name: str) -> list[bool]:
+    """Patches module.load_op so that the op op_name records, on each call, whether its x came
+    channels_last; returns the list it appends to."""
+    layouts: list[bool] = []
+    real = module.load_op
+
+    def recording(name="branches"):
+        op = real(name)
+        if name != op_name:
+            return op
+        return lambda x, *args: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) or op(x, *args)
+
+    monkeypatch.setattr(module, "load_op", recording)
+    return layouts

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import make_layout
+from helpers import make_layout, record_channels_last
 
 import bam_fused
 from bam_fused import _backends, _ext, cli
@@ -126,16 +126,7 @@ def test_compiled_eval_model_takes_x_in_inductors_layout(monkeypatch, layout):
     from bam_fused.ops import branches
 
     torch._dynamo.reset()
-    layouts = []
-    real = branches.load_op
-
-    def recording(name="branches"):
-        op = real(name)
-        if name != "bam_eval":
-            return op
-        return lambda x, *args: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) or op(x, *args)
-
-    monkeypatch.setattr(branches, "load_op", recording)
+    layouts = record_channels_last(monkeypatch, branches, "bam_eval")
     torch.manual_seed(1)
     bam = randomize_(bam_fused.BAM(32, 4))
     model = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 1), torch.nn.ReLU(), bam, torch.nn.Conv2d(32, 32, 1)).eval()

@@ -8,7 +8,7 @@ import test_training_tail
 import torch
 import torch._functorch.config
 import torch._inductor.config
-from helpers import make_layout
+from helpers import make_layout, record_channels_last
 from test_training_cpu import assert_partial_requirements, make_pair
 from test_training_tail import assert_same_training, hook_bn, leaky
 from torch import nn
@@ -191,16 +191,7 @@ def test_compiled_model_with_inductor_layouts_matches_reference(monkeypatch, lay
     # Inside a model, Inductor lays activations out channels_last around convolutions: the ops
     # take x as it comes (flexible_layout), with no copy back to NCHW, and must give the same
     # results in either layout.
-    layouts = []
-    real = training_compiled.load_op
-
-    def recording(name):
-        op = real(name)
-        if name != "reduce_pool":
-            return op
-        return lambda x, *args: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) or op(x, *args)
-
-    monkeypatch.setattr(training_compiled, "load_op", recording)
+    layouts = record_channels_last(monkeypatch, training_compiled, "reduce_pool")
 
     def model(bam):
         torch.manual_seed(1)

@@ -39,7 +39,8 @@ def _dense(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=memory_format(like))
 
 
-def _token(x: torch.Tensor) -> torch.Tensor:
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like x, laid out as x is: the token, and the fake kernels' outputs."""
     return torch.empty_like(x, memory_format=memory_format(x))
 
 
@@ -64,13 +65,13 @@ def _x_ops(suffix: str, tags: tuple) -> _XOps:
         expanded (stride 0) output from a custom op."""
         x = _dense(x, x)
         means, y = load_op("reduce_pool")(x, w, b, False)
-        return means, y, _token(x)
+        return means, y, _like(x)
 
     @reduce_pool.register_fake
     def _(x, w, b):
         n, c, h, wd = x.shape
         y = x.new_empty((n, w.shape[0], h, wd), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-        return x.new_empty((n, c), dtype=torch.float32), y, _token(x)
+        return x.new_empty((n, c), dtype=torch.float32), y, _like(x)
 
     @torch.library.custom_op(f"bam_fused::reduce_pool_train_backward{suffix}", mutates_args=("dx",), tags=tags)
     def reduce_pool_backward(
@@ -113,7 +114,7 @@ def _x_ops(suffix: str, tags: tuple) -> _XOps:
 
     @gate.register_fake
     def _(x, token, channel_att, spatial_att, product):
-        return torch.empty_like(x, memory_format=memory_format(x))
+        return _like(x)
 
     @torch.library.custom_op(f"bam_fused::gate_train_backward{suffix}", mutates_args=(), tags=tags)
     def gate_backward(
@@ -126,8 +127,7 @@ def _x_ops(suffix: str, tags: tuple) -> _XOps:
 
     @gate_backward.register_fake
     def _(grad, x, channel_att, spatial_att, product):
-        dx = torch.empty_like(x, memory_format=memory_format(x))
-        return dx, torch.empty_like(channel_att), torch.empty_like(spatial_att)
+        return _like(x), torch.empty_like(channel_att), torch.empty_like(spatial_att)
 
     def gate_setup_context(ctx, inputs, output):
         x, _, channel_att, spatial_att, ctx.product = inputs
@@ -154,8 +154,7 @@ FLEXIBLE = _x_ops("", (torch.Tag.flexible_layout,))
 FIXED = _x_ops("_fixed", ())
 
 
-@torch.library.custom_op("bam_fused::spatial_train", mutates_args=())
-def _spatial_train(
+def _spatial_train_impl(
     y: torch.Tensor,
     bn_weight: list[torch.Tensor],
     bn_bias: list[torch.Tensor],
@@ -173,16 +172,14 @@ def _spatial_train(
     statistics (3, K + 1, Cr). Every weight and bias is a tensor (torch.library differentiates
     no list that holds a None): ones and zeros stand for missing ones, which changes no bit. A
     running_mean given (eval-mode BatchNorm) normalises with the running statistics.
-    dy_channels_last: the layout of the backward's dy (x's)."""
+    dy_channels_last: the layout of the backward's dy (x's). On fake tensors the C++ op's fake
+    kernel runs, so this serves as the op's fake kernel too."""
     args = (y, bn_weight, bn_bias, eps, running_mean, running_var, conv_weight, conv_bias, dilation, final_weight)
     return load_op("spatial_train")(*args, final_bias)
 
 
-@_spatial_train.register_fake
-def _(y, bn_weight, bn_bias, eps, running_mean, running_var, conv_weight, conv_bias, dilation, final_weight,
-      final_bias, dy_channels_last):  # fmt: skip
-    args = (y, bn_weight, bn_bias, eps, running_mean, running_var, conv_weight, conv_bias, dilation, final_weight)
-    return load_op("spatial_train")(*args, final_bias)  # the C++ op's fake kernel
+_spatial_train = torch.library.custom_op("bam_fused::spatial_train", _spatial_train_impl, mutates_args=())
+_spatial_train.register_fake(_spatial_train_impl)
 
 
 def _spatial_setup_context(ctx, inputs, output):
