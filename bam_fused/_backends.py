@@ -12,6 +12,7 @@ import warnings
 from types import ModuleType
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _ext, env
 
@@ -74,8 +75,35 @@ def _dtype_reason(impl: str, dtype: torch.dtype) -> str | None:
     return f"the {impl} gate supports {names}; x has dtype {str(dtype).replace('torch.', '')}"
 
 
-def gate_impl(backend: str, x: torch.Tensor) -> str:
-    """Resolves a bam_gate backend to the kernel that runs: "triton", "cpp" or "reference"."""
+TRACING = "torch.jit.trace records no autograd.Function and no Triton launch"
+
+
+def transform_reason() -> str | None:
+    """Why an active autograd transform or a torch.jit trace rules out the fused kernels' autograd
+    paths (None when nothing does). Their first derivatives are written by hand, with no batching
+    or forward-mode rules; torch.compile traces them as custom ops, so it is not asked about."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.maybe_current_level() is not None:
+        return "a torch.func transform is active (vmap, grad, jvp, ...): the fused kernels have no batching rules"
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        return "forward-mode AD is active (a dual_level): the fused kernels have no forward-mode derivatives"
+    if torch.jit.is_tracing():
+        return TRACING
+    return None
+
+
+def gate_impl(backend: str, x: torch.Tensor, *, traceable: bool = False) -> str:
+    """Resolves a bam_gate backend to the kernel that runs: "triton", "cpp" or "reference".
+
+    ``traceable``: the caller runs a dispatcher op with no autograd (BAM's CPU eval op), which a
+    torch.jit trace records as it is."""
+    why = transform_reason() if backend != "reference" else None
+    if why is not None and not (traceable and why == TRACING):
+        if backend != "auto":
+            raise BackendUnavailable(f"backend={backend!r} cannot run: {why}")
+        warn_once(f"transform:{why}", f"bam_fused: using the reference: {why}")
+        return "reference"
     return _gate_impl(backend, x.device.type, x.dtype)
 
 

@@ -82,9 +82,11 @@ class BAM(reference.BAM):
     def _gate_impl(self, x: torch.Tensor) -> str:
         if self.backend == "reference":
             return "reference"
-        if self.backend == "auto":
-            return _backends.gate_impl("auto", x)
-        return _backends.gate_impl("triton" if x.device.type == "cuda" else "cpp", x)
+        backend = self.backend if self.backend == "auto" else "triton" if x.device.type == "cuda" else "cpp"
+        # On the CPU the eval forward is one dispatcher op with no autograd: a torch.jit trace
+        # records it (and the BatchNorm fold before it).
+        traceable = torch.jit.is_tracing() and x.device.type == "cpu" and self._branch_mode_reason(x) is None
+        return _backends.gate_impl(backend, x, traceable=traceable)
 
     def _branch_mode_reason(self, x: torch.Tensor) -> str | None:
         """Why this call must run the branches as PyTorch modules, or None when the op fits."""
@@ -123,7 +125,10 @@ class BAM(reference.BAM):
         """The eval-mode weights with every BatchNorm folded in, fp32, in the shapes the branch
         op takes: red_w (Cr, C), red_b, dil_w[i] (Cr, Cr, 3, 3), dil_b[i], fin_w (Cr,), fin_b (1,),
         and the channel MLP's fc0_w, fc0_b, fc1_w, fc1_b."""
-        if not torch.compiler.is_compiling():
+        # Under torch.compile and torch.jit.trace the fold is part of the graph, read from the
+        # parameters on every call.
+        cache = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        if cache:
             key = self._fold_key()
             if self._folded is not None and key == self._folded_key:
                 return self._folded
@@ -140,7 +145,7 @@ class BAM(reference.BAM):
                 "dil_b": [b.contiguous() for _, b in dil],
                 "fin_w": fin.weight.float().reshape(-1).contiguous(), "fin_b": fin.bias.float().reshape(-1),
             }  # fmt: skip
-        if not torch.compiler.is_compiling():
+        if cache:
             self._folded, self._folded_key = folded, key
         return folded
 

@@ -1,6 +1,7 @@
 // Op schemas (TORCH_LIBRARY), the device-independent part of the branch and attention ops,
 // and build info.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -397,6 +398,21 @@ TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
   m.impl("spatial_train", &spatial_train);
   m.impl("spatial_train_backward", &spatial_train_backward);
 }
+// Without an Autograd kernel, a call with inputs that need gradients would warn at backward
+// and leave those gradients empty, and a forward-mode tangent would be dropped silently. This
+// fallback raises instead ("not implemented" at backward; forward AD at the call). The module
+// routes around the ops where autograd is wanted; the hand-written backwards run below it.
+TORCH_LIBRARY_IMPL(bam_fused_C, Autograd, m) {
+  for (const char* op : {"gate_forward", "gate_backward", "branches", "attention", "attention_tail", "bam_eval",
+                         "reduce_pool", "reduce_pool_backward", "spatial_train", "spatial_train_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+}
+// reduce_pool_backward mutates dx: the in-place counterpart of the fallback bumps its version.
+TORCH_LIBRARY_IMPL(bam_fused_C, ADInplaceOrView, m) {
+  m.impl("reduce_pool_backward", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+}
+
 #ifdef BAM_FUSED_WITH_CUDA
 TORCH_LIBRARY_IMPL(bam_fused_C, CUDA, m) {
   m.impl("branches", &branches);
