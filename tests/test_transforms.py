@@ -14,7 +14,7 @@ from conftest import DEVICES
 
 import bam_fused
 from bam_fused import _backends, reference
-from bam_fused.ops import bam_gate
+from bam_fused.ops import bam_branches, bam_gate
 from bam_fused.ops.branches import load_op
 from bam_fused.testing import randomize_
 
@@ -163,6 +163,15 @@ def test_cpp_op_backward_raises_instead_of_empty_gradients():
     out = load_op("bam_eval")(x, *args)
     with pytest.raises(RuntimeError, match="derivative for bam_fused_C::bam_eval is not implemented"):
         out.sum().backward()
+
+
+def test_bam_branches_backward_raises():
+    _, fused = _pair()
+    f = fused.folded()
+    x = _x().requires_grad_()
+    mean, spatial = bam_branches(x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], 2, f["fin_w"], f["fin_b"])
+    with pytest.raises(RuntimeError, match="derivative for bam_fused_C::branches is not implemented"):
+        (mean.sum() + spatial.sum()).backward()
 
 
 def test_cpp_op_forward_ad_raises_instead_of_dropping_the_tangent():
