@@ -50,13 +50,20 @@ def check_float_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...] = F
     return t
 
 
-def check_feature_map(x: object, channels: int | None = None, name: str = "x") -> torch.Tensor:
-    """x must be a floating (N, C, H, W) tensor, with C == channels when given."""
+def check_feature_map(
+    x: object, channels: int | None = None, name: str = "x", *, pixels: bool = False
+) -> torch.Tensor:
+    """x must be a floating (N, C, H, W) tensor, with C == channels when given, and with at least
+    one pixel when ``pixels`` (BAM's channel branch averages over them)."""
     x = check_float_tensor(name, x)
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channels (dim 1) for this BAM, got shape {tuple(x.shape)}")
+    if pixels and (x.shape[2] == 0 or x.shape[3] == 0):
+        raise ValueError(
+            f"{name} must have H, W >= 1 (BAM's channel branch averages over the pixels), got shape {tuple(x.shape)}"
+        )
     return x
 
 

@@ -168,7 +168,7 @@ class BAM(reference.BAM):
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map(x, self.gate_channels)
+        check_feature_map(x, self.gate_channels, pixels=True)
         weight = self.channel_att.gate_c.gate_c_fc_0.weight
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but this BAM's parameters are on {weight.device}; move one of them")

@@ -106,5 +106,5 @@ class BAM(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map(x, self.gate_channels)
+        check_feature_map(x, self.gate_channels, pixels=True)
         return bam_gate_reference(x, self.channel_att(x), self.spatial_att(x), self.combine)

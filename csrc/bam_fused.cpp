@@ -49,6 +49,12 @@ bool cpu_spatial_kernel(int64_t Cr, bool bf16) {
 
 namespace {
 
+// x is (N, C, H, W) with at least one pixel: the pooled means average over them.
+void check_feature_map(const char* op, const at::Tensor& x) {
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  BAM_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": x must have H, W >= 1, got sizes ", x.sizes());
+}
+
 // Checks of the spatial branch's weights after the reduce conv (Cr reduced channels).
 void check_spatial_weights(const char* op, int64_t Cr, at::Device device, at::TensorList w_dilated,
                            at::TensorList b_dilated, int64_t dilation, const at::Tensor& w_final,
@@ -125,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
                                                const at::Tensor& b_reduce, at::TensorList w_dilated,
                                                at::TensorList b_dilated, int64_t dilation,
                                                const at::Tensor& w_final, const at::Tensor& b_final) {
-  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  check_feature_map(op, x);
   BAM_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
             op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
   const int64_t C = x.size(1);
@@ -205,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> attention_maps(const char* op, const at::Tens
                                                   const at::Tensor& w_final, const at::Tensor& b_final,
                                                   const at::Tensor& w_fc0, const at::Tensor& b_fc0,
                                                   const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
-  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  check_feature_map(op, x);
   check_mlp_weights(op, x.size(1), x.device(), w_fc0, b_fc0, w_fc1, b_fc1);
   auto [part, spatial] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
   return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1), spatial};
@@ -287,7 +293,7 @@ bool cuda_y_channels_last(int64_t cr, int64_t num_dilated) {
 std::tuple<at::Tensor, at::Tensor> reduce_pool(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                                bool relu) {
   const char* op = "bam_fused_C::reduce_pool";
-  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  check_feature_map(op, x);
   BAM_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
             op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
   BAM_CHECK(w.dim() == 2 && w.size(0) >= 1, op, ": w must be 2-D (Cr, C) with Cr >= 1, got ", w.sizes());
@@ -303,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward(const at::Tensor& x, con
                                                         const at::Tensor& dmean, const at::Tensor& w,
                                                         const std::optional<at::Tensor>& dx) {
   const char* op = "bam_fused_C::reduce_pool_backward";
-  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  check_feature_map(op, x);
   const bool nchw = x.is_contiguous();
   const auto layout = nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   BAM_CHECK(nchw || x.is_contiguous(layout), op, ": x must be NCHW- or channels_last-contiguous, got strides ",
@@ -398,15 +404,32 @@ TORCH_LIBRARY_IMPL(bam_fused_C, CPU, m) {
   m.impl("spatial_train", &spatial_train);
   m.impl("spatial_train_backward", &spatial_train_backward);
 }
+// The kernels compute in fp32 whatever autocast asks of the caller, but the library ops they
+// call inside (linear, conv2d, addmv) would be autocast to bf16 or fp16 and break that (a bf16
+// channel map reached the gate: "row must be ... Float"). So each op runs with autocast off.
+static void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+// Every op with tensor arguments.
+static constexpr const char* kTensorOps[] = {"gate_forward", "gate_backward", "branches", "attention", "attention_tail",
+                                      "bam_eval", "reduce_pool", "reduce_pool_backward", "spatial_train",
+                                      "spatial_train_backward"};
+
+TORCH_LIBRARY_IMPL(bam_fused_C, AutocastCPU, m) {
+  for (const char* op : kTensorOps) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+}
+TORCH_LIBRARY_IMPL(bam_fused_C, AutocastCUDA, m) {
+  for (const char* op : kTensorOps) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+}
+
 // Without an Autograd kernel, a call with inputs that need gradients would warn at backward
 // and leave those gradients empty, and a forward-mode tangent would be dropped silently. This
 // fallback raises instead ("not implemented" at backward; forward AD at the call). The module
 // routes around the ops where autograd is wanted; the hand-written backwards run below it.
 TORCH_LIBRARY_IMPL(bam_fused_C, Autograd, m) {
-  for (const char* op : {"gate_forward", "gate_backward", "branches", "attention", "attention_tail", "bam_eval",
-                         "reduce_pool", "reduce_pool_backward", "spatial_train", "spatial_train_backward"}) {
-    m.impl(op, torch::autograd::autogradNotImplementedFallback());
-  }
+  for (const char* op : kTensorOps) m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 // reduce_pool_backward mutates dx: the in-place counterpart of the fallback bumps its version.
 TORCH_LIBRARY_IMPL(bam_fused_C, ADInplaceOrView, m) {

@@ -186,6 +186,8 @@ def test_branch_op_bad_inputs():
         bam_branches(x, f["red_w"], f["red_b"].to("meta"), *args[1:])
     with pytest.raises(TypeError, match="x must have a floating dtype"):
         bam_branches(x.long(), f["red_w"], *args)
+    with pytest.raises(ValueError, match=r"x must have H, W >= 1"):
+        bam_branches(x[:, :, :0], f["red_w"], *args)
 
 
 def test_branch_op_own_checks():
@@ -201,6 +203,12 @@ def test_branch_op_own_checks():
         op(x, f["red_w"], f["red_b"], f["dil_w"], [f["dil_b"][0], f["dil_b"][1][:2]], 4, f["fin_w"], f["fin_b"])
     with pytest.raises(RuntimeError, match="w_final must be fp32"):
         op(x, f["red_w"], f["red_b"], *rest[:3], f["fin_w"].double(), f["fin_b"])
+    # No pixels: the means would be 0/0.
+    for empty in (x[:, :, :0], x[:0, :, :, :0]):
+        with pytest.raises(RuntimeError, match=r"bam_fused_C::branches: x must have H, W >= 1, got sizes"):
+            op(empty, f["red_w"], f["red_b"], *rest)
+        with pytest.raises(RuntimeError, match=r"bam_fused_C::reduce_pool: x must have H, W >= 1, got sizes"):
+            bam_fused.ops.branches.load_op("reduce_pool")(empty.contiguous(), f["red_w"], f["red_b"], True)
 
 
 def test_branch_op_opcheck():

@@ -119,6 +119,10 @@ def test_call_errors(cls):
         m(torch.ones(2, 32, 5, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         m([1.0])
+    for training in (False, True):
+        for shape in ((2, 32, 0, 5), (2, 32, 5, 0)):
+            with pytest.raises(ValueError, match=r"x must have H, W >= 1 \(BAM's channel branch averages"):
+                m.train(training)(torch.randn(shape))
 
 
 def test_fused_module_rejects_mixed_devices():

@@ -1,7 +1,9 @@
-"""torch.func transforms, forward-mode AD and torch.jit.trace: the fused kernels have hand-written
-first derivatives and no batching or forward-mode rules, so under these the module and bam_gate
-run the reference ("auto", one warning) or raise (an explicit backend); the C++ ops themselves
-refuse autograd they cannot give instead of dropping it."""
+"""torch.func transforms, forward-mode AD, torch.jit.trace and autocast.
+
+The fused kernels have hand-written first derivatives and no batching or forward-mode rules, so
+under these transforms the module and bam_gate run the reference ("auto", one warning) or raise
+(an explicit backend); the C++ ops themselves refuse autograd they cannot give instead of
+dropping it, and run with autocast off."""
 
 import copy
 import io
@@ -165,11 +167,14 @@ def test_cpp_op_backward_raises_instead_of_empty_gradients():
         out.sum().backward()
 
 
+def _branches(fused, x):
+    f = fused.folded()
+    return bam_branches(x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], fused.dilation, f["fin_w"], f["fin_b"])
+
+
 def test_bam_branches_backward_raises():
     _, fused = _pair()
-    f = fused.folded()
-    x = _x().requires_grad_()
-    mean, spatial = bam_branches(x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], 2, f["fin_w"], f["fin_b"])
+    mean, spatial = _branches(fused, _x().requires_grad_())
     with pytest.raises(RuntimeError, match="derivative for bam_fused_C::branches is not implemented"):
         (mean.sum() + spatial.sum()).backward()
 
@@ -240,3 +245,27 @@ def test_trace_eval_no_grad_on_cuda_records_no_triton_launch():
         traced = torch.jit.trace(fused, (x,), check_trace=False)
         x2 = _x("cuda")
         torch.testing.assert_close(traced(x2), ref(x2), rtol=0, atol=0)
+
+
+# -- autocast ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spatial", ["kernel", "library"])
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_eval_op_under_autocast_computes_in_x_dtype(monkeypatch, device, spatial, autocast_dtype):
+    """The ops call library ops inside (linear for the MLP, conv2d for oneDNN's dilated convs),
+    which autocast would lower: a bf16 channel map then reached the gate and the eval forward
+    raised. They run with autocast off, as in x's dtype."""
+    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", spatial)
+    ref, fused = _pair(device, c=64)
+    fused.eval()
+    x = _x(device, c=64)
+    with torch.no_grad():
+        expected = fused(x)
+        with torch.autocast(device, dtype=autocast_dtype):
+            out = fused(x)
+            branches = _branches(fused, x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for got, want in zip(branches, _branches(fused, x), strict=True):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

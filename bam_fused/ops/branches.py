@@ -114,7 +114,7 @@ def bam_branches(
     Weights (fp32, BatchNorm folded in): w_reduce (Cr, C) or (Cr, C, 1, 1), b_reduce (Cr,),
     w_dilated[i] (Cr, Cr, 3, 3), b_dilated[i] (Cr,), w_final (Cr,) or (1, Cr, 1, 1), b_final (1,).
     """
-    x = check_feature_map(x)
+    x = check_feature_map(x, pixels=True)
     check_positive_int("dilation", dilation)
     c = x.shape[1]
     w_reduce = check_float_tensor("w_reduce", w_reduce)
