@@ -50,9 +50,7 @@ def check_float_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...] = F
     return t
 
 
-def check_feature_map(
-    x: object, channels: int | None = None, name: str = "x", *, pixels: bool = False
-) -> torch.Tensor:
+def check_feature_map(x: object, channels: int | None = None, name: str = "x", *, pixels: bool = False) -> torch.Tensor:
     """x must be a floating (N, C, H, W) tensor, with C == channels when given, and with at least
     one pixel when ``pixels`` (BAM's channel branch averages over them)."""
     x = check_float_tensor(name, x)
