@@ -17,9 +17,10 @@
 |                             |         | avx2, generic, or auto (the widest the CPU has); read by the  |
 |                             |         | extension                                                     |
 | BAM_FUSED_CPU_SPATIAL       | auto    | CPU dilated convs + final 1x1 conv: kernel (ours), library    |
-|                             |         | (oneDNN), or auto (ours at 16 and 32 reduced channels); in    |
-|                             |         | bf16 for bf16 x on avx512_bf16; also the fp32 training convs  |
-|                             |         | (spatial_train); read by the extension                        |
+|                             |         | (oneDNN), or auto (ours at 16 and 32 reduced channels, and in |
+|                             |         | eval below 16 on maps of N*H*W*Cr <= 25088); in bf16 for bf16 |
+|                             |         | x on avx512_bf16; also the fp32 training convs                |
+|                             |         | (spatial_train: 16 and 32 only); read by the extension        |
 | BAM_FUSED_CPU_STREAM_STORES | auto    | CPU gate forward output: on (non-temporal stores), off, or    |
 |                             |         | auto (on from half the last-level cache up); read by the      |
 |                             |         | extension                                                     |

@@ -36,24 +36,27 @@ bool cuda_spatial_kernel(int64_t Cr) {
 // and the final one, 2-core AVX-512 CPU, 2026-11-26, ours vs oneDNN (ms): Cr = 16, N = 8, 56x56
 // 0.65 vs 0.68 (N = 1: 0.11 vs 0.14); Cr = 32, 28x28 0.48 vs 0.53 (N = 1: 0.099 vs 0.126); but
 // Cr = 64, 14x14 0.44 vs 0.42, Cr = 128 1.78 vs 1.42, Cr = 8, 56x56 0.67 vs 0.46.
+// Below 16 channels ours pads the outputs to a whole vector (2-4x the products) but skips
+// oneDNN's per-call setup, which small maps do not repay: whole BAM eval, paired A/B, oneDNN's ->
+// ours, Cr = 4 (64 x 56x56) 1.14x / 0.99x / 0.81x at N = 1 / 2 / 8; Cr = 8 (128 x 28x28) 1.37x /
+// 1.20x / 1.04x / 0.92x at N = 1 / 2 / 4 / 8 (ResNet-18/34's first two BAMs). So the eval ops take
+// ours there up to kSmallMapValues values per conv output (N * H * W * Cr).
+constexpr int64_t kSmallMapValues = 25088;
 std::string cpu_spatial_choice() { return env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"}); }
 // bf16 (cpu_bf16_products): the convs round as oneDNN's bf16 ones do, in our bf16 kernel (it
 // has Cr 16, 32, 64, 128) or oneDNN's. Auto picks ours at 16 and 32 there too: whole bf16 BAM
 // eval, paired A/B, oneDNN's -> ours: 1.17x / 1.11x at Cr 16 / 32 (N = 8, 56x56 / 28x28), 1.17x /
 // 1.20x at N = 1; Cr 64 (14x14) 1.04x at N = 8 but 0.92x at N = 1.
-bool cpu_spatial_kernel(int64_t Cr, bool bf16) {
+bool cpu_spatial_kernel(int64_t Cr, bool bf16, int64_t eval_pixels) {
   const std::string v = cpu_spatial_choice();
-  if (v == "auto") return Cr == 16 || Cr == 32;
+  if (v == "auto") {
+    const bool small_map = !bf16 && Cr < 16 && eval_pixels > 0 && eval_pixels * Cr <= kSmallMapValues;
+    return Cr == 16 || Cr == 32 || small_map;
+  }
   return v == "kernel" && (!bf16 || cpu_bf16_spatial_kernel(Cr));
 }
 
 namespace {
-
-// x is (N, C, H, W) with at least one pixel: the pooled means average over them.
-void check_feature_map(const char* op, const at::Tensor& x) {
-  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
-  BAM_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": x must have H, W >= 1, got sizes ", x.sizes());
-}
 
 // Checks of the spatial branch's weights after the reduce conv (Cr reduced channels).
 void check_spatial_weights(const char* op, int64_t Cr, at::Device device, at::TensorList w_dilated,
@@ -101,7 +104,7 @@ at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList
   if (spatial_kernel(y.device(), Cr, w_dilated))
     return spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
 #endif
-  if (y.is_cpu() && !w_dilated.empty() && cpu_spatial_kernel(Cr, bf16))
+  if (y.is_cpu() && !w_dilated.empty() && cpu_spatial_kernel(Cr, bf16, y.size(0) * y.size(2) * y.size(3)))
     return spatial_convs_cpu(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16);
   // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
   const auto compute = [&](const at::Tensor& t) { return bf16 ? t.to(at::kBFloat16) : t; };
@@ -131,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
                                                const at::Tensor& b_reduce, at::TensorList w_dilated,
                                                at::TensorList b_dilated, int64_t dilation,
                                                const at::Tensor& w_final, const at::Tensor& b_final) {
-  check_feature_map(op, x);
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   BAM_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
             op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
   const int64_t C = x.size(1);
@@ -211,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> attention_maps(const char* op, const at::Tens
                                                   const at::Tensor& w_final, const at::Tensor& b_final,
                                                   const at::Tensor& w_fc0, const at::Tensor& b_fc0,
                                                   const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
-  check_feature_map(op, x);
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   check_mlp_weights(op, x.size(1), x.device(), w_fc0, b_fc0, w_fc1, b_fc1);
   auto [part, spatial] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
   return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1), spatial};
@@ -293,7 +296,7 @@ bool cuda_y_channels_last(int64_t cr, int64_t num_dilated) {
 std::tuple<at::Tensor, at::Tensor> reduce_pool(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                                bool relu) {
   const char* op = "bam_fused_C::reduce_pool";
-  check_feature_map(op, x);
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   BAM_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
             op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
   BAM_CHECK(w.dim() == 2 && w.size(0) >= 1, op, ": w must be 2-D (Cr, C) with Cr >= 1, got ", w.sizes());
@@ -309,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward(const at::Tensor& x, con
                                                         const at::Tensor& dmean, const at::Tensor& w,
                                                         const std::optional<at::Tensor>& dx) {
   const char* op = "bam_fused_C::reduce_pool_backward";
-  check_feature_map(op, x);
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   const bool nchw = x.is_contiguous();
   const auto layout = nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   BAM_CHECK(nchw || x.is_contiguous(layout), op, ": x must be NCHW- or channels_last-contiguous, got strides ",
@@ -446,4 +449,6 @@ TORCH_LIBRARY_IMPL(bam_fused_C, CUDA, m) {
 
 }  // namespace bam_fused
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("build_info", &bam_fused::build_info, "How this extension was built"); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", &bam_fused::build_info, "How this extension was built");
+}

@@ -61,8 +61,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> spatial_train_backward(
 // and col (N, L) fp32 (fp64 for fp64 x).
 at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product);
 // Whether the CPU dilated convs for Cr reduced channels run our vector code (else oneDNN's):
-// BAM_FUSED_CPU_SPATIAL, and in auto what was faster (bam_fused.cpp says where).
-bool cpu_spatial_kernel(int64_t Cr, bool bf16);
+// BAM_FUSED_CPU_SPATIAL, and in auto what was faster (bam_fused.cpp says where). eval_pixels:
+// N * H * W of the map for the eval ops, which take ours below 16 channels on small maps; 0 for
+// the training convs, which do not.
+bool cpu_spatial_kernel(int64_t Cr, bool bf16, int64_t eval_pixels = 0);
 // BAM_FUSED_CPU_SPATIAL as read now: auto, kernel or library.
 std::string cpu_spatial_choice();
 // Whether spatial_convs_cpu has a bf16 kernel for Cr reduced channels.

@@ -203,12 +203,6 @@ def test_branch_op_own_checks():
         op(x, f["red_w"], f["red_b"], f["dil_w"], [f["dil_b"][0], f["dil_b"][1][:2]], 4, f["fin_w"], f["fin_b"])
     with pytest.raises(RuntimeError, match="w_final must be fp32"):
         op(x, f["red_w"], f["red_b"], *rest[:3], f["fin_w"].double(), f["fin_b"])
-    # No pixels: the means would be 0/0.
-    for empty in (x[:, :, :0], x[:0, :, :, :0]):
-        with pytest.raises(RuntimeError, match=r"bam_fused_C::branches: x must have H, W >= 1, got sizes"):
-            op(empty, f["red_w"], f["red_b"], *rest)
-        with pytest.raises(RuntimeError, match=r"bam_fused_C::reduce_pool: x must have H, W >= 1, got sizes"):
-            bam_fused.ops.branches.load_op("reduce_pool")(empty.contiguous(), f["red_w"], f["red_b"], True)
 
 
 def test_branch_op_opcheck():
@@ -301,8 +295,29 @@ def test_bam_eval_op_opcheck():
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-# Reduced channels 16 and 32, where auto runs our CPU dilated convs (csrc/cpu/dilated_conv.h);
-# the GRID above has only smaller ones, where oneDNN runs them.
+# Auto's choice of the CPU dilated convs in eval: ours at 16 and 32 reduced channels, and below
+# 16 on small maps (N * H * W * Cr <= 25088: ResNet-18/34's first two BAMs at batch 1-2 / 1-4),
+# oneDNN's otherwise. The two differ in rounding, which tells them apart.
+@pytest.mark.parametrize(
+    "n,c,h,w,ours",
+    [(1, 64, 56, 56, True), (2, 64, 56, 56, True), (3, 64, 56, 56, False), (4, 128, 28, 28, True),
+     (5, 128, 28, 28, False), (8, 256, 14, 14, True), (1, 1024, 14, 14, False)],
+)  # fmt: skip
+def test_cpu_eval_auto_picks_the_dilated_convs_by_channels_and_map(monkeypatch, n, c, h, w, ours):
+    fused = bam_fused.BAM(c, backend="fused").eval()
+    randomize_(fused)
+    x = torch.randn(n, c, h, w)
+    out = {}
+    for choice in ("auto", "kernel", "library"):
+        monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", choice)
+        with torch.no_grad():
+            out[choice] = fused(x)
+    assert not torch.equal(out["kernel"], out["library"])
+    assert torch.equal(out["auto"], out["kernel" if ours else "library"])
+
+
+# Reduced channels 16 and 32, where auto runs our CPU dilated convs (csrc/cpu/dilated_conv.h)
+# at any map size; the GRID above has smaller ones, which oneDNN runs on large maps only.
 @pytest.mark.parametrize("c,r,h,w,dilation,convs", [(256, 16, 7, 9, 4, 2), (64, 2, 13, 5, 2, 1), (128, 8, 9, 13, 1, 3),
                                                    (256, 8, 3, 2, 4, 2)])  # fmt: skip
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
