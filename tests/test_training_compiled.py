@@ -3,6 +3,8 @@ and the stock spatial layers as custom ops with their own autograd, traced into 
 the reference (outputs, gradients, running statistics over two steps), with the graph checked for
 the ops, and the cases where the layers must run as modules instead."""
 
+import copy
+
 import pytest
 import test_training_tail
 import torch
@@ -14,9 +16,9 @@ from test_training_tail import assert_same_training, hook_bn, leaky
 from torch import nn
 
 from bam_fused.ops import training_compiled
+from bam_fused.testing import compare
 
 PASS_OP, TAIL_OP = "bam_fused.reduce_pool_train.default", "bam_fused.spatial_train.default"
-FIXED_PASS_OP = "bam_fused.reduce_pool_train_fixed.default"  # with the module's own spatial layers
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +123,7 @@ def test_compiled_training_runs_the_layers_when_they_are_not_stock(change):
     model, seen = compiled(fused)
     x = torch.randn(2, 48, 7, 9)
     assert_same_training(ref, model, x, torch.randn(2, 48, 7, 9))
-    assert FIXED_PASS_OP in seen and TAIL_OP not in seen, seen
+    assert PASS_OP in seen and TAIL_OP not in seen, seen
     if change is hook_bn:
         assert len(test_training_tail.HOOKED) == 4  # two steps, the reference's and ours
 
@@ -133,12 +135,11 @@ def test_compiled_training_in_bf16_runs_the_layers():
     out_r, out_f = ref(x), model(x)
     assert out_f.dtype == torch.bfloat16
     torch.testing.assert_close(out_f.float(), out_r.float(), rtol=2e-2, atol=2e-2)
-    assert FIXED_PASS_OP in seen and TAIL_OP not in seen, seen
+    assert PASS_OP in seen and TAIL_OP not in seen, seen
 
 
-@pytest.mark.parametrize("ops", ["FLEXIBLE", "FIXED"])
-def test_compiled_training_ops_opcheck_and_any_layout(ops):
-    ops = getattr(training_compiled, ops)
+def test_compiled_training_ops_opcheck_and_any_layout():
+    ops = training_compiled.FLEXIBLE
     x = torch.randn(2, 12, 5, 6)
     w, b = torch.randn(4, 12), torch.randn(4)
     # Not test_aot_dispatch_*: they compare every output, and the third is never initialised (a
@@ -220,4 +221,31 @@ def test_compiled_model_with_inductor_layouts_matches_reference(monkeypatch, lay
         for (name, br), bf in zip(m_ref.named_buffers(), m_fused.buffers(), strict=True):
             torch.testing.assert_close(bf, br, msg=name)
     assert {PASS_OP, TAIL_OP} <= seen, seen
+    assert layouts and all(layouts), "x did not reach the pass in Inductor's channels_last layout"
+
+
+def _bf16_model(bam):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(48, 48, 1), nn.BatchNorm2d(48), nn.ReLU(), bam, nn.Conv2d(48, 48, 1)).bfloat16()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_bf16_training_in_a_model(monkeypatch, dynamic):
+    """The module's own spatial layers (bf16) take the flexible ops too: x reaches the pass as
+    Inductor lays it out, channels_last, for NCHW input (a fixed-layout set had copied it to NCHW
+    and back). Against float64 over changing shapes, dynamic ones included."""
+    layouts = record_channels_last(monkeypatch, training_compiled, "reduce_pool")
+    ref, fused = make_pair(48, 8, 2, "sum", torch.bfloat16)
+    eager, ours = _bf16_model(ref), _bf16_model(fused)
+    compiled_model = torch.compile(ours, fullgraph=True, dynamic=dynamic)
+    for n, h, w in ((2, 7, 9), (3, 9, 13)):
+        x = torch.randn(n, 48, h, w).bfloat16()
+        xe, xo, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
+        g = torch.randn(n, 48, h, w).bfloat16()
+        outs = [m(t) for m, t in ((eager, xe), (compiled_model, xo), (copy.deepcopy(eager).double(), x64))]
+        for out, grad in zip(outs, (g, g, g.double()), strict=True):
+            out.backward(grad)
+        for got, truth, bf16 in ((outs[1], outs[2], outs[0]), (xo.grad, x64.grad, xe.grad)):
+            result = compare(got, truth, bf16)
+            assert result.passed, result
     assert layouts and all(layouts), "x did not reach the pass in Inductor's channels_last layout"

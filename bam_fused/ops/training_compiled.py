@@ -16,9 +16,9 @@ own autograd, traced into one graph:
 - the channel MLP as the module's layers, traced;
 - the gate (``bam_fused::gate_train``), whose dx goes to the pass's backward through a token.
 
-With the stock spatial layers the ops that take x take it in the layout Inductor gives them
-(flexible_layout), NCHW or channels_last, so that a BAM among convolutions, where Inductor lays
-activations out channels_last, costs no copies of x (see FLEXIBLE and FIXED below).
+The ops that take x take it in the layout Inductor gives them (flexible_layout), NCHW or
+channels_last, so that a BAM among convolutions, where Inductor lays activations out
+channels_last, costs no copies of x (see FLEXIBLE below).
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ class _XOps(NamedTuple):
     gate_backward: Callable
 
 
-def _x_ops(suffix: str, tags: tuple) -> _XOps:
-    """The custom ops that take x, registered as bam_fused::<name><suffix> with tags. They take x
-    (and tensors laid out like it) NCHW or channels_last, whichever they are given."""
+def _x_ops() -> _XOps:
+    """The custom ops that take x, registered as bam_fused::<name>, tagged flexible_layout: they
+    take x (and tensors laid out like it) NCHW or channels_last, whichever they are given."""
+    tags = (torch.Tag.flexible_layout,)
 
-    @torch.library.custom_op(f"bam_fused::reduce_pool_train{suffix}", mutates_args=(), tags=tags)
+    @torch.library.custom_op("bam_fused::reduce_pool_train", mutates_args=(), tags=tags)
     def reduce_pool(
         x: torch.Tensor, w: torch.Tensor, b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +74,7 @@ def _x_ops(suffix: str, tags: tuple) -> _XOps:
         y = x.new_empty((n, w.shape[0], h, wd), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
         return x.new_empty((n, c), dtype=torch.float32), y, _like(x)
 
-    @torch.library.custom_op(f"bam_fused::reduce_pool_train_backward{suffix}", mutates_args=("dx",), tags=tags)
+    @torch.library.custom_op("bam_fused::reduce_pool_train_backward", mutates_args=("dx",), tags=tags)
     def reduce_pool_backward(
         x: torch.Tensor, dy: torch.Tensor, dmean: torch.Tensor, w: torch.Tensor, dx: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +104,7 @@ def _x_ops(suffix: str, tags: tuple) -> _XOps:
 
     reduce_pool.register_autograd(backward, setup_context=setup_context)
 
-    @torch.library.custom_op(f"bam_fused::gate_train{suffix}", mutates_args=(), tags=tags)
+    @torch.library.custom_op("bam_fused::gate_train", mutates_args=(), tags=tags)
     def gate(
         x: torch.Tensor, token: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tensor, product: bool
     ) -> torch.Tensor:
@@ -116,7 +117,7 @@ def _x_ops(suffix: str, tags: tuple) -> _XOps:
     def _(x, token, channel_att, spatial_att, product):
         return _like(x)
 
-    @torch.library.custom_op(f"bam_fused::gate_train_backward{suffix}", mutates_args=(), tags=tags)
+    @torch.library.custom_op("bam_fused::gate_train_backward", mutates_args=(), tags=tags)
     def gate_backward(
         grad: torch.Tensor, x: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tensor, product: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,16 +143,16 @@ def _x_ops(suffix: str, tags: tuple) -> _XOps:
     return _XOps(reduce_pool, reduce_pool_backward, gate, gate_backward)
 
 
-# Two sets. FLEXIBLE (flexible_layout): x as Inductor lays it out. In a compiled CPU model,
-# Inductor lays activations out channels_last around convolutions (layout optimisation), and
-# copying x back to NCHW for these ops (five copies a step) had cost nearly all the fused BAM
-# saved (N = 8, 56x56, NCHW: its share of a step 17.8 ms, against 18.6 for the compiled
-# reference; 12.2 without the copies). FIXED: x as traced, for the module's own spatial layers
-# (bf16, autocast, hooks), whose convolutions make Inductor lay x out channels_last even for a
-# BAM alone: there the flexible ops ran on converted copies and took 22.6 ms against 16.3 (bf16,
-# 56x56).
-FLEXIBLE = _x_ops("", (torch.Tag.flexible_layout,))
-FIXED = _x_ops("_fixed", ())
+# flexible_layout: x as Inductor lays it out. In a compiled CPU model, Inductor lays activations
+# out channels_last around convolutions (layout optimisation), and copying x back to NCHW for
+# these ops (five copies a step) had cost nearly all the fused BAM saved (N = 8, 56x56, NCHW: its
+# share of a step 17.8 ms, against 18.6 for the compiled reference; 12.2 without the copies).
+# With the module's own spatial layers (bf16, autocast, hooks), a second set kept x as traced
+# until 2026-11-26: a bf16 model step (1x1 conv, BatchNorm, ReLU, BAM, 1x1 conv; N = 8) took
+# 51.4 / 40.6 / 35.0 ms with it at 56x56 / 28x28 / 14x14, 43.6 / 33.9 / 32.4 with these (the
+# compiled reference BAM: 51.1 / 38.0 / 32.6). A compiled bf16 BAM alone on NCHW x pays for it:
+# its convs make Inductor copy x to channels_last for these ops (17.4 against 14.2 ms a step).
+FLEXIBLE = _x_ops()
 
 
 def _spatial_train_impl(
@@ -249,8 +250,7 @@ def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> t
     b32 = red.bias.float() if red.bias is not None else red.weight.new_zeros(cr, dtype=torch.float32)
     rest = _rest_of_spatial(module.spatial_att.gate_s)
     stock = _stock_tail(rest, n * h * w)
-    ops = FLEXIBLE if stock is not None else FIXED
-    means, y, token = ops.reduce_pool(x, w32, b32)
+    means, y, token = FLEXIBLE.reduce_pool(x, w32, b32)
     if stock is not None:
         s = _spatial_tail(stock, y, n * h * w, memory_format(x) == torch.channels_last)
     else:
@@ -260,4 +260,4 @@ def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> t
     channel = gc(means.to(gc.gate_c_fc_0.weight.dtype))
     # The attention terms in fp32 (autograd casts their gradients back), as bam_gate passes them.
     c32, s32 = channel.float().reshape(n, c).contiguous(), s.float().reshape(n, h * w).contiguous()
-    return ops.gate(x, token, c32, s32, combine == "product")
+    return FLEXIBLE.gate(x, token, c32, s32, combine == "product")
