@@ -126,6 +126,10 @@ def compiled(
     (eager and compiled) for the BAM's share."""
     from bam_fused.reference import BAM as RefBAM
 
+    # Each shape compiles anew: the contenders share code objects (nn.Sequential.forward in a
+    # model), and three shapes' entries passed Dynamo's recompile limit, after which the compiled
+    # contenders ran eagerly.
+    torch._dynamo.reset()
     n, c, h, w = shape
     ref = randomize_(RefBAM(c)).to(dtype).train()
     fused = bam_fused.BAM(c, backend="fused").to(dtype).train()
