@@ -88,6 +88,25 @@ class BAM(reference.BAM):
         traceable = torch.jit.is_tracing() and x.device.type == "cpu" and self._branch_mode_reason(x) is None
         return _backends.gate_impl(backend, x, traceable=traceable)
 
+    def _hooked(self) -> bool:
+        """Whether a module hook is registered on one of this BAM's layers (or globally). The fused
+        paths skip the layers' forwards, so the branches then run as modules and every hook fires
+        as in the reference (attention maps are often read this way)."""
+        g = nn.modules.module
+        if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks):  # fmt: skip
+            return True
+        # Through _modules and without modules()'s generator: every call asks (11 -> 3 us).
+        stack = list(self._modules.values())
+        while stack:
+            m = stack.pop()
+            if m is None:
+                continue
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return True
+            stack.extend(m._modules.values())
+        return False
+
     def _branch_mode_reason(self, x: torch.Tensor) -> str | None:
         """Why this call must run the branches as PyTorch modules, or None when the op fits."""
         if self.training:
@@ -116,6 +135,10 @@ class BAM(reference.BAM):
         # (_version) both refresh the fold. Flat, without a tuple per tensor: 18 -> 7 us a call.
         key: list = [self.training]
         for layer, bn in self._fold_inputs():
+            if "parametrizations" in layer._modules or (bn is not None and "parametrizations" in bn._modules):
+                # A parametrized weight (torch.nn.utils.parametrize: weight_norm, spectral_norm) is
+                # computed from tensors this key does not watch: fold it anew on every call.
+                key.append(object())
             for d in (layer._parameters, bn._parameters, bn._buffers) if bn is not None else (layer._parameters,):
                 for t in d.values():
                     key += (None,) if t is None else (t.data_ptr(), t._version)
@@ -175,6 +198,8 @@ class BAM(reference.BAM):
         impl = self._gate_impl(x)
         if impl == "reference":
             return reference.bam_gate_reference(x, self.channel_att(x), self.spatial_att(x), self.combine)
+        if self._hooked():
+            return bam_gate(x, self.channel_att(x), self.spatial_att(x), self.combine, backend=impl)
         use_op = self._branch_mode_reason(x) is None
         if use_op:
             why = _backends.branch_kernel_reason(x.device.type)

@@ -357,3 +357,46 @@ def test_sixty_four_bit_indexing_cpu_pass(layout):
         y = torch.relu(w64 @ x[0, :, hi, wi].double() + br.double())
         want = float(y @ wf.double() + bf.double())
         assert abs(float(spatial[0, hi, wi]) - want) < 1e-4 * max(1.0, abs(want))
+
+
+# -- hooks on the layers ---------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["eval", "eval-grad", "train", "compiled-eval"])
+@pytest.mark.parametrize("where", ["spatial_att", "gate_s_conv_reduce0", "global"])
+def test_layer_hooks_fire_and_see_the_reference_maps(mode, where):
+    """The fused paths skip the layers' forwards (the eval op, the pass over x); with a hook on
+    any layer, or a global one, the branches run as modules, so the hook fires as in the
+    reference (reading attention maps this way is common) and sees the same values."""
+    ref = randomize_(bam_fused.reference.BAM(48, 8, dilation=2)).train(mode == "train")
+    fused = bam_fused.convert(copy.deepcopy(ref)).train(mode == "train")
+    seen: dict[str, list] = {"ref": [], "fused": []}
+
+    def attach(m, key):
+        def hook(mod, inputs, output):
+            if where != "global" or mod is m.spatial_att:
+                seen[key].append(output.detach().clone())
+
+        if where == "global":
+            return torch.nn.modules.module.register_module_forward_hook(hook)
+        layer = m.spatial_att if where == "spatial_att" else m.spatial_att.gate_s.gate_s_conv_reduce0
+        return layer.register_forward_hook(hook)
+
+    x = torch.randn(2, 48, 7, 9, requires_grad=mode != "eval")
+    run = torch.compile(fused, fullgraph=True, backend="aot_eager") if mode == "compiled-eval" else fused
+    with torch.set_grad_enabled(mode != "eval" and mode != "compiled-eval"):
+        for m, key, fn in ((ref, "ref", ref), (fused, "fused", run)):
+            handle = attach(m, key)
+            try:
+                out = fn(x)
+            finally:
+                handle.remove()
+            seen[key + "_out"] = out
+    assert len(seen["fused"]) == len(seen["ref"]) == 1
+    torch.testing.assert_close(seen["fused"][0], seen["ref"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen["fused_out"], seen["ref_out"], rtol=1e-5, atol=1e-5)
+    # With the hook removed the eval op is back: no layer's forward runs.
+    calls = []
+    original = fused.spatial_att.forward
+    fused.spatial_att.forward = lambda t: (calls.append(1), original(t))[1]
+    with torch.no_grad():
+        fused.eval()(x.detach())
+    assert calls == []

@@ -18,10 +18,11 @@ a few sweeps over the small maps, the convs and their input and weight gradients
 code where our convs run); this module updates the BatchNorms' running statistics as
 nn.BatchNorm2d does. At 56x56 those layers took about 40% of a training step.
 
-First derivatives only. Otherwise the layers of the rest run as modules (their hooks fire,
-BatchNorm updates its running statistics); the reduce conv's own forward does not run (its
-hooks do not fire), as in the eval-mode branch op. The rest's autograd graph, or the C++ ops'
-maps (tensors of about 1/16 of x's size each) are kept until the output's graph is freed, so
+First derivatives only. Otherwise the layers of the rest run as modules (BatchNorm updates its
+running statistics); the reduce conv's own forward does not run, as in the eval-mode branch op.
+(A BAM with a hook on any layer does not come here: modules.BAM runs its branches as modules
+then, so that every hook fires; the hook checks below are a second line.) The rest's autograd
+graph, or the C++ ops' maps (tensors of about 1/16 of x's size each) are kept until the output's graph is freed, so
 that retain_graph works.
 """
 

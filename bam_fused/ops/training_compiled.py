@@ -147,7 +147,7 @@ def _x_ops() -> _XOps:
 # out channels_last around convolutions (layout optimisation), and copying x back to NCHW for
 # these ops (five copies a step) had cost nearly all the fused BAM saved (N = 8, 56x56, NCHW: its
 # share of a step 17.8 ms, against 18.6 for the compiled reference; 12.2 without the copies).
-# With the module's own spatial layers (bf16, autocast, hooks), a second set kept x as traced
+# With the module's own spatial layers (bf16, autocast, other layers), a second set kept x as traced
 # until 2026-11-26: a bf16 model step (1x1 conv, BatchNorm, ReLU, BAM, 1x1 conv; N = 8) took
 # 51.4 / 40.6 / 35.0 ms with it at 56x56 / 28x28 / 14x14, 43.6 / 33.9 / 32.4 with these (the
 # compiled reference BAM: 51.1 / 38.0 / 32.6). A compiled bf16 BAM alone on NCHW x pays for it:
