@@ -129,25 +129,87 @@ class BAM(reference.BAM):
         pairs += [(gs[f"gate_s_conv_di_{i}"], gs[f"gate_s_bn_di_{i}"]) for i in range(self.num_dilated_convs)]
         return pairs + [(gs["gate_s_conv_final"], None)]
 
+    def _branch_layers(self) -> tuple[dict, dict] | None:
+        """gate_c's and gate_s's layers by name (their _modules, where assignments land), or None
+        when channel_att or spatial_att is not the reference's kind of container."""
+        ca, sa = self._modules.get("channel_att"), self._modules.get("spatial_att")
+        if type(ca) is not reference.ChannelGate or type(sa) is not reference.SpatialGate:
+            return None
+        gc, gs = ca._modules.get("gate_c"), sa._modules.get("gate_s")
+        if type(gc) is not nn.Sequential or type(gs) is not nn.Sequential:
+            return None
+        return gc._modules, gs._modules
+
+    def _op_reason(self) -> str | None:
+        """Why the eval op cannot compute these branches (None when it can). It computes the
+        reference's layers: Linear, BatchNorm with running statistics (folded), ReLU; a 1x1
+        reduce conv, 3x3 convs with zero padding = dilation = self.dilation, a 1x1 conv to one
+        channel. Anything else runs as modules: a replaced layer used to be folded as if it
+        were the stock one (another dilation or padding mode: 0.14 off, silently)."""
+        layers = self._branch_layers()
+        if layers is None:
+            return "channel_att or spatial_att is not the reference's container"
+        gc, gs = layers
+        k, d = self.num_dilated_convs, self.dilation
+        names = ["gate_s_conv_reduce0", "gate_s_bn_reduce0", "gate_s_relu_reduce0"]
+        names += [f"gate_s_{kind}_di_{i}" for i in range(k) for kind in ("conv", "bn", "relu")]
+        if list(gc) != ["gate_c_fc_0", "gate_c_bn_1", "gate_c_relu_1", "gate_c_fc_final"]:
+            return "gate_c does not hold the reference's four layers"
+        if list(gs) != [*names, "gate_s_conv_final"]:
+            return f"gate_s does not hold the reference's {len(names) + 1} layers"
+        for name, m in {**gc, **gs}.items():
+            kind = name.split("_")[2]
+            if kind == "fc":
+                ok = type(m) is nn.Linear and (m.bias is not None or name == "gate_c_fc_0")
+            elif kind == "bn":
+                ok = (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm) and not m.training
+                      and m.running_mean is not None and m.running_var is not None)  # fmt: skip
+            elif kind == "relu":
+                ok = type(m) is nn.ReLU
+            else:
+                one = name != "gate_s_conv_di" and not name.startswith("gate_s_conv_di_")
+                ok = type(m) is nn.Conv2d and m.stride == (1, 1) and m.groups == 1 and (
+                    (m.kernel_size == (1, 1) and m.padding == (0, 0)) if one
+                    else (m.kernel_size == (3, 3) and m.dilation == (d, d) and m.padding == (d, d)
+                          and m.padding_mode == "zeros")
+                )  # fmt: skip
+                ok = ok and (name != "gate_s_conv_final" or (m.out_channels == 1 and m.bias is not None))
+            if not ok:
+                return f"{name} is not what the eval op computes ({m!r}, training={m.training})"
+        return None
+
     def _fold_key(self) -> list:
-        # Every tensor of the fold's layers, read each time (straight from _parameters and
-        # _buffers, where assignments land), so that replaced tensors and in-place updates
-        # (_version) both refresh the fold. Flat, without a tuple per tensor: 18 -> 7 us a call.
+        # Every layer of the branches (identity, mode) and every tensor of theirs, read each time
+        # (straight from _modules, _parameters and _buffers, where assignments land), so that
+        # replaced layers or tensors, in-place updates (_version) and a layer's own .train()
+        # refresh the fold. Flat, without a tuple per tensor.
+        layers = self._branch_layers()
+        if layers is None:
+            return [object()]  # never equal: _op_reason says why the op cannot run
         key: list = [self.training]
-        for layer, bn in self._fold_inputs():
-            if "parametrizations" in layer._modules or (bn is not None and "parametrizations" in bn._modules):
-                # A parametrized weight (torch.nn.utils.parametrize: weight_norm, spectral_norm) is
-                # computed from tensors this key does not watch: fold it anew on every call.
-                key.append(object())
-            for d in (layer._parameters, bn._parameters, bn._buffers) if bn is not None else (layer._parameters,):
-                for t in d.values():
-                    key += (None,) if t is None else (t.data_ptr(), t._version)
+        add = key.append  # appends, not tuples: 12 -> 6 us a call
+        for group in layers:
+            for m in group.values():
+                add(id(m))
+                add(m.training)
+                if "parametrizations" in m._modules:
+                    # A parametrized weight (torch.nn.utils.parametrize: weight_norm, spectral_norm) is
+                    # computed from tensors this key does not watch: fold it anew on every call.
+                    add(object())
+                for d in (m._parameters, m._buffers):
+                    for t in d.values():
+                        if t is None:
+                            add(None)
+                        else:
+                            add(t.data_ptr())
+                            add(t._version)
         return key
 
     def folded(self) -> dict:
         """The eval-mode weights with every BatchNorm folded in, fp32, in the shapes the branch
         op takes: red_w (Cr, C), red_b, dil_w[i] (Cr, Cr, 3, 3), dil_b[i], fin_w (Cr,), fin_b (1,),
-        and the channel MLP's fc0_w, fc0_b, fc1_w, fc1_b."""
+        and the channel MLP's fc0_w, fc0_b, fc1_w, fc1_b; "unsupported": None, or why the op
+        cannot compute these layers (then nothing else)."""
         # Under torch.compile and torch.jit.trace the fold is part of the graph, read from the
         # parameters on every call.
         cache = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
@@ -155,6 +217,12 @@ class BAM(reference.BAM):
             key = self._fold_key()
             if self._folded is not None and key == self._folded_key:
                 return self._folded
+        why = self._op_reason()
+        if why is not None:
+            folded = {"unsupported": why}
+            if cache:
+                self._folded, self._folded_key = folded, key
+            return folded
         with torch.no_grad():
             (fc0, bn1), (fc1, _), (red, red_bn), *dilated, (fin, _) = self._fold_inputs()
             fc0_w, fc0_b = _fold_linear(fc0.weight, fc0.bias, bn1)
@@ -167,6 +235,7 @@ class BAM(reference.BAM):
                 "dil_w": [w.contiguous(memory_format=_DILATED_WEIGHT_FORMAT) for w, _ in dil],
                 "dil_b": [b.contiguous() for _, b in dil],
                 "fin_w": fin.weight.float().reshape(-1).contiguous(), "fin_b": fin.bias.float().reshape(-1),
+                "unsupported": None,
             }  # fmt: skip
         if cache:
             self._folded, self._folded_key = folded, key
@@ -208,8 +277,15 @@ class BAM(reference.BAM):
                     raise _backends.BackendUnavailable(f"backend='fused' cannot run the branch op: {why}")
                 _backends.warn_once(f"branches:{why}", f"bam_fused: BAM branches run as PyTorch modules: {why}")
                 use_op = False
+        f = self.folded() if use_op else None
+        if f is not None and f["unsupported"] is not None:
+            # Layers the op does not compute: as the module's layers (the autograd path's pass
+            # over x on the CPU, which runs the rest as layers), then the fused gate.
+            why = f["unsupported"]
+            _backends.warn_once(f"layers:{why}", f"bam_fused: BAM branches run as the module's layers: {why}")
+            use_op = False
         if use_op:
-            f, xc = self.folded(), x.contiguous(memory_format=memory_format(x))
+            xc = x.contiguous(memory_format=memory_format(x))
             if x.is_cuda and not torch.compiler.is_compiling():
                 # The extension's op or the Triton kernels (attention_cuda.py, BAM_FUSED_CUDA_EVAL).
                 channel, spatial = attention_cuda.attention(xc, f, self.dilation)

@@ -1,5 +1,7 @@
 """The branch op and the fused BAM module against the reference."""
 
+import copy
+
 import pytest
 import torch
 from helpers import LAYOUTS, bf16_products, make_layout
@@ -156,6 +158,55 @@ def test_folding_follows_parametrized_and_hooked_weights(kind):
             first = conv.weight_g if old else next(iter(conv.parametrizations.weight.parameters()))
             first.add_(0.5 * torch.randn(first.shape, generator=torch.Generator().manual_seed(6)))
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def _dilated(**kw):
+    torch.manual_seed(3)
+    return torch.nn.Conv2d(6, 6, **kw)
+
+
+LAYER_CHANGES = {
+    "other dilation": ("gate_s_conv_di_0", lambda: _dilated(kernel_size=3, padding=1, dilation=1)),
+    "reflect padding": (
+        "gate_s_conv_di_1", lambda: _dilated(kernel_size=3, padding=2, dilation=2, padding_mode="reflect")
+    ),
+    "5x5 conv": ("gate_s_conv_di_1", lambda: _dilated(kernel_size=5, padding=2)),
+    "grouped conv": ("gate_s_conv_di_0", lambda: _dilated(kernel_size=3, padding=2, dilation=2, groups=2)),
+    "leaky relu": ("gate_s_relu_di_0", lambda: torch.nn.LeakyReLU(0.2)),
+    "batchnorm in training mode": ("gate_s_bn_di_1", lambda: torch.nn.BatchNorm2d(6).train()),
+    "batchnorm without running stats": (
+        "gate_s_bn_reduce0", lambda: torch.nn.BatchNorm2d(6, track_running_stats=False)
+    ),
+    "final conv without bias": ("gate_s_conv_final", lambda: torch.nn.Conv2d(6, 1, 1, bias=False)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", list(LAYER_CHANGES))
+def test_eval_with_layers_the_op_does_not_compute_runs_them(change):
+    """The eval op folds the reference's layers; a replaced one (another dilation or padding
+    mode was folded as the stock conv: 0.14 off, silently; a 5x5 conv raised inside the op)
+    runs as the module's layers, with one warning, and the fused gate."""
+    name, make = LAYER_CHANGES[change]
+    ref, fused = make_pair(48, 2, 8)
+    with torch.no_grad():
+        fused(torch.randn(2, 48, 9, 13))  # a cached fold of the stock layers must not survive
+    layer = make()
+    for m in (ref, fused):
+        setattr(m.spatial_att.gate_s, name, copy.deepcopy(layer))
+    x = torch.randn(3, 48, 9, 13)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=f"run as the module's layers: {name}"):
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(_backends, "_warned", set())
+        try:
+            out = fused(x)
+        finally:
+            monkey.undo()
+        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+    assert fused.folded()["unsupported"].startswith(name)
+    # The stock layer back: the op again.
+    stock = make_pair(48, 2, 8)[1].spatial_att.gate_s._modules[name]
+    setattr(fused.spatial_att.gate_s, name, stock)
+    assert fused.folded()["unsupported"] is None
 
 
 def test_batch_zero_and_one_pixel():
@@ -365,3 +416,22 @@ def test_fused_bam_eval_with_our_cpu_dilated_convs(c, r, h, w, dilation, convs, 
     assert out.shape == x.shape and out.dtype == dtype
     result = compare(out, truth, eager)
     assert result.passed, result
+
+
+def test_eval_follows_a_layers_own_mode():
+    """A BatchNorm put back in training mode inside an eval BAM (no tensor changes) normalises
+    with batch statistics: the cached fold must not serve it."""
+    ref, fused = make_pair(48, 2, 8)
+    x = torch.randn(3, 48, 9, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        for m in (ref, fused):
+            m.spatial_att.gate_s.gate_s_bn_di_0.train()
+        with pytest.warns(RuntimeWarning, match="gate_s_bn_di_0 is not what the eval op computes"):
+            monkey = pytest.MonkeyPatch()
+            monkey.setattr(_backends, "_warned", set())
+            try:
+                out = fused(x)
+            finally:
+                monkey.undo()
+        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
