@@ -47,6 +47,13 @@ def _fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[t
     return w, b
 
 
+def _exactly(m: nn.Module, cls: type) -> bool:
+    """m is a cls itself (not a subclass with its own forward), or one with torch.nn.utils.parametrize
+    parametrizations (which makes a subclass for it)."""
+    t = type(m)
+    return t is cls or ("parametrizations" in m._modules and t.__bases__ == (cls,))
+
+
 # The branch op runs the library's convs channels_last (cuDNN's or oneDNN's NHWC kernels, no
 # transposes) or our CUDA kernel, which reads any strides: channels_last weights spare a
 # reorder per call (oneDNN, batch 1, 64 x 14 x 14: 0.072 against 0.088 ms per conv).
@@ -160,15 +167,15 @@ class BAM(reference.BAM):
         for name, m in {**gc, **gs}.items():
             kind = name.split("_")[2]
             if kind == "fc":
-                ok = type(m) is nn.Linear and (m.bias is not None or name == "gate_c_fc_0")
+                ok = _exactly(m, nn.Linear) and (m.bias is not None or name == "gate_c_fc_0")
             elif kind == "bn":
-                ok = (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm) and not m.training
-                      and m.running_mean is not None and m.running_var is not None)  # fmt: skip
+                ok = (any(_exactly(m, c) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm))
+                      and not m.training and m.running_mean is not None and m.running_var is not None)  # fmt: skip
             elif kind == "relu":
                 ok = type(m) is nn.ReLU
             else:
-                one = name != "gate_s_conv_di" and not name.startswith("gate_s_conv_di_")
-                ok = type(m) is nn.Conv2d and m.stride == (1, 1) and m.groups == 1 and (
+                one = not name.startswith("gate_s_conv_di_")
+                ok = _exactly(m, nn.Conv2d) and m.stride == (1, 1) and m.groups == 1 and (
                     (m.kernel_size == (1, 1) and m.padding == (0, 0)) if one
                     else (m.kernel_size == (3, 3) and m.dilation == (d, d) and m.padding == (d, d)
                           and m.padding_mode == "zeros")

@@ -152,6 +152,7 @@ def test_folding_follows_parametrized_and_hooked_weights(kind):
         m.eval()  # spectral_norm's power iteration runs on every weight read in training mode
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert fused.folded()["unsupported"] is None  # the op folds parametrized layers too
         for m in (ref, fused):  # in place, as an optimizer does (spectral_norm ignores a scaling)
             conv = m.spatial_att.gate_s.gate_s_conv_di_0
             old = kind == "old_weight_norm"
