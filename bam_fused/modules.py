@@ -182,7 +182,8 @@ class BAM(reference.BAM):
                 )  # fmt: skip
                 ok = ok and (name != "gate_s_conv_final" or (m.out_channels == 1 and m.bias is not None))
             if not ok:
-                return f"{name} is not what the eval op computes ({m!r}, training={m.training})"
+                # (No repr(m): Dynamo cannot trace a conv's.)
+                return f"{name} is not what the eval op computes (a {type(m).__name__}, training={m.training})"
         return None
 
     def _fold_key(self) -> list:
@@ -282,14 +283,16 @@ class BAM(reference.BAM):
             if why is not None:
                 if self.backend == "fused":
                     raise _backends.BackendUnavailable(f"backend='fused' cannot run the branch op: {why}")
-                _backends.warn_once(f"branches:{why}", f"bam_fused: BAM branches run as PyTorch modules: {why}")
+                if not torch.compiler.is_compiling():
+                    _backends.warn_once(f"branches:{why}", f"bam_fused: BAM branches run as PyTorch modules: {why}")
                 use_op = False
         f = self.folded() if use_op else None
         if f is not None and f["unsupported"] is not None:
             # Layers the op does not compute: as the module's layers (the autograd path's pass
             # over x on the CPU, which runs the rest as layers), then the fused gate.
-            why = f["unsupported"]
-            _backends.warn_once(f"layers:{why}", f"bam_fused: BAM branches run as the module's layers: {why}")
+            if not torch.compiler.is_compiling():  # (Dynamo cannot trace warnings.warn)
+                why = f["unsupported"]
+                _backends.warn_once(f"layers:{why}", f"bam_fused: BAM branches run as the module's layers: {why}")
             use_op = False
         if use_op:
             xc = x.contiguous(memory_format=memory_format(x))

@@ -419,6 +419,20 @@ def test_fused_bam_eval_with_our_cpu_dilated_convs(c, r, h, w, dilation, convs, 
     assert result.passed, result
 
 
+@pytest.mark.parametrize("change", ["leaky relu", "other dilation"])
+def test_compiled_eval_with_layers_the_op_does_not_compute(change):
+    """The same under torch.compile(fullgraph=True): no warning there (Dynamo cannot trace one)."""
+    name, make = LAYER_CHANGES[change]
+    ref, fused = make_pair(48, 2, 8)
+    for m in (ref, fused):
+        setattr(m.spatial_att.gate_s, name, copy.deepcopy(make()))
+    torch._dynamo.reset()
+    model = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 48, 9, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_eval_follows_a_layers_own_mode():
     """A BatchNorm put back in training mode inside an eval BAM (no tensor changes) normalises
     with batch statistics: the cached fold must not serve it."""
