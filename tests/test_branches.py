@@ -183,7 +183,7 @@ LAYER_CHANGES = {
 
 
 @pytest.mark.parametrize("change", list(LAYER_CHANGES))
-def test_eval_with_layers_the_op_does_not_compute_runs_them(change):
+def test_eval_with_layers_the_op_does_not_compute_runs_them(monkeypatch, change):
     """The eval op folds the reference's layers; a replaced one (another dilation or padding
     mode was folded as the stock conv: 0.14 off, silently; a 5x5 conv raised inside the op)
     runs as the module's layers, with one warning, and the fused gate."""
@@ -195,14 +195,9 @@ def test_eval_with_layers_the_op_does_not_compute_runs_them(change):
     for m in (ref, fused):
         setattr(m.spatial_att.gate_s, name, copy.deepcopy(layer))
     x = torch.randn(3, 48, 9, 13)
+    monkeypatch.setattr(_backends, "_warned", set())
     with torch.no_grad(), pytest.warns(RuntimeWarning, match=f"run as the module's layers: {name}"):
-        monkey = pytest.MonkeyPatch()
-        monkey.setattr(_backends, "_warned", set())
-        try:
-            out = fused(x)
-        finally:
-            monkey.undo()
-        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
     assert fused.folded()["unsupported"].startswith(name)
     # The stock layer back: the op again.
     stock = make_pair(48, 2, 8)[1].spatial_att.gate_s._modules[name]
@@ -433,7 +428,7 @@ def test_compiled_eval_with_layers_the_op_does_not_compute(change):
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_eval_follows_a_layers_own_mode():
+def test_eval_follows_a_layers_own_mode(monkeypatch):
     """A BatchNorm put back in training mode inside an eval BAM (no tensor changes) normalises
     with batch statistics: the cached fold must not serve it."""
     ref, fused = make_pair(48, 2, 8)
@@ -442,11 +437,6 @@ def test_eval_follows_a_layers_own_mode():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
         for m in (ref, fused):
             m.spatial_att.gate_s.gate_s_bn_di_0.train()
+        monkeypatch.setattr(_backends, "_warned", set())
         with pytest.warns(RuntimeWarning, match="gate_s_bn_di_0 is not what the eval op computes"):
-            monkey = pytest.MonkeyPatch()
-            monkey.setattr(_backends, "_warned", set())
-            try:
-                out = fused(x)
-            finally:
-                monkey.undo()
-        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
