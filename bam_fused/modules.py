@@ -126,11 +126,9 @@ class BAM(reference.BAM):
 
     # -- BatchNorm folding, cached until a weight, buffer or the mode changes -------------
     def _fold_inputs(self) -> list[tuple[nn.Module, nn.Module | None]]:
-        """(layer, BatchNorm after it or None) for every layer the fold reads."""
-        # Through _modules (where assignments land) rather than nn.Module.__getattr__: every
-        # eval forward asks, and this way a replaced layer is seen just the same.
-        gc = self._modules["channel_att"]._modules["gate_c"]._modules
-        gs = self._modules["spatial_att"]._modules["gate_s"]._modules
+        """(layer, BatchNorm after it or None) for every layer the fold reads (once _op_reason has
+        found the reference's layers)."""
+        gc, gs = self._branch_layers()
         pairs = [(gc["gate_c_fc_0"], gc["gate_c_bn_1"]), (gc["gate_c_fc_final"], None),
                  (gs["gate_s_conv_reduce0"], gs["gate_s_bn_reduce0"])]  # fmt: skip
         pairs += [(gs[f"gate_s_conv_di_{i}"], gs[f"gate_s_bn_di_{i}"]) for i in range(self.num_dilated_convs)]

@@ -416,9 +416,9 @@ static void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* s
 }
 
 // Every op with tensor arguments.
-static constexpr const char* kTensorOps[] = {"gate_forward", "gate_backward", "branches", "attention", "attention_tail",
-                                      "bam_eval", "reduce_pool", "reduce_pool_backward", "spatial_train",
-                                      "spatial_train_backward"};
+static constexpr const char* kTensorOps[] = {"gate_forward", "gate_backward", "branches", "attention",
+                                             "attention_tail", "bam_eval", "reduce_pool", "reduce_pool_backward",
+                                             "spatial_train", "spatial_train_backward"};
 
 TORCH_LIBRARY_IMPL(bam_fused_C, AutocastCPU, m) {
   for (const char* op : kTensorOps) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());

@@ -151,16 +151,17 @@ def test_gate_under_transforms_matches_reference(device, combine):
 
 
 # -- the C++ ops refuse autograd they do not have ----------------------------------------------
-def _eval_op_args(fused, x):
+def _eval_op_weights(fused):
+    """bam_eval's arguments after x."""
     f = fused.folded()
-    return (x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], fused.dilation, f["fin_w"], f["fin_b"],
+    return (f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], fused.dilation, f["fin_w"], f["fin_b"],
             f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"], False)  # fmt: skip
 
 
 def test_cpp_op_backward_raises_instead_of_empty_gradients():
     _, fused = _pair()
     with torch.no_grad():
-        args = _eval_op_args(fused, None)[1:]
+        args = _eval_op_weights(fused)
     x = _x().requires_grad_()
     out = load_op("bam_eval")(x, *args)
     with pytest.raises(RuntimeError, match="derivative for bam_fused_C::bam_eval is not implemented"):
@@ -182,7 +183,7 @@ def test_bam_branches_backward_raises():
 def test_cpp_op_forward_ad_raises_instead_of_dropping_the_tangent():
     _, fused = _pair()
     with torch.no_grad():
-        args = _eval_op_args(fused, None)[1:]
+        args = _eval_op_weights(fused)
         match = "forward AD with bam_fused_C::bam_eval that does not support it"
         with fwAD.dual_level(), pytest.raises(RuntimeError, match=match):
             load_op("bam_eval")(fwAD.make_dual(_x(), _x()), *args)

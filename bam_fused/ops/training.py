@@ -12,7 +12,7 @@ gate) and autograd adds three gradients of x's size on the way back. Here:
   in place and gives the reduce conv's weight and bias gradients.
 
 When the rest of the spatial branch is the stock one (BatchNorm2d in either mode, ReLU,
-dilated 3x3 convs, the final 1x1 conv; fp32; no hooks, no autocast), it runs as two C++ ops
+dilated 3x3 convs, the final 1x1 conv; fp32; no autocast), it runs as two C++ ops
 instead of its layers (``bam_fused_C::spatial_train`` and its backward: BatchNorm and ReLU in
 a few sweeps over the small maps, the convs and their input and weight gradients in our vector
 code where our convs run); this module updates the BatchNorms' running statistics as
@@ -20,9 +20,9 @@ nn.BatchNorm2d does. At 56x56 those layers took about 40% of a training step.
 
 First derivatives only. Otherwise the layers of the rest run as modules (BatchNorm updates its
 running statistics); the reduce conv's own forward does not run, as in the eval-mode branch op.
-(A BAM with a hook on any layer does not come here: modules.BAM runs its branches as modules
-then, so that every hook fires; the hook checks below are a second line.) The rest's autograd
-graph, or the C++ ops' maps (tensors of about 1/16 of x's size each) are kept until the output's graph is freed, so
+(A BAM with a hook on any layer, or a global one, does not come here: modules.BAM runs its
+branches as modules then, so that every hook fires.) The rest's autograd graph, or the C++ ops'
+maps (tensors of about 1/16 of x's size each) are kept until the output's graph is freed, so
 that retain_graph works.
 """
 
@@ -37,15 +37,6 @@ from .gate import _backward_kernels, _forward, memory_format
 
 def _rest_of_spatial(gate_s: nn.Sequential) -> list[nn.Module]:
     return list(gate_s)[1:]  # everything after gate_s_conv_reduce0
-
-
-def _has_hooks(layer: nn.Module) -> bool:
-    g = nn.modules.module
-    return bool(
-        layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks
-        or g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-        or g._global_backward_pre_hooks
-    )  # fmt: skip
 
 
 def _fp32(layer: nn.Module) -> bool:
@@ -69,9 +60,8 @@ def _stock_tail(rest: list[nn.Module], pixels: int) -> tuple[list, list, nn.Conv
         return None  # the layers raise BatchNorm's own error
     relus = rest[1:-1:3]
     d = convs[0].dilation[0] if convs else 1
-    for layer in rest:
-        if _has_hooks(layer) or not _fp32(layer):
-            return None
+    if not all(_fp32(layer) for layer in rest):
+        return None
     ok = all(type(r) is nn.ReLU for r in relus)
     ok = ok and all(
         type(c) is nn.Conv2d and c.kernel_size == (3, 3) and c.stride == (1, 1) and c.dilation == (d, d)
