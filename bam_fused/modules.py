@@ -10,7 +10,8 @@ Data path (backend "fused", or "auto" where the kernels are available):
   they are the stock ones, two C++ ops; the fused gate; dx accumulated in place backward);
   under torch.compile the same kernels as custom ops with their own autograd
   (ops/training_compiled.py);
-- otherwise (CUDA with autograd, float64): the branches as PyTorch modules -> fused gate.
+- otherwise (CUDA with autograd, float64, hooks, layers a fused path does not compute: _layers.py):
+  the branches as PyTorch modules -> fused gate.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _backends, reference
+from . import _backends, _fold, _layers, reference
 from ._checks import check_choice, check_feature_map
 from .ops import attention_cuda, training, training_compiled
 from .ops.branches import BRANCH_DTYPES, bam_eval_flexible, load_op
@@ -27,37 +28,9 @@ from .ops.gate import bam_gate, memory_format
 MODULE_BACKENDS = ("auto", "fused", "reference")
 
 
-def _fold_bn(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and shift with bn(y) == y * scale + shift in eval mode, in fp32."""
-    var, mean = bn.running_var.float(), bn.running_mean.float()
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.float()
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.float()
-    return scale, shift
-
-
-def _fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Folds bn(weight @ y + bias) into one (weight, bias) pair, fp32. Works for convs too."""
-    scale, shift = _fold_bn(bn)
-    w = weight.float() * scale.view(-1, *([1] * (weight.dim() - 1)))
-    b = shift if bias is None else bias.float() * scale + shift
-    return w, b
-
-
-def _exactly(m: nn.Module, cls: type) -> bool:
-    """m is a cls itself (not a subclass with its own forward), or one with torch.nn.utils.parametrize
-    parametrizations (which makes a subclass for it)."""
-    t = type(m)
-    return t is cls or ("parametrizations" in m._modules and t.__bases__ == (cls,))
-
-
-# The branch op runs the library's convs channels_last (cuDNN's or oneDNN's NHWC kernels, no
-# transposes) or our CUDA kernel, which reads any strides: channels_last weights spare a
-# reorder per call (oneDNN, batch 1, 64 x 14 x 14: 0.072 against 0.088 ms per conv).
-_DILATED_WEIGHT_FORMAT = torch.channels_last
+def _warn_layers(why: str) -> None:
+    if not torch.compiler.is_compiling():  # (Dynamo cannot trace warnings.warn)
+        _backends.warn_once(f"layers:{why}", f"bam_fused: BAM branches run as the module's layers: {why}")
 
 
 class BAM(reference.BAM):
@@ -125,92 +98,6 @@ class BAM(reference.BAM):
         return None
 
     # -- BatchNorm folding, cached until a weight, buffer or the mode changes -------------
-    def _fold_inputs(self) -> list[tuple[nn.Module, nn.Module | None]]:
-        """(layer, BatchNorm after it or None) for every layer the fold reads (once _op_reason has
-        found the reference's layers)."""
-        gc, gs = self._branch_layers()
-        pairs = [(gc["gate_c_fc_0"], gc["gate_c_bn_1"]), (gc["gate_c_fc_final"], None),
-                 (gs["gate_s_conv_reduce0"], gs["gate_s_bn_reduce0"])]  # fmt: skip
-        pairs += [(gs[f"gate_s_conv_di_{i}"], gs[f"gate_s_bn_di_{i}"]) for i in range(self.num_dilated_convs)]
-        return pairs + [(gs["gate_s_conv_final"], None)]
-
-    def _branch_layers(self) -> tuple[dict, dict] | None:
-        """gate_c's and gate_s's layers by name (their _modules, where assignments land), or None
-        when channel_att or spatial_att is not the reference's kind of container."""
-        ca, sa = self._modules.get("channel_att"), self._modules.get("spatial_att")
-        if type(ca) is not reference.ChannelGate or type(sa) is not reference.SpatialGate:
-            return None
-        gc, gs = ca._modules.get("gate_c"), sa._modules.get("gate_s")
-        if type(gc) is not nn.Sequential or type(gs) is not nn.Sequential:
-            return None
-        return gc._modules, gs._modules
-
-    def _op_reason(self) -> str | None:
-        """Why the eval op cannot compute these branches (None when it can). It computes the
-        reference's layers: Linear, BatchNorm with running statistics (folded), ReLU; a 1x1
-        reduce conv, 3x3 convs with zero padding = dilation = self.dilation, a 1x1 conv to one
-        channel. Anything else runs as modules: a replaced layer used to be folded as if it
-        were the stock one (another dilation or padding mode: 0.14 off, silently)."""
-        layers = self._branch_layers()
-        if layers is None:
-            return "channel_att or spatial_att is not the reference's container"
-        gc, gs = layers
-        k, d = self.num_dilated_convs, self.dilation
-        names = ["gate_s_conv_reduce0", "gate_s_bn_reduce0", "gate_s_relu_reduce0"]
-        names += [f"gate_s_{kind}_di_{i}" for i in range(k) for kind in ("conv", "bn", "relu")]
-        if list(gc) != ["gate_c_fc_0", "gate_c_bn_1", "gate_c_relu_1", "gate_c_fc_final"]:
-            return "gate_c does not hold the reference's four layers"
-        if list(gs) != [*names, "gate_s_conv_final"]:
-            return f"gate_s does not hold the reference's {len(names) + 1} layers"
-        for name, m in {**gc, **gs}.items():
-            kind = name.split("_")[2]
-            if kind == "fc":
-                ok = _exactly(m, nn.Linear) and (m.bias is not None or name == "gate_c_fc_0")
-            elif kind == "bn":
-                ok = (any(_exactly(m, c) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm))
-                      and not m.training and m.running_mean is not None and m.running_var is not None)  # fmt: skip
-            elif kind == "relu":
-                ok = type(m) is nn.ReLU
-            else:
-                one = not name.startswith("gate_s_conv_di_")
-                ok = _exactly(m, nn.Conv2d) and m.stride == (1, 1) and m.groups == 1 and (
-                    (m.kernel_size == (1, 1) and m.padding == (0, 0)) if one
-                    else (m.kernel_size == (3, 3) and m.dilation == (d, d) and m.padding == (d, d)
-                          and m.padding_mode == "zeros")
-                )  # fmt: skip
-                ok = ok and (name != "gate_s_conv_final" or (m.out_channels == 1 and m.bias is not None))
-            if not ok:
-                # (No repr(m): Dynamo cannot trace a conv's.)
-                return f"{name} is not what the eval op computes (a {type(m).__name__}, training={m.training})"
-        return None
-
-    def _fold_key(self) -> list:
-        # Every layer of the branches (identity, mode) and every tensor of theirs, read each time
-        # (straight from _modules, _parameters and _buffers, where assignments land), so that
-        # replaced layers or tensors, in-place updates (_version) and a layer's own .train()
-        # refresh the fold. Flat, without a tuple per tensor.
-        layers = self._branch_layers()
-        if layers is None:
-            return [object()]  # never equal: _op_reason says why the op cannot run
-        key: list = [self.training]
-        add = key.append  # appends, not tuples: 12 -> 6 us a call
-        for group in layers:
-            for m in group.values():
-                add(id(m))
-                add(m.training)
-                if "parametrizations" in m._modules:
-                    # A parametrized weight (torch.nn.utils.parametrize: weight_norm, spectral_norm) is
-                    # computed from tensors this key does not watch: fold it anew on every call.
-                    add(object())
-                for d in (m._parameters, m._buffers):
-                    for t in d.values():
-                        if t is None:
-                            add(None)
-                        else:
-                            add(t.data_ptr())
-                            add(t._version)
-        return key
-
     def folded(self) -> dict:
         """The eval-mode weights with every BatchNorm folded in, fp32, in the shapes the branch
         op takes: red_w (Cr, C), red_b, dil_w[i] (Cr, Cr, 3, 3), dil_b[i], fin_w (Cr,), fin_b (1,),
@@ -220,29 +107,11 @@ class BAM(reference.BAM):
         # parameters on every call.
         cache = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
         if cache:
-            key = self._fold_key()
+            key = _fold.fold_key(self)
             if self._folded is not None and key == self._folded_key:
                 return self._folded
-        why = self._op_reason()
-        if why is not None:
-            folded = {"unsupported": why}
-            if cache:
-                self._folded, self._folded_key = folded, key
-            return folded
-        with torch.no_grad():
-            (fc0, bn1), (fc1, _), (red, red_bn), *dilated, (fin, _) = self._fold_inputs()
-            fc0_w, fc0_b = _fold_linear(fc0.weight, fc0.bias, bn1)
-            red_w, red_b = _fold_linear(red.weight, red.bias, red_bn)
-            dil = [_fold_linear(conv.weight, conv.bias, bn) for conv, bn in dilated]
-            folded = {
-                "fc0_w": fc0_w.contiguous(), "fc0_b": fc0_b.contiguous(),
-                "fc1_w": fc1.weight.float().contiguous(), "fc1_b": fc1.bias.float().contiguous(),
-                "red_w": red_w.reshape(red_w.shape[0], -1).contiguous(), "red_b": red_b.contiguous(),
-                "dil_w": [w.contiguous(memory_format=_DILATED_WEIGHT_FORMAT) for w, _ in dil],
-                "dil_b": [b.contiguous() for _, b in dil],
-                "fin_w": fin.weight.float().reshape(-1).contiguous(), "fin_b": fin.bias.float().reshape(-1),
-                "unsupported": None,
-            }  # fmt: skip
+        why = _layers.op_reason(self)
+        folded = {"unsupported": why} if why is not None else _fold.fold(self)
         if cache:
             self._folded, self._folded_key = folded, key
         return folded
@@ -265,11 +134,19 @@ class BAM(reference.BAM):
         return state
 
     # -- forward -------------------------------------------------------------------------
+    def _device(self) -> torch.device | None:
+        """Where the parameters are (None without any)."""
+        try:
+            return self.channel_att.gate_c.gate_c_fc_0.weight.device  # quick, for the stock layers
+        except AttributeError:
+            p = next(self.parameters(), None)
+            return None if p is None else p.device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.gate_channels, pixels=True)
-        weight = self.channel_att.gate_c.gate_c_fc_0.weight
-        if x.device != weight.device:
-            raise ValueError(f"x is on {x.device} but this BAM's parameters are on {weight.device}; move one of them")
+        device = self._device()
+        if device is not None and x.device != device:
+            raise ValueError(f"x is on {x.device} but this BAM's parameters are on {device}; move one of them")
         impl = self._gate_impl(x)
         if impl == "reference":
             return reference.bam_gate_reference(x, self.channel_att(x), self.spatial_att(x), self.combine)
@@ -288,9 +165,7 @@ class BAM(reference.BAM):
         if f is not None and f["unsupported"] is not None:
             # Layers the op does not compute: as the module's layers (the autograd path's pass
             # over x on the CPU, which runs the rest as layers), then the fused gate.
-            if not torch.compiler.is_compiling():  # (Dynamo cannot trace warnings.warn)
-                why = f["unsupported"]
-                _backends.warn_once(f"layers:{why}", f"bam_fused: BAM branches run as the module's layers: {why}")
+            _warn_layers(f["unsupported"])
             use_op = False
         if use_op:
             xc = x.contiguous(memory_format=memory_format(x))
@@ -318,12 +193,17 @@ class BAM(reference.BAM):
                     xc, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"],
                     self.dilation, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
                 )  # fmt: skip
-        elif impl == "cpp" and training.reason(self, x) is None:
-            # Autograd on the CPU: one pass over x forward, dx in place backward (ops/training.py);
-            # under torch.compile the pass over x as a custom op (ops/training_compiled.py).
-            if torch.compiler.is_compiling():
-                return training_compiled.compiled_training_bam(self, x, self.combine)
-            return training.training_bam(self, x, self.combine)
+        elif impl == "cpp" and training.reason(x) is None:
+            why = _layers.autograd_reason(self)
+            if why is None:
+                # Autograd on the CPU: one pass over x forward, dx in place backward (ops/training.py);
+                # under torch.compile the pass over x as a custom op (ops/training_compiled.py).
+                if torch.compiler.is_compiling():
+                    return training_compiled.compiled_training_bam(self, x, self.combine)
+                return training.training_bam(self, x, self.combine)
+            if f is None:  # (an eval call that wanted the op has said why already)
+                _warn_layers(why)
+            channel, spatial = self.channel_att(x), self.spatial_att(x)
         else:
             channel, spatial = self.channel_att(x), self.spatial_att(x)
         return bam_gate(x, channel, spatial, self.combine, backend=impl)

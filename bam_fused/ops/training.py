@@ -214,18 +214,15 @@ class _TrainingBAM(torch.autograd.Function):
         )  # fmt: skip
 
 
-def reason(module: nn.Module, x: torch.Tensor) -> str | None:
-    """Why this call cannot take the CPU autograd path, or None when it can."""
+def reason(x: torch.Tensor) -> str | None:
+    """Why x cannot take the CPU autograd path, or None when it can (_layers.autograd_reason says
+    whether the module's layers can)."""
     if x.device.type != "cpu":
         return "not a CPU tensor"
     if x.dtype not in BRANCH_DTYPES:
         return f"x is {x.dtype}"
     if x.numel() == 0:
         return "x is empty"
-    red = module.spatial_att.gate_s.gate_s_conv_reduce0
-    if not (isinstance(red, nn.Conv2d) and red.kernel_size == (1, 1) and red.stride == (1, 1)
-            and red.padding == (0, 0) and red.groups == 1 and red.weight.dtype in BRANCH_DTYPES):  # fmt: skip
-        return "gate_s_conv_reduce0 is not a plain 1x1 conv"
     return None
 
 

@@ -239,8 +239,8 @@ def _spatial_tail(stock: tuple, y: torch.Tensor, pixels: int, channels_last: boo
 
 
 def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> torch.Tensor:
-    """module (a bam_fused.BAM) on x with autograd, under torch.compile (training.reason(module,
-    x) is None)."""
+    """module (a bam_fused.BAM) on x with autograd, under torch.compile (training.reason(x) and
+    _layers.autograd_reason(module) are None)."""
     red = module.spatial_att.gate_s.gate_s_conv_reduce0
     gc = module.channel_att.gate_c
     n, c, h, w = x.shape

@@ -1,0 +1,100 @@
+"""Which of a BAM's branch layers each fused path computes.
+
+The fused paths skip the layers' own forwards: the eval op folds them into weights, the CPU
+autograd path reads the reduce conv's weights and the mean of x itself. So each path runs only
+when the layers are the ones it computes; anything else (a replaced or subclassed layer or
+container) runs as the module's layers, as in the reference. A replaced layer used to be
+computed as if it were the stock one, silently (another dilation or padding: 0.14 off).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import reference
+from .ops.branches import BRANCH_DTYPES
+
+
+def exactly(m: nn.Module, cls: type) -> bool:
+    """m is a cls itself (not a subclass with its own forward), or one with torch.nn.utils.parametrize
+    parametrizations (which makes a subclass for it)."""
+    t = type(m)
+    return t is cls or ("parametrizations" in m._modules and t.__bases__ == (cls,))
+
+
+def branch_layers(bam: nn.Module) -> tuple[dict, dict] | None:
+    """gate_c's and gate_s's layers by name (their _modules, where assignments land), or None when
+    channel_att and spatial_att are not the reference's containers holding nn.Sequentials (whose
+    forwards the fused paths compute: gate_c on the mean of x, gate_s on x)."""
+    ca, sa = bam._modules.get("channel_att"), bam._modules.get("spatial_att")
+    if type(ca) is not reference.ChannelGate or type(sa) is not reference.SpatialGate:
+        return None
+    gc, gs = ca._modules.get("gate_c"), sa._modules.get("gate_s")
+    if type(gc) is not nn.Sequential or type(gs) is not nn.Sequential:
+        return None
+    return gc._modules, gs._modules
+
+
+_NOT_CONTAINERS = "channel_att, spatial_att or their gate_c, gate_s are not the reference's containers"
+
+
+def _plain_conv(m: nn.Module, one: bool, dilation: int) -> bool:
+    """A Conv2d with stride 1 and groups 1: 1x1 without padding (one), or 3x3 with zero padding =
+    dilation."""
+    if not (exactly(m, nn.Conv2d) and m.stride == (1, 1) and m.groups == 1):
+        return False
+    if one:
+        return m.kernel_size == (1, 1) and m.padding == (0, 0)
+    d = (dilation, dilation)
+    return m.kernel_size == (3, 3) and m.dilation == d and m.padding == d and m.padding_mode == "zeros"
+
+
+def op_reason(bam: nn.Module) -> str | None:
+    """Why the eval op cannot compute these branches (None when it can). It computes the
+    reference's layers: Linear, BatchNorm with running statistics (folded), ReLU; a 1x1 reduce
+    conv, 3x3 convs with zero padding = dilation = bam.dilation, a 1x1 conv to one channel."""
+    layers = branch_layers(bam)
+    if layers is None:
+        return _NOT_CONTAINERS
+    gc, gs = layers
+    k = bam.num_dilated_convs
+    names = ["gate_s_conv_reduce0", "gate_s_bn_reduce0", "gate_s_relu_reduce0"]
+    names += [f"gate_s_{kind}_di_{i}" for i in range(k) for kind in ("conv", "bn", "relu")]
+    if list(gc) != ["gate_c_fc_0", "gate_c_bn_1", "gate_c_relu_1", "gate_c_fc_final"]:
+        return "gate_c does not hold the reference's four layers"
+    if list(gs) != [*names, "gate_s_conv_final"]:
+        return f"gate_s does not hold the reference's {len(names) + 1} layers"
+    for name, m in {**gc, **gs}.items():
+        kind = name.split("_")[2]
+        if kind == "fc":
+            ok = exactly(m, nn.Linear) and (m.bias is not None or name == "gate_c_fc_0")
+        elif kind == "bn":
+            ok = (any(exactly(m, c) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm))
+                  and not m.training and m.running_mean is not None and m.running_var is not None)  # fmt: skip
+        elif kind == "relu":
+            ok = type(m) is nn.ReLU
+        else:
+            ok = _plain_conv(m, not name.startswith("gate_s_conv_di_"), bam.dilation)
+            ok = ok and (name != "gate_s_conv_final" or (m.out_channels == 1 and m.bias is not None))
+        if not ok:
+            # (No repr(m): Dynamo cannot trace a conv's.)
+            return f"{name} is not what the eval op computes (a {type(m).__name__}, training={m.training})"
+    return None
+
+
+def autograd_reason(bam: nn.Module) -> str | None:
+    """Why the CPU autograd path (ops/training.py) cannot compute these branches (None when it
+    can). It computes the mean of x into gate_c and gate_s's first layer, a plain 1x1 conv, from
+    one pass over x; gate_c and the rest of gate_s run as layers, whatever they are."""
+    layers = branch_layers(bam)
+    if layers is None:
+        return _NOT_CONTAINERS
+    gc, gs = layers
+    first, red = next(iter(gs.items()), (None, None))
+    if first != "gate_s_conv_reduce0" or not _plain_conv(red, True, 1):
+        return "gate_s does not start with gate_s_conv_reduce0, a plain 1x1 conv"
+    if red.weight.dtype not in BRANCH_DTYPES:
+        return f"gate_s_conv_reduce0's weight is {red.weight.dtype}"
+    if getattr(gc.get("gate_c_fc_0"), "weight", None) is None:
+        return "gate_c has no gate_c_fc_0 with a weight"
+    return None

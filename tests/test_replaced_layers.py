@@ -1,0 +1,113 @@
+"""A BAM whose containers or layers were replaced by modules with their own forward (a subclass
+of the stock one, as for CBAM-style pooling or weight standardisation) runs them, in every mode.
+The fused paths skip the layers' forwards: the CPU autograd path used to compute the mean of x
+and the stock 1x1 conv whatever the modules were (0.3 to 1.5 off, silently), and the eval path's
+fallback took it too."""
+
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from test_training_tail import assert_same_training
+from torch import nn
+
+import bam_fused
+from bam_fused import _backends, _layers
+from bam_fused.reference import BAM as RefBAM
+from bam_fused.reference import ChannelGate, SpatialGate
+from bam_fused.testing import randomize_
+
+C, R, D = 48, 8, 2  # 6 reduced channels
+
+
+class MaxPooledChannelGate(ChannelGate):
+    """CBAM's channel pooling: the maximum over H and W, not the mean."""
+
+    def forward(self, x):
+        return self.gate_c(x.amax(dim=(2, 3)))
+
+
+class DoubledSpatialGate(SpatialGate):
+    def forward(self, x):
+        return 2 * self.gate_s(x)
+
+
+class HalvedSequential(nn.Sequential):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardisation in the forward."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def _like(cls, old, *args):
+    new = cls(*args)
+    new.load_state_dict(old.state_dict())
+    return new
+
+
+REPLACEMENTS = {
+    "channel_att": lambda m: _like(MaxPooledChannelGate, m.channel_att, C, R),
+    "spatial_att": lambda m: _like(DoubledSpatialGate, m.spatial_att, C, R, D),
+    "channel_att.gate_c": lambda m: HalvedSequential(OrderedDict(m.channel_att.gate_c.named_children())),
+    "spatial_att.gate_s": lambda m: HalvedSequential(OrderedDict(m.spatial_att.gate_s.named_children())),
+    "spatial_att.gate_s.gate_s_conv_reduce0": lambda m: _like(
+        StandardizedConv, m.spatial_att.gate_s.gate_s_conv_reduce0, C, C // R, 1
+    ),
+}
+
+
+def replaced_pair(path):
+    ref = randomize_(RefBAM(C, R, D))
+    fused = bam_fused.BAM(C, R, D)
+    fused.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        fused.eval()(torch.randn(2, C, 9, 13))  # a cached fold of the stock layers must not survive
+    for m in (ref, fused):
+        parent, _, name = path.rpartition(".")
+        setattr(m.get_submodule(parent), name, REPLACEMENTS[path](m))
+    return ref, fused
+
+
+@pytest.mark.parametrize("mode", ["train", "eval with gradients", "eval", "compiled train"])
+@pytest.mark.parametrize("path", list(REPLACEMENTS))
+def test_replaced_containers_and_layers_run_as_modules(monkeypatch, path, mode):
+    torch.manual_seed(0)
+    ref, fused = replaced_pair(path)
+    for m in (ref, fused):
+        m.train(mode.endswith("train"))
+    x = torch.randn(3, C, 9, 13)
+    compiled = mode.startswith("compiled")
+    run = torch.compile(fused, fullgraph=True, backend="aot_eager") if compiled else fused
+    monkeypatch.setattr(_backends, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode == "eval":
+            with torch.no_grad():
+                torch.testing.assert_close(run(x), ref(x), rtol=1e-5, atol=1e-5)
+        else:  # two steps: outputs, gradients and running statistics
+            assert_same_training(ref, run, x, torch.randn_like(x))
+    said = [str(w.message) for w in caught if "run as the module's layers" in str(w.message)]
+    assert len(said) == (0 if compiled else 1), said  # (no warning while Dynamo traces)
+
+
+def test_the_autograd_path_takes_the_stock_layers_and_any_rest():
+    """The check is not stricter than it must be: the stock BAM, and one whose rest of the
+    branches was replaced (run as layers after the fused pass over x), keep the CPU autograd path."""
+    ref, fused = RefBAM(C, R, D), bam_fused.BAM(C, R, D)
+    assert _layers.autograd_reason(ref) is None and _layers.autograd_reason(fused) is None
+    fused.spatial_att.gate_s.gate_s_relu_di_0 = nn.LeakyReLU()
+    fused.channel_att.gate_c.gate_c_relu_1 = nn.GELU()
+    assert _layers.autograd_reason(fused) is None
+    torch.nn.utils.parametrizations.weight_norm(fused.spatial_att.gate_s.gate_s_conv_reduce0)
+    assert _layers.autograd_reason(fused) is None  # its .weight is what its forward uses
+    for path in REPLACEMENTS:
+        _, replaced = replaced_pair(path)
+        assert _layers.autograd_reason(replaced) is not None, path
