@@ -1,14 +1,19 @@
-"""convert(model): swap every BAM in a model for bam_fused.BAM carrying the same weights.
+"""convert(model): swap every BAM in a model for bam_fused.BAM holding the same layers.
 
 Handles our reference BAMs and foreign modules in the authors' layout (``channel_att.gate_c``
-and ``spatial_att.gate_s`` built as in their code). Keys and eval outputs stay the same.
+and ``spatial_att.gate_s`` built as in their code). The new module takes the old one's layers
+themselves, not copies of their weights into stock ones: a layer the user changed (another
+activation, BatchNorm eps, padding mode, a frozen BatchNorm or weight, a hook) stays as it was.
+Keys, outputs and gradients stay the same.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from ._checks import check_choice, check_combine
@@ -96,8 +101,29 @@ def _looks_like_bam(module: nn.Module) -> bool:
     )
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)  # fmt: skip
+
+
+def _without_flatten(gate_c: nn.Sequential) -> OrderedDict:
+    """The authors' gate_c layers without their Flatten: the mean of x is (N, C) already, and the
+    eval op computes the reference's four layers."""
+    return OrderedDict(
+        (name, m) for name, m in gate_c.named_children()
+        if not (name == "flatten" and type(m).__name__ == "Flatten" and not any(True for _ in m.parameters()))
+    )  # fmt: skip
+
+
 def _converted(module: nn.Module, backend: str, combine: str | None) -> BAM:
+    """A bam_fused.BAM that holds module's own layers (so every layer keeps its type, settings,
+    mode, requires_grad and hooks; those the fused kernels do not compute run as modules), with
+    the reference's containers around them."""
+    if _has_hooks(module):
+        raise _LayoutMismatch("it has hooks, which a new module would not carry")
     if isinstance(module, ReferenceBAM):
+        if type(module).forward not in (ReferenceBAM.forward, BAM.forward):
+            raise _LayoutMismatch(f"{type(module).__name__} has its own forward")
         hp = dict(
             gate_channels=module.gate_channels,
             reduction_ratio=module.reduction_ratio,
@@ -108,11 +134,21 @@ def _converted(module: nn.Module, backend: str, combine: str | None) -> BAM:
     else:
         hp = _authors_hparams(module)
         mode = combine or "product"  # the authors' code multiplies
-    new = BAM(**hp, combine=mode, backend=backend)
-    ref = next(module.parameters())
-    new.to(device=ref.device, dtype=ref.dtype)
-    new.load_state_dict(module.state_dict(), strict=True)
-    return new.train(module.training)
+        _expect(not (_has_hooks(module.channel_att) or _has_hooks(module.spatial_att)), "hooks on its gates")
+    # On the meta device: its stock layers are replaced below (no memory, no draw from the RNG).
+    with torch.device("meta"):
+        new = BAM(**hp, combine=mode, backend=backend)
+    if isinstance(module, ReferenceBAM):
+        new.channel_att, new.spatial_att = module.channel_att, module.spatial_att
+    else:
+        gate_c = module.channel_att.gate_c
+        if type(gate_c) is nn.Sequential:  # (another container keeps its Flatten and runs as modules)
+            gate_c = nn.Sequential(_without_flatten(gate_c)).train(gate_c.training)
+        new.channel_att.gate_c, new.spatial_att.gate_s = gate_c, module.spatial_att.gate_s
+        new.channel_att.training, new.spatial_att.training = module.channel_att.training, module.spatial_att.training
+    new.training = module.training
+    _expect(set(new.state_dict()) == set(module.state_dict()), "state_dict keys that bam_fused.BAM does not have")
+    return new
 
 
 def convert(model: nn.Module, backend: str = "auto", combine: str | None = None, inplace: bool = False) -> nn.Module:

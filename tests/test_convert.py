@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,3 +116,83 @@ def test_convert_errors():
         bam_fused.convert(Net(), backend="triton")
     with pytest.raises(ValueError, match="combine must be one of"):
         bam_fused.convert(Net(), combine="mul")
+
+
+class MaxPooledChannelGate(bam_fused.reference.ChannelGate):
+    def forward(self, x):
+        return self.gate_c(x.amax(dim=(2, 3)))
+
+
+def _max_pooled(m):
+    gate = MaxPooledChannelGate(32)
+    gate.load_state_dict(m.channel_att.state_dict())
+    m.channel_att = gate
+
+
+# Layers a user changed in a BAM before converting it. Each must survive the conversion (until
+# 2026-11-26 convert built stock layers and loaded the weights: outputs 0.003 to 1.3 off, silently).
+LAYER_CHANGES = {
+    "leaky relu": lambda m: setattr(m.spatial_att.gate_s, "gate_s_relu_di_0", nn.LeakyReLU(0.2)),
+    "batchnorm eps": lambda m: setattr(m.spatial_att.gate_s.gate_s_bn_di_0, "eps", 0.1),
+    "reflect padding": lambda m: setattr(m.spatial_att.gate_s.gate_s_conv_di_0, "padding_mode", "reflect"),
+    "frozen batchnorm": lambda m: m.spatial_att.gate_s.gate_s_bn_reduce0.eval(),
+    "frozen weights": lambda m: m.spatial_att.requires_grad_(False),
+    "max-pooled channel gate": _max_pooled,
+}
+
+
+@pytest.mark.parametrize(
+    "kind,change",
+    [("reference", c) for c in LAYER_CHANGES] + [("authors", c) for c in LAYER_CHANGES if "channel gate" not in c],
+)
+def test_convert_keeps_each_layer_as_it_was(kind, change):
+    torch.manual_seed(0)
+    bam = randomize_(AuthorsBAM(32) if kind == "authors" else bam_fused.reference.BAM(32, combine="product")).train()
+    LAYER_CHANGES[change](bam)
+    rng = torch.get_rng_state()
+    converted = bam_fused.convert(bam)
+    assert torch.equal(torch.get_rng_state(), rng)  # no draws for layers it throws away
+    assert type(converted) is bam_fused.BAM
+    modes = {n: m.training for n, m in bam.named_modules() if not n.endswith("flatten")}
+    assert {n: m.training for n, m in converted.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in converted.named_parameters()} == {
+        n: p.requires_grad for n, p in bam.named_parameters()
+    }
+    x = torch.randn(2, 32, 8, 8)  # square: the authors' pooling assumes H == W
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers the fused kernels do not compute say so once
+        for train in (True, False):
+            for m in (bam, converted):
+                m.train(train)
+                if change == "frozen batchnorm":
+                    LAYER_CHANGES[change](m)  # frozen again after .train()
+            xr, xc = (x.clone().requires_grad_() for _ in range(2))
+            out_r, out_c = bam(xr), converted(xc)
+            torch.testing.assert_close(out_c, out_r, rtol=1e-5, atol=1e-5)
+            g = torch.randn_like(out_r)
+            out_r.backward(g)
+            out_c.backward(g)
+            torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-4, atol=1e-5)
+        for (name, b), bc in zip(bam.named_buffers(), converted.buffers(), strict=True):
+            torch.testing.assert_close(bc, b, msg=name)
+
+
+def test_convert_leaves_bams_with_their_own_forward_or_hooks_alone():
+    class Scaled(bam_fused.reference.BAM):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.warns(RuntimeWarning, match=r"left the model \(Scaled\) alone: Scaled has its own forward"):
+        assert type(bam_fused.convert(Scaled(32))) is Scaled
+    hooked = bam_fused.reference.BAM(32)
+    hooked.register_forward_hook(lambda *args: None)
+    with pytest.warns(RuntimeWarning, match="alone: it has hooks"):
+        assert type(bam_fused.convert(hooked)) is bam_fused.reference.BAM
+    # Hooks on its layers go with the layers.
+    layer_hooked = bam_fused.reference.BAM(32)
+    seen = []
+    layer_hooked.spatial_att.register_forward_hook(lambda m, i, o: seen.append(o))
+    converted = bam_fused.convert(layer_hooked)
+    with torch.no_grad():
+        converted.eval()(torch.randn(1, 32, 5, 5))
+    assert type(converted) is bam_fused.BAM and len(seen) == 1
