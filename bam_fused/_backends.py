@@ -93,6 +93,22 @@ def transform_reason() -> str | None:
     return None
 
 
+FX_TRACING = "torch.fx symbolic tracing records the reference's ops (the kernels need real tensors)"
+
+
+def fx_traced(backend: str, x: object) -> bool:
+    """Whether x is a torch.fx Proxy: symbolic tracing (torchvision's create_feature_extractor, FX
+    quantization), where the graph can hold only the reference's ops. "auto" then says so once; an
+    explicit backend raises."""
+    if not isinstance(x, torch.fx.Proxy):
+        return False
+    if backend not in ("auto", "reference"):
+        raise BackendUnavailable(f"backend={backend!r} cannot run: {FX_TRACING}")
+    if backend == "auto":
+        warn_once("fx", f"bam_fused: using the reference: {FX_TRACING}")
+    return True
+
+
 def gate_impl(backend: str, x: torch.Tensor, *, traceable: bool = False) -> str:
     """Resolves a bam_gate backend to the kernel that runs: "triton", "cpp" or "reference".
 

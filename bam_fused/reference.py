@@ -20,9 +20,9 @@ def bam_gate_reference(
     x: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tensor, combine: str = "sum"
 ) -> torch.Tensor:
     """x * (1 + sigmoid(Mc (+) Ms)), Mc broadcast over H and W, Ms over C; in x's dtype."""
-    n, c, h, w = x.shape
-    mc = channel_att.reshape(n, c, 1, 1)
-    ms = spatial_att.reshape(n, 1, h, w)
+    # (x.shape[i], not unpacking: torch.fx traces this with a Proxy for x, which cannot be iterated.)
+    mc = channel_att.reshape(x.shape[0], x.shape[1], 1, 1)
+    ms = spatial_att.reshape(x.shape[0], 1, x.shape[2], x.shape[3])
     att = mc + ms if combine == "sum" else mc * ms
     return x * (1 + torch.sigmoid(att))
 
@@ -106,5 +106,6 @@ class BAM(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map(x, self.gate_channels, pixels=True)
+        if not isinstance(x, torch.fx.Proxy):  # (torch.fx symbolic tracing has no shapes to check)
+            check_feature_map(x, self.gate_channels, pixels=True)
         return bam_gate_reference(x, self.channel_att(x), self.spatial_att(x), self.combine)

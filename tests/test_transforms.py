@@ -1,4 +1,4 @@
-"""torch.func transforms, forward-mode AD, torch.jit.trace and autocast.
+"""torch.func transforms, forward-mode AD, torch.jit.trace, torch.fx symbolic tracing and autocast.
 
 The fused kernels have hand-written first derivatives and no batching or forward-mode rules, so
 under these transforms the module and bam_gate run the reference ("auto", one warning) or raise
@@ -270,3 +270,62 @@ def test_eval_op_under_autocast_computes_in_x_dtype(monkeypatch, device, spatial
         for got, want in zip(branches, _branches(fused, x), strict=True):
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# -- torch.fx symbolic tracing: a graph of Proxies, which can hold the reference's ops only ------
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("training", [False, True])
+def test_fx_symbolic_trace_records_the_reference(backend, training):
+    """Before 2026-11-26 both modules raised "x must be a torch.Tensor, got Proxy"."""
+    ref, fused = _pair(training=training)
+    fused.backend = backend
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphs = [torch.fx.symbolic_trace(m) for m in (ref, fused)]
+    said = [str(w.message) for w in caught if "torch.fx" in str(w.message)]
+    assert len(said) == (backend == "auto"), said
+    for gm in graphs:
+        assert not any("bam_fused" in str(node.target) for node in gm.graph.nodes)
+        x = _x()
+        xr, xg = (x.clone().requires_grad_() for _ in range(2))
+        out_r, out_g = ref(xr), gm(xg)
+        torch.testing.assert_close(out_g, out_r, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(out_r)
+        out_r.backward(g)
+        out_g.backward(g)
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fx_symbolic_trace_of_bam_gate_and_explicit_backends():
+    class Gated(torch.nn.Module):
+        def __init__(self, backend):
+            super().__init__()
+            self.backend = backend
+
+        def forward(self, x, c, s):
+            return bam_gate(x, c, s, "product", backend=self.backend)
+
+    x, c, s = _x(), torch.randn(3, 37, dtype=torch.float64), torch.randn(3, 1, 7, 9)
+    gm = torch.fx.symbolic_trace(Gated("auto"))
+    torch.testing.assert_close(gm(x, c, s), reference.bam_gate_reference(x, c.float(), s, "product"))
+    with pytest.raises(_backends.BackendUnavailable, match="backend='cpp' cannot run: torch.fx"):
+        torch.fx.symbolic_trace(Gated("cpp"))
+    with pytest.raises(_backends.BackendUnavailable, match="backend='fused' cannot run: torch.fx"):
+        torch.fx.symbolic_trace(bam_fused.BAM(37, 8, backend="fused"))
+
+
+def test_torchvision_feature_extractor_on_a_bam_resnet():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from bam_fused.models import resnet18_bam
+
+    model = randomize_(resnet18_bam(num_classes=10)).eval()
+    seen = []
+    handle = model.layer2.bam.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    extractor = create_feature_extractor(model, return_nodes={"layer2.bam": "bam2"})
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)["bam2"], seen[0], rtol=1e-5, atol=1e-5)

@@ -147,9 +147,11 @@ def bam_gate(
     Returns:
         A tensor in x's dtype and memory format. Differentiable in all three inputs.
     """
-    x = check_feature_map(x)
     check_combine(combine)
     check_choice("backend", backend, BACKENDS)
+    if _backends.fx_traced(backend, x):
+        return bam_gate_reference(x, channel_att.to(x.dtype), spatial_att.to(x.dtype), combine)
+    x = check_feature_map(x)
     c, s = normalize_attention(x, channel_att, spatial_att)
     impl = _backends.gate_impl(backend, x)
     if impl == "reference":
