@@ -51,9 +51,18 @@ class BAM(reference.BAM):
         backend: str = "auto",
     ) -> None:
         super().__init__(gate_channels, reduction_ratio, dilation, num_dilated_convs, combine)
-        self.backend = check_choice("backend", backend, MODULE_BACKENDS)
+        self.backend = backend
         self._folded: dict | None = None
         self._folded_key: list | None = None
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        # Checked on every assignment: a typo set later ("refrence") must not run the kernels silently.
+        self._backend = check_choice("backend", value, MODULE_BACKENDS)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"

@@ -95,9 +95,18 @@ class BAM(nn.Module):
         self.reduction_ratio = reduction_ratio
         self.dilation = dilation
         self.num_dilated_convs = num_dilated_convs
-        self.combine = check_combine(combine)
+        self.combine = combine
         self.channel_att = ChannelGate(gate_channels, reduction_ratio)
         self.spatial_att = SpatialGate(gate_channels, reduction_ratio, dilation, num_dilated_convs)
+
+    @property
+    def combine(self) -> str:
+        return self._combine
+
+    @combine.setter
+    def combine(self, value: str) -> None:
+        # Checked on every assignment: a typo set later ("mul") must not pick a formula silently.
+        self._combine = check_combine(value)
 
     def extra_repr(self) -> str:
         return (

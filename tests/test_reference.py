@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +108,23 @@ def test_construction_errors(cls):
 def test_fused_backend_argument_is_checked():
     with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'reference', got 'cuda'"):
         bam_fused.BAM(64, backend="cuda")
+
+
+@pytest.mark.parametrize("cls", [BAM, bam_fused.BAM])
+def test_settings_are_checked_when_assigned_later(cls):
+    """combine and backend are read on every call: a typo assigned later ("mul") used to pick a
+    formula silently (the fused eval op took anything but "product" for "sum", the reference
+    anything but "sum" for "product")."""
+    m = cls(32, 4)
+    with pytest.raises(ValueError, match="combine must be one of 'sum', 'product', got 'mul'"):
+        m.combine = "mul"
+    m.combine = "product"
+    assert m.combine == "product" and "combine='product'" in repr(m)
+    if cls is bam_fused.BAM:
+        with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'reference', got 'refrence'"):
+            m.backend = "refrence"
+        m.backend = "reference"
+        assert copy.deepcopy(m).backend == "reference"
 
 
 @pytest.mark.parametrize("cls", [BAM, bam_fused.BAM])
