@@ -232,3 +232,20 @@ def test_cpp_bad_stream_stores_variable_names_it(monkeypatch):
     x, ca, sa = gate_inputs()
     with pytest.raises(RuntimeError, match="BAM_FUSED_CPU_STREAM_STORES must be auto, on or off, got 'always'"):
         bam_gate(x, ca, sa, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_output_can_be_changed_in_place_before_backward(backend, layout):
+    """As an in-place ReLU after BAM does in a model. Before 2026-11-26 the output was a view made
+    inside the autograd Function, and autograd refused: "Output 0 of _EagerGate is a view and is
+    being modified inplace"."""
+    grads = []
+    for fn in (bam_gate_reference, functools.partial(bam_gate, backend=backend)):
+        torch.manual_seed(0)
+        x, ca, sa = gate_inputs(layout=layout, requires_grad=True)
+        out = torch.relu_(fn(x, ca, sa).mul_(2))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), x.grad, ca.grad, sa.grad))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

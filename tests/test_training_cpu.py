@@ -388,3 +388,21 @@ def test_bf16_input_gradient_reads_denormals_as_zero(monkeypatch, layout):
         results[isa] = dx
     assert not results["avx512_bf16"].any()
     assert torch.equal(results["avx512"][1, :, 1, 3].float(), torch.full((40,), 2.0**-33))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_module_output_can_be_changed_in_place_before_backward(layout, mode):
+    """nn.ReLU(inplace=True) after a BAM: before 2026-11-26 autograd refused ("Output 0 of
+    _TrainingBAM is a view and is being modified inplace")."""
+    ref, fused = make_pair(48, 8, 2, "sum")
+    results = []
+    for m in (ref, fused):
+        m.train(mode == "train")
+        x = make_layout(torch.randn(3, 48, 9, 13, generator=torch.Generator().manual_seed(0)), layout)
+        x.requires_grad_()
+        out = torch.nn.ReLU(inplace=True)(m(x))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

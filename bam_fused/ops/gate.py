@@ -43,9 +43,10 @@ def _forward(x: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tens
     x3, row, col, _ = _as_rows(x, channel_att, spatial_att)
     out3 = _backends.kernels(impl).gate_forward(x3, row, col, product)
     n, c, h, w = x.shape
-    if x.is_contiguous():
-        return out3.view(n, c, h, w)
-    return out3.view(n, h, w, c).permute(0, 3, 1, 2)
+    out = out3.view(n, c, h, w) if x.is_contiguous() else out3.view(n, h, w, c).permute(0, 3, 1, 2)
+    # Not a view (detach): autograd forbids in-place changes to a view made inside a custom
+    # Function, and a model may well run an in-place ReLU on BAM's output.
+    return out.detach()
 
 
 def _backward_kernels(grad, x, channel_att, spatial_att, product: bool, impl: str):
