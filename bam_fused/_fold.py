@@ -47,6 +47,8 @@ def fold_key(bam: nn.Module) -> list:
     for group in layers:
         for m in group.values():
             add(id(m))
+            if m is None:  # (a layer set to None: the layers run, and raise as the reference's)
+                continue
             add(m.training)
             if "parametrizations" in m._modules:
                 # A parametrized weight (torch.nn.utils.parametrize: weight_norm, spectral_norm) is

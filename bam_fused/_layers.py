@@ -19,7 +19,7 @@ def exactly(m: nn.Module, cls: type) -> bool:
     """m is a cls itself (not a subclass with its own forward), or one with torch.nn.utils.parametrize
     parametrizations (which makes a subclass for it)."""
     t = type(m)
-    return t is cls or ("parametrizations" in m._modules and t.__bases__ == (cls,))
+    return t is cls or (t.__bases__ == (cls,) and "parametrizations" in m._modules)
 
 
 def branch_layers(bam: nn.Module) -> tuple[dict, dict] | None:
@@ -78,7 +78,8 @@ def op_reason(bam: nn.Module) -> str | None:
             ok = ok and (name != "gate_s_conv_final" or (m.out_channels == 1 and m.bias is not None))
         if not ok:
             # (No repr(m): Dynamo cannot trace a conv's.)
-            return f"{name} is not what the eval op computes (a {type(m).__name__}, training={m.training})"
+            mode = getattr(m, "training", None)
+            return f"{name} is not what the eval op computes (a {type(m).__name__}, training={mode})"
     return None
 
 
@@ -95,6 +96,8 @@ def autograd_reason(bam: nn.Module) -> str | None:
         return "gate_s does not start with gate_s_conv_reduce0, a plain 1x1 conv"
     if red.weight.dtype not in BRANCH_DTYPES:
         return f"gate_s_conv_reduce0's weight is {red.weight.dtype}"
+    if None in gc.values() or None in gs.values():
+        return "a layer of gate_c or gate_s is None"
     if getattr(gc.get("gate_c_fc_0"), "weight", None) is None:
         return "gate_c has no gate_c_fc_0 with a weight"
     return None

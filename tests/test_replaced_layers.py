@@ -111,3 +111,13 @@ def test_the_autograd_path_takes_the_stock_layers_and_any_rest():
     for path in REPLACEMENTS:
         _, replaced = replaced_pair(path)
         assert _layers.autograd_reason(replaced) is not None, path
+
+
+@pytest.mark.parametrize("mode", ["train", "eval with gradients", "eval"])
+def test_a_layer_set_to_none_raises_as_in_the_reference(mode):
+    """Before 2026-11-26 the layer checks themselves failed on it (AttributeError on None)."""
+    for m in (RefBAM(C, R, D), bam_fused.BAM(C, R, D)):
+        m.train(mode == "train").spatial_att.gate_s.gate_s_relu_di_0 = None
+        grad = mode != "eval"
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="'NoneType' object is not callable"):
+            m(torch.randn(2, C, 5, 5, requires_grad=grad))
