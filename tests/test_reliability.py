@@ -3,6 +3,7 @@ multi-process training, pickling and fallbacks."""
 
 import copy
 import functools
+import io
 import os
 import pickle
 import socket
@@ -18,6 +19,7 @@ import bam_fused
 from bam_fused import _backends, _ext, cli
 from bam_fused.models import insert_bam, resnet18_bam, resnet50_bam
 from bam_fused.ops import bam_gate
+from bam_fused.reference import BAM as RefBAM
 from bam_fused.testing import DTYPES, gate_comparisons, randomize_
 
 # -- property tests ----------------------------------------------------------------------
@@ -168,6 +170,28 @@ def test_export_eval_model():
         # The C++ op itself (it runs without Python), not torch.compile's flexible-layout wrapper.
         assert "bam_fused_C.bam_eval.default" in ops and not any("flexible" in op for op in ops), ops
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_export_with_gradients_saves_and_loads(training):
+    """Exported without torch.no_grad() (parameters that need gradients), BAM takes the autograd
+    path's custom ops; until 2026-11-26 its torch.no_grad() block for the running statistics
+    became a node that torch.export.save rejected ("wrap_with_set_grad_enabled is missing val
+    field")."""
+    ref = randomize_(RefBAM(32, 4, 2)).train(training)
+    fused = bam_fused.convert(copy.deepcopy(ref))
+    x = torch.randn(2, 32, 7, 9)
+    exported = torch.export.export(fused, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "bam_fused.reduce_pool_train.default" in ops, ops
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    x = torch.randn(2, 32, 7, 9)
+    torch.testing.assert_close(loaded(x), ref(x), rtol=1e-5, atol=1e-5)
+    for name, buf in ref.named_buffers():  # one step's running statistics in training mode
+        torch.testing.assert_close(loaded.get_buffer(name), buf, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # -- multi-process training ------------------------------------------------------------------

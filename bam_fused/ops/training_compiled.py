@@ -232,9 +232,11 @@ def _spatial_tail(stock: tuple, y: torch.Tensor, pixels: int, channels_last: boo
         [c.weight for c in convs], [given(c.bias, 0.0, cr) for c in convs], dilation, final.weight,
         given(final.bias, 0.0, 1), channels_last,
     )  # fmt: skip
+    # Detached statistics into buffers (which need no gradient): nothing for autograd to record,
+    # so no torch.no_grad() block, which torch.export records as a wrap_with_set_grad_enabled
+    # node that its serialiser then rejects (torch.export.save: "missing val field").
     stats = stats.detach()
-    with torch.no_grad():
-        _update_running_stats(bns, stats[0], stats[2], pixels)
+    _update_running_stats(bns, stats[0], stats[2], pixels)
     return s
 
 
