@@ -194,6 +194,20 @@ def test_export_with_gradients_saves_and_loads(training):
         torch.testing.assert_close(loaded.get_buffer(name), buf, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_aot_inductor_package_runs_the_eval_op(tmp_path):
+    """Deployment without Python in the loop: AOTInductor compiles the exported eval BAM to a
+    shared library that calls bam_fused_C::bam_eval (the extension must be loaded to run it)."""
+    ref = randomize_(RefBAM(32, 4, 2)).eval()
+    fused = bam_fused.convert(copy.deepcopy(ref))
+    x = torch.randn(2, 32, 7, 9)
+    with torch.no_grad():
+        exported = torch.export.export(fused, (x,))
+        assert "bam_fused_C.bam_eval.default" in {str(n.target) for n in exported.graph.nodes}
+        path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "bam.pt2"))
+        runner = torch._inductor.aoti_load_package(path)
+        torch.testing.assert_close(runner(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 # -- multi-process training ------------------------------------------------------------------
 def _small_net() -> torch.nn.Module:
     torch.manual_seed(1)
