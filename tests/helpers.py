@@ -69,3 +69,14 @@ def record_channels_last(monkeypatch, module, op_name: str) -> list[bool]:
 
     monkeypatch.setattr(module, "load_op", recording)
     return layouts
+
+
+def assert_same_forward_backward(want, got, x: torch.Tensor, grad_rtol: float = 1e-5) -> None:
+    """got(x) matches want(x), and so does x's gradient under one random output gradient."""
+    xw, xg = (x.clone().requires_grad_() for _ in range(2))
+    out_w, out_g = want(xw), got(xg)
+    torch.testing.assert_close(out_g, out_w, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out_w)
+    out_w.backward(g)
+    out_g.backward(g)
+    torch.testing.assert_close(xg.grad, xw.grad, rtol=grad_rtol, atol=1e-5)

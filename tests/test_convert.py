@@ -3,6 +3,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_forward_backward
 from torch import nn
 
 import bam_fused
@@ -166,13 +167,7 @@ def test_convert_keeps_each_layer_as_it_was(kind, change):
                 m.train(train)
                 if change == "frozen batchnorm":
                     LAYER_CHANGES[change](m)  # frozen again after .train()
-            xr, xc = (x.clone().requires_grad_() for _ in range(2))
-            out_r, out_c = bam(xr), converted(xc)
-            torch.testing.assert_close(out_c, out_r, rtol=1e-5, atol=1e-5)
-            g = torch.randn_like(out_r)
-            out_r.backward(g)
-            out_c.backward(g)
-            torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-4, atol=1e-5)
+            assert_same_forward_backward(bam, converted, x, grad_rtol=1e-4)
         for (name, b), bc in zip(bam.named_buffers(), converted.buffers(), strict=True):
             torch.testing.assert_close(bc, b, msg=name)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from conftest import DEVICES
+from helpers import assert_same_forward_backward
 
 import bam_fused
 from bam_fused import _backends, reference
@@ -286,14 +287,7 @@ def test_fx_symbolic_trace_records_the_reference(backend, training):
     assert len(said) == (backend == "auto"), said
     for gm in graphs:
         assert not any("bam_fused" in str(node.target) for node in gm.graph.nodes)
-        x = _x()
-        xr, xg = (x.clone().requires_grad_() for _ in range(2))
-        out_r, out_g = ref(xr), gm(xg)
-        torch.testing.assert_close(out_g, out_r, rtol=1e-5, atol=1e-5)
-        g = torch.randn_like(out_r)
-        out_r.backward(g)
-        out_g.backward(g)
-        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+        assert_same_forward_backward(ref, gm, _x())
 
 
 def test_fx_symbolic_trace_of_bam_gate_and_explicit_backends():
