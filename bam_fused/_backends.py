@@ -93,6 +93,13 @@ def transform_reason() -> str | None:
     return None
 
 
+def dispatch_mode() -> bool:
+    """Whether a TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...) is active. Then the
+    kernels go through dispatcher ops, which have fake kernels, not through Python launches of
+    Triton kernels on whatever tensors the mode hands out."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 FX_TRACING = "torch.fx symbolic tracing records the reference's ops (the kernels need real tensors)"
 
 

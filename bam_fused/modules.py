@@ -180,7 +180,7 @@ class BAM(reference.BAM):
             use_op = False
         if use_op:
             xc = x.contiguous(memory_format=memory_format(x))
-            if x.is_cuda and not torch.compiler.is_compiling():
+            if x.is_cuda and not (torch.compiler.is_compiling() or _backends.dispatch_mode()):
                 # The extension's op or the Triton kernels (attention_cuda.py, BAM_FUSED_CUDA_EVAL).
                 channel, spatial = attention_cuda.attention(xc, f, self.dilation)
             elif x.device.type == "cpu":

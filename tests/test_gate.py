@@ -8,10 +8,12 @@ from helpers import LAYOUTS, gate_inputs, make_layout
 
 from bam_fused import _backends
 from bam_fused.ops import bam_gate
+from bam_fused.ops.branches import load_op
 from bam_fused.reference import bam_gate_reference
 from bam_fused.testing import compare, gate_comparisons
 
 KERNELS = ["triton", "cpp"]
+OPCHECK_UTILS = ("test_schema", "test_faketensor")
 SHAPES = [(2, 37, 7, 9), (1, 37, 7, 9), (3, 5, 1, 1), (1, 1, 4, 4), (2, 64, 8, 8)]
 
 
@@ -83,6 +85,17 @@ def test_nan_and_inf_propagate_like_reference(backend):
     out = bam_gate(x, ca, sa, backend=backend)
     ref = bam_gate_reference(x.double(), ca.double(), sa.double())
     assert compare(out, ref).passed
+
+
+def test_cpp_gate_ops_opcheck():
+    """The C++ gate ops' fake kernels (shape tools run bam_gate under FakeTensorMode)."""
+    load_op()
+    x3, g3 = torch.randn(2, 6, 15), torch.randn(2, 6, 15)
+    row, col = torch.randn(2, 6), torch.randn(2, 15)
+    for product in (False, True):
+        torch.library.opcheck(torch.ops.bam_fused_C.gate_forward, (x3, row, col, product), test_utils=OPCHECK_UTILS)
+        args = (g3, x3, row, col, product)
+        torch.library.opcheck(torch.ops.bam_fused_C.gate_backward, args, test_utils=OPCHECK_UTILS)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import make_layout, record_channels_last
+from torch._subclasses import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bam_fused
 from bam_fused import _backends, _ext, cli
@@ -206,6 +208,49 @@ def test_aot_inductor_package_runs_the_eval_op(tmp_path):
         path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "bam.pt2"))
         runner = torch._inductor.aoti_load_package(path)
         torch.testing.assert_close(runner(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fake_tensor_mode_gives_the_reference_shapes_and_strides(training, layout):
+    """Shape and memory tools run models under FakeTensorMode; before 2026-11-26 training raised
+    "UnsupportedOperatorException: bam_fused_C.gate_forward.default" (no fake kernel)."""
+    results = []
+    with FakeTensorMode():
+        for m in (RefBAM(32, 4, 2), bam_fused.BAM(32, 4, 2)):
+            x = make_layout(torch.empty(2, 32, 7, 9), layout).requires_grad_(training)
+            with torch.set_grad_enabled(training):
+                out = m.train(training)(x)
+                if training:
+                    out.sum().backward()
+            results.append((out.shape, out.stride(), None if x.grad is None else (x.grad.shape, x.grad.stride())))
+    assert results[0] == results[1]
+
+
+def test_dispatch_modes_see_the_gate_as_a_custom_op():
+    """Under a TorchDispatchMode bam_gate calls its torch.library op (fake kernel, one op), not the
+    Python launches behind its eager autograd Function (which on CUDA would launch Triton kernels
+    on a mode's fake tensors); the values are the same."""
+    x, c, s = (torch.randn(shape, requires_grad=True) for shape in ((2, 37, 7, 9), (2, 37), (2, 7, 9)))
+    want = bam_gate(x, c, s)
+    want_grads = torch.autograd.grad(want.sum(), (x, c, s))
+    with _RecordOps() as mode:
+        got = bam_gate(x, c, s)
+        got_grads = torch.autograd.grad(got.sum(), (x, c, s))
+    assert "bam_fused.gate.default" in mode.seen and "bam_fused.gate_backward.default" in mode.seen, mode.seen
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 # -- multi-process training ------------------------------------------------------------------

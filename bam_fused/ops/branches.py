@@ -36,6 +36,14 @@ def _register_fake() -> None:
         f32 = dict(dtype=torch.float32, device=x.device)
         return x.new_empty((n, c), **f32), x.new_empty((n, h, w), **f32)
 
+    @torch.library.register_fake("bam_fused_C::gate_forward")
+    def _(x, row, col, product):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("bam_fused_C::gate_backward")
+    def _(grad, x, row, col, product):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(row), torch.empty_like(col)
+
     @torch.library.register_fake("bam_fused_C::branches")
     def _(x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final):
         return maps(x)

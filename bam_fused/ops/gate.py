@@ -162,5 +162,5 @@ def bam_gate(
     # The attention terms are small: casting them to the math dtype here lets autograd cast
     # their gradients back to the caller's dtype.
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    gate = _gate_op if torch.compiler.is_compiling() else _EagerGate.apply
+    gate = _gate_op if torch.compiler.is_compiling() or _backends.dispatch_mode() else _EagerGate.apply
     return gate(x, c.to(acc).contiguous(), s.to(acc).contiguous(), combine == "product", impl)
