@@ -111,7 +111,7 @@ def _without_flatten(gate_c: nn.Sequential) -> OrderedDict:
     eval op computes the reference's four layers."""
     return OrderedDict(
         (name, m) for name, m in gate_c.named_children()
-        if not (name == "flatten" and type(m).__name__ == "Flatten" and not any(True for _ in m.parameters()))
+        if not (name == "flatten" and type(m).__name__ == "Flatten" and next(m.parameters(), None) is None)
     )  # fmt: skip
 
 
@@ -143,7 +143,8 @@ def _converted(module: nn.Module, backend: str, combine: str | None) -> BAM:
     else:
         gate_c = module.channel_att.gate_c
         if type(gate_c) is nn.Sequential:  # (another container keeps its Flatten and runs as modules)
-            gate_c = nn.Sequential(_without_flatten(gate_c)).train(gate_c.training)
+            gate_c = nn.Sequential(_without_flatten(gate_c))
+            gate_c.training = module.channel_att.gate_c.training  # (not .train(): it sets the layers too)
         new.channel_att.gate_c, new.spatial_att.gate_s = gate_c, module.spatial_att.gate_s
         new.channel_att.training, new.spatial_att.training = module.channel_att.training, module.spatial_att.training
     new.training = module.training

@@ -137,6 +137,7 @@ LAYER_CHANGES = {
     "batchnorm eps": lambda m: setattr(m.spatial_att.gate_s.gate_s_bn_di_0, "eps", 0.1),
     "reflect padding": lambda m: setattr(m.spatial_att.gate_s.gate_s_conv_di_0, "padding_mode", "reflect"),
     "frozen batchnorm": lambda m: m.spatial_att.gate_s.gate_s_bn_reduce0.eval(),
+    "frozen channel batchnorm": lambda m: m.channel_att.gate_c.gate_c_bn_1.eval(),
     "frozen weights": lambda m: m.spatial_att.requires_grad_(False),
     "max-pooled channel gate": _max_pooled,
 }
@@ -165,7 +166,7 @@ def test_convert_keeps_each_layer_as_it_was(kind, change):
         for train in (True, False):
             for m in (bam, converted):
                 m.train(train)
-                if change == "frozen batchnorm":
+                if change.startswith("frozen") and "batchnorm" in change:
                     LAYER_CHANGES[change](m)  # frozen again after .train()
             assert_same_forward_backward(bam, converted, x, grad_rtol=1e-4)
         for (name, b), bc in zip(bam.named_buffers(), converted.buffers(), strict=True):
