@@ -1,6 +1,8 @@
 import pytest
 import torch
 import torchvision
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import bam_fused
 from bam_fused.models import insert_bam, resnet18_bam, resnet34_bam, resnet50_bam, resnet101_bam
@@ -52,6 +54,35 @@ def test_insert_bam_on_timm_resnet():
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
 
 
+@pytest.mark.parametrize("norm", ["frozen batchnorm", "groupnorm"])
+def test_insert_bam_whatever_the_norm_layers(norm):
+    """Detection backbones use torchvision's FrozenBatchNorm2d; before 2026-11-26 insert_bam read
+    the channels off the last nn.BatchNorm2d and refused such models."""
+    layer = FrozenBatchNorm2d if norm == "frozen batchnorm" else (lambda c: torch.nn.GroupNorm(8, c))
+    model = insert_bam(torchvision.models.resnet50(num_classes=4, norm_layer=layer)).eval()
+    assert [getattr(model, f"layer{i}").bam.gate_channels for i in (1, 2, 3)] == [256, 512, 1024]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_insert_bam_into_a_detection_backbone():
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
+    insert_bam(backbone.body)
+    assert backbone.body.layer2.bam.gate_channels == 128
+    with torch.no_grad():
+        features = backbone.eval()(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in features.values()][:2] == [(1, 256, 16, 16), (1, 256, 8, 8)]
+
+
+def test_insert_bam_on_timm_resnet_with_cbam_blocks():
+    """The stage's channels come from conv3, not from the attention convs after it (CBAM's spatial
+    conv has one output channel)."""
+    timm = pytest.importorskip("timm")
+    cbam = {"attn_layer": "cbam"}
+    model = insert_bam(timm.create_model("resnet26", pretrained=False, num_classes=4, block_args=cbam))
+    assert [getattr(model, f"layer{i}").bam.gate_channels for i in (1, 2, 3)] == [256, 512, 1024]
+
+
 def test_insert_bam_errors():
     with pytest.raises(ValueError, match="model.layer1 is NoneType"):
         insert_bam(torch.nn.Linear(2, 2))
@@ -59,4 +90,8 @@ def test_insert_bam_errors():
         insert_bam("resnet50")
     model = resnet18_bam()
     with pytest.raises(ValueError, match="already has a BAM"):
+        insert_bam(model)
+    model = torchvision.models.resnet18()
+    model.layer2[-1] = torch.nn.Identity()
+    with pytest.raises(ValueError, match="model.layer2 does not look like a ResNet stage .*no conv3 or conv2"):
         insert_bam(model)

@@ -15,12 +15,17 @@ STAGES = ("layer1", "layer2", "layer3")
 
 
 def _stage_channels(stage: nn.Module, name: str) -> int:
-    """Output channels of a ResNet stage: the last BatchNorm2d of its last block."""
+    """Output channels of a ResNet stage: its last block's last main conv (conv3 in a
+    bottleneck, conv2 in a basic block), whatever the norm layers (BatchNorm2d, torchvision's
+    FrozenBatchNorm2d in detection backbones, GroupNorm) and attention modules (timm's SE or
+    CBAM convs come after it)."""
     blocks = list(stage.children())
-    bns = [m for m in blocks[-1].modules() if isinstance(m, nn.BatchNorm2d)] if blocks else []
-    if not bns:
-        raise ValueError(f"model.{name} does not look like a ResNet stage (no BatchNorm2d in its last block)")
-    return bns[-1].num_features
+    last = blocks[-1] if blocks else None
+    for attr in ("conv3", "conv2"):
+        conv = getattr(last, attr, None)
+        if isinstance(conv, nn.Conv2d):
+            return conv.out_channels
+    raise ValueError(f"model.{name} does not look like a ResNet stage (its last block has no conv3 or conv2 Conv2d)")
 
 
 def insert_bam(model: nn.Module, **bam_kwargs: Any) -> nn.Module:
