@@ -9,6 +9,7 @@ computed as if it were the stock one, silently (another dilation or padding: 0.1
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from . import reference
@@ -20,6 +21,16 @@ def exactly(m: nn.Module, cls: type) -> bool:
     parametrizations (which makes a subclass for it)."""
     t = type(m)
     return t is cls or (t.__bases__ == (cls,) and "parametrizations" in m._modules)
+
+
+def raw_weight(m: nn.Module) -> torch.Tensor | None:
+    """m's weight, or with a torch.nn.utils.parametrize parametrization its (first) original, for
+    its device and dtype: reading .weight runs the parametrization, and spectral_norm's power
+    iteration advances on every read in training mode (the reference reads once per forward)."""
+    w = m._parameters.get("weight")
+    if w is None and "parametrizations" in m._modules and "weight" in m._modules["parametrizations"]._modules:
+        w = next(m._modules["parametrizations"]._modules["weight"].parameters(), None)
+    return w
 
 
 def branch_layers(bam: nn.Module) -> tuple[dict, dict] | None:
@@ -94,10 +105,11 @@ def autograd_reason(bam: nn.Module) -> str | None:
     first, red = next(iter(gs.items()), (None, None))
     if first != "gate_s_conv_reduce0" or not _plain_conv(red, True, 1):
         return "gate_s does not start with gate_s_conv_reduce0, a plain 1x1 conv"
-    if red.weight.dtype not in BRANCH_DTYPES:
-        return f"gate_s_conv_reduce0's weight is {red.weight.dtype}"
+    if raw_weight(red).dtype not in BRANCH_DTYPES:
+        return f"gate_s_conv_reduce0's weight is {raw_weight(red).dtype}"
     if None in gc.values() or None in gs.values():
         return "a layer of gate_c or gate_s is None"
-    if getattr(gc.get("gate_c_fc_0"), "weight", None) is None:
+    fc0 = gc.get("gate_c_fc_0")
+    if fc0 is None or raw_weight(fc0) is None:
         return "gate_c has no gate_c_fc_0 with a weight"
     return None

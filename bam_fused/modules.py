@@ -145,11 +145,12 @@ class BAM(reference.BAM):
     # -- forward -------------------------------------------------------------------------
     def _device(self) -> torch.device | None:
         """Where the parameters are (None without any)."""
-        try:
-            return self.channel_att.gate_c.gate_c_fc_0.weight.device  # quick, for the stock layers
+        try:  # quick, for the stock layers (and without running a parametrization)
+            w = _layers.raw_weight(self.channel_att.gate_c.gate_c_fc_0)
         except AttributeError:
-            p = next(self.parameters(), None)
-            return None if p is None else p.device
+            w = None
+        w = next(self.parameters(), None) if w is None else w
+        return None if w is None else w.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _backends.fx_traced(self.backend, x):

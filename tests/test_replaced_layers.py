@@ -4,6 +4,7 @@ The fused paths skip the layers' forwards: the CPU autograd path used to compute
 and the stock 1x1 conv whatever the modules were (0.3 to 1.5 off, silently), and the eval path's
 fallback took it too."""
 
+import copy
 import warnings
 from collections import OrderedDict
 
@@ -121,3 +122,28 @@ def test_a_layer_set_to_none_raises_as_in_the_reference(mode):
         grad = mode != "eval"
         with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="'NoneType' object is not callable"):
             m(torch.randn(2, C, 5, 5, requires_grad=grad))
+
+
+SPECTRAL = {
+    "gate_c_fc_0": lambda m: m.channel_att.gate_c.gate_c_fc_0,
+    "gate_s_conv_reduce0": lambda m: m.spatial_att.gate_s.gate_s_conv_reduce0,
+    "gate_s_conv_di_0": lambda m: m.spatial_att.gate_s.gate_s_conv_di_0,
+}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("layer", list(SPECTRAL))
+def test_spectral_norm_iterates_once_per_forward_as_in_the_reference(layer, compiled):
+    """spectral_norm's power iteration advances on every read of .weight in training mode. Until
+    2026-11-26 the fused paths read gate_c_fc_0's and the reduce conv's weight for their dtype
+    and device too, so its state drifted from the reference's (u off by 0.01 after 3 steps)."""
+    torch.manual_seed(0)
+    ref = randomize_(RefBAM(C, R, D)).train()
+    torch.nn.utils.parametrizations.spectral_norm(SPECTRAL[layer](ref))
+    fused = bam_fused.convert(copy.deepcopy(ref))
+    run = torch.compile(fused, fullgraph=True, backend="aot_eager") if compiled else fused
+    for _ in range(3):
+        x = torch.randn(2, C, 9, 13)
+        torch.testing.assert_close(run(x), ref(x), rtol=1e-5, atol=1e-5)
+    state = [SPECTRAL[layer](m).parametrizations.weight[0]._u for m in (ref, fused)]
+    torch.testing.assert_close(state[1], state[0], rtol=0, atol=0)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._layers import raw_weight
 from .branches import BRANCH_DTYPES, load_op
 from .gate import _backward_kernels, _forward, memory_format
 
@@ -159,7 +160,7 @@ class _TrainingBAM(torch.autograd.Function):
                     s = layer(s)
             else:
                 s = ctx.tail.s
-            ch = gc(m_in.to(gc.gate_c_fc_0.weight.dtype))
+            ch = gc(m_in.to(raw_weight(gc.gate_c_fc_0).dtype))
         c32 = ch.detach().float().contiguous()
         s32 = s.detach().float().reshape(n, h * w).contiguous()
         ctx.save_for_backward(x, c32, s32, w32)

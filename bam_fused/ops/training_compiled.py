@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .._layers import raw_weight
 from .branches import load_op
 from .gate import _backward_kernels, _forward, memory_format
 from .training import _batch_stats, _rest_of_spatial, _stock_tail, _update_running_stats
@@ -246,20 +247,21 @@ def compiled_training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> t
     red = module.spatial_att.gate_s.gate_s_conv_reduce0
     gc = module.channel_att.gate_c
     n, c, h, w = x.shape
-    cr = red.weight.shape[0]
+    weight = red.weight  # (read once: a parametrization runs on every read, as in the reference's forward)
+    cr = weight.shape[0]
     x = x.contiguous(memory_format=memory_format(x))
-    w32 = red.weight.reshape(cr, c).float()
-    b32 = red.bias.float() if red.bias is not None else red.weight.new_zeros(cr, dtype=torch.float32)
+    w32 = weight.reshape(cr, c).float()
+    b32 = red.bias.float() if red.bias is not None else weight.new_zeros(cr, dtype=torch.float32)
     rest = _rest_of_spatial(module.spatial_att.gate_s)
     stock = _stock_tail(rest, n * h * w)
     means, y, token = FLEXIBLE.reduce_pool(x, w32, b32)
     if stock is not None:
         s = _spatial_tail(stock, y, n * h * w, memory_format(x) == torch.channels_last)
     else:
-        s = y.to(red.weight.dtype)
+        s = y.to(weight.dtype)
         for layer in rest:
             s = layer(s)
-    channel = gc(means.to(gc.gate_c_fc_0.weight.dtype))
+    channel = gc(means.to(raw_weight(gc.gate_c_fc_0).dtype))
     # The attention terms in fp32 (autograd casts their gradients back), as bam_gate passes them.
     c32, s32 = channel.float().reshape(n, c).contiguous(), s.float().reshape(n, h * w).contiguous()
     return FLEXIBLE.gate(x, token, c32, s32, combine == "product")
