@@ -113,8 +113,8 @@ class BAM(reference.BAM):
         and the channel MLP's fc0_w, fc0_b, fc1_w, fc1_b; "unsupported": None, or why the op
         cannot compute these layers (then nothing else)."""
         # Under torch.compile and torch.jit.trace the fold is part of the graph, read from the
-        # parameters on every call.
-        cache = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        # parameters on every call; under a dispatch mode (FakeTensorMode) they have no data.
+        cache = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _backends.dispatch_mode())
         if cache:
             key = _fold.fold_key(self)
             if self._folded is not None and key == self._folded_key:

@@ -234,6 +234,25 @@ def test_fake_tensor_mode_gives_the_reference_shapes_and_strides(training, layou
                 if training:
                     out.sum().backward()
             results.append((out.shape, out.stride(), None if x.grad is None else (x.grad.shape, x.grad.stride())))
+        assert m._folded is None  # no fold cached from fake tensors (nor keyed on their data_ptr)
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fake_cuda_tensors_take_the_dispatcher_ops(monkeypatch, training, layout):
+    """The CUDA paths under FakeTensorMode, on any machine (fake CUDA tensors need no GPU): with
+    Triton taken as available, the eval path and the gate must call ops with fake kernels, not
+    launch Triton kernels or time them on fake tensors. (Forward only: autograd's engine needs a
+    real CUDA context.)"""
+    monkeypatch.setattr(_backends, "triton_reason", lambda device: None)
+    results = []
+    with FakeTensorMode(), torch.device("cuda"):
+        for m in (RefBAM(32, 4, 2), bam_fused.BAM(32, 4, 2, backend="fused")):
+            x = make_layout(torch.empty(2, 32, 7, 9), layout).requires_grad_(training)
+            with torch.set_grad_enabled(training):
+                out = m.train(training)(x)
+            results.append((out.device.type, out.shape, out.stride()))
     assert results[0] == results[1]
 
 
