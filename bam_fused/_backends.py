@@ -78,10 +78,16 @@ def _dtype_reason(impl: str, dtype: torch.dtype) -> str | None:
 TRACING = "torch.jit.trace records no autograd.Function and no Triton launch"
 
 
+ONNX_EXPORT = "torch.onnx.export runs: ONNX has no bam_fused ops, so the graph holds the reference's"
+
+
 def transform_reason() -> str | None:
-    """Why an active autograd transform or a torch.jit trace rules out the fused kernels' autograd
-    paths (None when nothing does). Their first derivatives are written by hand, with no batching
-    or forward-mode rules; torch.compile traces them as custom ops, so it is not asked about."""
+    """Why an active autograd transform, a torch.jit trace or an ONNX export rules out the fused
+    kernels (None when nothing does). Their first derivatives are written by hand, with no
+    batching or forward-mode rules; torch.compile traces them as custom ops, so it is not asked
+    about (but torch.onnx.export's torch.export is: ONNX has no translation for our ops)."""
+    if torch.onnx.is_in_onnx_export():
+        return ONNX_EXPORT
     if torch.compiler.is_compiling():
         return None
     if torch._C._functorch.maybe_current_level() is not None:
@@ -125,7 +131,8 @@ def gate_impl(backend: str, x: torch.Tensor, *, traceable: bool = False) -> str:
     if why is not None and not (traceable and why == TRACING):
         if backend != "auto":
             raise BackendUnavailable(f"backend={backend!r} cannot run: {why}")
-        warn_once(f"transform:{why}", f"bam_fused: using the reference: {why}")
+        if not torch.compiler.is_compiling():  # (Dynamo cannot trace warnings.warn)
+            warn_once(f"transform:{why}", f"bam_fused: using the reference: {why}")
         return "reference"
     return _gate_impl(backend, x.device.type, x.dtype)
 

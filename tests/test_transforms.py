@@ -1,4 +1,5 @@
-"""torch.func transforms, forward-mode AD, torch.jit.trace, torch.fx symbolic tracing and autocast.
+"""torch.func transforms, forward-mode AD, torch.jit.trace, torch.fx symbolic tracing, ONNX export and
+autocast.
 
 The fused kernels have hand-written first derivatives and no batching or forward-mode rules, so
 under these transforms the module and bam_gate run the reference ("auto", one warning) or raise
@@ -323,3 +324,50 @@ def test_torchvision_feature_extractor_on_a_bam_resnet():
     extractor = create_feature_extractor(model, return_nodes={"layer2.bam": "bam2"})
     with torch.no_grad():
         torch.testing.assert_close(extractor(x)["bam2"], seen[0], rtol=1e-5, atol=1e-5)
+
+
+# -- ONNX export: ONNX has no bam_fused ops, so the graph holds the reference's ------------------
+def _onnx_bytes(model, args, dynamo):
+    if dynamo:
+        return torch.onnx.export(model, args, dynamo=True).model_proto.SerializeToString()
+    f = io.BytesIO()
+    torch.onnx.export(model, args, f, dynamo=False)
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_of_a_bam_resnet_runs_in_onnxruntime(dynamo):
+    """Before 2026-11-26 both exporters failed on bam_fused_C::bam_eval ("unrecognized namespace",
+    "missing ONNX function")."""
+    ort = pytest.importorskip("onnxruntime")
+    from bam_fused.models import resnet18_bam
+
+    model = randomize_(resnet18_bam(num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = ort.InferenceSession(_onnx_bytes(model, (x,), dynamo))
+        want = model(x)
+    assert any("torch.onnx.export runs" in str(w.message) for w in caught) != dynamo  # (none while Dynamo traces)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_of_bam_gate_and_explicit_backends():
+    ort = pytest.importorskip("onnxruntime")
+
+    class Gated(torch.nn.Module):
+        def __init__(self, backend):
+            super().__init__()
+            self.backend = backend
+
+        def forward(self, x, c, s):
+            return bam_gate(x, c, s, "product", backend=self.backend)
+
+    args = (_x(), torch.randn(3, 37), torch.randn(3, 1, 7, 9))
+    session = ort.InferenceSession(_onnx_bytes(Gated("auto"), args, dynamo=False))
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, dict(zip(names, (a.numpy() for a in args), strict=True)))[0]
+    torch.testing.assert_close(torch.from_numpy(got), reference.bam_gate_reference(*args, "product"))
+    with pytest.raises(_backends.BackendUnavailable, match="backend='cpp' cannot run: torch.onnx.export"):
+        _onnx_bytes(Gated("cpp"), args, dynamo=False)
