@@ -89,8 +89,9 @@ def op_reason(bam: nn.Module) -> str | None:
             ok = ok and (name != "gate_s_conv_final" or (m.out_channels == 1 and m.bias is not None))
         if not ok:
             # (No repr(m): Dynamo cannot trace a conv's.)
-            mode = getattr(m, "training", None)
-            return f"{name} is not what the eval op computes (a {type(m).__name__}, training={mode})"
+            t = type(m)  # (its module too where the name is ambiguous: a quantized Linear is a "Linear")
+            kind = t.__name__ if t.__module__.startswith("torch.nn.modules") else f"{t.__module__}.{t.__name__}"
+            return f"{name} is not what the eval op computes (a {kind}, training={getattr(m, 'training', None)})"
     return None
 
 

@@ -147,3 +147,16 @@ def test_spectral_norm_iterates_once_per_forward_as_in_the_reference(layer, comp
         torch.testing.assert_close(run(x), ref(x), rtol=1e-5, atol=1e-5)
     state = [SPECTRAL[layer](m).parametrizations.weight[0]._u for m in (ref, fused)]
     torch.testing.assert_close(state[1], state[0], rtol=0, atol=0)
+
+
+def test_dynamically_quantized_linears_run_as_modules(monkeypatch):
+    """torch.ao.quantization.quantize_dynamic swaps the channel MLP's Linears for quantized ones
+    (also named "Linear"): the eval op does not compute them, so they run, and the warning names
+    their module."""
+    ref = randomize_(RefBAM(C, R, D)).eval()
+    fused = bam_fused.convert(copy.deepcopy(ref)).eval()
+    quantized = [torch.ao.quantization.quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8) for m in (ref, fused)]
+    x = torch.randn(2, C, 9, 13)
+    monkeypatch.setattr(_backends, "_warned", set())
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"gate_c_fc_0 .* \(a torch\.ao\.nn\.quantized\.dynamic"):
+        torch.testing.assert_close(quantized[1](x), quantized[0](x), rtol=1e-5, atol=1e-5)
