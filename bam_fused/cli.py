@@ -11,12 +11,38 @@ from pathlib import Path
 import torch
 
 
+def _device_arg(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:<i> (argparse reports anything else as a usage error)."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:<i>, got {text!r}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bam-fused: --device cuda asked for, but no CUDA device is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise SystemExit(f"bam-fused: --device {name} asked for, but {count} CUDA device(s) are visible")
     return device
 
 
@@ -58,7 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     device = _device(args.device)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     meta = {"malloc": "system defaults"}
     if device.type == "cpu" and not args.system_malloc:
@@ -86,17 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("verify", help="every active fused path against the float64 reference")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:i]")
+    p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu or cuda[:i]")
     p.add_argument("--dtype", default="all", choices=["all", "fp32", "fp16", "bf16"])
     p.add_argument("--quick", action="store_true", help="a small subset of shapes")
     p.add_argument("--out", help="also write verify.json here")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("bench", help="eager reference vs torch.compile of it vs fused")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu or cuda[:i]")
     p.add_argument("--dtype", default="default", choices=["default", "fp32", "fp16", "bf16"])
     p.add_argument("--quick", action="store_true", help="one shape: about two minutes on a 2-core CPU")
     p.add_argument("--out", help="write results.json, speedup.png and bandwidth.png here")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--system-malloc", action="store_true", help="CPU: leave glibc's trimming of freed memory on")
     p.set_defaults(func=cmd_bench)

@@ -76,6 +76,23 @@ def test_cli_rejects_cuda_without_gpu():
 
 
 @pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["bench", "--device", "tpu"], "argument --device: expected auto, cpu, cuda or cuda:<i>, got 'tpu'"),
+        (["verify", "--device", "cuda:x"], "argument --device: expected auto, cpu, cuda or cuda:<i>, got 'cuda:x'"),
+        (["bench", "--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+        (["bench", "--threads", "two"], "argument --threads: expected a positive integer, got 'two'"),
+    ],
+)
+def test_cli_rejects_bad_arguments_as_usage_errors(capsys, argv, says):
+    """Before 2026-11-26 --device tpu raised torch's RuntimeError with a traceback, and --threads 0
+    was ignored (the whole benchmark ran with the default count)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "value,active,says",
     [(None, True, "at 16 and 32 reduced channels"), ("kernel", True, "BAM_FUSED_CPU_SPATIAL=kernel"),
      ("library", False, "oneDNN"), ("fast", False, "must be auto, kernel or library, got 'fast'")],
