@@ -41,7 +41,7 @@ def fold_key(bam: nn.Module) -> list:
     .train() refresh the fold. Flat, without a tuple per tensor."""
     layers = branch_layers(bam)
     if layers is None:
-        return [object()]  # never equal: layers.op_reason says why the op cannot run
+        return [object()]  # never equal: _layers.op_reason says why the op cannot run
     key: list = [bam.training]
     add = key.append  # appends, not tuples: 12 -> 6 us a call
     for group in layers:
@@ -66,7 +66,7 @@ def fold_key(bam: nn.Module) -> list:
 
 def fold(bam: nn.Module) -> dict:
     """The folded weights of a BAM whose layers are the ones the eval op computes
-    (layers.op_reason(bam) is None), in fp32 and the shapes the op takes."""
+    (_layers.op_reason(bam) is None), in fp32 and the shapes the op takes."""
     gc, gs = branch_layers(bam)
     dilated = [(gs[f"gate_s_conv_di_{i}"], gs[f"gate_s_bn_di_{i}"]) for i in range(bam.num_dilated_convs)]
     fc1, fin = gc["gate_c_fc_final"], gs["gate_s_conv_final"]

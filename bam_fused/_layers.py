@@ -106,8 +106,9 @@ def autograd_reason(bam: nn.Module) -> str | None:
     first, red = next(iter(gs.items()), (None, None))
     if first != "gate_s_conv_reduce0" or not _plain_conv(red, True, 1):
         return "gate_s does not start with gate_s_conv_reduce0, a plain 1x1 conv"
-    if raw_weight(red).dtype not in BRANCH_DTYPES:
-        return f"gate_s_conv_reduce0's weight is {raw_weight(red).dtype}"
+    weight = raw_weight(red)
+    if weight is None or weight.dtype not in BRANCH_DTYPES:
+        return f"gate_s_conv_reduce0's weight is {None if weight is None else weight.dtype}"
     if None in gc.values() or None in gs.values():
         return "a layer of gate_c or gate_s is None"
     fc0 = gc.get("gate_c_fc_0")
