@@ -291,15 +291,18 @@ def test_fx_symbolic_trace_records_the_reference(backend, training):
         assert_same_forward_backward(ref, gm, _x())
 
 
+class Gated(torch.nn.Module):
+    """bam_gate inside a user's module (what a tracer or exporter sees)."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x, c, s):
+        return bam_gate(x, c, s, "product", backend=self.backend)
+
+
 def test_fx_symbolic_trace_of_bam_gate_and_explicit_backends():
-    class Gated(torch.nn.Module):
-        def __init__(self, backend):
-            super().__init__()
-            self.backend = backend
-
-        def forward(self, x, c, s):
-            return bam_gate(x, c, s, "product", backend=self.backend)
-
     x, c, s = _x(), torch.randn(3, 37, dtype=torch.float64), torch.randn(3, 1, 7, 9)
     gm = torch.fx.symbolic_trace(Gated("auto"))
     torch.testing.assert_close(gm(x, c, s), reference.bam_gate_reference(x, c.float(), s, "product"))
@@ -355,14 +358,6 @@ def test_onnx_export_of_a_bam_resnet_runs_in_onnxruntime(dynamo):
 
 def test_onnx_export_of_bam_gate_and_explicit_backends():
     ort = pytest.importorskip("onnxruntime")
-
-    class Gated(torch.nn.Module):
-        def __init__(self, backend):
-            super().__init__()
-            self.backend = backend
-
-        def forward(self, x, c, s):
-            return bam_gate(x, c, s, "product", backend=self.backend)
 
     args = (_x(), torch.randn(3, 37), torch.randn(3, 1, 7, 9))
     session = ort.InferenceSession(_onnx_bytes(Gated("auto"), args, dynamo=False))
