@@ -49,6 +49,11 @@ def branch_layers(bam: nn.Module) -> tuple[dict, dict] | None:
 _NOT_CONTAINERS = "channel_att, spatial_att or their gate_c, gate_s are not the reference's containers"
 
 
+def pads_by_dilation(conv: nn.Conv2d, dilation: int) -> bool:
+    """A 3x3 conv's zero padding is its dilation on each side: padding=(d, d), or "same"."""
+    return conv.padding in ((dilation, dilation), "same")
+
+
 def _plain_conv(m: nn.Module, one: bool, dilation: int) -> bool:
     """A Conv2d with stride 1 and groups 1: 1x1 without padding (one), or 3x3 with zero padding =
     dilation."""
@@ -57,7 +62,7 @@ def _plain_conv(m: nn.Module, one: bool, dilation: int) -> bool:
     if one:
         return m.kernel_size == (1, 1) and m.padding == (0, 0)
     d = (dilation, dilation)
-    return m.kernel_size == (3, 3) and m.dilation == d and m.padding == d and m.padding_mode == "zeros"
+    return m.kernel_size == (3, 3) and m.dilation == d and pads_by_dilation(m, dilation) and m.padding_mode == "zeros"
 
 
 def op_reason(bam: nn.Module) -> str | None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_combine
+from ._layers import pads_by_dilation
 from .modules import BAM, MODULE_BACKENDS
 from .reference import BAM as ReferenceBAM
 
@@ -69,7 +70,7 @@ def _authors_hparams(module: nn.Module) -> dict:
             isinstance(conv, nn.Conv2d)
             and conv.kernel_size == (3, 3)
             and conv.dilation == (d, d)
-            and conv.padding == (d, d)
+            and pads_by_dilation(conv, d)
             and conv.stride == (1, 1)
             and conv.groups == 1
             and conv.in_channels == hidden

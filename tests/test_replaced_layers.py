@@ -9,8 +9,9 @@ import warnings
 from collections import OrderedDict
 
 import pytest
+import test_convert as convert_test
 import torch
-from test_training_tail import assert_same_training
+from test_training_tail import assert_same_training, count_tail_ops
 from torch import nn
 
 import bam_fused
@@ -160,3 +161,32 @@ def test_dynamically_quantized_linears_run_as_modules(monkeypatch):
     monkeypatch.setattr(_backends, "_warned", set())
     with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"gate_c_fc_0 .* \(a torch\.ao\.nn\.quantized\.dynamic"):
         torch.testing.assert_close(quantized[1](x), quantized[0](x), rtol=1e-5, atol=1e-5)
+
+
+def _same_padded(m):
+    """m's dilated convs as padding="same" convs with the same weights (the same computation)."""
+    gs = m.spatial_att.gate_s
+    for name in [n for n in gs._modules if n.startswith("gate_s_conv_di_")]:
+        old = gs._modules[name]
+        new = nn.Conv2d(old.in_channels, old.out_channels, 3, padding="same", dilation=old.dilation)
+        new.load_state_dict(old.state_dict())
+        setattr(gs, name, new)
+
+
+def test_same_padded_dilated_convs_keep_the_fused_paths(monkeypatch):
+    """padding="same" on a 3x3 conv is its dilation on each side: the eval op and the training
+    path's C++ tail take it (before 2026-11-26 it ran as modules, with a warning)."""
+    ref = randomize_(RefBAM(C, R, D))
+    fused = bam_fused.convert(copy.deepcopy(ref))
+    for m in (ref, fused):
+        _same_padded(m)
+    x = torch.randn(3, C, 9, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+    assert fused.folded()["unsupported"] is None
+    calls = count_tail_ops(monkeypatch)
+    assert_same_training(ref.train(), fused.train(), x, torch.randn_like(x))
+    assert "spatial_train" in calls
+    authors = convert_test.AuthorsBAM(C, dilation_val=D)
+    _same_padded(authors)
+    assert type(bam_fused.convert(authors)) is bam_fused.BAM

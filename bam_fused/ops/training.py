@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._layers import raw_weight
+from .._layers import pads_by_dilation, raw_weight
 from .branches import BRANCH_DTYPES, load_op
 from .gate import _backward_kernels, _forward, memory_format
 
@@ -66,7 +66,7 @@ def _stock_tail(rest: list[nn.Module], pixels: int) -> tuple[list, list, nn.Conv
     ok = all(type(r) is nn.ReLU for r in relus)
     ok = ok and all(
         type(c) is nn.Conv2d and c.kernel_size == (3, 3) and c.stride == (1, 1) and c.dilation == (d, d)
-        and c.padding == (d, d) and c.groups == 1 and c.padding_mode == "zeros"
+        and pads_by_dilation(c, d) and c.groups == 1 and c.padding_mode == "zeros"
         and c.in_channels == c.out_channels == bns[0].num_features
         for c in convs
     )  # fmt: skip
