@@ -154,7 +154,7 @@ def _converted(module: nn.Module, backend: str, combine: str | None) -> BAM:
 
 
 def convert(model: nn.Module, backend: str = "auto", combine: str | None = None, inplace: bool = False) -> nn.Module:
-    """Replaces every BAM in ``model`` by ``bam_fused.BAM`` with the same weights.
+    """Replaces every BAM in ``model`` by a ``bam_fused.BAM`` holding its layers.
 
     Args:
         model: any module; the model itself may be a BAM.
@@ -163,7 +163,8 @@ def convert(model: nn.Module, backend: str = "auto", combine: str | None = None,
             or uses "product" (authors'-layout modules, which multiply).
         inplace: modify ``model`` rather than a deep copy of it.
 
-    A BAM-like module that does not match the layout is left alone with a warning naming it.
+    A BAM-like module that does not match the layout is left alone with a warning naming it. A
+    BAM shared by several parents stays shared.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -173,11 +174,17 @@ def convert(model: nn.Module, backend: str = "auto", combine: str | None = None,
     if not inplace:
         model = copy.deepcopy(model)
 
+    done: dict[int, nn.Module] = {}  # a BAM reached twice (shared) becomes one new BAM
+
     def swap(module: nn.Module, name: str) -> nn.Module:
         if not _looks_like_bam(module):
             return module
+        if id(module) in done:
+            return done[id(module)]
         try:
-            return _converted(module, backend, combine)
+            new = done[id(module)] = _converted(module, backend, combine)
+            done[id(new)] = new  # (met again through a shared container: already converted)
+            return new
         except (_LayoutMismatch, RuntimeError) as exc:
             warnings.warn(
                 f"bam_fused.convert: left {name or 'the model'} ({type(module).__name__}) alone: {exc}",
@@ -186,13 +193,20 @@ def convert(model: nn.Module, backend: str = "auto", combine: str | None = None,
             )
             return module
 
+    visited: set[int] = set()
+
     def visit(parent: nn.Module, prefix: str) -> None:
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(), which skips a module met before: every place of a shared
+        # BAM gets the same new one, and a shared container is walked once.
+        visited.add(id(parent))
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             name = f"{prefix}.{child_name}" if prefix else child_name
             new = swap(child, name)
             if new is not child:
                 setattr(parent, child_name, new)
-            else:
+            elif id(child) not in visited:
                 visit(child, name)
 
     root = swap(model, "")

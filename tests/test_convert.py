@@ -173,6 +173,17 @@ def test_convert_keeps_each_layer_as_it_was(kind, change):
             torch.testing.assert_close(bc, b, msg=name)
 
 
+def test_convert_keeps_a_shared_bam_shared():
+    """nn.Module.named_children() skips a module met before: until 2026-11-26 the second place of a
+    shared BAM kept the reference."""
+    bam = bam_fused.reference.BAM(32)
+    block = nn.Sequential(bam, nn.ReLU())
+    model = nn.Sequential(bam, nn.Identity(), bam, block, block)
+    converted = bam_fused.convert(model)
+    assert type(converted[0]) is bam_fused.BAM and converted[0] is converted[2] is converted[3][0]
+    assert converted[3] is converted[4]
+
+
 def test_convert_leaves_bams_with_their_own_forward_or_hooks_alone():
     class Scaled(bam_fused.reference.BAM):
         def forward(self, x):
