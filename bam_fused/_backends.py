@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 import warnings
 from types import ModuleType
 
@@ -23,10 +24,19 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested kernel cannot run here; the message says why."""
 
 
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel for the first frame outside bam_fused and torch (the user's call:
+    the warning then points at it, and filters by module apply)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("bam_fused", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
 
 @functools.cache

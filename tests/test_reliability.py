@@ -272,6 +272,17 @@ def test_dispatch_modes_see_the_gate_as_a_custom_op():
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+def test_warnings_point_at_the_callers_line(monkeypatch):
+    """The line that called BAM (not one inside bam_fused or torch's module machinery), so that the
+    warning says where and filters by module apply."""
+    monkeypatch.setattr(_backends, "_warned", set())
+    m = bam_fused.BAM(32, 4, 2).eval()
+    m.spatial_att.gate_s.gate_s_relu_di_0 = torch.nn.LeakyReLU()
+    with pytest.warns(RuntimeWarning, match="run as the module's layers") as caught, torch.no_grad():
+        m(torch.randn(1, 32, 5, 5))
+    assert [w.filename for w in caught] == [__file__]
+
+
 # -- multi-process training ------------------------------------------------------------------
 def _small_net() -> torch.nn.Module:
     torch.manual_seed(1)
