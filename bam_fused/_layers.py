@@ -23,6 +23,11 @@ def exactly(m: nn.Module, cls: type) -> bool:
     return t is cls or (t.__bases__ == (cls,) and "parametrizations" in m._modules)
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """Whether a forward or backward hook is registered on m itself."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def raw_weight(m: nn.Module) -> torch.Tensor | None:
     """m's weight, or with a torch.nn.utils.parametrize parametrization its (first) original, for
     its device and dtype: reading .weight runs the parametrization, and spectral_norm's power

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_combine
-from ._layers import pads_by_dilation
+from ._layers import has_hooks, pads_by_dilation
 from .modules import BAM, MODULE_BACKENDS
 from .reference import BAM as ReferenceBAM
 
@@ -102,11 +102,6 @@ def _looks_like_bam(module: nn.Module) -> bool:
     )
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)  # fmt: skip
-
-
 def _without_flatten(gate_c: nn.Sequential) -> OrderedDict:
     """The authors' gate_c layers without their Flatten: the mean of x is (N, C) already, and the
     eval op computes the reference's four layers."""
@@ -120,7 +115,7 @@ def _converted(module: nn.Module, backend: str, combine: str | None) -> BAM:
     """A bam_fused.BAM that holds module's own layers (so every layer keeps its type, settings,
     mode, requires_grad and hooks; those the fused kernels do not compute run as modules), with
     the reference's containers around them."""
-    if _has_hooks(module):
+    if has_hooks(module):
         raise _LayoutMismatch("it has hooks, which a new module would not carry")
     if isinstance(module, ReferenceBAM):
         if type(module).forward not in (ReferenceBAM.forward, BAM.forward):
@@ -135,7 +130,7 @@ def _converted(module: nn.Module, backend: str, combine: str | None) -> BAM:
     else:
         hp = _authors_hparams(module)
         mode = combine or "product"  # the authors' code multiplies
-        _expect(not (_has_hooks(module.channel_att) or _has_hooks(module.spatial_att)), "hooks on its gates")
+        _expect(not (has_hooks(module.channel_att) or has_hooks(module.spatial_att)), "hooks on its gates")
     # On the meta device: its stock layers are replaced below (no memory, no draw from the RNG).
     with torch.device("meta"):
         new = BAM(**hp, combine=mode, backend=backend)

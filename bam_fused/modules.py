@@ -91,7 +91,7 @@ class BAM(reference.BAM):
             m = stack.pop()
             if m is None:
                 continue
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            if _layers.has_hooks(m):
                 return True
             stack.extend(m._modules.values())
         return False
