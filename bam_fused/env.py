@@ -21,6 +21,10 @@
 |                             |         | eval below 16 on maps of N*H*W*Cr <= 25088); in bf16 for bf16 |
 |                             |         | x on avx512_bf16; also the fp32 training convs                |
 |                             |         | (spatial_train: 16 and 32 only); read by the extension        |
+| BAM_FUSED_CPU_WINOGRAD      | auto    | our fp32 CPU dilated convs: on (Winograd's F(2x2, 3x3)), off  |
+|                             |         | (direct), or auto (Winograd under avx2 and generic where the  |
+|                             |         | map holds a whole band of tiles, H and W >= 2 * dilation);    |
+|                             |         | read by the extension                                         |
 | BAM_FUSED_CPU_STREAM_STORES | auto    | CPU gate forward output: on (non-temporal stores), off, or    |
 |                             |         | auto (on from half the last-level cache up); read by the      |
 |                             |         | extension                                                     |

@@ -49,9 +49,24 @@ def _eval_mode_reason() -> str | None:
     return None
 
 
-def _cpu_spatial_status(unavailable: str | None, setting: str | None) -> dict[str, Any]:
+def _winograd_note(setting: str | None, isa: str | None) -> str:
+    """How our fp32 CPU dilated convs compute, from BAM_FUSED_CPU_WINOGRAD as the extension reads
+    it (build_info's cpu_winograd: the value, or why the extension refuses it)."""
+    if setting == "on":
+        return "fp32 by Winograd F(2x2, 3x3) (BAM_FUSED_CPU_WINOGRAD=on)"
+    if setting == "off":
+        return "fp32 direct (BAM_FUSED_CPU_WINOGRAD=off)"
+    if setting != "auto":
+        return f"fp32: {setting}"
+    if isa is not None and isa.startswith("avx512"):
+        return "fp32 direct under avx512 (BAM_FUSED_CPU_WINOGRAD=auto)"
+    return "fp32 by Winograd F(2x2, 3x3) from 16 channels where H, W >= 2 * dilation, else direct"
+
+
+def _cpu_spatial_status(unavailable: str | None, setting: str | None, winograd: str) -> dict[str, Any]:
     """Our CPU dilated convs or oneDNN's, from BAM_FUSED_CPU_SPATIAL as the extension reads it
-    (build_info's cpu_spatial: the value, or why the extension refuses it)."""
+    (build_info's cpu_spatial: the value, or why the extension refuses it); winograd: how ours
+    compute in fp32 (_winograd_note)."""
     if unavailable is not None:
         return {"active": False, "reason": unavailable}
     if setting == "library":
@@ -64,7 +79,7 @@ def _cpu_spatial_status(unavailable: str | None, setting: str | None) -> dict[st
         if setting == "auto"
         else "BAM_FUSED_CPU_SPATIAL=kernel"
     )
-    return {"active": True, "reason": None, "note": note}
+    return {"active": True, "reason": None, "note": f"{note}; {winograd}"}
 
 
 def info() -> dict[str, Any]:
@@ -104,7 +119,11 @@ def info() -> dict[str, Any]:
             # BAM with autograd on the CPU (ops/training.py); on CUDA the branches run as modules.
             "branch autograd (CPU)": status(branch_cpu),
             # The CPU dilated convs of the eval path: ours or oneDNN's (BAM_FUSED_CPU_SPATIAL).
-            "dilated convs (C++, CPU)": _cpu_spatial_status(branch_cpu, extension.get("cpu_spatial")),
+            "dilated convs (C++, CPU)": _cpu_spatial_status(
+                branch_cpu,
+                extension.get("cpu_spatial"),
+                _winograd_note(extension.get("cpu_winograd"), extension.get("cpu_isa")),
+            ),
         },
     }
 

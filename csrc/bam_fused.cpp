@@ -358,6 +358,11 @@ pybind11::dict build_info() {
   } catch (const c10::Error& e) {
     d["cpu_spatial"] = e.what_without_backtrace();  // a bad BAM_FUSED_CPU_SPATIAL: info shows why, ops raise
   }
+  try {
+    d["cpu_winograd"] = cpu_winograd_choice();
+  } catch (const c10::Error& e) {
+    d["cpu_winograd"] = e.what_without_backtrace();
+  }
 #ifdef _OPENMP
   d["openmp"] = true;  // at::parallel_for in our CPU kernels uses threads only with OpenMP
 #else

@@ -67,6 +67,9 @@ at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at
 bool cpu_spatial_kernel(int64_t Cr, bool bf16, int64_t eval_pixels = 0);
 // BAM_FUSED_CPU_SPATIAL as read now: auto, kernel or library.
 std::string cpu_spatial_choice();
+// BAM_FUSED_CPU_WINOGRAD as read now: auto, on or off (our fp32 dilated convs by Winograd's
+// F(2x2, 3x3), cpu/winograd_conv.h, or direct).
+std::string cpu_winograd_choice();
 // Whether spatial_convs_cpu has a bf16 kernel for Cr reduced channels.
 bool cpu_bf16_spatial_kernel(int64_t Cr);
 // The instruction set the CPU pass over x uses now (BAM_FUSED_CPU_ISA, else the widest).

@@ -80,3 +80,13 @@ def assert_same_forward_backward(want, got, x: torch.Tensor, grad_rtol: float = 
     out_w.backward(g)
     out_g.backward(g)
     torch.testing.assert_close(xg.grad, xw.grad, rtol=grad_rtol, atol=1e-5)
+
+
+# Which code runs the CPU dilated convs: ours directly, ours by Winograd's F(2x2, 3x3), oneDNN's.
+SPATIAL_CONVS = ("kernel", "winograd", "library")
+
+
+def spatial_env(monkeypatch, convs: str) -> None:
+    """Sets BAM_FUSED_CPU_SPATIAL and BAM_FUSED_CPU_WINOGRAD for one of SPATIAL_CONVS."""
+    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "library" if convs == "library" else "kernel")
+    monkeypatch.setenv("BAM_FUSED_CPU_WINOGRAD", "on" if convs == "winograd" else "off")

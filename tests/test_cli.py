@@ -107,6 +107,22 @@ def test_info_says_who_runs_the_cpu_dilated_convs(monkeypatch, capsys, value, ac
     assert st["active"] is active and says in (st.get("note") if active else st["reason"])
 
 
+@pytest.mark.parametrize(
+    "value,says",
+    [(None, "Winograd F(2x2, 3x3) from 16 channels"), ("on", "BAM_FUSED_CPU_WINOGRAD=on"),
+     ("off", "direct (BAM_FUSED_CPU_WINOGRAD=off)"), ("yes", "must be auto, on or off, got 'yes'")],
+)  # fmt: skip
+def test_info_says_how_our_cpu_dilated_convs_compute(monkeypatch, capsys, value, says):
+    monkeypatch.setenv("BAM_FUSED_CPU_ISA", "generic")
+    monkeypatch.delenv("BAM_FUSED_CPU_SPATIAL", raising=False)
+    if value is None:
+        monkeypatch.delenv("BAM_FUSED_CPU_WINOGRAD", raising=False)
+    else:
+        monkeypatch.setenv("BAM_FUSED_CPU_WINOGRAD", value)
+    assert cli.main(["info", "--json"]) == 0
+    assert says in json.loads(capsys.readouterr().out)["kernels"]["dilated convs (C++, CPU)"]["note"]
+
+
 def test_cpu_probe_runs_its_subcommands():
     """benchmarks/cpu_probe.py (not part of the package) on a small shape, so that it cannot rot."""
     import subprocess
@@ -123,3 +139,22 @@ def test_cpu_probe_runs_its_subcommands():
         done = subprocess.run([sys.executable, str(probe), *args, *common], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert want in done.stdout and f"(2, 64, 7, 9) {dtype} nchw" in done.stdout
+
+
+def test_every_environment_variable_read_is_documented():
+    """Each BAM_FUSED_* variable that the package, the extension or setup.py reads appears in
+    bam_fused/env.py's table and in the README, so that a new switch cannot go undocumented."""
+    import re
+    from pathlib import Path
+
+    from bam_fused import env
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "setup.py", *(root / "bam_fused").rglob("*.py"), *(root / "csrc").rglob("*.[ch]*")]
+    read = re.compile(r"""(?:env_choice|getenv|flag|environ\.get|environ\[)\(?\s*["'](BAM_FUSED_[A-Z0-9_]+)""")
+    names = {m for f in files for m in read.findall(f.read_text(errors="replace"))}
+    assert {"BAM_FUSED_CPU_WINOGRAD", "BAM_FUSED_DISABLE_EXT", "BAM_FUSED_FORCE_CUDA"} <= names  # the scan works
+    readme = (root / "README.md").read_text()
+    for name in sorted(names):
+        assert name in env.__doc__, name
+        assert f"`{name}`" in readme, name

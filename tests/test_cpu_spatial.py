@@ -7,6 +7,7 @@ count reach the kernels.
 
 import pytest
 import torch
+from helpers import spatial_env
 from test_cpu_pass import ISAS, isa_env
 
 from bam_fused.ops.branches import load_op
@@ -46,9 +47,10 @@ def reference(y, w, b, dilation, wf, bf):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,cr,h,w,dilation,convs", SHAPES)
 @pytest.mark.parametrize("y_layout", ["channels_last", "nchw"])
-def test_kernel_matches_float64(monkeypatch, isa, n, cr, h, w, dilation, convs, y_layout):
+@pytest.mark.parametrize("ours", ["kernel", "winograd"])
+def test_kernel_matches_float64(monkeypatch, isa, n, cr, h, w, dilation, convs, y_layout, ours):
     isa_env(monkeypatch, isa)
-    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "kernel")
+    spatial_env(monkeypatch, ours)
     y = torch.relu(torch.randn(n, cr, h, w))
     if y_layout == "channels_last":
         y = y.contiguous(memory_format=torch.channels_last)
@@ -61,20 +63,23 @@ def test_kernel_matches_float64(monkeypatch, isa, n, cr, h, w, dilation, convs, 
 
 
 @pytest.mark.parametrize("n,cr,h,w,dilation,convs", [s for s in SHAPES if s[0] > 0][:6])
-def test_kernel_and_library_agree(monkeypatch, n, cr, h, w, dilation, convs):
+@pytest.mark.parametrize("ours", ["kernel", "winograd"])
+def test_kernel_and_library_agree(monkeypatch, n, cr, h, w, dilation, convs, ours):
     y = torch.relu(torch.randn(n, cr, h, w)).contiguous(memory_format=torch.channels_last)
     args = (*weights(cr, convs)[:2], dilation, *weights(cr, convs)[2:])
-    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "kernel")
-    ours = tail(y, *args)
-    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "library")
+    spatial_env(monkeypatch, ours)
+    got = tail(y, *args)
+    spatial_env(monkeypatch, "library")
     lib = tail(y, *args)
-    torch.testing.assert_close(ours, lib, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, lib, rtol=1e-5, atol=1e-5)
 
 
-def test_nan_reaches_exactly_the_dilated_neighbours(monkeypatch):
+@pytest.mark.parametrize("ours", ["kernel", "winograd"])
+def test_nan_reaches_exactly_the_dilated_neighbours(monkeypatch, ours):
     # One NaN input pixel: after one dilated conv it reaches the pixels one dilation step away
-    # (3x3 of them) and no others, so a wrong tap offset or padding shows.
-    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "kernel")
+    # (3x3 of them) and no others, so a wrong tap offset or padding shows (Winograd: its
+    # transforms' zeros keep each output to its own 3x3 inputs).
+    spatial_env(monkeypatch, ours)
     y = torch.rand(1, 16, 11, 13).contiguous(memory_format=torch.channels_last)
     y[0, :, 5, 6] = float("nan")
     wd, bd, wf, bf, mlp = weights(16, 1)
@@ -85,8 +90,9 @@ def test_nan_reaches_exactly_the_dilated_neighbours(monkeypatch):
 
 
 @pytest.mark.parametrize("cr", [16, 20])
-def test_same_bits_for_any_thread_count(monkeypatch, cr):
-    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "kernel")
+@pytest.mark.parametrize("ours", ["kernel", "winograd"])
+def test_same_bits_for_any_thread_count(monkeypatch, cr, ours):
+    spatial_env(monkeypatch, ours)
     y = torch.relu(torch.randn(3, cr, 23, 29)).contiguous(memory_format=torch.channels_last)
     args = (*weights(cr, 2)[:2], 2, *weights(cr, 2)[2:])
     threads = torch.get_num_threads()
@@ -105,3 +111,51 @@ def test_bad_spatial_variable_names_it(monkeypatch):
     y = torch.rand(1, 16, 4, 4)
     with pytest.raises(RuntimeError, match="BAM_FUSED_CPU_SPATIAL must be auto, kernel or library, got 'fast'"):
         tail(y, *weights(16, 1)[:2], 1, *weights(16, 1)[2:])
+
+
+def test_bad_winograd_variable_names_it(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "kernel")
+    monkeypatch.setenv("BAM_FUSED_CPU_WINOGRAD", "yes")
+    y = torch.rand(1, 16, 4, 4)
+    with pytest.raises(RuntimeError, match="BAM_FUSED_CPU_WINOGRAD must be auto, on or off, got 'yes'"):
+        tail(y, *weights(16, 1)[:2], 1, *weights(16, 1)[2:])
+
+
+@pytest.mark.parametrize("ours", ["kernel", "winograd"])
+def test_each_output_reads_only_its_own_inputs(monkeypatch, ours):
+    # A huge input pixel (1e30, finite): each output either reads it through one tap (values
+    # near 1e30 / 48) or not at all (values near 1). Winograd's transforms mix a tile's 4x4
+    # inputs, so a wrong zero in them would leak 1e30-sized terms (or their rounding) into
+    # outputs whose 3x3 inputs do not hold the pixel; every tile position of the pixel is tried.
+    spatial_env(monkeypatch, ours)
+    wd, bd, wf, bf, mlp = weights(16, 1)
+    for h0 in range(4):
+        for w0 in range(4):
+            y = torch.rand(1, 16, 10, 11).contiguous(memory_format=torch.channels_last)
+            y[0, :, 2 + h0, 3 + w0] = 1e30
+            got = tail(y, wd, bd, 2, wf, bf, mlp)[0]
+            near = torch.zeros(10, 11, dtype=torch.bool)
+            near[h0 : 5 + h0 : 2, 1 + w0 : 6 + w0 : 2] = True
+            assert torch.all(got[~near].abs() < 100), (h0, w0)
+            want = reference(y, wd, bd, 2, wf, bf)[0]
+            torch.testing.assert_close(got[~near].double(), want[~near], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "isa,n,cr,h,w,dilation,winograd",
+    [("generic", 2, 16, 16, 16, 4, True), ("generic", 1, 16, 14, 14, 4, True), ("generic", 2, 16, 7, 16, 4, False),
+     ("generic", 1, 32, 14, 14, 4, False), ("generic", 1, 32, 28, 28, 4, True), ("generic", 2, 8, 16, 16, 2, False),
+     ("avx512", 2, 16, 16, 16, 4, False)],
+)  # fmt: skip
+def test_auto_takes_winograd_where_it_was_faster(monkeypatch, isa, n, cr, h, w, dilation, winograd):
+    # Winograd and the direct conv round differently, so auto's bits tell which one ran.
+    isa_env(monkeypatch, isa)
+    y = torch.relu(torch.randn(n, cr, h, w)).contiguous(memory_format=torch.channels_last)
+    args = (*weights(cr, 2)[:2], dilation, *weights(cr, 2)[2:])
+    got = {}
+    for choice in ("auto", "on", "off"):
+        monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "kernel")
+        monkeypatch.setenv("BAM_FUSED_CPU_WINOGRAD", choice)
+        got[choice] = tail(y, *args)
+    assert not torch.equal(got["on"], got["off"])
+    assert torch.equal(got["auto"], got["on" if winograd else "off"])

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import make_layout
+from helpers import SPATIAL_CONVS, make_layout, spatial_env
 from test_cpu_pass import ISAS, isa_env
 from test_training_cpu import make_pair, run_both
 from torch import nn
@@ -71,10 +71,10 @@ TAIL_SHAPES = [(3, 2, 7, 9, 2, 4), (2, 6, 9, 13, 2, 2), (3, 8, 7, 9, 1, 1), (2, 
 
 
 @pytest.mark.parametrize("n,cr,h,w,k,dilation", TAIL_SHAPES)
-@pytest.mark.parametrize("convs", ["kernel", "library"])
+@pytest.mark.parametrize("convs", SPATIAL_CONVS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_ops_match_the_layers_in_float64(monkeypatch, n, cr, h, w, k, dilation, convs, channels_last):
-    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", convs)
+    spatial_env(monkeypatch, convs)
     torch.manual_seed(0)
     seq = tail_layers(cr, k, dilation).double().train()
     y = torch.randn(n, cr, h, w, dtype=torch.float64, requires_grad=True)
@@ -102,11 +102,12 @@ def test_ops_match_the_layers_in_float64(monkeypatch, n, cr, h, w, k, dilation, 
 @pytest.mark.parametrize(
     "n,cr,h,w,dilation", [(2, 16, 11, 13, 4), (3, 32, 7, 9, 2), (2, 64, 5, 6, 1), (1, 16, 3, 4, 8)]
 )
-def test_our_weight_gradient_in_every_instruction_set(monkeypatch, isa, n, cr, h, w, dilation):
-    # Our dilated convs, their input and weight gradients (16, 32 and 64 channels: the blockings
-    # of one, two and four input vectors), against the layers in float64.
+@pytest.mark.parametrize("ours", ["kernel", "winograd"])
+def test_our_weight_gradient_in_every_instruction_set(monkeypatch, isa, n, cr, h, w, dilation, ours):
+    # Our dilated convs (direct or Winograd), their input and weight gradients (16, 32 and 64
+    # channels: the blockings of one, two and four input vectors), against the layers in float64.
     isa_env(monkeypatch, isa)
-    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "kernel")
+    spatial_env(monkeypatch, ours)
     torch.manual_seed(5)
     seq = tail_layers(cr, 2, dilation).double().train()
     y = torch.randn(n, cr, h, w, dtype=torch.float64, requires_grad=True)
@@ -120,9 +121,9 @@ def test_our_weight_gradient_in_every_instruction_set(monkeypatch, isa, n, cr, h
         torch.testing.assert_close(got.double().view_as(ref), ref, rtol=1e-4, atol=1e-5 * scale, msg=str(i))
 
 
-@pytest.mark.parametrize("convs", ["kernel", "library"])
+@pytest.mark.parametrize("convs", SPATIAL_CONVS)
 def test_ops_do_not_depend_on_the_thread_count(monkeypatch, convs):
-    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", convs)
+    spatial_env(monkeypatch, convs)
     torch.manual_seed(1)
     seq = tail_layers(16, 2, 4).train()
     y, ds = torch.randn(3, 16, 23, 29), torch.randn(3, 23, 29)
@@ -147,10 +148,10 @@ def test_ops_do_not_depend_on_the_thread_count(monkeypatch, convs):
 
 
 @pytest.mark.parametrize("frozen", [(1,), (0, 2), (0, 1, 2)])
-@pytest.mark.parametrize("convs", ["kernel", "library"])
+@pytest.mark.parametrize("convs", SPATIAL_CONVS)
 def test_ops_with_batchnorms_in_eval_mode_match_the_layers(monkeypatch, frozen, convs):
     # Frozen BatchNorms (fine-tuning) or a whole BAM in eval mode with gradients: running statistics.
-    monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", convs)
+    spatial_env(monkeypatch, convs)
     torch.manual_seed(6)
     seq = tail_layers(16, 2, 2).double().train()
     bns = [m for m in seq if isinstance(m, nn.BatchNorm2d)]

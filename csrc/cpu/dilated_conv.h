@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "conv1x1_pool.h"
 #include "isa.h"
@@ -42,6 +43,9 @@ struct DilatedConvJob {
   float* spatial;        // (N, H, W) when out is nullptr
   int cl_vectors;        // output vectors per register block (1, 2 or 4): kCo = cl_vectors * lanes
   bool relu = true;      // false: out = conv + bias (training: a BatchNorm follows, spatial_train_cpu.cpp)
+  // fp32 only: Winograd's F(2x2, 3x3) (winograd_conv.h); then w holds the transformed weights
+  // (16 positions, cob_n, Cr inputs, kCo outputs) and a chunk is chunk_px tiles of 2x2 outputs.
+  bool winograd = false;
 };
 
 // Tasks [begin, end) of N * chunks, each one chunk of one sample.
@@ -70,6 +74,11 @@ BAM_DECLARE_DILATED_GRAD(avx512)
 BAM_DECLARE_DILATED_GRAD(avx2)
 BAM_DECLARE_DILATED_GRAD(generic)
 
+}  // namespace bam_fused
+
+#include "winograd_conv.h"  // after DilatedConvJob
+
+namespace bam_fused {
 namespace {  // NOLINT: internal linkage on purpose (see conv1x1_pool.h)
 
 // The fp32 policy: y, weights and outputs are floats, one unit per channel.
@@ -189,6 +198,9 @@ BAM_INLINE void dilated_conv_tasks(const DilatedConvJob& j, int64_t begin, int64
 // with kConstantOnly (the bf16 policy) the others are not instantiated.
 template <typename K, typename P = FloatConv<K>, bool kConstantOnly = false>
 BAM_INLINE void dilated_conv_any(const DilatedConvJob& j, int64_t b, int64_t e) {
+  if constexpr (std::is_same_v<P, FloatConv<K>>) {
+    if (j.winograd) return winograd_any<K>(j, b, e);
+  }
   switch (j.Cr) {
     case 16: return dilated_conv_tasks<K, P, cl_vectors_for(16, kLanes<K>), 16>(j, b, e);
     case 32: return dilated_conv_tasks<K, P, cl_vectors_for(32, kLanes<K>), 32>(j, b, e);

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "../check.h"
+#include "../env_choice.h"
 #include "../ops.h"
 #include "dilated_conv.h"
 #include "isa.h"
@@ -55,6 +56,36 @@ at::Tensor pair_inputs(const at::Tensor& packed) {
       .view({3, 3, cob_n, Cr / 2, kCo});
 }
 
+// (Cr, Cr, 3, 3) -> Winograd's G g G^T (winograd_conv.h) for G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
+// computed in double, as (16 positions, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs.
+// Loops, not at::einsum: that took 0.2-0.7 ms a call at Cr = 16-64.
+at::Tensor pack_winograd(const at::Tensor& w_in, int64_t kCo) {
+  const int64_t Cr = w_in.size(0), cob_n = (Cr + kCo - 1) / kCo;
+  const at::Tensor w = w_in.to(at::kFloat).contiguous();
+  auto packed = Cr % kCo == 0 ? at::empty({16, cob_n, Cr, kCo}, w.options())
+                              : at::zeros({16, cob_n, Cr, kCo}, w.options());
+  const float* g = w.const_data_ptr<float>();
+  float* out = packed.mutable_data_ptr<float>();
+  // G applied to the three entries p, q, r of a row or column.
+  const auto G = [](double p, double q, double r, double (&o)[4]) {
+    o[0] = p, o[1] = 0.5 * (p + q + r), o[2] = 0.5 * (p - q + r), o[3] = r;
+  };
+  for (int64_t o = 0; o < Cr; ++o) {
+    for (int64_t i = 0; i < Cr; ++i) {
+      const float* f = g + (o * Cr + i) * 9;
+      double col[3][4];  // G g: column l of g through G
+      for (int l = 0; l < 3; ++l) G(f[l], f[3 + l], f[6 + l], col[l]);
+      float* dst = out + ((o / kCo) * Cr + i) * kCo + o % kCo;
+      for (int a = 0; a < 4; ++a) {
+        double u[4];  // row a of G g, through G
+        G(col[0][a], col[1][a], col[2][a], u);
+        for (int b = 0; b < 4; ++b) dst[(a * 4 + b) * cob_n * Cr * kCo] = static_cast<float>(u[b]);
+      }
+    }
+  }
+  return packed;
+}
+
 // v (Cr elements) zero-padded to n.
 at::Tensor padded(const at::Tensor& v, int64_t n) {
   auto out = at::zeros({n}, v.options());
@@ -64,21 +95,52 @@ at::Tensor padded(const at::Tensor& v, int64_t n) {
 
 }  // namespace
 
+std::string cpu_winograd_choice() { return env_choice("BAM_FUSED_CPU_WINOGRAD", {"auto", "on", "off"}); }
+
 namespace {
 
 // The register and task blocking of our dilated convs on an (N, Cr, H, W) map, shared by the
 // eval branch's convs and the training convs.
+// chunk_px and chunks count tiles of 2x2 outputs with winograd.
 struct DilatedBlocking {
   Isa isa;
   int64_t cl_vectors, kCo, cob_n, chunk_px, chunks;
   int64_t d;  // the dilation: those past the map reach only padding, so any such one gives the same result
+  bool winograd;
+
+  at::Tensor pack(const at::Tensor& w) const { return winograd ? pack_winograd(w, kCo) : pack_dilated(w, kCo); }
 };
 
-DilatedBlocking dilated_blocking(int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t dilation) {
+// Whether the fp32 dilated convs take Winograd's F(2x2, 3x3) (BAM_FUSED_CPU_WINOGRAD). Auto picks
+// it where it was faster than our direct conv: two convs and the final one, interleaved, 2-core
+// AVX2 CPU (Zen 3), 2026-11-26, direct -> Winograd: Cr = 16: 1.54x at N = 8, 56x56 (1.49x at
+// N = 1), 1.23x / 1.26x at 28x28, 1.19x / 1.25x at 14x14, 1.13x at 4 x 9x13 (dilation 4);
+// Cr = 32: 1.24x at 8 x 28x28, 1.03x at 1 x 28x28, 1.06x at 8 x 14x14, but 0.92x at 1 x 14x14
+// (transforming the weights each call outweighs the saving on so few pixels); Cr = 64: 1.21x at
+// 8 x 14x14, 0.91x at N = 1; below 16 channels 0.94-1.00x (the outputs pad to a whole vector).
+// Every band of tiles must fit the map: at 7x7 with dilation 4 most tile outputs fall outside
+// it (0.65x at Cr = 128). Under AVX-512 an earlier prototype gained little (0.65 against 0.69
+// ms at 56x56, slower at 28x28 and batch 1) and this one is unmeasured there, so auto keeps
+// the direct conv.
+bool use_winograd(Isa isa, int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t d) {
+  const std::string v = cpu_winograd_choice();
+  if (v != "auto") return v == "on";
+  constexpr int64_t kMinPixelsAbove16 = 784;
+  return !avx512_vectors(isa) && Cr >= 16 && H >= 2 * d && W >= 2 * d && (Cr == 16 || N * H * W >= kMinPixelsAbove16);
+}
+
+DilatedBlocking dilated_blocking(int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t dilation, bool bf16) {
   const Isa isa = chosen_isa();
   const int64_t lanes = blocking(isa).second, cl_vectors = cl_vectors_for(Cr, lanes), kCo = cl_vectors * lanes;
-  const int64_t chunk_px = chunk_pixels(N, H * W), chunks = std::max<int64_t>(1, (H * W + chunk_px - 1) / chunk_px);
-  return {isa, cl_vectors, kCo, (Cr + kCo - 1) / kCo, chunk_px, chunks, std::min(dilation, std::max(H, W))};
+  const int64_t d = std::min(dilation, std::max(H, W));
+  const bool winograd = !bf16 && use_winograd(isa, N, Cr, H, W, d);
+  int64_t chunk_px = chunk_pixels(N, H * W), units = H * W;
+  if (winograd) {  // 4 outputs a tile, so a quarter as many tiles a chunk (a multiple of 12)
+    chunk_px /= 4;
+    units = tile_bases(H, d) * tile_bases(W, d);
+  }
+  const int64_t chunks = std::max<int64_t>(1, (units + chunk_px - 1) / chunk_px);
+  return {isa, cl_vectors, kCo, (Cr + kCo - 1) / kCo, chunk_px, chunks, d, winograd};
 }
 
 }  // namespace
@@ -126,12 +188,13 @@ at::Tensor dilated_conv_cpu(const at::Tensor& y_in, const at::Tensor& w, const a
   const at::Tensor y = y_in.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   auto out = at::empty_like(y);
   if (out.numel() == 0) return out;
-  const DilatedBlocking k = dilated_blocking(N, Cr, H, W, dilation);
-  const at::Tensor wp = pack_dilated(w.to(at::kFloat), k.kCo), bp = padded(b.to(at::kFloat), k.cob_n * k.kCo);
+  const DilatedBlocking k = dilated_blocking(N, Cr, H, W, dilation, false);
+  const at::Tensor wp = k.pack(w.to(at::kFloat)), bp = padded(b.to(at::kFloat), k.cob_n * k.kCo);
   DilatedConvJob j{H, W, Cr, k.d, k.chunk_px, k.chunks, y.const_data_ptr(), wp.const_data_ptr(),
                    bp.const_data_ptr<float>(), out.mutable_data_ptr(), nullptr, 0.f, nullptr,
                    static_cast<int>(k.cl_vectors)};
   j.relu = relu;
+  j.winograd = k.winograd;
   at::parallel_for(0, N * k.chunks, 1, [&](int64_t begin, int64_t end) { dilated_conv(k.isa, false, j, begin, end); });
   return out;
 }
@@ -142,21 +205,22 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
   BAM_CHECK(!bf16 || cpu_bf16_spatial_kernel(Cr), "bam_fused: no bf16 dilated-conv kernel for ", Cr, " channels");
   // bf16: y, the weights and biases rounded to bf16 as oneDNN's bf16 convs round them.
   at::Tensor y = y_in.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
-  const DilatedBlocking k = dilated_blocking(N, Cr, H, W, dilation);
+  const DilatedBlocking k = dilated_blocking(N, Cr, H, W, dilation, bf16);
   const at::Tensor wf = padded(w_final, k.cob_n * k.kCo);
   auto spatial = at::empty({N, H, W}, y.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   if (spatial.numel() == 0) return spatial;  // no pixels (the kernels divide by W)
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const bool last = i + 1 == w_dilated.size();
-    const at::Tensor packed = pack_dilated(w_dilated[i], k.kCo);
+    const at::Tensor packed = k.pack(w_dilated[i]);
     const at::Tensor wp = bf16 ? pair_inputs(packed) : packed;
     const at::Tensor bp =
         padded(bf16 ? b_dilated[i].to(at::kBFloat16).to(at::kFloat) : b_dilated[i], k.cob_n * k.kCo);
     at::Tensor out = last ? at::Tensor() : at::empty_like(y);
-    const DilatedConvJob j{H, W, Cr, k.d, k.chunk_px, k.chunks, y.const_data_ptr(), wp.const_data_ptr(),
-                           bp.const_data_ptr<float>(), last ? nullptr : out.mutable_data_ptr(),
-                           wf.const_data_ptr<float>(), b_final.item<float>(),
-                           last ? spatial.mutable_data_ptr<float>() : nullptr, static_cast<int>(k.cl_vectors)};
+    DilatedConvJob j{H, W, Cr, k.d, k.chunk_px, k.chunks, y.const_data_ptr(), wp.const_data_ptr(),
+                     bp.const_data_ptr<float>(), last ? nullptr : out.mutable_data_ptr(),
+                     wf.const_data_ptr<float>(), b_final.item<float>(),
+                     last ? spatial.mutable_data_ptr<float>() : nullptr, static_cast<int>(k.cl_vectors)};
+    j.winograd = k.winograd;
     at::parallel_for(0, N * k.chunks, 1,
                      [&](int64_t begin, int64_t end) { dilated_conv(k.isa, bf16, j, begin, end); });
     if (!last) y = out;
