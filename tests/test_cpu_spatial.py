@@ -159,3 +159,29 @@ def test_auto_takes_winograd_where_it_was_faster(monkeypatch, isa, n, cr, h, w, 
         got[choice] = tail(y, *args)
     assert not torch.equal(got["on"], got["off"])
     assert torch.equal(got["auto"], got["on" if winograd else "off"])
+
+
+@pytest.mark.parametrize("cr", [16, 20])
+@pytest.mark.parametrize("convs", [1, 2])
+def test_infinite_inputs_give_what_the_direct_conv_gives(monkeypatch, cr, convs):
+    # Winograd's transforms subtract inputs (inf - inf = NaN), so its tiles with a non-finite
+    # input run the direct conv: an infinite pixel with positive weights stays infinite in its
+    # dilated neighbours, as in the direct conv and torch, and other outputs stay finite.
+    y = torch.rand(2, cr, 13, 11).contiguous(memory_format=torch.channels_last)
+    y[0, :3, 6, 5] = float("inf")
+    y[1, 1, 0, 10] = float("nan")
+    g = torch.Generator().manual_seed(1)
+    wd = [torch.rand(cr, cr, 3, 3, generator=g) for _ in range(convs)]
+    bd = [torch.rand(cr, generator=g) for _ in range(convs)]
+    args = (wd, bd, 2, torch.rand(cr, generator=g), torch.rand(1, generator=g), weights(cr, 1)[4])
+    got = {}
+    for ours in ("kernel", "winograd"):
+        spatial_env(monkeypatch, ours)
+        got[ours] = tail(y, *args)
+    want = reference(y, *args[:5])
+    assert torch.isinf(want).sum() > 0 and torch.isnan(want).sum() > 0
+    for ours, out in got.items():
+        assert torch.equal(torch.isinf(out), torch.isinf(want)), ours
+        assert torch.equal(torch.isnan(out), torch.isnan(want)), ours
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(out[finite].double(), want[finite], rtol=1e-5, atol=1e-5)

@@ -48,9 +48,14 @@ def spatial_emulator(tmp_path_factory):
      (1, 200, 36, 40, 64, 64, 3),  # channel splits (3, 3 and 1 chunks) and the finishing kernel
      (3, 5, 1, 1, 1, 16, 1)],  # one pixel
 )  # fmt: skip
-def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, min_blocks, rows, splits, channels_last, y_channels_last):
+@pytest.mark.parametrize("nan", [False, True])
+def test_reduce_pool_kernel_emulated(
+    emulator, n, c, hw, cr, min_blocks, rows, splits, channels_last, y_channels_last, nan
+):
     rng = np.random.default_rng(n * 1000 + c)
     x = rng.standard_normal((n, c, hw), dtype=np.float32)
+    if nan:  # NaN stays NaN through the ReLU, as in torch (fmaxf made it 0)
+        x[-1, c // 2, hw // 2] = np.nan
     w = (rng.standard_normal((cr, c)) / np.sqrt(c)).astype(np.float32)
     b = (rng.standard_normal(cr) * 0.1).astype(np.float32)
     stored = np.ascontiguousarray(x.transpose(0, 2, 1) if channels_last else x)
@@ -69,6 +74,7 @@ def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, min_blocks, rows, s
     )
     pooled_part = out[n * cr * hw :].reshape(n, n_pb, c)
     want_y = np.maximum(np.einsum("rc,ncp->nrp", w.astype(np.float64), x.astype(np.float64)) + b[None, :, None], 0)
+    assert np.isnan(y).any() == nan
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
     assert (pooled_part != -1).all(), "every (sample, pixel block, channel) partial is written"
     np.testing.assert_allclose(pooled_part.sum(1), x.astype(np.float64).mean(2), rtol=1e-5, atol=1e-6)
@@ -83,14 +89,17 @@ def test_reduce_pool_kernel_emulated(emulator, n, c, hw, cr, min_blocks, rows, s
      (1, 4, 3, 3, 5, 2, 1, 2, 1)],  # dilation larger than the map
 )  # fmt: skip
 @pytest.mark.parametrize("w_channels_last", [False, True])
+@pytest.mark.parametrize("nan", [False, True])
 def test_spatial_convs_kernel_emulated(
-    spatial_emulator, n, cr, h, w, dilation, convs, min_blocks, px, groups, w_channels_last
+    spatial_emulator, n, cr, h, w, dilation, convs, min_blocks, px, groups, w_channels_last, nan
 ):
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
 
     rng = np.random.default_rng(n * 100 + cr)
     y = rng.standard_normal((n, cr, h, w), dtype=np.float32)
+    if nan:  # NaN reaches exactly the dilated neighbours, through ReLUs that keep it, as torch's do
+        y[0, 0, h // 2, w // 2] = np.nan
     ws = [(rng.standard_normal((cr, cr, 3, 3)) / np.sqrt(9 * cr)).astype(np.float32) for _ in range(convs)]
     bs = [(rng.standard_normal(cr) * 0.1).astype(np.float32) for _ in range(convs)]
     w_fin = rng.standard_normal(cr, dtype=np.float32)
@@ -113,6 +122,7 @@ def test_spatial_convs_kernel_emulated(
         t = F.conv2d(t, torch.from_numpy(wi).double(), torch.from_numpy(bi).double(), padding=dilation,
                      dilation=dilation).relu()  # fmt: skip
     want = (t * torch.from_numpy(w_fin).double().view(1, cr, 1, 1)).sum(1) + float(b_fin[0])
+    assert np.isnan(got).any() == nan
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
 
 

@@ -44,8 +44,10 @@ struct DilatedConvJob {
   int cl_vectors;        // output vectors per register block (1, 2 or 4): kCo = cl_vectors * lanes
   bool relu = true;      // false: out = conv + bias (training: a BatchNorm follows, spatial_train_cpu.cpp)
   // fp32 only: Winograd's F(2x2, 3x3) (winograd_conv.h); then w holds the transformed weights
-  // (16 positions, cob_n, Cr inputs, kCo outputs) and a chunk is chunk_px tiles of 2x2 outputs.
+  // (16 positions, cob_n, Cr inputs, kCo outputs), w_direct the direct conv's (for tiles with
+  // non-finite inputs), and a chunk is chunk_px tiles of 2x2 outputs.
   bool winograd = false;
+  const void* w_direct = nullptr;
 };
 
 // Tasks [begin, end) of N * chunks, each one chunk of one sample.
@@ -74,11 +76,6 @@ BAM_DECLARE_DILATED_GRAD(avx512)
 BAM_DECLARE_DILATED_GRAD(avx2)
 BAM_DECLARE_DILATED_GRAD(generic)
 
-}  // namespace bam_fused
-
-#include "winograd_conv.h"  // after DilatedConvJob
-
-namespace bam_fused {
 namespace {  // NOLINT: internal linkage on purpose (see conv1x1_pool.h)
 
 // The fp32 policy: y, weights and outputs are floats, one unit per channel.
@@ -157,7 +154,7 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
         P::template block<kCv, kPx>([&](int i, int64_t c) { return buf[i * U + c]; }, wt, U, acc);
       }
       const int64_t co0 = cob * kCo, nco = std::min<int64_t>(kCo, Cr - co0);
-      V b[kCv], wf[kCv];
+      V b[kCv], wf[kCv] = {};
       for (int v = 0; v < kCv; ++v) {
         b[v] = vload<V>(j.bias + co0 + v * kL);
         if (j.out == nullptr) wf[v] = vload<V>(j.w_final + co0 + v * kL);
@@ -171,11 +168,17 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
         if (j.out != nullptr) {
           P::template store<kCv>(j.out, ((n * HW) + p + i) * Cr + co0, r, nco);
         } else {
+          if (nco < kCo) {  // padded channels: zero weights times an infinite input give NaN, not 0
+            float o[kCo];
+            for (int v = 0; v < kCv; ++v) vstore<V>(o + v * kL, r[v]);
+            std::fill(o + nco, o + kCo, 0.f);
+            for (int v = 0; v < kCv; ++v) r[v] = vload<V>(o + v * kL);
+          }
           V t = r[0] * wf[0];
           for (int v = 1; v < kCv; ++v) t += r[v] * wf[v];
           float lanes[kL];
           vstore<V>(lanes, t);
-          for (int l = 0; l < kL; ++l) s[i] += lanes[l];  // padded channels add 0 * 0
+          for (int l = 0; l < kL; ++l) s[i] += lanes[l];
         }
       }
     }
@@ -193,6 +196,14 @@ BAM_INLINE void dilated_conv_tasks(const DilatedConvJob& j, int64_t begin, int64
     dilated_conv_chunk<K, P, kCv, kCr>(j, n, p0, std::min(j.H * j.W, p0 + j.chunk_px), buf.data());
   }
 }
+
+}  // namespace
+}  // namespace bam_fused
+
+#include "winograd_conv.h"  // after the direct conv, which it falls back to for non-finite inputs
+
+namespace bam_fused {
+namespace {  // NOLINT
 
 // Cr as a constant for BAM's usual reduced channels (C / 16 or C / 8 of ResNet's 256-1024);
 // with kConstantOnly (the bf16 policy) the others are not instantiated.

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "../check.h"
 #include "../env_choice.h"
@@ -57,15 +58,21 @@ at::Tensor pair_inputs(const at::Tensor& packed) {
 }
 
 // (Cr, Cr, 3, 3) -> Winograd's G g G^T (winograd_conv.h) for G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
-// computed in double, as (16 positions, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs.
-// Loops, not at::einsum: that took 0.2-0.7 ms a call at Cr = 16-64.
-at::Tensor pack_winograd(const at::Tensor& w_in, int64_t kCo) {
+// computed in double, as (16 positions, cob_n, Cr inputs, kCo outputs), and pack_dilated's
+// layout (for the tiles with non-finite inputs), zeros past Cr outputs. Loops, not at::einsum
+// and copies: those took 0.2-0.7 ms a call at Cr = 16-64.
+std::pair<at::Tensor, at::Tensor> pack_winograd(const at::Tensor& w_in, int64_t kCo) {
   const int64_t Cr = w_in.size(0), cob_n = (Cr + kCo - 1) / kCo;
   const at::Tensor w = w_in.to(at::kFloat).contiguous();
-  auto packed = Cr % kCo == 0 ? at::empty({16, cob_n, Cr, kCo}, w.options())
-                              : at::zeros({16, cob_n, Cr, kCo}, w.options());
+  const auto make = [&](int64_t positions) {
+    return Cr % kCo == 0 ? at::empty({positions, cob_n, Cr, kCo}, w.options())
+                         : at::zeros({positions, cob_n, Cr, kCo}, w.options());
+  };
+  at::Tensor packed = make(16), direct = make(9);
   const float* g = w.const_data_ptr<float>();
   float* out = packed.mutable_data_ptr<float>();
+  float* out_direct = direct.mutable_data_ptr<float>();
+  const int64_t stride = cob_n * Cr * kCo;  // between positions (taps)
   // G applied to the three entries p, q, r of a row or column.
   const auto G = [](double p, double q, double r, double (&o)[4]) {
     o[0] = p, o[1] = 0.5 * (p + q + r), o[2] = 0.5 * (p - q + r), o[3] = r;
@@ -73,17 +80,18 @@ at::Tensor pack_winograd(const at::Tensor& w_in, int64_t kCo) {
   for (int64_t o = 0; o < Cr; ++o) {
     for (int64_t i = 0; i < Cr; ++i) {
       const float* f = g + (o * Cr + i) * 9;
+      const int64_t at = ((o / kCo) * Cr + i) * kCo + o % kCo;
+      for (int tap = 0; tap < 9; ++tap) out_direct[tap * stride + at] = f[tap];
       double col[3][4];  // G g: column l of g through G
       for (int l = 0; l < 3; ++l) G(f[l], f[3 + l], f[6 + l], col[l]);
-      float* dst = out + ((o / kCo) * Cr + i) * kCo + o % kCo;
       for (int a = 0; a < 4; ++a) {
         double u[4];  // row a of G g, through G
         G(col[0][a], col[1][a], col[2][a], u);
-        for (int b = 0; b < 4; ++b) dst[(a * 4 + b) * cob_n * Cr * kCo] = static_cast<float>(u[b]);
+        for (int b = 0; b < 4; ++b) out[(a * 4 + b) * stride + at] = static_cast<float>(u[b]);
       }
     }
   }
-  return packed;
+  return {packed, direct};
 }
 
 // v (Cr elements) zero-padded to n.
@@ -108,7 +116,10 @@ struct DilatedBlocking {
   int64_t d;  // the dilation: those past the map reach only padding, so any such one gives the same result
   bool winograd;
 
-  at::Tensor pack(const at::Tensor& w) const { return winograd ? pack_winograd(w, kCo) : pack_dilated(w, kCo); }
+  // The weights for the job's w and w_direct (undefined without winograd).
+  std::pair<at::Tensor, at::Tensor> pack(const at::Tensor& w) const {
+    return winograd ? pack_winograd(w, kCo) : std::make_pair(pack_dilated(w, kCo), at::Tensor());
+  }
 };
 
 // Whether the fp32 dilated convs take Winograd's F(2x2, 3x3) (BAM_FUSED_CPU_WINOGRAD). Auto picks
@@ -189,12 +200,14 @@ at::Tensor dilated_conv_cpu(const at::Tensor& y_in, const at::Tensor& w, const a
   auto out = at::empty_like(y);
   if (out.numel() == 0) return out;
   const DilatedBlocking k = dilated_blocking(N, Cr, H, W, dilation, false);
-  const at::Tensor wp = k.pack(w.to(at::kFloat)), bp = padded(b.to(at::kFloat), k.cob_n * k.kCo);
+  const auto [wp, wdirect] = k.pack(w.to(at::kFloat));
+  const at::Tensor bp = padded(b.to(at::kFloat), k.cob_n * k.kCo);
   DilatedConvJob j{H, W, Cr, k.d, k.chunk_px, k.chunks, y.const_data_ptr(), wp.const_data_ptr(),
                    bp.const_data_ptr<float>(), out.mutable_data_ptr(), nullptr, 0.f, nullptr,
                    static_cast<int>(k.cl_vectors)};
   j.relu = relu;
   j.winograd = k.winograd;
+  if (k.winograd) j.w_direct = wdirect.const_data_ptr();
   at::parallel_for(0, N * k.chunks, 1, [&](int64_t begin, int64_t end) { dilated_conv(k.isa, false, j, begin, end); });
   return out;
 }
@@ -211,7 +224,7 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
   if (spatial.numel() == 0) return spatial;  // no pixels (the kernels divide by W)
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const bool last = i + 1 == w_dilated.size();
-    const at::Tensor packed = k.pack(w_dilated[i]);
+    const auto [packed, wdirect] = k.pack(w_dilated[i]);
     const at::Tensor wp = bf16 ? pair_inputs(packed) : packed;
     const at::Tensor bp =
         padded(bf16 ? b_dilated[i].to(at::kBFloat16).to(at::kFloat) : b_dilated[i], k.cob_n * k.kCo);
@@ -221,6 +234,7 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
                      wf.const_data_ptr<float>(), b_final.item<float>(),
                      last ? spatial.mutable_data_ptr<float>() : nullptr, static_cast<int>(k.cl_vectors)};
     j.winograd = k.winograd;
+    if (k.winograd) j.w_direct = wdirect.const_data_ptr();
     at::parallel_for(0, N * k.chunks, 1,
                      [&](int64_t begin, int64_t end) { dilated_conv(k.isa, bf16, j, begin, end); });
     if (!last) y = out;

@@ -15,6 +15,8 @@
 // once by the launcher (in double). Each output is a fixed-order computation: results do not
 // depend on the thread count; they differ from the direct conv's by rounding (the transforms'
 // additions), well within fp32's 1e-5 of the float64 reference (tests/test_cpu_spatial.py).
+// A tile whose inputs are not all finite is computed by the direct conv instead: the transforms
+// subtract inputs, so an infinite one would give NaN (inf - inf) where the conv gives +-inf.
 //
 // Included by dilated_conv.h after DilatedConvJob, for its fp32 policy only (the bf16 one stays
 // direct: bf16 inputs through the transforms would round differently from oneDNN's bf16 convs).
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "conv1x1_pool.h"
+#include "dilated_conv.h"
 #include "isa.h"
 
 namespace bam_fused {
@@ -69,6 +72,26 @@ BAM_INLINE void winograd_out(const T (&m)[16], T (&y)[4]) {
   }
 }
 
+// 0 when the 16 values are finite and their sum does not overflow, else NaN: a sum in a tree
+// (a chain of 16 dependent additions cost a fifth of the Winograd conv's time).
+template <typename T>
+BAM_INLINE T not_finite(const T (&d)[16]) {
+  T s[8];
+  for (int k = 0; k < 8; ++k) s[k] = d[k] + d[k + 8];
+  for (int k = 0; k < 4; ++k) s[k] += s[k + 4];
+  const T all = (s[0] + s[2]) + (s[1] + s[3]);
+  return all - all;
+}
+
+// The direct conv of one tile's outputs (each inside the map), one pixel at a time: rare, and
+// out of line (inlined, it slowed the Winograd loops by a sixth).
+template <typename K, int kCv, int kCr>
+__attribute__((noinline)) void direct_outputs(const DilatedConvJob& direct, int64_t n, const bool (&inside)[4],
+                                              const int64_t (&at)[4], float* buf) {
+  for (int q = 0; q < 4; ++q)
+    if (inside[q]) dilated_conv_chunk<K, FloatConv<K>, kCv, kCr>(direct, n, at[q], at[q] + 1, buf);
+}
+
 // Tiles per group: the direct conv's pixels per register block, at most 12 (U and M of 16
 // positions x kT tiles then stay near L1 at AVX-512's 16 channels).
 template <typename K, int kCv>
@@ -76,9 +99,11 @@ constexpr int kWinogradTiles = std::min(K::kAcc / kCv, 12);
 
 // Tiles [t0, t1) of sample n (row-major over tile_bases(H) x tile_bases(W)); j.w holds the
 // transformed weights (16 positions, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs.
-// U: 16 x kT x Cp floats (Cp: Cr rounded up to whole vectors), M: 16 x kT x cob_n * kCo.
+// U: 16 x kT x Cp floats (Cp: Cr rounded up to whole vectors), M: 16 x kT x cob_n * kCo; direct:
+// j with the direct conv's weights, and buf its staging buffer.
 template <typename K, int kCv, int kCr>
-BAM_INLINE void winograd_chunk(const DilatedConvJob& j, int64_t n, int64_t t0, int64_t t1, float* U, float* M) {
+BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& direct, int64_t n, int64_t t0,
+                               int64_t t1, float* U, float* M, float* buf) {
   using V = typename K::V;
   constexpr int kL = kLanes<K>, kT = kWinogradTiles<K, kCv>, kCo = kCv * kL;
   const int64_t H = j.H, W = j.W, HW = H * W, Cr = kCr > 0 ? kCr : j.Cr, d = j.dilation;
@@ -91,6 +116,7 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, int64_t n, int64_t t0, i
   for (int64_t t = t0; t < t1; t += kT) {
     const int nt = static_cast<int>(std::min<int64_t>(kT, t1 - t));
     int64_t h0[kT], w0[kT];
+    bool finite[kT];  // whether all the tile's inputs are finite
     for (int i = 0; i < nt; ++i) h0[i] = tile_base((t + i) / TW, d), w0[i] = tile_base((t + i) % TW, d);
     for (int i = 0; i < nt; ++i) {  // U[position][i][c] = (B^T d B)[position] of channel c
       // Each input pixel's channels (nullptr in the zero padding): constant offsets from the
@@ -104,10 +130,12 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, int64_t n, int64_t t0, i
       }
       float* u = U + i * Cp;
       int64_t c = 0;
+      V nf{};  // sum - sum of the inputs: 0 while they are finite, else NaN (or an overflow: also direct)
       if (all_inside) {
         for (; c + kL <= Cr; c += kL) {
           V dv[16], uv[16];
           for (int k = 0; k < 16; ++k) dv[k] = vload<V>(base + off[k] + c);
+          nf += not_finite(dv);
           winograd_in(dv, uv);
           for (int k = 0; k < 16; ++k) vstore<V>(u + k * kT * Cp + c, uv[k]);
         }
@@ -115,17 +143,23 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, int64_t n, int64_t t0, i
       for (; c + kL <= Cr; c += kL) {
         V dv[16], uv[16];
         for (int k = 0; k < 16; ++k) dv[k] = src[k] != nullptr ? vload<V>(src[k] + c) : V{};
+        nf += not_finite(dv);
         winograd_in(dv, uv);
         for (int k = 0; k < 16; ++k) vstore<V>(u + k * kT * Cp + c, uv[k]);
       }
+      float lanes[kL], nfs = 0.f;
+      vstore<V>(lanes, nf);
+      for (int l = 0; l < kL; ++l) nfs += lanes[l];
       if constexpr (kCr == 0) {  // the constant channel counts are whole vectors
         for (; c < Cr; ++c) {      // channels past the last whole vector
           float ds[16], us[16];
           for (int k = 0; k < 16; ++k) ds[k] = src[k] != nullptr ? src[k][c] : 0.f;
+          nfs += not_finite(ds);
           winograd_in(ds, us);
           for (int k = 0; k < 16; ++k) u[k * kT * Cp + c] = us[k];
         }
       }
+      finite[i] = nfs == 0.f;
     }
     for (int64_t cob = 0; cob < cob_n; ++cob) {
       for (int k = 0; k < 16; ++k) {  // M[k][i][o] = sum over c of U[k][i][c] G[k][c][o]
@@ -144,6 +178,10 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, int64_t n, int64_t t0, i
         const int64_t hh = h0[i] + q / 2 * d, ww = w0[i] + q % 2 * d;
         inside[q] = hh < H && ww < W;
         at[q] = hh * W + ww;
+      }
+      if (!finite[i]) {
+        direct_outputs<K, kCv, kCr>(direct, n, inside, at, buf);
+        continue;
       }
       V s[4] = {};  // the final conv's products, lane-wise
       for (int64_t co = 0; co < Cop; co += kL) {
@@ -193,9 +231,12 @@ BAM_INLINE void winograd_tasks(const DilatedConvJob& j, int64_t begin, int64_t e
   const int64_t Cr = kCr > 0 ? kCr : j.Cr, Cp = (Cr + kL - 1) / kL * kL, Cop = (Cr + kCo - 1) / kCo * kCo;
   const int64_t tiles = tile_bases(j.H, j.dilation) * tile_bases(j.W, j.dilation);
   std::vector<float> U(16 * kT * Cp), M(16 * kT * Cop);  // zeros: a partial group reads defined values
+  std::vector<float> buf(K::kAcc / kCv * Cr);
+  DilatedConvJob direct = j;
+  direct.w = j.w_direct, direct.winograd = false;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / j.chunks, t0 = task % j.chunks * j.chunk_px;
-    winograd_chunk<K, kCv, kCr>(j, n, t0, std::min(tiles, t0 + j.chunk_px), U.data(), M.data());
+    winograd_chunk<K, kCv, kCr>(j, direct, n, t0, std::min(tiles, t0 + j.chunk_px), U.data(), M.data(), buf.data());
   }
 }
 

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace bam_fused {
 namespace cuda {
 
@@ -41,7 +43,7 @@ __global__ void __launch_bounds__(kMlpThreads) channel_mlp_kernel(
       for (int64_t c = lane; c < C; c += 32) s = fmaf(w0[j * C + c], pn[c], s);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0 && j < Cr) hn[j] = fmaxf(s + b0[j], 0.f);
+    if (lane == 0 && j < Cr) hn[j] = relu(s + b0[j]);
   }
   __syncthreads();
   for (int64_t c = tid; c < C; c += kMlpThreads) {

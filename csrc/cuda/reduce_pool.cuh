@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 2) reduce_pool_kernel(
       const int64_t p = p0 + 4 * pg + j;
       if (p >= HW) continue;
       if (y_part == nullptr)
-        y[y_channels_last ? (n * HW + p) * Cr + r : (n * Cr + r) * HW + p] = fmaxf(acc[k][j] + bias, 0.f);
+        y[y_channels_last ? (n * HW + p) * Cr + r : (n * Cr + r) * HW + p] = relu(acc[k][j] + bias);
       else
         y_part[split * N * Cr * HW + (y_channels_last ? (n * HW + p) * Cr + r : (n * Cr + r) * HW + p)] = acc[k][j];
     }
@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(const float* __
   if (e >= numel) return;
   float s = 0.f;
   for (int64_t k = 0; k < splits; ++k) s += y_part[k * numel + e];
-  y[e] = fmaxf(s + b[y_channels_last ? e % Cr : (e / HW) % Cr], 0.f);
+  y[e] = relu(s + b[y_channels_last ? e % Cr : (e / HW) % Cr]);
 }
 
 }  // namespace cuda

@@ -130,14 +130,14 @@ __global__ void __launch_bounds__(kConvThreads, 4) dilated_conv_kernel(
       float s = blockIdx.y == 0 ? b_fin[0] : 0.f;
 #pragma unroll
       for (int k = 0; k < kOut; ++k)
-        if (co0 + k < Cr) s = fmaf(w_fin[co0 + k], fmaxf(acc[i][k] + b[co0 + k], 0.f), s);
+        if (co0 + k < Cr) s = fmaf(w_fin[co0 + k], relu(acc[i][k] + b[co0 + k]), s);
       out[blockIdx.y * total + q[i]] = s;
     } else {
       // pix[i] - in is the pixel's offset in the input, n * Cr * HW + p: the same in out.
       float* o = out + (pix[i] - in) + co0 * HW;
 #pragma unroll
       for (int k = 0; k < kOut; ++k)
-        if (co0 + k < Cr) o[k * HW] = fmaxf(acc[i][k] + b[co0 + k], 0.f);
+        if (co0 + k < Cr) o[k * HW] = relu(acc[i][k] + b[co0 + k]);
     }
   }
 }
