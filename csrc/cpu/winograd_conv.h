@@ -123,7 +123,7 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& di
       // tile's first input inside the map, the usual case away from the borders.
       const float* src[16];
       const bool all_inside = h0[i] >= d && h0[i] + 2 * d < H && w0[i] >= d && w0[i] + 2 * d < W;
-      const float* base = in + ((h0[i] - d) * W + w0[i] - d) * Cr;
+      const float* base = all_inside ? in + ((h0[i] - d) * W + w0[i] - d) * Cr : in;  // never before in
       for (int k = 0; k < 16; ++k) {
         const int64_t hh = h0[i] + (k / 4 - 1) * d, ww = w0[i] + (k % 4 - 1) * d;
         src[k] = all_inside ? base + off[k] : hh >= 0 && hh < H && ww >= 0 && ww < W ? in + (hh * W + ww) * Cr : nullptr;
