@@ -22,9 +22,10 @@
 |                             |         | x on avx512_bf16; also the fp32 training convs                |
 |                             |         | (spatial_train: 16 and 32 only); read by the extension        |
 | BAM_FUSED_CPU_WINOGRAD      | auto    | our fp32 CPU dilated convs: on (Winograd's F(2x2, 3x3)), off  |
-|                             |         | (direct), or auto (Winograd under avx2 and generic where the  |
-|                             |         | map holds a whole band of tiles, H and W >= 2 * dilation);    |
-|                             |         | read by the extension                                         |
+|                             |         | (direct), or auto (Winograd under avx2 and generic from 16    |
+|                             |         | reduced channels where H and W >= 2 * dilation, and above 16  |
+|                             |         | channels on N*H*W >= 784; direct under avx512); read by the   |
+|                             |         | extension                                                     |
 | BAM_FUSED_CPU_STREAM_STORES | auto    | CPU gate forward output: on (non-temporal stores), off, or    |
 |                             |         | auto (on from half the last-level cache up); read by the      |
 |                             |         | extension                                                     |

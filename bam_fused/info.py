@@ -60,7 +60,10 @@ def _winograd_note(setting: str | None, isa: str | None) -> str:
         return f"fp32: {setting}"
     if isa is not None and isa.startswith("avx512"):
         return "fp32 direct under avx512 (BAM_FUSED_CPU_WINOGRAD=auto)"
-    return "fp32 by Winograd F(2x2, 3x3) from 16 channels where H, W >= 2 * dilation, else direct"
+    return (
+        "fp32 by Winograd F(2x2, 3x3) from 16 channels where H, W >= 2 * dilation (above 16 on N*H*W >= 784), "
+        "else direct"
+    )
 
 
 def _cpu_spatial_status(unavailable: str | None, setting: str | None, winograd: str) -> dict[str, Any]:
