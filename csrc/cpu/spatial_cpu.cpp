@@ -58,21 +58,16 @@ at::Tensor pair_inputs(const at::Tensor& packed) {
 }
 
 // (Cr, Cr, 3, 3) -> Winograd's G g G^T (winograd_conv.h) for G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
-// computed in double, as (16 positions, cob_n, Cr inputs, kCo outputs), and pack_dilated's
-// layout (for the tiles with non-finite inputs), zeros past Cr outputs. Loops, not at::einsum
-// and copies: those took 0.2-0.7 ms a call at Cr = 16-64.
-std::pair<at::Tensor, at::Tensor> pack_winograd(const at::Tensor& w_in, int64_t kCo) {
+// computed in double, as (16 positions, cob_n, Cr inputs, kCo outputs), zeros past Cr outputs.
+// Loops, not at::einsum: that took 0.2-0.7 ms a call at Cr = 16-64.
+at::Tensor pack_winograd(const at::Tensor& w_in, int64_t kCo) {
   const int64_t Cr = w_in.size(0), cob_n = (Cr + kCo - 1) / kCo;
   const at::Tensor w = w_in.to(at::kFloat).contiguous();
-  const auto make = [&](int64_t positions) {
-    return Cr % kCo == 0 ? at::empty({positions, cob_n, Cr, kCo}, w.options())
-                         : at::zeros({positions, cob_n, Cr, kCo}, w.options());
-  };
-  at::Tensor packed = make(16), direct = make(9);
+  at::Tensor packed = Cr % kCo == 0 ? at::empty({16, cob_n, Cr, kCo}, w.options())
+                                    : at::zeros({16, cob_n, Cr, kCo}, w.options());
   const float* g = w.const_data_ptr<float>();
   float* out = packed.mutable_data_ptr<float>();
-  float* out_direct = direct.mutable_data_ptr<float>();
-  const int64_t stride = cob_n * Cr * kCo;  // between positions (taps)
+  const int64_t stride = cob_n * Cr * kCo;  // between positions
   // G applied to the three entries p, q, r of a row or column.
   const auto G = [](double p, double q, double r, double (&o)[4]) {
     o[0] = p, o[1] = 0.5 * (p + q + r), o[2] = 0.5 * (p - q + r), o[3] = r;
@@ -80,18 +75,17 @@ std::pair<at::Tensor, at::Tensor> pack_winograd(const at::Tensor& w_in, int64_t 
   for (int64_t o = 0; o < Cr; ++o) {
     for (int64_t i = 0; i < Cr; ++i) {
       const float* f = g + (o * Cr + i) * 9;
-      const int64_t at = ((o / kCo) * Cr + i) * kCo + o % kCo;
-      for (int tap = 0; tap < 9; ++tap) out_direct[tap * stride + at] = f[tap];
       double col[3][4];  // G g: column l of g through G
       for (int l = 0; l < 3; ++l) G(f[l], f[3 + l], f[6 + l], col[l]);
+      float* dst = out + ((o / kCo) * Cr + i) * kCo + o % kCo;
       for (int a = 0; a < 4; ++a) {
         double u[4];  // row a of G g, through G
         G(col[0][a], col[1][a], col[2][a], u);
-        for (int b = 0; b < 4; ++b) out[(a * 4 + b) * stride + at] = static_cast<float>(u[b]);
+        for (int b = 0; b < 4; ++b) dst[(a * 4 + b) * stride] = static_cast<float>(u[b]);
       }
     }
   }
-  return {packed, direct};
+  return packed;
 }
 
 // v (Cr elements) zero-padded to n.
@@ -116,9 +110,11 @@ struct DilatedBlocking {
   int64_t d;  // the dilation: those past the map reach only padding, so any such one gives the same result
   bool winograd;
 
-  // The weights for the job's w and w_direct (undefined without winograd).
+  // The weights for the job's w and w_direct (the direct conv's, for Winograd tiles with
+  // non-finite inputs; undefined without winograd).
   std::pair<at::Tensor, at::Tensor> pack(const at::Tensor& w) const {
-    return winograd ? pack_winograd(w, kCo) : std::make_pair(pack_dilated(w, kCo), at::Tensor());
+    if (!winograd) return {pack_dilated(w, kCo), at::Tensor()};
+    return {pack_winograd(w, kCo), pack_dilated(w, kCo)};
   }
 };
 
