@@ -48,3 +48,10 @@ def test_mlp_kernels_compile_for_both_archs(aot_results):
 def test_pass_convs_and_mlp_layers_run_on_tensor_cores(aot_results):
     passes = [r for r in aot_results if r["kernel"] in ("pass", "conv", "layer")]
     assert passes and all(r["tensor_cores"] for r in passes), [r for r in passes if not r["tensor_cores"]]
+
+
+def test_relus_keep_nan(aot_results):
+    # torch's ReLU keeps NaN; PTX max.f32 (tl.maximum's default) returns the other operand.
+    assert all(r["max_drops_nan"] == 0 for r in aot_results), [r for r in aot_results if r["max_drops_nan"]]
+    relus = [r for r in aot_results if r["kernel"] in ("pass", "finish", "conv") or r.get("relu")]
+    assert relus and all(r["max_keeps_nan"] for r in relus), [r for r in relus if not r["max_keeps_nan"]]

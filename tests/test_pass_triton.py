@@ -227,6 +227,56 @@ def test_channel_mlp_empty_batch(device):
     assert out.shape == (0, 64)
 
 
+# Non-finite inputs. torch's ReLU keeps NaN; tl.maximum is maxnum (PTX max.f32 and the
+# interpreter's np.fmax return the other operand), which turned a NaN into 0 and hid it.
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_split", "splits"])
+def test_pass_relu_keeps_nan(device, monkeypatch, split):
+    x = torch.randn(1, 512, 3, 5, device=device)
+    x[0, 100, 1, 3] = float("nan")
+    w, b = torch.randn(32, 512, device=device) / 512**0.5, torch.randn(32, device=device)
+    monkeypatch.setattr(pt, "_multiprocessors", lambda dev: 64 if split else 0)
+    assert (pt.plan_splits(1, 512, 4 * pt._multiprocessors(x.device))[0] > 1) == split  # finishing ReLU, or pass
+    _, y = pt.reduce_pool(x, w, b, False)
+    want = torch.zeros(1, 32, 3, 5, dtype=torch.bool)
+    want[0, :, 1, 3] = True
+    assert torch.equal(y.isnan().cpu(), want)
+
+
+def test_spatial_convs_keep_nan(device):
+    y = torch.rand(1, 20, 9, 11, device=device)
+    y[0, 5, 4, 5] = float("nan")
+    w, b = [torch.randn(20, 20, 3, 3, device=device)], [torch.randn(20, device=device)]
+    spatial = st.spatial_map(y, w, b, 2, torch.randn(20, device=device), torch.randn(1, device=device))
+    want = torch.zeros(1, 9, 11, dtype=torch.bool)
+    want[0, 2:7:2, 3:8:2] = True  # the pixels whose dilated taps read it
+    assert torch.equal(spatial.isnan().cpu(), want)
+
+
+def test_channel_mlp_keeps_nan(device):
+    mt = pytest.importorskip("bam_fused.ops.mlp_triton")
+    part = torch.rand(2, 1, 64, device=device)
+    part[1, 0, 7] = float("nan")
+    w0, w1 = torch.randn(4, 64, device=device), torch.randn(64, 4, device=device)
+    out = mt.channel_mlp(part, w0, torch.randn(4, device=device), w1, torch.randn(64, device=device))
+    assert not out[0].isnan().any() and out[1].isnan().all()
+
+
+@pytest.mark.parametrize("cr", [16, 20])  # 20: padded to 32 channels
+def test_spatial_convs_infinite_input_like_float64(device, cr):
+    # fp32 products ("ieee"): 3xTF32 splits inf into inf + (inf - inf) = NaN, on the GPU only.
+    y = torch.rand(1, cr, 7, 9, device=device)
+    y[0, 3, 3, 4] = float("inf")
+    w, b = [torch.randn(cr, cr, 3, 3, device=device)], [torch.randn(cr, device=device)]
+    wf, bf = torch.rand(cr, device=device), torch.randn(1, device=device)  # > 0: inf, not inf - inf
+    spatial = st.spatial_map(y, w, b, 1, wf, bf, precision="ieee")
+    v = F.conv2d(y.cpu().double(), w[0].cpu().double(), b[0].cpu().double(), padding=1).relu()
+    want = (v * wf.cpu().double()[None, :, None, None]).sum(1) + bf.cpu().double()
+    assert want.isinf().any() and not want.isnan().any()
+    torch.testing.assert_close(spatial.cpu().double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @needs_ext
 def test_attention_tail_opcheck():
     _, _, f = folded_bam(32, 8, 4)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pass_triton import relu
+
 BLOCK_N = 16  # samples per program (tl.dot needs 16)
 BLOCK_C = 64  # channels per program (means, second layer) and per step (first layer)
 BLOCK_H = 16  # hidden units per program (first layer)
@@ -53,7 +55,7 @@ def _layer_kernel(
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     acc += tl.load(b_ptr + m, mask=m_ok, other=0.0)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     tl.store(out_ptr + n.to(tl.int64)[:, None] * M + m[None, :], acc, mask=n_ok[:, None] & m_ok[None, :])
 
 

@@ -1,7 +1,8 @@
 """Compiles the Triton kernels of the CUDA eval path ahead of time for real GPU targets (no GPU
 needed): the pass over x (ops/pass_triton.py), the spatial convs (ops/spatial_triton.py) and
 the channel MLP (ops/mlp_triton.py), in every variant their launchers can pick. Reports
-registers, spills, whether the tensor cores are used (mma/wgmma in the PTX) and 4-byte copies.
+registers, spills, whether the tensor cores are used (mma/wgmma in the PTX), 4-byte copies and
+float max instructions (the ReLUs must keep NaN).
 
     python -m bam_fused.ops.pass_aot [--arch 80 90]
 
@@ -21,6 +22,9 @@ from .gate_aot import compile_ptx, main_for
 
 # Global-to-shared copies of fewer than 16 bytes (Triton stages tiles with cp.async).
 _NARROW = re.compile(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x4[,;]")
+# Float max in PTX: plain max returns the other operand of a NaN (maxnum), max.NaN keeps it.
+_MAX_DROPS_NAN = re.compile(r"\bmax(?:\.ftz)?\.(?:f32|f16|bf16|f16x2|bf16x2)\b")
+_MAX_KEEPS_NAN = re.compile(r"\bmax(?:\.ftz)?\.NaN\.")
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
@@ -117,7 +121,8 @@ def compile_all(archs=(80, 90)) -> list[dict]:
             row = {k: (str(v) if k == "config" else v) for k, v in cfg.items()}
             results.append(dict(row, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
                                 tensor_cores="mma.sync" in ptx or "wgmma" in ptx,
-                                narrow_copies=len(_NARROW.findall(ptx))))  # fmt: skip
+                                narrow_copies=len(_NARROW.findall(ptx)), max_drops_nan=len(_MAX_DROPS_NAN.findall(ptx)),
+                                max_keeps_nan=len(_MAX_KEEPS_NAN.findall(ptx))))  # fmt: skip
     return results
 
 

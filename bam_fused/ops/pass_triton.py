@@ -34,6 +34,13 @@ MAX_CR = 64
 SPLIT_ALIGN = 64
 
 
+@triton.jit
+def relu(v):
+    """max(v, 0) that keeps NaN, as torch's ReLU does. A plain tl.maximum is maxnum: PTX max.f32
+    (and the interpreter's np.fmax) return the other operand, so a NaN input became 0."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
 @dataclass(frozen=True)
 class PassConfig:
     block_p: int
@@ -115,7 +122,7 @@ def _pass_kernel(
         tl.store(y_ptr + split.to(tl.int64) * sy_split + y_offs, acc, mask=mask)
     else:
         bias = tl.load(b_ptr + r, mask=r_ok, other=0.0)
-        tl.store(y_ptr + y_offs, tl.maximum(acc + bias[None, :], 0.0), mask=mask)
+        tl.store(y_ptr + y_offs, relu(acc + bias[None, :]), mask=mask)
 
 
 @triton.jit
@@ -132,7 +139,7 @@ def _finish_kernel(part_ptr, b_ptr, y_ptr, numel, CR, HW, splits, CHANNELS_LAST:
         r = e % CR
     else:
         r = (e // HW) % CR
-    tl.store(y_ptr + e, tl.maximum(s + tl.load(b_ptr + r, mask=ok, other=0.0), 0.0), mask=ok)
+    tl.store(y_ptr + e, relu(s + tl.load(b_ptr + r, mask=ok, other=0.0)), mask=ok)
 
 
 def _constant_row(x: torch.Tensor) -> int:

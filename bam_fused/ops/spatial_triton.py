@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pass_triton import cr_pad
+from .pass_triton import cr_pad, relu
 
 # Pixels per program and warps for each padded Cr, and input channels per product (pass_aot.py
 # checks them for spills).
@@ -61,9 +61,12 @@ def _dilated_conv_kernel(
         wt = tl.load(w_ptr + c[None, :] * sw_o + ci[:, None] * sw_i + kh * sw_h + kw * sw_w,
                      mask=ci_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         acc = tl.dot(a, wt, acc, input_precision=PRECISION)
-    v = tl.maximum(acc + tl.load(b_ptr + c, mask=c_ok, other=0.0)[None, :], 0.0)
+    v = relu(acc + tl.load(b_ptr + c, mask=c_ok, other=0.0)[None, :])
     if FINAL:
         wf = tl.load(wf_ptr + c, mask=c_ok, other=0.0)
+        # Padded channels hold 0 * y (masked weights), NaN where y is infinite: drop them
+        # rather than weigh them by 0.
+        v = tl.where(c_ok[None, :], v, 0.0)
         s = tl.sum(v * wf[None, :], axis=1) + tl.load(bf_ptr)
         tl.store(out_ptr + n * hw + p, s, mask=p_ok)
     else:
