@@ -26,6 +26,9 @@
 |                             |         | reduced channels where H and W >= 2 * dilation, and above 16  |
 |                             |         | channels on N*H*W >= 784; direct under avx512); read by the   |
 |                             |         | extension                                                     |
+| BAM_FUSED_CPU_PACK_CACHE    | auto    | CPU eval ops' packed weights: auto (kept from call to call,   |
+|                             |         | reused while the weights' bytes are unchanged) or off; read   |
+|                             |         | by the extension                                              |
 | BAM_FUSED_CPU_STREAM_STORES | auto    | CPU gate forward output: on (non-temporal stores), off, or    |
 |                             |         | auto (on from half the last-level cache up); read by the      |
 |                             |         | extension                                                     |

@@ -11,6 +11,7 @@
 
 #include "check.h"
 #include "env_choice.h"
+#include "cpu/pack_cache.h"
 #include "ops.h"
 
 namespace bam_fused {
@@ -85,7 +86,7 @@ void check_spatial_weights(const char* op, int64_t Cr, at::Device device, at::Te
 }
 
 // Whether the spatial branch on y runs our CUDA kernel (else the library's convs).
-bool spatial_kernel(at::Device device, int64_t Cr, at::TensorList w_dilated) {
+[[maybe_unused]] bool spatial_kernel(at::Device device, int64_t Cr, at::TensorList w_dilated) {
 #ifdef BAM_FUSED_WITH_CUDA
   return device.is_cuda() && !w_dilated.empty() && cuda_spatial_kernel(Cr);
 #else
@@ -157,11 +158,11 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
     const bool y_channels_last = !spatial_kernel(x.device(), Cr, w_dilated);
     std::tie(part, y) = reduce_pool_cuda(x, w_reduce, b_reduce, y_channels_last);
   } else {
-    std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
+    std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce, /*relu=*/true, /*cache_weights=*/true);
   }
 #else
   BAM_CHECK(x.is_cpu(), op, ": this build has no CUDA kernels, x is on ", x.device());
-  std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce);
+  std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce, /*relu=*/true, /*cache_weights=*/true);
 #endif
   return {part, spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, cpu_bf16_products(x))};
 }
@@ -363,6 +364,13 @@ pybind11::dict build_info() {
   } catch (const c10::Error& e) {
     d["cpu_winograd"] = e.what_without_backtrace();
   }
+  try {
+    d["cpu_pack_cache"] = cpu_pack_cache_choice();
+  } catch (const c10::Error& e) {
+    d["cpu_pack_cache"] = e.what_without_backtrace();
+  }
+  d["cpu_pack_cache_entries"] = pack_cache_entries();
+  d["cpu_pack_cache_hits"] = pack_cache_hits();
 #ifdef _OPENMP
   d["openmp"] = true;  // at::parallel_for in our CPU kernels uses threads only with OpenMP
 #else

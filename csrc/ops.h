@@ -13,8 +13,10 @@ namespace bam_fused {
 // Pooled partial means (N, P, C) (summed over P they give the channel means) and
 // relu(w @ x + b) (or w @ x + b without relu) as (N, Cr, H, W) fp32 in channels_last memory, in
 // one pass over x (NCHW- or channels_last-contiguous); w is (Cr, C) and b (Cr,) fp32.
+// cache_weights: keep w's packing for the next call (pack_cache.h; the eval ops).
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w,
-                                                   const at::Tensor& b, bool relu = true);
+                                                   const at::Tensor& b, bool relu = true,
+                                                   bool cache_weights = false);
 // The backward of w @ x + b and of the pooled means, given dy (N, Cr, H, W) and dmean (N, C)
 // fp32, dy laid out like x: adds w^T dy + dmean / HW into dx (x's sizes, dtype and layout) when
 // given, and returns dw (Cr, C) and db (Cr,), fp32.
@@ -24,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
 // The dilated 3x3 convs (bias, ReLU) on y (N, Cr, H, W) fp32 and the final 1x1 conv: (N, H, W),
 // in the CPU's vector code (at least one dilated conv). bf16 (cpu_bf16_spatial_kernel(Cr) and
 // avx512_bf16 only): y, weights, biases and conv outputs rounded to bf16, as oneDNN's bf16
-// convs round them; the final conv in fp32.
+// convs round them; the final conv in fp32. For the eval ops: the packed weights are kept for
+// the next call (pack_cache.h).
 at::Tensor spatial_convs_cpu(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
                              int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final,
                              bool bf16 = false);

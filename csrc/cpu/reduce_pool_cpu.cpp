@@ -23,6 +23,7 @@
 #include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
 #include "isa.h"
+#include "pack_cache.h"
 
 namespace bam_fused {
 namespace {
@@ -168,7 +169,7 @@ int64_t chunk_pixels(int64_t N, int64_t HW) {
 }
 
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                                   bool relu) {
+                                                   bool relu, bool cache_weights) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = w.size(0);
   const Isa isa = chosen_isa();
   const bool cl = !x.is_contiguous();  // then channels_last-contiguous (the op checked)
@@ -184,7 +185,9 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
   const int64_t block_co = cl ? cl_vectors * lanes : kco;
   // bf16 x on AVX512-BF16: bf16 products (conv1x1_pool_avx512bf16.cpp), bf16 weight pairs.
   const bool bf16_dot = bf16_products(isa, x);
-  const at::Tensor wp = bf16_dot ? pack_weight_pairs(w, block_co) : pack_weights(w, block_co);
+  const auto pack = [&] { return bf16_dot ? pack_weight_pairs(w, block_co) : pack_weights(w, block_co); };
+  const at::Tensor wp =
+      cache_weights ? cached_packing(w, bf16_dot ? Packing::kConv1x1Pairs : Packing::kConv1x1, block_co, pack) : pack();
   Conv1x1PoolJob j{C, HW, Cr, chunk_px, chunks, bf16_dot ? nullptr : wp.const_data_ptr<float>(),
                    b.const_data_ptr<float>(), y.mutable_data_ptr<float>(), part.mutable_data_ptr<float>(),
                    1.f / static_cast<float>(HW), static_cast<int>(cl_vectors), relu};

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <utility>
 
 #include "../check.h"
@@ -15,6 +16,7 @@
 #include "../ops.h"
 #include "dilated_conv.h"
 #include "isa.h"
+#include "pack_cache.h"
 
 namespace bam_fused {
 namespace {
@@ -111,10 +113,15 @@ struct DilatedBlocking {
   bool winograd;
 
   // The weights for the job's w and w_direct (the direct conv's, for Winograd tiles with
-  // non-finite inputs; undefined without winograd).
-  std::pair<at::Tensor, at::Tensor> pack(const at::Tensor& w) const {
-    if (!winograd) return {pack_dilated(w, kCo), at::Tensor()};
-    return {pack_winograd(w, kCo), pack_dilated(w, kCo)};
+  // non-finite inputs; undefined without winograd); kept for the next call with `cache`.
+  std::pair<at::Tensor, at::Tensor> pack(const at::Tensor& w, bool cache = false) const {
+    const auto direct = [&] { return pack_dilated(w, kCo); };
+    const auto maybe_cached = [&](Packing p, const std::function<at::Tensor()>& f) {
+      return cache ? cached_packing(w, p, kCo, f) : f();
+    };
+    if (!winograd) return {maybe_cached(Packing::kDilated, direct), at::Tensor()};
+    return {maybe_cached(Packing::kWinograd, [&] { return pack_winograd(w, kCo); }),
+            maybe_cached(Packing::kDilated, direct)};
   }
 };
 
@@ -220,8 +227,11 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
   if (spatial.numel() == 0) return spatial;  // no pixels (the kernels divide by W)
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const bool last = i + 1 == w_dilated.size();
-    const auto [packed, wdirect] = k.pack(w_dilated[i]);
-    const at::Tensor wp = bf16 ? pair_inputs(packed) : packed;
+    const auto [wp, wdirect] =
+        bf16 ? std::pair{cached_packing(w_dilated[i], Packing::kDilatedPairs, k.kCo,
+                                        [&] { return pair_inputs(pack_dilated(w_dilated[i], k.kCo)); }),
+                         at::Tensor()}
+             : k.pack(w_dilated[i], /*cache=*/true);
     const at::Tensor bp =
         padded(bf16 ? b_dilated[i].to(at::kBFloat16).to(at::kFloat) : b_dilated[i], k.cob_n * k.kCo);
     at::Tensor out = last ? at::Tensor() : at::empty_like(y);

@@ -1,0 +1,70 @@
+"""The CPU eval ops keep their packed weights from call to call (csrc/cpu/pack_cache.cpp),
+reused only for weights with the same bytes, whoever wrote them."""
+
+import pytest
+import torch
+from helpers import spatial_env
+from test_cpu_pass import ISAS, isa_env
+
+from bam_fused import _ext
+from bam_fused.ops.branches import load_op
+
+
+def counters() -> tuple[int, int]:
+    info = _ext.build_info()
+    return info["cpu_pack_cache_entries"], info["cpu_pack_cache_hits"]
+
+
+def branch_args(c: int, cr: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w_reduce, b_reduce = torch.randn(cr, c, generator=g) / c**0.5, torch.randn(cr, generator=g) * 0.1
+    w_dil = [torch.randn(cr, cr, 3, 3, generator=g) / (3 * cr**0.5) for _ in range(2)]
+    b_dil = [torch.randn(cr, generator=g) * 0.1 for _ in range(2)]
+    return [w_reduce, b_reduce, w_dil, b_dil, 4, torch.randn(cr, generator=g), torch.randn(1, generator=g)]
+
+
+# Packings per call: the 1x1 conv's, then each dilated conv's (the direct conv's too with Winograd).
+@pytest.mark.parametrize("ours,packings", [("kernel", 3), ("winograd", 5)])
+def test_second_call_reuses_every_packing(monkeypatch, ours, packings):
+    spatial_env(monkeypatch, ours)  # Winograd on or off, whatever the instruction set
+    x = torch.randn(2, 48, 9, 13)
+    args = branch_args(48, 16, 1000 + packings)  # weights no other test packs
+    op = load_op()
+    entries0, hits0 = counters()
+    first = op(x, *args)
+    entries1, hits1 = counters()
+    assert (entries1, hits1) == (min(entries0 + packings, 64), hits0)
+    second = op(x, *args)
+    assert counters() == (entries1, hits1 + packings)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    monkeypatch.setenv("BAM_FUSED_CPU_PACK_CACHE", "off")
+    op(x, *args)
+    assert counters() == (entries1, hits1 + packings)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("ours", ["kernel", "winograd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["w_reduce", "w_dilated0", "w_dilated1"])
+def test_weights_written_behind_autograd_are_repacked(monkeypatch, isa, ours, dtype, which):
+    # Writes through .numpy() (or .data) leave the version counter alone: only the bytes tell.
+    isa_env(monkeypatch, isa)
+    spatial_env(monkeypatch, ours)
+    x = torch.randn(2, 48, 9, 13).to(dtype)
+    args = branch_args(48, 16, 7)
+    op = load_op()
+    before = op(x, *args)
+    target = args[0] if which == "w_reduce" else args[2][int(which[-1])]
+    target.numpy()[:2] *= -3.0
+    monkeypatch.setenv("BAM_FUSED_CPU_PACK_CACHE", "off")
+    want = op(x, *args)  # packed afresh
+    monkeypatch.delenv("BAM_FUSED_CPU_PACK_CACHE")
+    got = op(x, *args)
+    assert not torch.equal(want[1], before[1])  # the write changed the map
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_bad_variable_is_named(monkeypatch):
+    monkeypatch.setenv("BAM_FUSED_CPU_PACK_CACHE", "yes")
+    with pytest.raises(RuntimeError, match="BAM_FUSED_CPU_PACK_CACHE must be auto or off, got 'yes'"):
+        load_op()(torch.randn(1, 48, 9, 13), *branch_args(48, 16, 1))
