@@ -28,10 +28,17 @@ struct Entry {
 constexpr size_t kMaxEntries = 64;
 constexpr int64_t kMaxBytes = int64_t{64} << 20;
 
-std::mutex mutex;
-std::vector<Entry> entries;
-uint64_t clock_ticks = 0;
-int64_t hits = 0;
+// Never destroyed: tensors freed from static destructors at exit could outlive torch's allocator.
+struct Cache {
+  std::mutex mutex;
+  std::vector<Entry> entries;
+  uint64_t clock_ticks = 0;
+  int64_t hits = 0;
+};
+Cache& cache() {
+  static Cache* c = new Cache();
+  return *c;
+}
 
 bool matches(const Entry& e, const at::Tensor& w, Packing packing, int64_t block) {
   return e.data == w.const_data_ptr() && e.packing == packing && e.block == block &&
@@ -48,22 +55,24 @@ at::Tensor cached_packing(const at::Tensor& w, Packing packing, int64_t block,
                           const std::function<at::Tensor()>& pack) {
   if (cpu_pack_cache_choice() == "off" || w.numel() == 0) return pack();
   const at::Tensor src = w.contiguous();
+  Cache& c = cache();
   {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (Entry& e : entries) {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    for (Entry& e : c.entries) {
       const bool same_bytes = matches(e, w, packing, block) &&
                               std::memcmp(e.source.const_data_ptr(), src.const_data_ptr(), src.nbytes()) == 0;
       if (same_bytes) {
-        e.last_use = ++clock_ticks;
-        ++hits;
+        e.last_use = ++c.clock_ticks;
+        ++c.hits;
         return e.packed;
       }
     }
   }
   at::Tensor packed = pack();
   Entry fresh{w.const_data_ptr(), packing, block, src.clone(), packed, 0};
-  std::lock_guard<std::mutex> lock(mutex);
-  fresh.last_use = ++clock_ticks;
+  std::lock_guard<std::mutex> lock(c.mutex);
+  fresh.last_use = ++c.clock_ticks;
+  auto& entries = c.entries;
   entries.erase(std::remove_if(entries.begin(), entries.end(),
                                [&](const Entry& e) { return matches(e, w, packing, block); }),
                 entries.end());
@@ -80,13 +89,13 @@ at::Tensor cached_packing(const at::Tensor& w, Packing packing, int64_t block,
 }
 
 int64_t pack_cache_entries() {
-  std::lock_guard<std::mutex> lock(mutex);
-  return static_cast<int64_t>(entries.size());
+  std::lock_guard<std::mutex> lock(cache().mutex);
+  return static_cast<int64_t>(cache().entries.size());
 }
 
 int64_t pack_cache_hits() {
-  std::lock_guard<std::mutex> lock(mutex);
-  return hits;
+  std::lock_guard<std::mutex> lock(cache().mutex);
+  return cache().hits;
 }
 
 }  // namespace bam_fused
