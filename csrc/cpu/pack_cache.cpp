@@ -1,6 +1,7 @@
 // A BAM's folded weights stay the same across eval calls, but packing them for our kernels
-// (zero padding to whole register blocks, transposes: a few ATen ops each) took 30-45 us per
-// weight tensor at Cr = 64, about 10% of a batch-1 BAM at 1024 x 14 x 14 on a 2-core AVX2 CPU.
+// (zero padding to whole register blocks, transposes: a few ATen ops each) took about 43 us for
+// one dilated conv at Cr = 64 (two of them and the 1x1 conv: about 10% of a batch-1 BAM at
+// 1024 x 14 x 14 on a 2-core AVX2 CPU).
 // Comparing the weights' bytes with a kept copy costs a few microseconds and cannot be fooled
 // by writes that bypass version counters.
 #include "pack_cache.h"
