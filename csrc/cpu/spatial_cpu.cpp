@@ -111,6 +111,7 @@ struct DilatedBlocking {
   int64_t cl_vectors, kCo, cob_n, chunk_px, chunks;
   int64_t d;  // the dilation: those past the map reach only padding, so any such one gives the same result
   bool winograd;
+  bool bf16;  // bf16 products: the weights in bf16 channel pairs (never with winograd)
 
   // The weights for the job's w and w_direct (the direct conv's, for Winograd tiles with
   // non-finite inputs; undefined without winograd); kept for the next call with `cache`.
@@ -119,6 +120,7 @@ struct DilatedBlocking {
     const auto maybe_cached = [&](Packing p, const std::function<at::Tensor()>& f) {
       return cache ? cached_packing(w, p, kCo, f) : f();
     };
+    if (bf16) return {maybe_cached(Packing::kDilatedPairs, [&] { return pair_inputs(direct()); }), at::Tensor()};
     if (!winograd) return {maybe_cached(Packing::kDilated, direct), at::Tensor()};
     return {maybe_cached(Packing::kWinograd, [&] { return pack_winograd(w, kCo); }),
             maybe_cached(Packing::kDilated, direct)};
@@ -154,7 +156,7 @@ DilatedBlocking dilated_blocking(int64_t N, int64_t Cr, int64_t H, int64_t W, in
     units = tile_bases(H, d) * tile_bases(W, d);
   }
   const int64_t chunks = std::max<int64_t>(1, (units + chunk_px - 1) / chunk_px);
-  return {isa, cl_vectors, kCo, (Cr + kCo - 1) / kCo, chunk_px, chunks, d, winograd};
+  return {isa, cl_vectors, kCo, (Cr + kCo - 1) / kCo, chunk_px, chunks, d, winograd, bf16};
 }
 
 }  // namespace
@@ -227,11 +229,7 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
   if (spatial.numel() == 0) return spatial;  // no pixels (the kernels divide by W)
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const bool last = i + 1 == w_dilated.size();
-    const auto [wp, wdirect] =
-        bf16 ? std::pair{cached_packing(w_dilated[i], Packing::kDilatedPairs, k.kCo,
-                                        [&] { return pair_inputs(pack_dilated(w_dilated[i], k.kCo)); }),
-                         at::Tensor()}
-             : k.pack(w_dilated[i], /*cache=*/true);
+    const auto [wp, wdirect] = k.pack(w_dilated[i], /*cache=*/true);
     const at::Tensor bp =
         padded(bf16 ? b_dilated[i].to(at::kBFloat16).to(at::kFloat) : b_dilated[i], k.cob_n * k.kCo);
     at::Tensor out = last ? at::Tensor() : at::empty_like(y);
