@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (nothing persists, no package index): build the extension
 # from source, run the GPU tests, profile, benchmark, compute-sanitizer, verify, then the rest
-# of the tests. Each step gets a time box inside one ten-minute budget (BUDGET_S), most
-# important first. Logs and results go to $OUT (default ./gpu-out), at most 8 files.
+# of the tests. Each step gets a time box inside one ten-minute budget (BUDGET_S); steps run in
+# the order given (default: most important first). Logs and results go to $OUT (default
+# ./gpu-out), at most 8 files.
 #   usage: bash benchmarks/run_gpu.sh [STEP ...]   (steps: build cuda-tests passes bench sanitize
 #                                                    verify profile overhead tests; default all
 #                                                    but overhead)
@@ -17,7 +18,6 @@ END=$((SECONDS + ${BUDGET_S:-570}))
 STEPS=${*:-build cuda-tests passes bench sanitize verify profile tests}
 status=0
 
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 # box [--soft] SECONDS LOG CMD...: runs CMD for at most SECONDS (less if the budget is nearly
 # spent); a failure fails the script unless --soft.
 box() {
@@ -32,7 +32,7 @@ box() {
   echo "== took $((SECONDS - t0))s" >> "$log"
 }
 
-if want build; then
+step_build() {
   {
     echo "== $(date -u) on $(hostname)"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
     $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -40,26 +40,34 @@ if want build; then
   box 240 "$OUT/checks.log" $PY -m pip install -q --no-build-isolation --no-deps -e .
   box 30 "$OUT/checks.log" $PY -m bam_fused.cli info
   box 60 "$OUT/checks.log" $PY benchmarks/gpu_probe.py errors
-fi
-want cuda-tests && box 220 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE tests/test_cuda.py \
-  tests/test_pass_triton.py
-want passes && box 90 "$OUT/profile.log" $PY benchmarks/gpu_probe.py passes
-want bench && box 200 "$OUT/bench.log" $PY -m bam_fused.cli bench --quick --no-progress --out "$OUT"
-if want sanitize; then
+}
+step_cuda-tests() {
+  box 220 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE tests/test_cuda.py tests/test_pass_triton.py
+}
+step_passes() { box 90 "$OUT/profile.log" $PY benchmarks/gpu_probe.py passes; }
+step_bench() { box 200 "$OUT/bench.log" $PY -m bam_fused.cli bench --quick --no-progress --out "$OUT"; }
+step_sanitize() {
   # memcheck on every kernel must be clean.
-  san="env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 9"
+  local san="env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 9"
   box 100 "$OUT/checks.log" $san --tool memcheck $PY benchmarks/gpu_probe.py sanitize
   # racecheck: on the H100 run of 2026-11-25 it reported Triton's same-value writes
   # (triton-lang/triton#4736, #7264) and, with --kernel-name filters, failed with "Internal
   # Sanitizer Error"; it is logged for reading, not failed.
   [[ ${RACECHECK:-0} == 1 ]] &&
     box --soft 90 "$OUT/checks.log" $san --tool racecheck --print-limit 5 $PY benchmarks/gpu_probe.py sanitize
-fi
-want verify && box 100 "$OUT/checks.log" $PY -m bam_fused.cli verify --quick
-want profile && box 100 "$OUT/profile.log" $PY benchmarks/gpu_probe.py profile
-want overhead && box --soft 40 "$OUT/profile.log" $PY benchmarks/gpu_probe.py overhead
+  return 0
+}
+step_verify() { box 100 "$OUT/checks.log" $PY -m bam_fused.cli verify --quick; }
+step_profile() { box 100 "$OUT/profile.log" $PY benchmarks/gpu_probe.py profile; }
+step_overhead() { box --soft 40 "$OUT/profile.log" $PY benchmarks/gpu_probe.py overhead; }
 # -v: xdist prints each failure as it happens, so a time-boxed run still names them.
-want tests && box --soft 300 "$OUT/tests.log" $PY -m pytest -v -n 8 -p no:cacheprovider -rfE -m "not slow" \
-  --ignore=tests/test_cuda.py --ignore=tests/test_pass_triton.py tests
+step_tests() {
+  box --soft 300 "$OUT/tests.log" $PY -m pytest -v -n 8 -p no:cacheprovider -rfE -m "not slow" \
+    --ignore=tests/test_cuda.py --ignore=tests/test_pass_triton.py tests
+}
+
+for step in $STEPS; do
+  if declare -F "step_$step" > /dev/null; then "step_$step"; else echo "unknown step: $step" >&2; exit 2; fi
+done
 tail -n 4 "$OUT"/*.log
 exit $status
