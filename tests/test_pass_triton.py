@@ -317,26 +317,55 @@ def test_choice_rules(monkeypatch):
     assert attention_cuda.choice(x, narrow, 4) == "kernel"
 
 
-@pytest.mark.cuda
-@needs_ext
-def test_auto_times_once_and_keeps_the_fastest(monkeypatch):
+def fake_timers(monkeypatch, graph: dict, plain: dict) -> list:
+    """auto's two timers answer from the tables (path function name -> ms, or an exception to
+    raise); returns the list of the names they were asked for."""
+    calls = []
+
+    def timer(table):
+        def fake(fn):
+            name = fn.__defaults__[0].__name__
+            calls.append(name)
+            if isinstance(table[name], Exception):
+                raise table[name]
+            return table[name]
+
+        return fake
+
     monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "auto")
     monkeypatch.setattr(attention_cuda, "_chosen", {})
-    calls = []
-    times = {"_run_kernel": 2.0, "_run_triton_pass": 1.0, "_run_triton": 1.5}
+    monkeypatch.setattr(_backends, "triton_reason", lambda dev: None)
+    monkeypatch.setattr(_backends, "_warned", set())
+    monkeypatch.setattr(attention_cuda, "_graph_ms", timer(graph))
+    monkeypatch.setattr(attention_cuda, "_plain_ms", timer(plain))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return calls
 
-    def fake_time(fn):
-        calls.append(fn)
-        return times[fn.__defaults__[0].__name__]
 
-    monkeypatch.setattr(attention_cuda, "_time_ms", fake_time)
+def test_auto_keeps_one_pick_for_plain_calls_and_one_for_graphs(monkeypatch):
+    # H100, 2026-11-27, 28x28 fp32: the all-Triton path had the least GPU time (132 us) and by
+    # far the most per plain call (about 1 ms: eight Triton launches on a slow host).
+    graph = {"_run_kernel": 2.0, "_run_triton_pass": 1.5, "_run_triton": 1.0}
+    plain = {"_run_kernel": 2.5, "_run_triton_pass": 3.0, "_run_triton": 9.0}
+    calls = fake_timers(monkeypatch, graph, plain)
+    kind = ["graph"]
+    monkeypatch.setattr(attention_cuda, "_call_kind", lambda x: kind[0])
     _, fused, _ = folded_bam(64, 16, 4)
-    x = torch.randn(2, 64, 7, 9, device="cuda")
-    f = fused.cuda().folded()
-    assert attention_cuda.choice(x, f, 4) == "triton-pass"
-    assert attention_cuda.choice(x, f, 4) == "triton-pass" and len(calls) == 3  # cached
-    times.update(_run_kernel=0.5)
-    assert attention_cuda.choice(x[:1], f, 4) == "kernel"  # another shape: timed again
+    f, x = fused.folded(), torch.randn(2, 64, 7, 9)
+    assert attention_cuda.choice(x, f, 4) == "kernel"  # first met inside a capture: nothing timed
+    assert not calls and not attention_cuda._chosen
+    kind[0] = "plain"
+    assert attention_cuda.choice(x, f, 4) == "kernel"  # the least plain-call time
+    assert sorted(calls) == sorted(2 * list(graph))  # each path timed both ways, once
+    kind[0] = "graph"
+    assert attention_cuda.choice(x, f, 4) == "triton"  # the least GPU time
+    kind[0] = "plain"
+    assert attention_cuda.choice(x, f, 4) == "kernel" and len(calls) == 6  # kept
+    plain.update(_run_triton_pass=1.0)
+    assert attention_cuda.choice(x[:1], f, 4) == "triton-pass"  # another shape: timed again
+    assert len(calls) == 12
+    kind[0] = None  # CPU tensors (the interpreter): an untimed shape runs the kernel, uncached
+    assert attention_cuda.choice(x[:, :, :3], f, 4) == "kernel" and len(attention_cuda._chosen) == 2
 
 
 def test_triton_paths_need_tf32_tensor_cores(monkeypatch):
@@ -347,23 +376,28 @@ def test_triton_paths_need_tf32_tensor_cores(monkeypatch):
     assert attention_cuda._has_tf32(torch.device("cpu"))  # the interpreter
 
 
-@pytest.mark.cuda
-@needs_ext
-def test_auto_skips_a_triton_path_that_fails(monkeypatch):
-    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "auto")
-    monkeypatch.setattr(attention_cuda, "_chosen", {})
-
-    def fake_time(fn):
-        name = fn.__defaults__[0].__name__
-        if name == "_run_triton":
-            raise RuntimeError("out of resources")
-        return {"_run_kernel": 2.0, "_run_triton_pass": 3.0}[name]
-
-    monkeypatch.setattr(attention_cuda, "_time_ms", fake_time)
+@pytest.mark.parametrize("fails_in", ["graph", "plain"])
+def test_auto_skips_a_triton_path_that_fails(monkeypatch, fails_in):
+    graph = {"_run_kernel": 2.0, "_run_triton_pass": 3.0, "_run_triton": 1.0}
+    plain = {"_run_kernel": 2.0, "_run_triton_pass": 1.0, "_run_triton": 0.5}
+    (graph if fails_in == "graph" else plain)["_run_triton"] = RuntimeError("out of resources")
+    fake_timers(monkeypatch, graph, plain)
+    kind = ["plain"]
+    monkeypatch.setattr(attention_cuda, "_call_kind", lambda x: kind[0])
     _, fused, _ = folded_bam(64, 16, 4)
-    x = torch.randn(2, 64, 7, 9, device="cuda")
+    x = torch.randn(2, 64, 7, 9)
     with pytest.warns(RuntimeWarning, match="auto skips triton: RuntimeError: out of resources"):
-        assert attention_cuda.choice(x, fused.cuda().folded(), 4) == "kernel"
+        assert attention_cuda.choice(x, fused.folded(), 4) == "triton-pass"
+    kind[0] = "graph"
+    assert attention_cuda.choice(x, fused.folded(), 4) == "kernel"
+
+
+def test_auto_raises_the_kernels_own_error(monkeypatch):
+    fake_timers(monkeypatch, {"_run_kernel": ValueError("bad x")}, {})
+    monkeypatch.setattr(attention_cuda, "_call_kind", lambda x: "plain")
+    _, fused, _ = folded_bam(64, 16, 4)
+    with pytest.raises(ValueError, match="bad x"):
+        attention_cuda.choice(torch.randn(2, 64, 7, 9), fused.folded(), 4)
 
 
 def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):

@@ -8,8 +8,12 @@
 - ``triton``: the Triton pass, the Triton tensor-core dilated convs (ops/spatial_triton.py) and
   channel MLP (ops/mlp_triton.py); BAM_FUSED_CUDA_SPATIAL does not apply;
 - ``auto`` (default): the first call for each (device, shape, Cr, dtype, layout) times the
-  three (GPU time, as CUDA graph replays) and keeps the fastest for the process (about a
-  fifth of a second, once per shape).
+  three twice and keeps two picks for the process (about a third of a second, once per shape):
+  for plain calls, the fastest back-to-back plain calls (host work and GPU time together, as an
+  eager model pays them); for calls captured in a CUDA graph, the least GPU time (graph
+  replays). They differ where the host is slow: on the H100 of 2026-11-27 the all-Triton path
+  took 132 us of GPU time at 28x28 (the least) but about 1 ms per plain call (eight Triton
+  launches).
 
 All compute the same function up to float32 rounding (3xTF32 in the Triton kernels). The
 Triton kernels take up to pass_triton.MAX_CR reduced channels and need TF32 tensor cores
@@ -21,6 +25,8 @@ fails to compile or launch is skipped with one warning.
 from __future__ import annotations
 
 import os
+import time
+from typing import NamedTuple
 
 import torch
 
@@ -28,7 +34,16 @@ from .. import _backends
 from .branches import load_op
 
 MODES = ("auto", "kernel", "triton-pass", "triton")
-_chosen: dict[tuple, str] = {}
+
+
+class Picks(NamedTuple):
+    """auto's choice for one shape: for plain calls, and for calls captured in a CUDA graph."""
+
+    plain: str
+    graph: str
+
+
+_chosen: dict[tuple, Picks] = {}
 _y_layouts: dict[tuple, bool] = {}
 
 
@@ -84,17 +99,58 @@ def _run_triton(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, 
 _RUNS = {"kernel": _run_kernel, "triton-pass": _run_triton_pass, "triton": _run_triton}
 
 
-def _time_ms(fn) -> float:
-    """GPU time of fn in ms: replays of a CUDA graph of it. Timed as plain calls, the paths with
-    more launches lost on host overhead (H200, triton 3.6, 2026-11-26: auto kept the kernel at
-    28x28 where the Triton path's GPU time was 146 against 187 us)."""
+def _graph_ms(fn) -> float:
+    """GPU time of fn in ms: replays of a CUDA graph of it (no host work in it)."""
     import triton.testing
 
     try:
         # rep: milliseconds of replays per measurement (ten of them): about 0.1 s per path.
         return float(triton.testing.do_bench_cudagraph(fn, rep=5, return_mode="median"))
     except Exception:  # capture refused (an op that cannot be captured): plain calls instead
-        return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+        return _plain_ms(fn)
+
+
+def _plain_ms(fn, calls: int = 10, rounds: int = 3) -> float:
+    """Wall time per call of back-to-back plain calls, in ms: the host's launches overlap the GPU's
+    work as in an eager model, so this is about max(host time, GPU time). The best of a few rounds
+    (interference only adds). Not triton's do_bench: it clears the L2 cache between calls, and
+    the GPU's time on that hides host time."""
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e3
+
+
+def _time_paths(x: torch.Tensor, f: dict, dilation: int) -> Picks:
+    """Times every path on x both ways; a Triton path that fails is skipped with one warning."""
+    torch.cuda.synchronize(x.device)  # the graph timing runs on a stream of its own: x must be ready
+    plain, graph = {}, {}
+    for name, run in _RUNS.items():
+        try:
+            graph[name] = _graph_ms(lambda run=run: run(x, f, dilation))
+            plain[name] = _plain_ms(lambda run=run: run(x, f, dilation))
+        except Exception as exc:
+            if name == "kernel":  # the extension's own error (bad input or variable): raise it
+                raise
+            # A Triton path that cannot run here (a compiler or resource error): skip it.
+            graph.pop(name, None)
+            why = f"{type(exc).__name__}: {exc}"
+            _backends.warn_once(f"eval:{name}:{why}", f"bam_fused: BAM_FUSED_CUDA_EVAL=auto skips {name}: {why}")
+    return Picks(min(plain, key=plain.get), min(graph, key=graph.get))
+
+
+def _call_kind(x: torch.Tensor) -> str | None:
+    """The kind of call: "plain", "graph" (inside a CUDA graph capture: nothing can be timed), or None for
+    CPU tensors (the interpreter: nothing to time either)."""
+    if x.device.type != "cuda":
+        return None
+    return "graph" if torch.cuda.is_current_stream_capturing() else "plain"
 
 
 def _has_tf32(device: torch.device) -> bool:
@@ -116,23 +172,14 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
         return wanted
     key = (x.device, tuple(x.shape), f["red_w"].shape[0], len(f["dil_w"]), x.dtype, x.is_contiguous(),
            os.environ.get("BAM_FUSED_CUDA_SPATIAL"))  # fmt: skip
-    if key not in _chosen:
-        if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    kind = _call_kind(x)
+    picks = _chosen.get(key)
+    if picks is None:
+        if kind != "plain":  # timed at the shape's first plain call
             return "kernel"
-        _chosen[key] = "kernel"  # while timing: a re-entrant call must not time again
-        torch.cuda.synchronize(x.device)  # the timing runs on a stream of its own: x must be ready
-        times = {}
-        for name, run in _RUNS.items():
-            try:
-                times[name] = _time_ms(lambda run=run: run(x, f, dilation))
-            except Exception as exc:
-                if name == "kernel":  # the extension's own error (bad input or variable): raise it
-                    raise
-                # A Triton path that cannot run here (a compiler or resource error): skip it.
-                why = f"{type(exc).__name__}: {exc}"
-                _backends.warn_once(f"eval:{name}:{why}", f"bam_fused: BAM_FUSED_CUDA_EVAL=auto skips {name}: {why}")
-        _chosen[key] = min(times, key=times.get)
-    return _chosen[key]
+        _chosen[key] = Picks("kernel", "kernel")  # while timing: a re-entrant call must not time again
+        picks = _chosen[key] = _time_paths(x, f, dilation)
+    return picks.graph if kind == "graph" else picks.plain
 
 
 def attention(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
