@@ -129,7 +129,14 @@ def _plain_ms(fn, calls: int = 10, rounds: int = 3) -> float:
 
 def _time_paths(x: torch.Tensor, f: dict, dilation: int) -> Picks:
     """Times every path on x both ways; a Triton path that fails is skipped with one warning."""
-    torch.cuda.synchronize(x.device)  # the graph timing runs on a stream of its own: x must be ready
+    from .gate_triton import on_device_of
+
+    with on_device_of(x):  # x's GPU current: the timers' streams and synchronize() are that device's
+        return _time_paths_here(x, f, dilation)
+
+
+def _time_paths_here(x: torch.Tensor, f: dict, dilation: int) -> Picks:
+    torch.cuda.synchronize()  # the graph timing runs on a stream of its own: x must be ready
     plain, graph = {}, {}
     for name, run in _RUNS.items():
         try:
