@@ -110,8 +110,8 @@ def spatial_impls() -> None:
 def passes() -> None:
     """The eval path's pieces: the Triton pass over x in each configuration (the launcher's
     default first; the others in fp32), the rest after a pass (the extension's attention_tail
-    against the Triton convs and MLP), and the whole fused BAM (eval, CUDA graph) by
-    BAM_FUSED_CUDA_EVAL."""
+    against the Triton convs and MLP), and the whole fused BAM (eval) by BAM_FUSED_CUDA_EVAL,
+    as CUDA graph replays and as plain calls, with auto's picks for each."""
     from bam_fused.ops import attention_cuda
     from bam_fused.ops import pass_triton as pt
     from bam_fused.ops.branches import load_op
@@ -121,7 +121,8 @@ def passes() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print("us, all CUDA-graph replays (GPU time); |x| = one read of x at copy bandwidth; pass = Triton pass "
           "alone per config block_p/block_c/warps/stages; tail = after the pass: op's attention_tail | Triton "
-          "convs + Triton MLP; BAM = whole eval BAM by BAM_FUSED_CUDA_EVAL")  # fmt: skip
+          "convs + Triton MLP; BAM = whole eval BAM by BAM_FUSED_CUDA_EVAL; plain calls = the same three as "
+          "back-to-back plain calls (wall time per call); auto's two picks")  # fmt: skip
     tail = load_op("attention_tail")
     for shape, dtype, layout, x, m, f in cases():
         dst = torch.empty_like(x)
@@ -144,15 +145,19 @@ def passes() -> None:
             fc = (f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
             t_tail = graph_ms(lambda: tail(part, y, *rest, *fc)) * 1e3  # noqa: B023
             t_conv = graph_ms(lambda: (spatial_map(y_cl, *rest), mlp(part_cl, *fc))) * 1e3  # noqa: B023
-        bam = {}
+        bam, plain = {}, {}
         for impl in EVAL_IMPLS:
             with eval_impl(impl), torch.no_grad():
                 bam[impl] = graph_ms(lambda: m(x)) * 1e3  # noqa: B023
+                plain[impl] = attention_cuda._plain_ms(lambda: m(x)) * 1e3  # noqa: B023
         with eval_impl("auto"), torch.no_grad():
-            picked = attention_cuda.choice(x, f, 4)
+            attention_cuda.choice(x, f, 4)
+            got = attention_cuda.picks(x, f)
+        picked = f"{got.plain}/{got.graph}" if got else "untimed"
         print(f"{str(shape):18s} {str(dtype)[6:]:8s} {layout:13s} |x| {read_us:5.1f}  "
               f"BAM kernel {bam['kernel']:6.1f} triton-pass {bam['triton-pass']:6.1f} "
-              f"triton {bam['triton']:6.1f} auto->{picked:11s} tail {t_tail:5.1f} | {t_conv:5.1f}  pass "
+              f"triton {bam['triton']:6.1f} plain calls {plain['kernel']:6.1f} {plain['triton-pass']:6.1f} "
+              f"{plain['triton']:6.1f} auto plain/graph->{picked:23s} tail {t_tail:5.1f} | {t_conv:5.1f}  pass "
               + "  ".join(cells), flush=True)  # fmt: skip
 
 

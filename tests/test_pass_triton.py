@@ -361,6 +361,7 @@ def test_auto_keeps_one_pick_for_plain_calls_and_one_for_graphs(monkeypatch):
     assert attention_cuda.choice(x, f, 4) == "triton"  # the least GPU time
     kind[0] = "plain"
     assert attention_cuda.choice(x, f, 4) == "kernel" and len(calls) == 6  # kept
+    assert attention_cuda.picks(x, f) == attention_cuda.Picks(plain="kernel", graph="triton")
     plain.update(_run_triton_pass=1.0)
     assert attention_cuda.choice(x[:1], f, 4) == "triton-pass"  # another shape: timed again
     assert len(calls) == 12

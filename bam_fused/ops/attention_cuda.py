@@ -166,6 +166,16 @@ def _has_tf32(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def _key(x: torch.Tensor, f: dict) -> tuple:
+    return (x.device, tuple(x.shape), f["red_w"].shape[0], len(f["dil_w"]), x.dtype, x.is_contiguous(),
+            os.environ.get("BAM_FUSED_CUDA_SPATIAL"))  # fmt: skip
+
+
+def picks(x: torch.Tensor, f: dict) -> Picks | None:
+    """auto's two picks for this x, once timed (for probes and tests)."""
+    return _chosen.get(_key(x, f))
+
+
 def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
     """Which kernels run for this x: one of "kernel", "triton-pass", "triton" (see the module docstring)."""
     wanted = mode()
@@ -177,8 +187,7 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
         return "kernel"
     if wanted != "auto":
         return wanted
-    key = (x.device, tuple(x.shape), f["red_w"].shape[0], len(f["dil_w"]), x.dtype, x.is_contiguous(),
-           os.environ.get("BAM_FUSED_CUDA_SPATIAL"))  # fmt: skip
+    key = _key(x, f)
     kind = _call_kind(x)
     picks = _chosen.get(key)
     if picks is None:
