@@ -77,7 +77,8 @@ def _cpu_spatial_status(unavailable: str | None, setting: str | None, winograd: 
     if setting not in ("auto", "kernel"):
         return {"active": False, "reason": str(setting)}
     note = (
-        "at 16 and 32 reduced channels, and below 16 on small maps in eval (N*H*W*Cr <= 25088), oneDNN's "
+        "at 16 and 32 reduced channels, in eval at 64 under avx2, and below 16 on small maps in eval "
+        "(N*H*W*Cr <= 25088), oneDNN's "
         "otherwise; in bf16 for bf16 x on avx512_bf16"
         if setting == "auto"
         else "BAM_FUSED_CPU_SPATIAL=kernel"

@@ -11,6 +11,7 @@
 
 #include "check.h"
 #include "env_choice.h"
+#include "cpu/isa.h"
 #include "cpu/pack_cache.h"
 #include "ops.h"
 
@@ -42,6 +43,11 @@ bool cuda_spatial_kernel(int64_t Cr) {
 // ours, Cr = 4 (64 x 56x56) 1.14x / 0.99x / 0.81x at N = 1 / 2 / 8; Cr = 8 (128 x 28x28) 1.37x /
 // 1.20x / 1.04x / 0.92x at N = 1 / 2 / 4 / 8 (ResNet-18/34's first two BAMs). So the eval ops take
 // ours there up to kSmallMapValues values per conv output (N * H * W * Cr).
+// Cr = 64 under AVX2 (our Winograd conv, packed weights kept between eval calls): whole BAM eval
+// at 1024 x 14x14, paired A/B, oneDNN's -> ours, 2-core Zen 3, 2026-11-27: 1.02x / 1.14x / 1.09x /
+// 1.10x at N = 1 / 2 / 4 / 8 (a second N = 1 run: 1.07x), channels_last 1.10x / 1.05x at N = 1 / 8.
+// So the eval ops take ours at 64 there (not in training, where it is unmeasured; Cr = 128 at
+// 7x7: 0.99x at N = 1, left to oneDNN).
 constexpr int64_t kSmallMapValues = 25088;
 std::string cpu_spatial_choice() { return env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"}); }
 // bf16 (cpu_bf16_products): the convs round as oneDNN's bf16 ones do, in our bf16 kernel (it
@@ -52,7 +58,8 @@ bool cpu_spatial_kernel(int64_t Cr, bool bf16, int64_t eval_pixels) {
   const std::string v = cpu_spatial_choice();
   if (v == "auto") {
     const bool small_map = !bf16 && Cr < 16 && eval_pixels > 0 && eval_pixels * Cr <= kSmallMapValues;
-    return Cr == 16 || Cr == 32 || small_map;
+    const bool avx2_eval_64 = !bf16 && Cr == 64 && eval_pixels > 0 && chosen_isa() == Isa::kAvx2;
+    return Cr == 16 || Cr == 32 || small_map || avx2_eval_64;
   }
   return v == "kernel" && (!bf16 || cpu_bf16_spatial_kernel(Cr));
 }

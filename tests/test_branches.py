@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from helpers import LAYOUTS, bf16_products, make_layout
+from test_cpu_pass import isa_env
 
 import bam_fused
 from bam_fused import _backends, _ext
@@ -371,15 +372,20 @@ def test_bam_eval_op_opcheck():
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-# Auto's choice of the CPU dilated convs in eval: ours at 16 and 32 reduced channels, and below
-# 16 on small maps (N * H * W * Cr <= 25088: ResNet-18/34's first two BAMs at batch 1-2 / 1-4),
-# oneDNN's otherwise. The two differ in rounding, which tells them apart.
+# Auto's choice of the CPU dilated convs in eval: ours at 16 and 32 reduced channels, at 64 under
+# AVX2 (where our Winograd conv beat oneDNN's), and below 16 on small maps (N * H * W * Cr <=
+# 25088: ResNet-18/34's first two BAMs at batch 1-2 / 1-4), oneDNN's otherwise. The two differ in
+# rounding, which tells them apart. isa None: the CPU's own.
 @pytest.mark.parametrize(
-    "n,c,h,w,ours",
-    [(1, 64, 56, 56, True), (2, 64, 56, 56, True), (3, 64, 56, 56, False), (4, 128, 28, 28, True),
-     (5, 128, 28, 28, False), (8, 256, 14, 14, True), (1, 1024, 14, 14, False)],
+    "n,c,h,w,isa,ours",
+    [(1, 64, 56, 56, None, True), (2, 64, 56, 56, None, True), (3, 64, 56, 56, None, False),
+     (4, 128, 28, 28, None, True), (5, 128, 28, 28, None, False), (8, 256, 14, 14, None, True),
+     (1, 1024, 14, 14, "avx2", True), (2, 1024, 14, 14, "avx2", True), (1, 1024, 14, 14, "generic", False),
+     (1, 1024, 14, 14, "avx512", False), (1, 2048, 7, 7, "avx2", False)],
 )  # fmt: skip
-def test_cpu_eval_auto_picks_the_dilated_convs_by_channels_and_map(monkeypatch, n, c, h, w, ours):
+def test_cpu_eval_auto_picks_the_dilated_convs_by_channels_and_map(monkeypatch, n, c, h, w, isa, ours):
+    if isa is not None:
+        isa_env(monkeypatch, isa)
     fused = bam_fused.BAM(c, backend="fused").eval()
     randomize_(fused)
     x = torch.randn(n, c, h, w)
@@ -390,6 +396,21 @@ def test_cpu_eval_auto_picks_the_dilated_convs_by_channels_and_map(monkeypatch, 
             out[choice] = fused(x)
     assert not torch.equal(out["kernel"], out["library"])
     assert torch.equal(out["auto"], out["kernel" if ours else "library"])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_bam_eval_at_64_reduced_channels_under_avx2(monkeypatch, layout, n):
+    # Auto runs our convs there (Winograd from N*H*W >= 784): the whole BAM against float64.
+    isa_env(monkeypatch, "avx2")
+    ref = randomize_(RefBAM(1024, 16, 4)).eval()
+    fused = bam_fused.BAM(1024, 16, 4, backend="fused").eval()
+    fused.load_state_dict(ref.state_dict())
+    x = make_layout(torch.randn(n, 1024, 14, 15), layout)
+    with torch.no_grad():
+        eager = ref(x)
+        result = compare(fused(x), ref.double()(x.double()), eager)
+    assert result.passed, result
 
 
 # Reduced channels 16 and 32, where auto runs our CPU dilated convs (csrc/cpu/dilated_conv.h)
