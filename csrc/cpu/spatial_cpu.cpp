@@ -134,6 +134,9 @@ struct DilatedBlocking {
 // Cr = 32: 1.24x at 8 x 28x28, 1.03x at 1 x 28x28, 1.06x at 8 x 14x14, but 0.92x at 1 x 14x14
 // (transforming the weights each call outweighs the saving on so few pixels); Cr = 64: 1.21x at
 // 8 x 14x14, 0.91x at N = 1; below 16 channels 0.94-1.00x (the outputs pad to a whole vector).
+// With the eval ops' packed weights kept between calls (no transform per call) small maps still
+// lose: whole BAM eval, Cr = 64, 0.95x / 0.97x at 1 / 2 x 14x14, Cr = 32 0.98x at 1 x 14x14
+// (2026-11-27), so the pixel threshold stays.
 // Every band of tiles must fit the map: at 7x7 with dilation 4 most tile outputs fall outside
 // it (0.65x at Cr = 128). Under AVX-512 an earlier prototype gained little (0.65 against 0.69
 // ms at 56x56, slower at 28x28 and batch 1) and this one is unmeasured there, so auto keeps
