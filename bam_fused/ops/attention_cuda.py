@@ -189,13 +189,13 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
         return wanted
     key = _key(x, f)
     kind = _call_kind(x)
-    picks = _chosen.get(key)
-    if picks is None:
+    timed = _chosen.get(key)
+    if timed is None:
         if kind != "plain":  # timed at the shape's first plain call
             return "kernel"
         _chosen[key] = Picks("kernel", "kernel")  # while timing: a re-entrant call must not time again
-        picks = _chosen[key] = _time_paths(x, f, dilation)
-    return picks.graph if kind == "graph" else picks.plain
+        timed = _chosen[key] = _time_paths(x, f, dilation)
+    return timed.graph if kind == "graph" else timed.plain
 
 
 def attention(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
