@@ -131,24 +131,21 @@ def _time_paths(x: torch.Tensor, f: dict, dilation: int) -> Picks:
     """Times every path on x both ways; a Triton path that fails is skipped with one warning."""
     from .gate_triton import on_device_of
 
-    with on_device_of(x):  # x's GPU current: the timers' streams and synchronize() are that device's
-        return _time_paths_here(x, f, dilation)
-
-
-def _time_paths_here(x: torch.Tensor, f: dict, dilation: int) -> Picks:
-    torch.cuda.synchronize()  # the graph timing runs on a stream of its own: x must be ready
     plain, graph = {}, {}
-    for name, run in _RUNS.items():
-        try:
-            graph[name] = _graph_ms(lambda run=run: run(x, f, dilation))
-            plain[name] = _plain_ms(lambda run=run: run(x, f, dilation))
-        except Exception as exc:
-            if name == "kernel":  # the extension's own error (bad input or variable): raise it
-                raise
-            # A Triton path that cannot run here (a compiler or resource error): skip it.
-            graph.pop(name, None)
-            why = f"{type(exc).__name__}: {exc}"
-            _backends.warn_once(f"eval:{name}:{why}", f"bam_fused: BAM_FUSED_CUDA_EVAL=auto skips {name}: {why}")
+    with on_device_of(x):  # x's GPU current: the timers' streams and synchronize() are that device's
+        torch.cuda.synchronize()  # the graph timing runs on a stream of its own: x must be ready
+        for name, run in _RUNS.items():
+            call = lambda run=run: run(x, f, dilation)  # noqa: E731
+            try:
+                graph[name] = _graph_ms(call)
+                plain[name] = _plain_ms(call)
+            except Exception as exc:
+                if name == "kernel":  # the extension's own error (bad input or variable): raise it
+                    raise
+                # A Triton path that cannot run here (a compiler or resource error): skip it.
+                graph.pop(name, None)
+                why = f"{type(exc).__name__}: {exc}"
+                _backends.warn_once(f"eval:{name}:{why}", f"bam_fused: BAM_FUSED_CUDA_EVAL=auto skips {name}: {why}")
     return Picks(min(plain, key=plain.get), min(graph, key=graph.get))
 
 
