@@ -89,6 +89,7 @@ def profile() -> None:
     print("times in us; |x| us = one read of x at copy bandwidth; roof = 3|x| at copy bandwidth")
     print("\n".join(rows))
     spatial_impls()
+    overlaps()
 
 
 def spatial_impls() -> None:
@@ -105,6 +106,26 @@ def spatial_impls() -> None:
                 with spatial_impl(impl), eval_impl("kernel"), torch.no_grad():
                     times.append(graph_ms(lambda: m(x)) * 1e3)  # noqa: B023
             print(f"{str(shape):18s} {str(dtype)[6:]:8s} {times[0]:8.1f} {times[1]:8.1f}")
+
+
+def overlaps() -> None:
+    """The whole fused BAM (eval, fp32 NCHW, CUDA graph) by eval path, with the channel MLP on a
+    side stream beside the dilated convs (BAM_FUSED_CUDA_OVERLAP's default under capture) and
+    without."""
+    print("\nBAM eval graph time (us), fp32 nchw, by BAM_FUSED_CUDA_EVAL: MLP beside the convs / after them "
+          "(BAM_FUSED_CUDA_OVERLAP auto / off)")  # fmt: skip
+    print(f"{'shape':18s} " + " ".join(f"{impl:>17s}" for impl in EVAL_IMPLS))
+    for shape in SHAPES:
+        x = torch.randn(shape, device="cuda")
+        m = randomize_(bam_fused.BAM(shape[1])).cuda().eval()
+        cells = []
+        for impl in EVAL_IMPLS:
+            times = []
+            for overlap in ("auto", "off"):
+                with eval_impl(impl), mock.patch.dict(os.environ, {"BAM_FUSED_CUDA_OVERLAP": overlap}), torch.no_grad():
+                    times.append(graph_ms(lambda: m(x)) * 1e3)  # noqa: B023
+            cells.append(f"{times[0]:8.1f}/{times[1]:<8.1f}")
+        print(f"{str(shape):18s} " + " ".join(cells), flush=True)
 
 
 def passes() -> None:

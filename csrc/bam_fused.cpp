@@ -6,6 +6,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -136,8 +137,8 @@ at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList
   return at::conv2d(y, w_final.reshape({1, Cr, 1, 1}), b_final.reshape({1})).reshape({y.size(0), y.size(2), y.size(3)});
 }
 
-// Checks, then the pass over x and the spatial branch: pooled partial means (N, P, C) (they
-// sum to the means over P) and the spatial map (N, H, W). `op` names the caller in errors.
+// Checks, then the pass over x: pooled partial means (N, P, C) (they sum to the means over P)
+// and y = relu(reduce conv) (N, Cr, H, W) fp32. `op` names the caller in errors.
 std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor& x, const at::Tensor& w_reduce,
                                                const at::Tensor& b_reduce, at::TensorList w_dilated,
                                                at::TensorList b_dilated, int64_t dilation,
@@ -171,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
   BAM_CHECK(x.is_cpu(), op, ": this build has no CUDA kernels, x is on ", x.device());
   std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce, /*relu=*/true, /*cache_weights=*/true);
 #endif
-  return {part, spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, cpu_bf16_products(x))};
+  return {part, y};
 }
 
 // A plain function: an earlier lambda form of this check segfaulted while raising on the GPU
@@ -215,6 +216,26 @@ void check_mlp_weights(const char* op, int64_t C, at::Device device, const at::T
   check_fp32(op, "b_fc1", b_fc1, {C}, device);
 }
 
+// Both attention maps from the pass's outputs: the channel MLP's output (N, C) from the pooled
+// partial means and the spatial map (N, H, W) from y. On CUDA the MLP may run on a side stream
+// beside the dilated convs (cuda_overlap: under CUDA graph capture by default): both are small
+// and leave most of the GPU idle.
+std::tuple<at::Tensor, at::Tensor> maps_from_pass(const at::Tensor& part, const at::Tensor& y,
+                                                  at::TensorList w_dilated, at::TensorList b_dilated,
+                                                  int64_t dilation, const at::Tensor& w_final,
+                                                  const at::Tensor& b_final, const at::Tensor& w_fc0,
+                                                  const at::Tensor& b_fc0, const at::Tensor& w_fc1,
+                                                  const at::Tensor& b_fc1, bool bf16 = false) {
+  const auto mlp = [&] { return channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1); };
+  const auto spatial = [&] { return spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16); };
+#ifdef BAM_FUSED_WITH_CUDA
+  if (part.is_cuda() && cuda_overlap(part.device()))
+    return run_beside(mlp, spatial, {part, w_fc0, b_fc0, w_fc1, b_fc1});
+#endif
+  at::Tensor channel = mlp();
+  return {channel, spatial()};
+}
+
 // The attention op's work (channel and spatial maps) for the op named `op`.
 std::tuple<at::Tensor, at::Tensor> attention_maps(const char* op, const at::Tensor& x, const at::Tensor& w_reduce,
                                                   const at::Tensor& b_reduce, at::TensorList w_dilated,
@@ -224,8 +245,9 @@ std::tuple<at::Tensor, at::Tensor> attention_maps(const char* op, const at::Tens
                                                   const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
   BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   check_mlp_weights(op, x.size(1), x.device(), w_fc0, b_fc0, w_fc1, b_fc1);
-  auto [part, spatial] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
-  return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1), spatial};
+  const auto [part, y] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
+  return maps_from_pass(part, y, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1,
+                        cpu_bf16_products(x));
 }
 
 }  // namespace
@@ -234,9 +256,9 @@ std::tuple<at::Tensor, at::Tensor> branches(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& b_reduce, at::TensorList w_dilated,
                                             at::TensorList b_dilated, int64_t dilation,
                                             const at::Tensor& w_final, const at::Tensor& b_final) {
-  auto [part, spatial] = pass_over_x("bam_fused_C::branches", x, w_reduce, b_reduce, w_dilated, b_dilated, dilation,
-                                     w_final, b_final);
-  return {means(part), spatial};
+  const auto [part, y] = pass_over_x("bam_fused_C::branches", x, w_reduce, b_reduce, w_dilated, b_dilated,
+                                     dilation, w_final, b_final);
+  return {means(part), spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, cpu_bf16_products(x))};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& x, const at::Tensor& w_reduce,
@@ -285,8 +307,7 @@ std::tuple<at::Tensor, at::Tensor> attention_tail(const at::Tensor& part, const 
             part.device(), ", got ", y.sizes(), " ", y.scalar_type(), " on ", y.device(), " strides ", y.strides());
   check_mlp_weights(op, part.size(2), part.device(), w_fc0, b_fc0, w_fc1, b_fc1);
   check_spatial_weights(op, y.size(1), y.device(), w_dilated, b_dilated, dilation, w_final, b_final);
-  return {channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1),
-          spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final)};
+  return maps_from_pass(part, y, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1);
 }
 
 // Whether attention on CUDA wants y channels_last (the library's convs) rather than NCHW (our

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -94,6 +96,16 @@ std::tuple<at::Tensor, at::Tensor> channel_mlp_cuda(const at::Tensor& part, cons
                                                     const at::Tensor& b1);
 // Multiprocessors of a CUDA device (cached).
 int cuda_multiprocessors(int device);
+// Whether the attention ops run their channel MLP on a side stream beside the spatial convs
+// (BAM_FUSED_CUDA_OVERLAP: auto = while the current stream of `device` is captured into a CUDA
+// graph, where the streams' fork and join cost nothing per replay; on; off).
+bool cuda_overlap(at::Device device);
+// side() on a stream of the pool forked from the current stream and main() on the current one,
+// joined back: returns {side(), main()}. side_inputs: the tensors side() reads (kept from reuse
+// by the caching allocator until the side stream is past them).
+std::tuple<at::Tensor, at::Tensor> run_beside(const std::function<at::Tensor()>& side,
+                                              const std::function<at::Tensor()>& main,
+                                              std::initializer_list<at::Tensor> side_inputs);
 #endif
 
 // The eval-mode branch op: pooled means (N, C) and the spatial map (N, H, W), fp32.

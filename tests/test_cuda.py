@@ -167,6 +167,45 @@ def test_auto_pass_under_graph_capture(monkeypatch):
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="extension built without CUDA kernels")
+@pytest.mark.parametrize("eval_impl", ["kernel", "triton-pass", "triton"])
+# C = 256: our MLP kernel beside our convs (Cr 16); 1024: the library's MLP beside cuDNN's (Cr 64).
+@pytest.mark.parametrize("c", [256, 1024])
+def test_channel_mlp_beside_the_convs(eval_impl, c, monkeypatch, tmp_path):
+    # BAM_FUSED_CUDA_OVERLAP: the channel MLP on a side stream beside the dilated convs (under
+    # graph capture by default; always with "on"). The same kernels run, so the same bits; a
+    # missing join or allocator record would show as stale or overwritten maps.
+    import json
+
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", eval_impl)
+    m = randomize_(bam_fused.BAM(c, 16)).cuda().eval()
+    xs = [torch.randn(4, c, 14, 14, device="cuda") for _ in range(3)]
+    with torch.no_grad():
+        monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", "off")
+        want = [m(x) for x in xs]
+        monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", "on")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            got = [m(x) for x in xs]
+            torch.cuda.synchronize()
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        prof.export_chrome_trace(str(tmp_path / "trace.json"))
+        trace = json.loads((tmp_path / "trace.json").read_text())
+        streams = {e["args"]["stream"] for e in trace["traceEvents"] if e.get("cat") == "kernel"}
+        assert len(streams) >= 2, "the MLP should have run on a stream of its own"
+        monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", "auto")
+        static = xs[0].clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(static)
+        for x, w in zip(xs, want, strict=True):
+            static.copy_(x)
+            graph.replay()
+            assert torch.equal(out, w)
+        monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", "sometimes")
+        with pytest.raises((RuntimeError, ValueError), match="BAM_FUSED_CUDA_OVERLAP"):
+            m(xs[0])
+
+
 def test_compile_module_on_gpu():
     m = randomize_(bam_fused.BAM(64, 8)).cuda().eval()
     x = torch.randn(4, 64, 14, 14, device="cuda")

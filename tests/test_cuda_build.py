@@ -34,15 +34,17 @@ namespace bam_fused { namespace cuda {
       float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float, bool);
 #define INST_ROWS(T) INST(T, 16) INST(T, 32) INST(T, 64)
 INST_ROWS(float) INST_ROWS(__half) INST_ROWS(__nv_bfloat16)
-#define INST_CONV(P, F) template __global__ void dilated_conv_kernel<P, F>(const float*, const float*, const float*, \
-      const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \\
-      int64_t);
-INST_CONV(1, false) INST_CONV(2, false) INST_CONV(1, true) INST_CONV(2, true)
+#define INST_CONV(P, F, I) template __global__ void dilated_conv_kernel<P, F, I>(const float*, const float*, \\
+      const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \\
+      int64_t, int64_t, int64_t);
+INST_CONV(1, false, int32_t) INST_CONV(2, false, int32_t) INST_CONV(1, true, int32_t) INST_CONV(2, true, int32_t)
+INST_CONV(1, false, int64_t) INST_CONV(1, true, int64_t)
 }}
 """
 # reduce_pool: storage types x layouts x row tiles, and its finishing kernel;
-# spatial_convs: pixels per thread x (middle, final) conv, and the group sum; channel_mlp.
-KERNELS = 3 * 2 * 3 + 1 + 2 * 2 + 1 + 1
+# spatial_convs: pixels per thread x (middle, final) conv with int32 plane indexing, the two
+# one-pixel int64 ones (wide planes), and the group sum; channel_mlp.
+KERNELS = 3 * 2 * 3 + 1 + 2 * 2 + 2 + 1 + 1
 
 
 @needs_nvcc

@@ -81,17 +81,20 @@ def test_reduce_pool_kernel_emulated(
 
 
 @pytest.mark.parametrize(
-    "n,cr,h,w,dilation,convs,min_blocks,px,groups",
-    [(2, 5, 7, 9, 4, 2, 1, 2, 1),  # odd map, two pixels per thread, one partly used block
-     (1, 20, 9, 13, 1, 1, 1000, 1, 2),  # one conv, a ragged second channel group, the group sum
-     (2, 33, 6, 5, 2, 3, 1, 2, 3),  # three convs, three groups, a one-channel weight slice
-     (1, 3, 1, 1, 4, 2, 1, 2, 1),  # one pixel: every tap but the centre is padding
-     (1, 4, 3, 3, 5, 2, 1, 2, 1)],  # dilation larger than the map
+    "n,cr,h,w,dilation,convs,min_blocks,px,groups,wide",
+    [(2, 5, 7, 9, 4, 2, 1, 2, 1, 0),  # odd map, two pixels per thread, one partly used block
+     (1, 20, 9, 13, 1, 1, 1000, 1, 2, 0),  # one conv, a ragged second channel group, the group sum
+     (2, 33, 6, 5, 2, 3, 1, 2, 3, 0),  # three convs, three groups, a one-channel weight slice
+     (1, 3, 1, 1, 4, 2, 1, 2, 1, 0),  # one pixel: every tap but the centre is padding
+     (1, 4, 3, 3, 5, 2, 1, 2, 1, 0),  # dilation larger than the map
+     # 64-bit plane indexing (planes past 2^31 pixels), forced on small maps
+     (2, 5, 7, 9, 4, 2, 1, 1, 1, 1),
+     (2, 33, 6, 5, 2, 3, 1, 1, 3, 1)],
 )  # fmt: skip
 @pytest.mark.parametrize("w_channels_last", [False, True])
 @pytest.mark.parametrize("nan", [False, True])
 def test_spatial_convs_kernel_emulated(
-    spatial_emulator, n, cr, h, w, dilation, convs, min_blocks, px, groups, w_channels_last, nan
+    spatial_emulator, n, cr, h, w, dilation, convs, min_blocks, px, groups, wide, w_channels_last, nan
 ):
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
@@ -104,7 +107,7 @@ def test_spatial_convs_kernel_emulated(
     bs = [(rng.standard_normal(cr) * 0.1).astype(np.float32) for _ in range(convs)]
     w_fin = rng.standard_normal(cr, dtype=np.float32)
     b_fin = rng.standard_normal(1, dtype=np.float32)
-    blob = struct.pack("8q", n, cr, h, w, dilation, convs, min_blocks, int(w_channels_last)) + y.tobytes()
+    blob = struct.pack("9q", n, cr, h, w, dilation, convs, min_blocks, int(w_channels_last), wide) + y.tobytes()
     stored = [np.ascontiguousarray(wi.transpose(0, 2, 3, 1) if w_channels_last else wi) for wi in ws]
     blob += (
         b"".join(wi.tobytes() + bi.tobytes() for wi, bi in zip(stored, bs, strict=True))

@@ -419,3 +419,14 @@ def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
     assert entered == [torch.device("cuda", 1)]
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert isinstance(gate_triton.on_device_of(FakeCuda()), contextlib.nullcontext)
+
+
+def test_overlap_variable(monkeypatch):
+    # BAM_FUSED_CUDA_OVERLAP as the all-Triton path reads it (auto: only under CUDA graph capture,
+    # which nothing here is; tests/test_cuda.py runs the side stream on a GPU).
+    for raw, want in [("off", False), ("on", True), ("ON", True), ("auto", False), ("", False)]:
+        monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", raw)
+        assert attention_cuda.overlap() is want, raw
+    monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", "sometimes")
+    with pytest.raises(ValueError, match="BAM_FUSED_CUDA_OVERLAP must be auto, on or off"):
+        attention_cuda.overlap()

@@ -92,8 +92,48 @@ def _run_triton(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, 
 
     with on_device_of(x):
         part, y = reduce_pool(x, f["red_w"], f["red_b"], y_channels_last=True)
-        spatial = spatial_map(y, f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"])
-        return channel_mlp(part, f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"]), spatial
+        mlp_inputs = (part, f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
+        return run_beside(
+            lambda: channel_mlp(*mlp_inputs),
+            lambda: spatial_map(y, f["dil_w"], f["dil_b"], dilation, f["fin_w"], f["fin_b"]),
+            mlp_inputs,
+            x.device.type == "cuda" and overlap(),  # CPU tensors: the Triton interpreter
+        )
+
+
+def overlap() -> bool:
+    """Whether the channel MLP runs on a side stream beside the dilated convs
+    (BAM_FUSED_CUDA_OVERLAP, as the extension reads it: auto = under CUDA graph capture)."""
+    raw = os.environ.get("BAM_FUSED_CUDA_OVERLAP", "auto").strip().lower() or "auto"
+    if raw not in ("auto", "on", "off"):
+        raise ValueError(f"environment variable BAM_FUSED_CUDA_OVERLAP must be auto, on or off, got {raw!r}")
+    if raw == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return raw == "on"
+
+
+def run_beside(side, main, side_inputs: tuple, fork: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(side(), main()); with fork, side() runs on a side stream forked from the current one and
+    joined back (the extension's run_beside, csrc/cuda/side_stream.cu): the channel MLP and the
+    dilated convs each leave most of the GPU idle."""
+    if not fork:
+        return side(), main()
+    current = torch.cuda.current_stream()
+    other = _side_streams.setdefault(current.device, torch.cuda.Stream(current.device))
+    other.wait_stream(current)
+    with torch.cuda.stream(other):
+        from_side = side()
+    from_main = main()
+    current.wait_stream(other)
+    # The caching allocator reuses a freed block in its stream's order: what the side stream
+    # read must wait for it, and what it wrote (read later on the current stream) for this one.
+    for t in side_inputs:
+        t.record_stream(other)
+    from_side.record_stream(current)
+    return from_side, from_main
+
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 _RUNS = {"kernel": _run_kernel, "triton-pass": _run_triton_pass, "triton": _run_triton}

@@ -5,7 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <climits>
+#include <algorithm>
+#include <cstdint>
 
 #include "../check.h"
 #include "../ops.h"
@@ -15,12 +16,12 @@ namespace bam_fused {
 
 namespace {
 
-template <int kPx, bool kFinal>
+template <int kPx, bool kFinal, typename Idx>
 void launch_conv(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b, const at::Tensor& w_fin,
                  const at::Tensor& b_fin, at::Tensor& out, int64_t dilation, const cuda::SpatialPlan& plan,
                  cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(plan.pixel_blocks), static_cast<unsigned>(plan.groups));
-  cuda::dilated_conv_kernel<kPx, kFinal><<<grid, cuda::kConvThreads, 0, stream>>>(
+  cuda::dilated_conv_kernel<kPx, kFinal, Idx><<<grid, cuda::kConvThreads, 0, stream>>>(
       in.const_data_ptr<float>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
       kFinal ? w_fin.const_data_ptr<float>() : nullptr, kFinal ? b_fin.const_data_ptr<float>() : nullptr,
       out.mutable_data_ptr<float>(), in.size(0), in.size(1), in.size(2), in.size(3), dilation, w.stride(0), w.stride(1),
@@ -32,8 +33,10 @@ template <bool kFinal>
 void launch_conv_px(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b, const at::Tensor& w_fin,
                     const at::Tensor& b_fin, at::Tensor& out, int64_t dilation, const cuda::SpatialPlan& plan,
                     cudaStream_t stream) {
-  if (plan.px == 2) launch_conv<2, kFinal>(in, w, b, w_fin, b_fin, out, dilation, plan, stream);
-  else launch_conv<1, kFinal>(in, w, b, w_fin, b_fin, out, dilation, plan, stream);
+  if (plan.wide)
+    launch_conv<1, kFinal, int64_t>(in, w, b, w_fin, b_fin, out, dilation, plan, stream);
+  else if (plan.px == 2) launch_conv<2, kFinal, int32_t>(in, w, b, w_fin, b_fin, out, dilation, plan, stream);
+  else launch_conv<1, kFinal, int32_t>(in, w, b, w_fin, b_fin, out, dilation, plan, stream);
 }
 
 }  // namespace
@@ -46,8 +49,9 @@ at::Tensor spatial_convs_cuda(const at::Tensor& y, at::TensorList w_dilated, at:
   auto opts = y.options().dtype(at::kFloat);
   auto spatial = at::empty({N, H, W}, opts);
   if (N * HW == 0) return spatial;
-  BAM_CHECK(dilation <= (INT_MAX / 2) / (W + 1), "bam_fused_C::branches: dilation ", dilation,
-            " is too large for a map of width ", W);
+  // Past the map's size every off-centre tap falls in the zero padding: the same result, and the
+  // kernel's tap arithmetic cannot overflow.
+  dilation = std::min(dilation, std::max(H, W));
   const auto plan = cuda::plan_spatial(N, HW, Cr, 2 * cuda_multiprocessors(y.device().index()));
   BAM_CHECK(plan.pixel_blocks <= INT32_MAX && plan.groups <= 65535,
             "bam_fused_C::branches: the spatial map is too large for one launch: ", y.sizes());

@@ -1,5 +1,6 @@
 // Drives csrc/cuda/spatial_convs.cuh through simt_emu.h, as the launcher (spatial_convs.cu) does.
-// stdin: int64 N, Cr, H, W, dilation, convs, min_blocks, w_channels_last, then float y
+// stdin: int64 N, Cr, H, W, dilation, convs, min_blocks, w_channels_last, wide (1: take the
+// 64-bit plane indexing that the plan keeps for planes past 2^31 pixels), then float y
 // (N*Cr*H*W, NCHW), per conv w (Cr*Cr*9 as (co, ci, kh, kw), or channels_last: (co, kh, kw, ci))
 // and b (Cr), then w_fin (Cr) and b_fin (1). stdout: int64 px, groups, then float spatial (N*H*W).
 #include <cstdio>
@@ -12,12 +13,12 @@ using namespace bam_fused::cuda;
 
 int64_t w_strides[4];  // co, ci, kh, kw
 
-template <int kPx, bool kFinal>
+template <int kPx, bool kFinal, typename Idx>
 void conv(const SpatialPlan& p, const float* in, const float* w, const float* b, const float* wf, const float* bf,
           float* out, int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t dil) {
   simt_launch(dim3(p.pixel_blocks, p.groups), kConvThreads,
               [&] {
-                dilated_conv_kernel<kPx, kFinal>(in, w, b, wf, bf, out, N, Cr, H, W, dil, w_strides[0], w_strides[1],
+                dilated_conv_kernel<kPx, kFinal, Idx>(in, w, b, wf, bf, out, N, Cr, H, W, dil, w_strides[0], w_strides[1],
                                                  w_strides[2], w_strides[3]);
               });
 }
@@ -25,13 +26,14 @@ void conv(const SpatialPlan& p, const float* in, const float* w, const float* b,
 template <bool kFinal>
 void conv_px(const SpatialPlan& p, const float* in, const float* w, const float* b, const float* wf,
              const float* bf, float* out, int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t dil) {
-  if (p.px == 2) conv<2, kFinal>(p, in, w, b, wf, bf, out, N, Cr, H, W, dil);
-  else conv<1, kFinal>(p, in, w, b, wf, bf, out, N, Cr, H, W, dil);
+  if (p.wide) conv<1, kFinal, int64_t>(p, in, w, b, wf, bf, out, N, Cr, H, W, dil);
+  else if (p.px == 2) conv<2, kFinal, int32_t>(p, in, w, b, wf, bf, out, N, Cr, H, W, dil);
+  else conv<1, kFinal, int32_t>(p, in, w, b, wf, bf, out, N, Cr, H, W, dil);
 }
 
 int main() {
-  int64_t hdr[8];
-  if (std::fread(hdr, sizeof(int64_t), 8, stdin) != 8) return 2;
+  int64_t hdr[9];
+  if (std::fread(hdr, sizeof(int64_t), 9, stdin) != 9) return 2;
   const int64_t N = hdr[0], Cr = hdr[1], H = hdr[2], W = hdr[3], dil = hdr[4], convs = hdr[5];
   const int64_t numel = N * H * W;
   const int64_t nchw[4] = {Cr * 9, 9, 3, 1}, nhwc[4] = {Cr * 9, 1, 3 * Cr, Cr};
@@ -45,7 +47,12 @@ int main() {
     if (!simt_read(ws.back()) || !simt_read(bs.back())) return 2;
   }
   if (!simt_read(wf) || !simt_read(bf) || convs < 1) return 2;
-  const SpatialPlan p = plan_spatial(N, H * W, Cr, hdr[6]);
+  SpatialPlan p = plan_spatial(N, H * W, Cr, hdr[6]);
+  if (hdr[8]) {  // as the plan makes it for a plane past 2^31 pixels
+    p.wide = true;
+    p.px = 1;
+    p.pixel_blocks = ceil_div(numel, kConvThreads);
+  }
   for (int64_t i = 0; i + 1 < convs; ++i) {
     std::vector<float> next(cur.size(), -1.f);
     conv_px<false>(p, cur.data(), ws[i].data(), bs[i].data(), nullptr, nullptr, next.data(), N, Cr, H, W, dil);
