@@ -8,6 +8,9 @@
 | BAM_FUSED_DISABLE_TRITON    | 0       | 1: act as if Triton were missing                              |
 | BAM_FUSED_CUDA_SPATIAL      | auto    | CUDA dilated convs: kernel (ours, fp32), library (cuDNN), or  |
 |                             |         | auto (ours up to 16 reduced channels); read by the extension  |
+| BAM_FUSED_CUDA_OVERLAP      | auto    | CUDA eval path: the channel MLP on a side stream beside the   |
+|                             |         | dilated convs: on, off, or auto (only under CUDA graph        |
+|                             |         | capture); read by the extension and ops/attention_cuda.py     |
 | BAM_FUSED_CUDA_EVAL         | auto    | CUDA eval attention maps: kernel (extension op, CUDA cores),  |
 |                             |         | triton-pass (Triton pass over x + op's convs and MLP), triton |
 |                             |         | (Triton pass, convs, MLP; tensor cores, 3xTF32, Cr <= 64), or |

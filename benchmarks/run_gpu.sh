@@ -45,7 +45,7 @@ step_build() {
 step_cuda-tests() {
   box 220 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE tests/test_cuda.py tests/test_pass_triton.py
 }
-step_passes() { box 90 "$OUT/profile.log" $PY benchmarks/gpu_probe.py passes; }
+step_passes() { box 130 "$OUT/profile.log" $PY benchmarks/gpu_probe.py passes; }
 step_bench() { box 200 "$OUT/bench.log" $PY -m bam_fused.cli bench --quick --no-progress --out "$OUT"; }
 step_sanitize() {
   # memcheck on every kernel must be clean.

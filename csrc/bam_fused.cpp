@@ -21,7 +21,9 @@ namespace bam_fused {
 #ifdef BAM_FUSED_WITH_CUDA
 // Up to this many reduced channels our spatial kernel beats cuDNN's TF32 convs. Whole BAM
 // (eval, fp32, N = 32, CUDA graph) on an H200, 2026-11-25, ours vs cuDNN: Cr = 16 (56x56)
-// 177 vs 211 us; Cr = 32 (28x28) 188 vs 165; Cr = 64 (14x14) 271 vs 190.
+// 177 vs 211 us; Cr = 32 (28x28) 188 vs 165; Cr = 64 (14x14) 271 vs 190. On an H100,
+// 2026-11-27, after our kernel's inner loop lost a quarter of its instructions: 186 vs 237,
+// 179 vs 176, 199 vs 137.
 constexpr int64_t kSpatialKernelMaxCr = 16;
 
 // Which code runs the dilated convs on CUDA (BAM_FUSED_CUDA_SPATIAL, read on every call so
