@@ -119,16 +119,19 @@ def run_beside(side, main, side_inputs: tuple, fork: bool) -> tuple[torch.Tensor
     if not fork:
         return side(), main()
     current = torch.cuda.current_stream()
-    other = _side_streams.setdefault(current.device, torch.cuda.Stream(current.device))
+    if current.device not in _side_streams:
+        _side_streams[current.device] = torch.cuda.Stream(current.device)
+    other = _side_streams[current.device]
     other.wait_stream(current)
     with torch.cuda.stream(other):
         from_side = side()
-    from_main = main()
-    current.wait_stream(other)
     # The caching allocator reuses a freed block in its stream's order: what the side stream
-    # read must wait for it, and what it wrote (read later on the current stream) for this one.
+    # read must wait for it (recorded before main() runs, which may raise), and what it wrote
+    # (read later on the current stream) for this one.
     for t in side_inputs:
         t.record_stream(other)
+    from_main = main()
+    current.wait_stream(other)
     from_side.record_stream(current)
     return from_side, from_main
 

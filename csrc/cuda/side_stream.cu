@@ -47,11 +47,12 @@ std::tuple<at::Tensor, at::Tensor> run_beside(const std::function<at::Tensor()>&
     const c10::cuda::CUDAStreamGuard guard(other);
     from_side = side();
   }
+  // The caching allocator reuses a freed block in its stream's order: what the side stream read
+  // must wait for it (recorded before main() runs, which may raise), and what it wrote (read
+  // later on the current stream) for the current one.
+  for (const at::Tensor& t : side_inputs) t.record_stream(other);
   at::Tensor from_main = main();
   order_after(other, current);
-  // The caching allocator reuses a freed block in its stream's order: what the side stream read
-  // must wait for it, and what it wrote (read later on the current stream) for the current one.
-  for (const at::Tensor& t : side_inputs) t.record_stream(other);
   from_side.record_stream(current);
   return {from_side, from_main};
 }
