@@ -4,7 +4,7 @@
     python benchmarks/gpu_probe.py passes    # the CUDA-core kernels against the Triton ones
     python benchmarks/gpu_probe.py errors    # bad arguments to the ops raise, not crash
     python benchmarks/gpu_probe.py sanitize  # small odd-shaped workloads for compute-sanitizer
-    python benchmarks/gpu_probe.py overhead  # where the CPU time of a fused gate forward+backward goes
+    python benchmarks/gpu_probe.py overhead  # where the CPU time of a gate forward+backward and an eval BAM go
 
 `profile` prints, per ResNet-50 BAM shape: the copy bandwidth of that tensor, the branch op
 alone, the gate alone and the whole fused BAM (eval), each timed plainly and as a CUDA-graph
@@ -270,6 +270,28 @@ def overhead() -> None:
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     print(f"fwd+bwd plain: {ms(step) * 1e3:.1f} us, graphed: {graph_ms(step) * 1e3:.1f} us")
+    eval_overhead()
+
+
+def eval_overhead() -> None:
+    """Host time of a plain eval BAM call and of its pieces, per eval path, at a batch small
+    enough that the GPU waits for the host (1 x 1024 x 14 x 14 fp32): back-to-back calls, wall
+    time per call. Plain calls ran 0.4-1 ms where their GPU time was 0.1-0.17 ms (H100, N = 32)."""
+    from bam_fused.ops import attention_cuda
+
+    x = torch.randn(1, 1024, 14, 14, device="cuda")
+    m = randomize_(bam_fused.BAM(1024)).cuda().eval()
+    with torch.no_grad():
+        f = m.folded()
+        ca, sa = attention_cuda.attention(x, f, 4)
+        print("\nus per back-to-back plain call, 1x1024x14x14 fp32 (the GPU time is small here)")
+        print(f"folded() {attention_cuda._plain_ms(m.folded, calls=200) * 1e3:.1f}  "
+              f"bam_gate {attention_cuda._plain_ms(lambda: bam_gate(x, ca, sa), calls=200) * 1e3:.1f}")  # fmt: skip
+        for impl in EVAL_IMPLS:
+            with eval_impl(impl):
+                whole = attention_cuda._plain_ms(lambda: m(x), calls=200) * 1e3
+                maps = attention_cuda._plain_ms(lambda: attention_cuda.attention(x, f, 4), calls=200) * 1e3
+            print(f"{impl:12s} module {whole:6.1f}  attention maps {maps:6.1f}")
 
 
 if __name__ == "__main__":
