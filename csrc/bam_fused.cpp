@@ -232,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> maps_from_pass(const at::Tensor& part, const 
   const auto spatial = [&] { return spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16); };
 #ifdef BAM_FUSED_WITH_CUDA
   if (part.is_cuda() && cuda_overlap(part.device()))
-    return run_beside(mlp, spatial, {part, w_fc0, b_fc0, w_fc1, b_fc1});
+    return run_beside(part.device(), mlp, spatial, {part, w_fc0, b_fc0, w_fc1, b_fc1});
 #endif
   at::Tensor channel = mlp();
   return {channel, spatial()};

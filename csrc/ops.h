@@ -100,10 +100,10 @@ int cuda_multiprocessors(int device);
 // (BAM_FUSED_CUDA_OVERLAP: auto = while the current stream of `device` is captured into a CUDA
 // graph, where the streams' fork and join cost nothing per replay; on; off).
 bool cuda_overlap(at::Device device);
-// side() on a stream of the pool forked from the current stream and main() on the current one,
+// side() on a stream of the pool forked from `device`'s current stream and main() on that one,
 // joined back: returns {side(), main()}. side_inputs: the tensors side() reads (kept from reuse
 // by the caching allocator until the side stream is past them).
-std::tuple<at::Tensor, at::Tensor> run_beside(const std::function<at::Tensor()>& side,
+std::tuple<at::Tensor, at::Tensor> run_beside(at::Device device, const std::function<at::Tensor()>& side,
                                               const std::function<at::Tensor()>& main,
                                               std::initializer_list<at::Tensor> side_inputs);
 #endif

@@ -36,10 +36,12 @@ bool cuda_overlap(at::Device device) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-std::tuple<at::Tensor, at::Tensor> run_beside(const std::function<at::Tensor()>& side,
+std::tuple<at::Tensor, at::Tensor> run_beside(at::Device device, const std::function<at::Tensor()>& side,
                                               const std::function<at::Tensor()>& main,
                                               std::initializer_list<at::Tensor> side_inputs) {
-  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+  // The op's tensors may sit on another GPU than the current one: fork that GPU's stream.
+  const c10::cuda::CUDAGuard device_guard(device);
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
   const c10::cuda::CUDAStream other = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, current.device_index());
   order_after(current, other);
   at::Tensor from_side;

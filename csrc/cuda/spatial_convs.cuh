@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kConvThreads, 4) dilated_conv_kernel(
   // Per pixel: its sample's first plane, and per tap the element the tap reads within a plane,
   // or -1 where it falls in the zero padding (or the pixel is past the map). Worked out once
   // here, so that the inner loop spends one compare and one address per load (SASS: the loop
-  // went from 53% to 75% FMAs when the taps' offsets were recomputed there).
+  // went from 546 instructions, 53% FMAs, to 399, 72%, when the offsets left it).
   const float* plane0[kPx];
   Idx tap[kPx][9];
 #pragma unroll
