@@ -215,3 +215,20 @@ def test_compile_module_on_gpu():
     xg = x.clone().requires_grad_()
     torch.compile(m, fullgraph=True)(xg).sum().backward()
     assert xg.grad is not None
+
+
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="extension built without CUDA kernels")
+def test_compile_reduce_overhead_on_gpu(monkeypatch):
+    # The README's way to GPU time inside a model: CUDA graphs through torch.compile (cudagraph
+    # trees: a warm-up call, a captured one, then replays). The extension's op runs captured
+    # there, with the channel MLP on a side stream (BAM_FUSED_CUDA_OVERLAP=auto), and must give
+    # what plain calls of the same kernels give, input after input.
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "kernel")  # the op that compiled graphs call
+    m = randomize_(bam_fused.BAM(256, 16)).cuda().eval()
+    xs = [torch.randn(4, 256, 14, 14, device="cuda") for _ in range(4)]
+    with torch.no_grad():
+        want = [m(x) for x in xs]
+        compiled = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+        got = [compiled(x).clone() for x in xs]  # (a replay overwrites the last one's output)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
