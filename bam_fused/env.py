@@ -61,3 +61,13 @@ def flag(name: str, default: bool = False) -> bool:
     if value in _FALSE:
         return False
     raise ValueError(f"environment variable {name} must be 0 or 1, got {raw!r}")
+
+
+def choice(name: str, choices: tuple[str, ...]) -> str:
+    """Reads a variable that takes one of `choices` (case and surrounding spaces ignored; unset or
+    empty: the first); anything else is an error that names it and the choices, as the
+    extension's env_choice (csrc/env_choice.h) does for the variables it reads."""
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"environment variable {name} must be one of {choices}, got {value!r}")
+    return value

@@ -428,5 +428,6 @@ def test_overlap_variable(monkeypatch):
         monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", raw)
         assert attention_cuda.overlap() is want, raw
     monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", "sometimes")
-    with pytest.raises(ValueError, match="BAM_FUSED_CUDA_OVERLAP must be auto, on or off"):
+    wanted = r"BAM_FUSED_CUDA_OVERLAP must be one of \('auto', 'on', 'off'\), got 'sometimes'"
+    with pytest.raises(ValueError, match=wanted):
         attention_cuda.overlap()

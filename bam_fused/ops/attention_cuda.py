@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _backends
+from .. import _backends, env
 from .branches import load_op
 
 MODES = ("auto", "kernel", "triton-pass", "triton")
@@ -48,10 +48,7 @@ _y_layouts: dict[tuple, bool] = {}
 
 
 def mode() -> str:
-    raw = os.environ.get("BAM_FUSED_CUDA_EVAL", "auto").strip().lower() or "auto"
-    if raw not in MODES:
-        raise ValueError(f"environment variable BAM_FUSED_CUDA_EVAL must be one of {MODES}, got {raw!r}")
-    return raw
+    return env.choice("BAM_FUSED_CUDA_EVAL", MODES)
 
 
 def _y_channels_last(cr: int, num_dilated: int) -> bool:
@@ -104,12 +101,10 @@ def _run_triton(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, 
 def overlap() -> bool:
     """Whether the channel MLP runs on a side stream beside the dilated convs
     (BAM_FUSED_CUDA_OVERLAP, as the extension reads it: auto = under CUDA graph capture)."""
-    raw = os.environ.get("BAM_FUSED_CUDA_OVERLAP", "auto").strip().lower() or "auto"
-    if raw not in ("auto", "on", "off"):
-        raise ValueError(f"environment variable BAM_FUSED_CUDA_OVERLAP must be auto, on or off, got {raw!r}")
-    if raw == "auto":
+    wanted = env.choice("BAM_FUSED_CUDA_OVERLAP", ("auto", "on", "off"))
+    if wanted == "auto":
         return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return raw == "on"
+    return wanted == "on"
 
 
 def run_beside(side, main, side_inputs: tuple, fork: bool) -> tuple[torch.Tensor, torch.Tensor]:
