@@ -36,6 +36,11 @@
 | BAM_FUSED_CPU_STREAM_STORES | auto    | CPU gate forward output: on (non-temporal stores), off, or    |
 |                             |         | auto (on from half the last-level cache up); read by the      |
 |                             |         | extension                                                     |
+| BAM_FUSED_CPU_GROUPS        | auto    | CPU eval (bam_eval): the batch in groups of samples, each     |
+|                             |         | through the whole BAM so the gate finds its x in the cache:   |
+|                             |         | auto (about 4 MiB of x a group), images (one sample a group), |
+|                             |         | off (the whole batch); same bits either way; read by the      |
+|                             |         | extension                                                     |
 | TRITON_INTERPRET            | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |
 
 Build-time only (setup.py): BAM_FUSED_SKIP_EXT, BAM_FUSED_FORCE_CUDA, TORCH_CUDA_ARCH_LIST,

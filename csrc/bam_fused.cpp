@@ -6,6 +6,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <algorithm>
+#include <atomic>
 #include <functional>
 #include <optional>
 #include <string>
@@ -107,16 +109,18 @@ void check_spatial_weights(const char* op, int64_t Cr, at::Device device, at::Te
 // The spatial branch after the reduce conv: dilated convs (bias, ReLU) and the final 1x1 conv
 // on y = relu(reduce conv) (N, Cr, H, W) fp32, giving the spatial map (N, H, W). bf16: the CPU
 // dilated convs in bf16, as a bf16 model's (y, weights and biases rounded to bf16, fp32 sums,
-// bf16 outputs), ours or oneDNN's; the final conv in fp32.
+// bf16 outputs), ours or oneDNN's; the final conv in fp32. batch: the batch y is a group of
+// (0: y's own), whose size sets the CPU kernels' choices (see bam_eval).
 at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList b_dilated, int64_t dilation,
-                          const at::Tensor& w_final, const at::Tensor& b_final, bool bf16 = false) {
-  const int64_t Cr = y.size(1);
+                          const at::Tensor& w_final, const at::Tensor& b_final, bool bf16 = false,
+                          int64_t batch = 0) {
+  const int64_t Cr = y.size(1), N = batch > 0 ? batch : y.size(0);
 #ifdef BAM_FUSED_WITH_CUDA
   if (spatial_kernel(y.device(), Cr, w_dilated))
     return spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
 #endif
-  if (y.is_cpu() && !w_dilated.empty() && cpu_spatial_kernel(Cr, bf16, y.size(0) * y.size(2) * y.size(3)))
-    return spatial_convs_cpu(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16);
+  if (y.is_cpu() && !w_dilated.empty() && cpu_spatial_kernel(Cr, bf16, N * y.size(2) * y.size(3)))
+    return spatial_convs_cpu(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16, N);
   // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
   const auto compute = [&](const at::Tensor& t) { return bf16 ? t.to(at::kBFloat16) : t; };
   if (!w_dilated.empty()) y = compute(y);
@@ -144,7 +148,8 @@ at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList
 std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor& x, const at::Tensor& w_reduce,
                                                const at::Tensor& b_reduce, at::TensorList w_dilated,
                                                at::TensorList b_dilated, int64_t dilation,
-                                               const at::Tensor& w_final, const at::Tensor& b_final) {
+                                               const at::Tensor& w_final, const at::Tensor& b_final,
+                                               int64_t batch = 0) {
   BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   BAM_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
             op, ": x must be NCHW- or channels_last-contiguous, got strides ", x.strides());
@@ -168,11 +173,11 @@ std::tuple<at::Tensor, at::Tensor> pass_over_x(const char* op, const at::Tensor&
     const bool y_channels_last = !spatial_kernel(x.device(), Cr, w_dilated);
     std::tie(part, y) = reduce_pool_cuda(x, w_reduce, b_reduce, y_channels_last);
   } else {
-    std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce, /*relu=*/true, /*cache_weights=*/true);
+    std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce, /*relu=*/true, /*cache_weights=*/true, batch);
   }
 #else
   BAM_CHECK(x.is_cpu(), op, ": this build has no CUDA kernels, x is on ", x.device());
-  std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce, /*relu=*/true, /*cache_weights=*/true);
+  std::tie(part, y) = reduce_pool_cpu(x, w_reduce, b_reduce, /*relu=*/true, /*cache_weights=*/true, batch);
 #endif
   return {part, y};
 }
@@ -198,6 +203,7 @@ at::Tensor channel_mlp(const at::Tensor& part, const at::Tensor& w_fc0, const at
   if (part.is_cuda() && w_fc0.numel() <= kMlpKernelMaxWeights)
     return std::get<1>(channel_mlp_cuda(part, w_fc0, b_fc0, w_fc1, b_fc1));
 #endif
+  if (part.is_cpu()) return channel_mlp_cpu(part, w_fc0, b_fc0, w_fc1, b_fc1);
   return at::linear(at::linear(means(part), w_fc0, b_fc0).relu_(), w_fc1, b_fc1);
 }
 
@@ -227,9 +233,11 @@ std::tuple<at::Tensor, at::Tensor> maps_from_pass(const at::Tensor& part, const 
                                                   int64_t dilation, const at::Tensor& w_final,
                                                   const at::Tensor& b_final, const at::Tensor& w_fc0,
                                                   const at::Tensor& b_fc0, const at::Tensor& w_fc1,
-                                                  const at::Tensor& b_fc1, bool bf16 = false) {
+                                                  const at::Tensor& b_fc1, bool bf16 = false, int64_t batch = 0) {
   const auto mlp = [&] { return channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1); };
-  const auto spatial = [&] { return spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16); };
+  const auto spatial = [&] {
+    return spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16, batch);
+  };
 #ifdef BAM_FUSED_WITH_CUDA
   if (part.is_cuda() && cuda_overlap(part.device()))
     return run_beside(part.device(), mlp, spatial, {part, w_fc0, b_fc0, w_fc1, b_fc1});
@@ -244,12 +252,14 @@ std::tuple<at::Tensor, at::Tensor> attention_maps(const char* op, const at::Tens
                                                   at::TensorList b_dilated, int64_t dilation,
                                                   const at::Tensor& w_final, const at::Tensor& b_final,
                                                   const at::Tensor& w_fc0, const at::Tensor& b_fc0,
-                                                  const at::Tensor& w_fc1, const at::Tensor& b_fc1) {
+                                                  const at::Tensor& w_fc1, const at::Tensor& b_fc1,
+                                                  int64_t batch = 0) {
   BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   check_mlp_weights(op, x.size(1), x.device(), w_fc0, b_fc0, w_fc1, b_fc1);
-  const auto [part, y] = pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final);
+  const auto [part, y] =
+      pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final, batch);
   return maps_from_pass(part, y, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1,
-                        cpu_bf16_products(x));
+                        cpu_bf16_products(x), batch);
 }
 
 }  // namespace
@@ -273,22 +283,68 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& x, const at::Tens
                         b_final, w_fc0, b_fc0, w_fc1, b_fc1);
 }
 
+namespace {
+
+// The gate of bam_eval into out (x's sizes and layout): NCHW rows are channels, channels_last
+// rows are pixels. nt: non-temporal stores (stream_stores of the whole output).
+void gate_into(const at::Tensor& x, const at::Tensor& channel, const at::Tensor& spatial, bool product,
+               const at::Tensor& out, bool nt) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  if (x.is_contiguous())
+    return gate_forward_into(x.view({N, C, HW}), channel, spatial.view({N, HW}), product, out.view({N, C, HW}), nt);
+  gate_forward_into(x.permute({0, 2, 3, 1}).reshape({N, HW, C}), spatial.view({N, HW}), channel, product,
+                    out.permute({0, 2, 3, 1}).view({N, HW, C}), nt);
+}
+
+// Samples per group of bam_eval (BAM_FUSED_CPU_GROUPS: auto|images|off). Each group goes through
+// the whole BAM (pass over x, convs, MLP, gate) before the next, so that the gate finds the
+// group's x in the last-level cache instead of reading it from memory a second time. auto: about
+// kGroupBytes of x a group; images: one sample a group; off: the whole batch. Only where the
+// results are the same bits as the whole batch's: the group's kernels take the whole batch's
+// choices (chunks, direct or Winograd), which our dilated convs honour and oneDNN's cannot.
+// Paired A/B against off, fp32, 2-core AVX2 CPU (Zen 3, 32 MB L3), 2026-11-27: one sample a
+// group 1.05-1.08x at N = 8, 256 x 56x56, two 1.02x at 512 x 28x28 (one there: 0.94x: each group
+// pays the ops' fixed costs).
+// Groups bam_eval has run so far (build_info: tests).
+std::atomic<int64_t> eval_groups_run{0};
+
+int64_t eval_group(const at::Tensor& x, int64_t Cr, at::TensorList w_dilated) {
+  constexpr int64_t kGroupBytes = int64_t{4} << 20;
+  const std::string v = env_choice("BAM_FUSED_CPU_GROUPS", {"auto", "images", "off"});
+  const int64_t N = x.size(0);
+  const bool exact =
+      w_dilated.empty() || cpu_spatial_kernel(Cr, cpu_bf16_products(x), N * x.size(2) * x.size(3));
+  if (v == "off" || N <= 1 || !exact) return std::max<int64_t>(N, 1);
+  if (v == "images") return 1;
+  const int64_t sample_bytes = std::max<int64_t>(1, static_cast<int64_t>(x.nbytes()) / N);
+  return std::clamp<int64_t>(kGroupBytes / sample_bytes, 1, N);
+}
+
+}  // namespace
+
 // The whole eval-mode BAM forward on the CPU, x * (1 + sigmoid(channel (+ or *) spatial)) in
-// x's dtype and layout from the folded weights: the attention op, then the gate. One op
-// boundary for BAM.forward: through Python between them (bam_gate's checks and autograd
-// Function) the same kernels took 10-30 us more a call (1.00-1.05x, paired, 2 threads).
+// x's dtype and layout from the folded weights: the attention op, then the gate, group by group
+// of samples (eval_group). One op boundary for BAM.forward: through Python between them
+// (bam_gate's checks and autograd Function) the same kernels took 10-30 us more a call
+// (1.00-1.05x, paired, 2 threads).
 at::Tensor bam_eval(const at::Tensor& x, const at::Tensor& w_reduce, const at::Tensor& b_reduce,
                     at::TensorList w_dilated, at::TensorList b_dilated, int64_t dilation, const at::Tensor& w_final,
                     const at::Tensor& b_final, const at::Tensor& w_fc0, const at::Tensor& b_fc0,
                     const at::Tensor& w_fc1, const at::Tensor& b_fc1, bool product) {
-  const auto [channel, spatial] = attention_maps("bam_fused_C::bam_eval", x, w_reduce, b_reduce, w_dilated, b_dilated,
-                                                 dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  if (x.is_contiguous())  // NCHW: the gate's rows are channels
-    return gate_forward_cpu(x.view({N, C, H * W}), channel, spatial.view({N, H * W}), product).view({N, C, H, W});
-  // channels_last (attention checked): rows are pixels
-  const at::Tensor x3 = x.permute({0, 2, 3, 1}).reshape({N, H * W, C});
-  return gate_forward_cpu(x3, spatial.view({N, H * W}), channel, product).view({N, H, W, C}).permute({0, 3, 1, 2});
+  const char* op = "bam_fused_C::bam_eval";
+  BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
+  const int64_t N = x.size(0), group = eval_group(x, w_reduce.size(0), w_dilated);
+  auto out = at::empty_like(x);
+  const bool nt = stream_stores(out.nbytes());
+  for (int64_t n0 = 0; n0 < std::max<int64_t>(N, 1); n0 += group) {  // once for an empty batch
+    const int64_t g = std::min(group, N - n0);
+    const at::Tensor xg = g == N ? x : x.narrow(0, n0, g);
+    const auto [channel, spatial] = attention_maps(op, xg, w_reduce, b_reduce, w_dilated, b_dilated, dilation,
+                                                   w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1, N);
+    gate_into(xg, channel, spatial, product, g == N ? out : out.narrow(0, n0, g), nt);
+    eval_groups_run.fetch_add(1, std::memory_order_relaxed);
+  }
+  return out;
 }
 
 // The attention op after its pass over x, from that pass's outputs (the Triton pass on CUDA,
@@ -401,6 +457,7 @@ pybind11::dict build_info() {
   }
   d["cpu_pack_cache_entries"] = pack_cache_entries();
   d["cpu_pack_cache_hits"] = pack_cache_hits();
+  d["cpu_eval_groups"] = eval_groups_run.load(std::memory_order_relaxed);
 #ifdef _OPENMP
   d["openmp"] = true;  // at::parallel_for in our CPU kernels uses threads only with OpenMP
 #else

@@ -15,10 +15,12 @@ namespace bam_fused {
 // Pooled partial means (N, P, C) (summed over P they give the channel means) and
 // relu(w @ x + b) (or w @ x + b without relu) as (N, Cr, H, W) fp32 in channels_last memory, in
 // one pass over x (NCHW- or channels_last-contiguous); w is (Cr, C) and b (Cr,) fp32.
-// cache_weights: keep w's packing for the next call (pack_cache.h; the eval ops).
+// cache_weights: keep w's packing for the next call (pack_cache.h; the eval ops). batch: the
+// batch size whose chunking to use (0: x's), so that a group of a batch's samples gets the bits
+// the whole batch would.
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w,
                                                    const at::Tensor& b, bool relu = true,
-                                                   bool cache_weights = false);
+                                                   bool cache_weights = false, int64_t batch = 0);
 // The backward of w @ x + b and of the pooled means, given dy (N, Cr, H, W) and dmean (N, C)
 // fp32, dy laid out like x: adds w^T dy + dmean / HW into dx (x's sizes, dtype and layout) when
 // given, and returns dw (Cr, C) and db (Cr,), fp32.
@@ -29,10 +31,11 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
 // in the CPU's vector code (at least one dilated conv). bf16 (cpu_bf16_spatial_kernel(Cr) and
 // avx512_bf16 only): y, weights, biases and conv outputs rounded to bf16, as oneDNN's bf16
 // convs round them; the final conv in fp32. For the eval ops: the packed weights are kept for
-// the next call (pack_cache.h).
+// the next call (pack_cache.h). batch: the batch size whose blocking (direct or Winograd, task
+// chunks) to use (0: y's), as in reduce_pool_cpu.
 at::Tensor spatial_convs_cpu(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
                              int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final,
-                             bool bf16 = false);
+                             bool bf16 = false, int64_t batch = 0);
 // One dilated 3x3 conv (zero padding = dilation) + bias, with or without ReLU, on y (N, Cr, H, W)
 // in our fp32 vector code: (N, Cr, H, W) fp32 channels_last. w (Cr, Cr, 3, 3), b (Cr,).
 at::Tensor dilated_conv_cpu(const at::Tensor& y, const at::Tensor& w, const at::Tensor& b, int64_t dilation,
@@ -65,6 +68,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> spatial_train_backward(
 // The gate's forward over a batch (bam_fused_C::gate_forward): x (N, R, L) contiguous, row (N, R)
 // and col (N, L) fp32 (fp64 for fp64 x).
 at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product);
+// gate_forward_cpu's work into out (x's sizes, dtype and strides; inputs checked): with
+// non-temporal stores when nt (stream_stores).
+void gate_forward_into(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product,
+                       const at::Tensor& out, bool nt);
+// The channel MLP w1 @ relu(w0 @ mean + b0) + b1 (N, C) on the CPU from pooled partial means
+// part (N, P, C) (they sum to the means over P); all contiguous fp32 (the ops checked).
+at::Tensor channel_mlp_cpu(const at::Tensor& part, const at::Tensor& w0, const at::Tensor& b0, const at::Tensor& w1,
+                           const at::Tensor& b1);
+// Whether the gate writes an output of `bytes` with non-temporal stores (BAM_FUSED_CPU_STREAM_STORES).
+bool stream_stores(int64_t bytes);
 // Whether the CPU dilated convs for Cr reduced channels run our vector code (else oneDNN's):
 // BAM_FUSED_CPU_SPATIAL, and in auto what was faster (bam_fused.cpp says where). eval_pixels:
 // N * H * W of the map for the eval ops, which take ours below 16 channels on small maps; 0 for

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import LAYOUTS, bf16_products, make_layout
+from helpers import LAYOUTS, bf16_products, make_layout, spatial_env
 from test_cpu_pass import isa_env
 
 import bam_fused
@@ -433,6 +433,54 @@ def test_fused_bam_eval_with_our_cpu_dilated_convs(c, r, h, w, dilation, convs, 
     assert out.shape == x.shape and out.dtype == dtype
     result = compare(out, truth, eager)
     assert result.passed, result
+
+
+# bam_eval on the CPU takes the batch in groups of samples (BAM_FUSED_CPU_GROUPS), each with the
+# whole batch's kernel choices: the same bits as the whole batch at once. At n = 5 a group of one
+# sample would otherwise chunk the pooled sums differently (chunk_pixels), and at 1024 x 14x15
+# under AVX2 run the direct dilated convs instead of Winograd. With oneDNN's convs (library)
+# there are no groups.
+@pytest.mark.parametrize(
+    "c,r,h,w,dilation,convs,spatial,isa",
+    [(48, 16, 9, 13, 4, 2, "kernel", None), (37, 16, 7, 9, 2, 1, "kernel", None),
+     (256, 16, 7, 9, 4, 2, "winograd", None), (64, 8, 9, 13, 4, 2, "library", None),
+     (1024, 16, 14, 15, 4, 2, "auto", "avx2")],
+)  # fmt: skip
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_cpu_eval_groups_give_the_whole_batchs_bits(monkeypatch, c, r, h, w, dilation, convs, spatial, isa, layout,
+                                                      dtype, combine):  # fmt: skip
+    if isa is not None:
+        isa_env(monkeypatch, isa)
+    if spatial != "auto":
+        spatial_env(monkeypatch, spatial)
+    ref, fused = make_pair(c, dilation, r, combine, convs)
+    x = make_layout(torch.randn(5, c, h, w).to(dtype), layout)
+    out, runs = {}, {}
+    for groups in ("off", "images", "auto"):
+        monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", groups)
+        before = _ext.build_info()["cpu_eval_groups"]
+        with torch.no_grad():
+            out[groups] = fused(x)
+        runs[groups] = _ext.build_info()["cpu_eval_groups"] - before
+    # One sample a group where our convs run; about 4 MiB of x a group under auto.
+    per_group = min(max((4 << 20) // (x[0].numel() * x.element_size()), 1), 5)
+    grouped = spatial != "library"
+    assert runs == {"off": 1, "images": 5 if grouped else 1, "auto": -(-5 // per_group) if grouped else 1}
+    assert torch.equal(out["images"], out["off"])
+    assert torch.equal(out["auto"], out["off"])
+    with torch.no_grad():
+        result = compare(out["images"], ref.double()(x.double()), ref.to(dtype)(x))
+    assert result.passed, result
+
+
+def test_cpu_eval_groups_variable_is_checked(monkeypatch):
+    _, fused = make_pair(48, 4, 16)
+    monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", "yes")
+    message = "BAM_FUSED_CPU_GROUPS must be auto, images or off, got 'yes'"
+    with pytest.raises(RuntimeError, match=message), torch.no_grad():
+        fused(torch.randn(2, 48, 9, 13))
 
 
 @pytest.mark.parametrize("change", ["leaky relu", "other dilation"])

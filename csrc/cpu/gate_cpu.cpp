@@ -217,6 +217,15 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& row, co
             ": all tensors must be on the CPU");
 }
 
+// Orders this thread's non-temporal stores before the parallel region ends.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+}  // namespace
+
 // Whether an output of `bytes` bytes is written with non-temporal stores
 // (BAM_FUSED_CPU_STREAM_STORES: auto|on|off, read on every call so that tests can run both).
 // auto: when it is at least half the last-level cache, where it would evict x and the cache
@@ -235,18 +244,15 @@ bool stream_stores(int64_t bytes) {
 #endif
 }
 
-// Orders this thread's non-temporal stores before the parallel region ends.
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
-}  // namespace
-
 at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product) {
   check_inputs("bam_fused_C::gate_forward", x, row, col);
   auto out = at::empty_like(x);
+  gate_forward_into(x, row, col, product, out, stream_stores(out.nbytes()));
+  return out;
+}
+
+void gate_forward_into(const at::Tensor& x, const at::Tensor& row, const at::Tensor& col, bool product,
+                       const at::Tensor& out, bool nt) {
   const int64_t N = x.size(0), R = x.size(1), L = x.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bam_gate_forward_cpu", [&] {
     using K = Kernels<scalar_t>;
@@ -257,7 +263,6 @@ at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at
     const A* cp = col.const_data_ptr<A>();
     // Whole rows, so that each thread streams one contiguous range of memory.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
-    const bool nt = stream_stores(out.nbytes());
     at::parallel_for(0, N * R, grain, [&](int64_t begin, int64_t end) {
       std::vector<A> ecol(product ? 0 : L);
       for (int64_t nr = begin; nr < end;) {
@@ -270,7 +275,6 @@ at::Tensor gate_forward_cpu(const at::Tensor& x, const at::Tensor& row, const at
       if (nt) stream_fence();
     });
   });
-  return out;
 }
 
 namespace {

@@ -20,7 +20,7 @@ struct Entry {
   const void* data;  // where the weights were
   Packing packing;
   int64_t block;
-  at::Tensor source;  // a contiguous copy of the weights it was packed from
+  at::Tensor source;  // a copy of the weights it was packed from, in their layout when dense
   at::Tensor packed;
   uint64_t last_use;
 };
@@ -41,9 +41,11 @@ Cache& cache() {
   return *c;
 }
 
-bool matches(const Entry& e, const at::Tensor& w, Packing packing, int64_t block) {
+// src: the weights' bytes to compare (w itself when dense, else a contiguous copy).
+bool matches(const Entry& e, const at::Tensor& w, const at::Tensor& src, Packing packing, int64_t block) {
   return e.data == w.const_data_ptr() && e.packing == packing && e.block == block &&
-         e.source.sizes() == w.sizes() && e.source.scalar_type() == w.scalar_type();
+         e.source.sizes() == src.sizes() && e.source.strides() == src.strides() &&
+         e.source.scalar_type() == src.scalar_type();
 }
 
 int64_t bytes(const Entry& e) { return static_cast<int64_t>(e.source.nbytes() + e.packed.nbytes()); }
@@ -55,12 +57,14 @@ std::string cpu_pack_cache_choice() { return env_choice("BAM_FUSED_CPU_PACK_CACH
 at::Tensor cached_packing(const at::Tensor& w, Packing packing, int64_t block,
                           const std::function<at::Tensor()>& pack) {
   if (cpu_pack_cache_choice() == "off" || w.numel() == 0) return pack();
-  const at::Tensor src = w.contiguous();
+  // Dense weights (the folded dilated ones are channels_last) are compared in their own layout:
+  // a contiguous copy per call cost two ATen ops.
+  const at::Tensor src = w.is_non_overlapping_and_dense() ? w : w.contiguous();
   Cache& c = cache();
   {
     std::lock_guard<std::mutex> lock(c.mutex);
     for (Entry& e : c.entries) {
-      const bool same_bytes = matches(e, w, packing, block) &&
+      const bool same_bytes = matches(e, w, src, packing, block) &&
                               std::memcmp(e.source.const_data_ptr(), src.const_data_ptr(), src.nbytes()) == 0;
       if (same_bytes) {
         e.last_use = ++c.clock_ticks;
@@ -70,12 +74,12 @@ at::Tensor cached_packing(const at::Tensor& w, Packing packing, int64_t block,
     }
   }
   at::Tensor packed = pack();
-  Entry fresh{w.const_data_ptr(), packing, block, src.clone(), packed, 0};
+  Entry fresh{w.const_data_ptr(), packing, block, src.clone(at::MemoryFormat::Preserve), packed, 0};
   std::lock_guard<std::mutex> lock(c.mutex);
   fresh.last_use = ++c.clock_ticks;
   auto& entries = c.entries;
   entries.erase(std::remove_if(entries.begin(), entries.end(),
-                               [&](const Entry& e) { return matches(e, w, packing, block); }),
+                               [&](const Entry& e) { return matches(e, w, src, packing, block); }),
                 entries.end());
   entries.push_back(std::move(fresh));
   int64_t total = 0;

@@ -169,13 +169,13 @@ int64_t chunk_pixels(int64_t N, int64_t HW) {
 }
 
 std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                                   bool relu, bool cache_weights) {
+                                                   bool relu, bool cache_weights, int64_t batch) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = w.size(0);
   const Isa isa = chosen_isa();
   const bool cl = !x.is_contiguous();  // then channels_last-contiguous (the op checked)
   const auto [kco, lanes] = blocking(isa);
   const int64_t cl_vectors = cl_vectors_for(Cr, lanes);
-  const int64_t chunk_px = chunk_pixels(N, HW);
+  const int64_t chunk_px = chunk_pixels(batch > 0 ? batch : N, HW);
   // One chunk even without pixels: its partial is 0 * (1 / 0) = NaN, the mean of nothing, as in torch.
   const int64_t chunks = std::max<int64_t>(1, (HW + chunk_px - 1) / chunk_px);
   auto part = at::empty({N, chunks, C}, x.options().dtype(at::kFloat));

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <utility>
+#include <vector>
 
 #include "../check.h"
 #include "../env_choice.h"
@@ -90,10 +91,14 @@ at::Tensor pack_winograd(const at::Tensor& w_in, int64_t kCo) {
   return packed;
 }
 
-// v (Cr elements) zero-padded to n.
-at::Tensor padded(const at::Tensor& v, int64_t n) {
-  auto out = at::zeros({n}, v.options());
-  out.narrow(0, 0, v.numel()).copy_(v.reshape({-1}));
+// v (fp32, Cr elements) zero-padded to n, rounded to bf16 first with bf16 (as oneDNN's bf16
+// convs round biases). A plain vector: as ATen's zeros, narrow and copy it cost a few
+// microseconds a tensor, on every call.
+std::vector<float> padded(const at::Tensor& v, int64_t n, bool bf16 = false) {
+  const at::Tensor c = v.contiguous();
+  const float* p = c.const_data_ptr<float>();
+  std::vector<float> out(n, 0.f);
+  for (int64_t i = 0; i < c.numel(); ++i) out[i] = bf16 ? static_cast<float>(c10::BFloat16(p[i])) : p[i];
   return out;
 }
 
@@ -209,9 +214,9 @@ at::Tensor dilated_conv_cpu(const at::Tensor& y_in, const at::Tensor& w, const a
   if (out.numel() == 0) return out;
   const DilatedBlocking k = dilated_blocking(N, Cr, H, W, dilation, false);
   const auto [wp, wdirect] = k.pack(w.to(at::kFloat));
-  const at::Tensor bp = padded(b.to(at::kFloat), k.cob_n * k.kCo);
+  const std::vector<float> bp = padded(b.to(at::kFloat), k.cob_n * k.kCo);
   DilatedConvJob j{H, W, Cr, k.d, k.chunk_px, k.chunks, y.const_data_ptr(), wp.const_data_ptr(),
-                   bp.const_data_ptr<float>(), out.mutable_data_ptr(), nullptr, 0.f, nullptr,
+                   bp.data(), out.mutable_data_ptr(), nullptr, 0.f, nullptr,
                    static_cast<int>(k.cl_vectors)};
   j.relu = relu;
   j.winograd = k.winograd;
@@ -221,24 +226,24 @@ at::Tensor dilated_conv_cpu(const at::Tensor& y_in, const at::Tensor& w, const a
 }
 
 at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, at::TensorList b_dilated,
-                             int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final, bool bf16) {
+                             int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final, bool bf16,
+                             int64_t batch) {
   const int64_t N = y_in.size(0), Cr = y_in.size(1), H = y_in.size(2), W = y_in.size(3);
   BAM_CHECK(!bf16 || cpu_bf16_spatial_kernel(Cr), "bam_fused: no bf16 dilated-conv kernel for ", Cr, " channels");
   // bf16: y, the weights and biases rounded to bf16 as oneDNN's bf16 convs round them.
   at::Tensor y = y_in.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
-  const DilatedBlocking k = dilated_blocking(N, Cr, H, W, dilation, bf16);
-  const at::Tensor wf = padded(w_final, k.cob_n * k.kCo);
+  const DilatedBlocking k = dilated_blocking(batch > 0 ? batch : N, Cr, H, W, dilation, bf16);
+  const std::vector<float> wf = padded(w_final, k.cob_n * k.kCo);
+  const float bf = *b_final.const_data_ptr<float>();  // fp32 (the op checked), not item(): no dispatch
   auto spatial = at::empty({N, H, W}, y.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   if (spatial.numel() == 0) return spatial;  // no pixels (the kernels divide by W)
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const bool last = i + 1 == w_dilated.size();
     const auto [wp, wdirect] = k.pack(w_dilated[i], /*cache=*/true);
-    const at::Tensor bp =
-        padded(bf16 ? b_dilated[i].to(at::kBFloat16).to(at::kFloat) : b_dilated[i], k.cob_n * k.kCo);
+    const std::vector<float> bp = padded(b_dilated[i], k.cob_n * k.kCo, bf16);
     at::Tensor out = last ? at::Tensor() : at::empty_like(y);
     DilatedConvJob j{H, W, Cr, k.d, k.chunk_px, k.chunks, y.const_data_ptr(), wp.const_data_ptr(),
-                     bp.const_data_ptr<float>(), last ? nullptr : out.mutable_data_ptr(),
-                     wf.const_data_ptr<float>(), b_final.item<float>(),
+                     bp.data(), last ? nullptr : out.mutable_data_ptr(), wf.data(), bf,
                      last ? spatial.mutable_data_ptr<float>() : nullptr, static_cast<int>(k.cl_vectors)};
     j.winograd = k.winograd;
     if (k.winograd) j.w_direct = wdirect.const_data_ptr();
