@@ -296,25 +296,26 @@ void gate_into(const at::Tensor& x, const at::Tensor& channel, const at::Tensor&
                     out.permute({0, 2, 3, 1}).view({N, HW, C}), nt);
 }
 
+// Groups bam_eval has run so far (build_info: tests).
+std::atomic<int64_t> eval_groups_run{0};
+
 // Samples per group of bam_eval (BAM_FUSED_CPU_GROUPS: auto|images|off). Each group goes through
 // the whole BAM (pass over x, convs, MLP, gate) before the next, so that the gate finds the
 // group's x in the last-level cache instead of reading it from memory a second time. auto: about
 // kGroupBytes of x a group; images: one sample a group; off: the whole batch. Only where the
 // results are the same bits as the whole batch's: the group's kernels take the whole batch's
 // choices (chunks, direct or Winograd), which our dilated convs honour and oneDNN's cannot.
-// Paired A/B against off, fp32, 2-core AVX2 CPU (Zen 3, 32 MB L3), 2026-11-27: one sample a
-// group 1.05-1.08x at N = 8, 256 x 56x56, two 1.02x at 512 x 28x28 (one there: 0.94x: each group
+// Paired A/B of auto against off, fp32, N = 8, 2-core AVX2 CPU (Zen 3, 32 MB L3), 2026-11-27:
+// 1.04x at 256 x 56x56 (one sample a group), 1.03x at 512 x 28x28 (two), 1.02x at 1024 x 14x14
+// (five), 1.00x on channels_last x at 56x56; one sample a group at 28x28 took 0.94x (each group
 // pays the ops' fixed costs).
-// Groups bam_eval has run so far (build_info: tests).
-std::atomic<int64_t> eval_groups_run{0};
-
-int64_t eval_group(const at::Tensor& x, int64_t Cr, at::TensorList w_dilated) {
+int64_t eval_group(const at::Tensor& x, const at::Tensor& w_reduce, at::TensorList w_dilated) {
   constexpr int64_t kGroupBytes = int64_t{4} << 20;
   const std::string v = env_choice("BAM_FUSED_CPU_GROUPS", {"auto", "images", "off"});
-  const int64_t N = x.size(0);
+  const int64_t N = x.size(0), Cr = w_reduce.dim() == 2 ? w_reduce.size(0) : 0;  // else the pass raises
   const bool exact =
       w_dilated.empty() || cpu_spatial_kernel(Cr, cpu_bf16_products(x), N * x.size(2) * x.size(3));
-  if (v == "off" || N <= 1 || !exact) return std::max<int64_t>(N, 1);
+  if (v == "off" || N <= 1 || Cr < 1 || !exact) return std::max<int64_t>(N, 1);
   if (v == "images") return 1;
   const int64_t sample_bytes = std::max<int64_t>(1, static_cast<int64_t>(x.nbytes()) / N);
   return std::clamp<int64_t>(kGroupBytes / sample_bytes, 1, N);
@@ -333,7 +334,7 @@ at::Tensor bam_eval(const at::Tensor& x, const at::Tensor& w_reduce, const at::T
                     const at::Tensor& w_fc1, const at::Tensor& b_fc1, bool product) {
   const char* op = "bam_fused_C::bam_eval";
   BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
-  const int64_t N = x.size(0), group = eval_group(x, w_reduce.size(0), w_dilated);
+  const int64_t N = x.size(0), group = eval_group(x, w_reduce, w_dilated);
   auto out = at::empty_like(x);
   const bool nt = stream_stores(out.nbytes());
   for (int64_t n0 = 0; n0 < std::max<int64_t>(N, 1); n0 += group) {  // once for an empty batch

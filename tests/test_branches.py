@@ -355,6 +355,8 @@ def test_bam_eval_op_errors_name_it():
     x = torch.randn(2, 16, 5, 7)
     with pytest.raises(RuntimeError, match=r"bam_fused_C::bam_eval: x must be 4-D"):
         op(*attention_args(x[0], f, 2), False)
+    with pytest.raises(RuntimeError, match=r"bam_fused_C::bam_eval: w_reduce must be contiguous fp32 \(Cr, 16\)"):
+        op(*attention_args(x, {**f, "red_w": f["red_w"][0, 0]}, 2), False)
     with pytest.raises(RuntimeError, match=r"bam_fused_C::bam_eval: w_fc1 must be contiguous fp32"):
         op(*attention_args(x, {**f, "fc1_w": f["fc1_w"].double()}, 2), False)
     with pytest.raises(RuntimeError, match=r"x must be fp32, fp16 or bf16"):
