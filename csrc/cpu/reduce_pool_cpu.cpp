@@ -24,6 +24,7 @@
 #include "conv1x1_pool.h"
 #include "isa.h"
 #include "pack_cache.h"
+#include "parallel_chunks.h"
 
 namespace bam_fused {
 namespace {
@@ -195,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
   with_storage(x, "x", [&](auto* xp) {
     using T = std::remove_pointer_t<decltype(xp)>;
     const T* xc = xp;
-    at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) { conv1x1_pool(isa, cl, j, xc, begin, end); });
+    parallel_chunks(N, chunks, chunk_px, HW, [&](int64_t begin, int64_t end) { conv1x1_pool(isa, cl, j, xc, begin, end); });
   });
   return {part, y};
 }
@@ -250,14 +251,14 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
   if (bf16_dx) {
     const auto* wtp = reinterpret_cast<const uint32_t*>(wt.const_data_ptr<int32_t>());
     Bf16* dxp = reinterpret_cast<Bf16*>(dx->data_ptr<at::BFloat16>());
-    at::parallel_for(0, N * chunks, 1,
-                     [&](int64_t begin, int64_t end) { conv1x1_grad_input_avx512bf16(j, cl, wtp, dxp, begin, end); });
+    parallel_chunks(N, chunks, chunk_px, HW,
+                    [&](int64_t begin, int64_t end) { conv1x1_grad_input_avx512bf16(j, cl, wtp, dxp, begin, end); });
   } else
 #endif
   if (dx.has_value()) {
     with_storage(*dx, "dx", [&](auto* dxp) {
-      at::parallel_for(0, N * chunks, 1,
-                       [&](int64_t begin, int64_t end) { conv1x1_grad_input(isa, cl, j, dxp, begin, end); });
+      parallel_chunks(N, chunks, chunk_px, HW,
+                      [&](int64_t begin, int64_t end) { conv1x1_grad_input(isa, cl, j, dxp, begin, end); });
     });
   }
   // The partials in a fixed order (not at::sum, whose order may follow the thread count).

@@ -18,6 +18,7 @@
 #include "dilated_conv.h"
 #include "isa.h"
 #include "pack_cache.h"
+#include "parallel_chunks.h"
 
 namespace bam_fused {
 namespace {
@@ -114,6 +115,7 @@ namespace {
 struct DilatedBlocking {
   Isa isa;
   int64_t cl_vectors, kCo, cob_n, chunk_px, chunks;
+  int64_t units;  // pixels (or Winograd tiles) a sample, in chunks of chunk_px
   int64_t d;  // the dilation: those past the map reach only padding, so any such one gives the same result
   bool winograd;
   bool bf16;  // bf16 products: the weights in bf16 channel pairs (never with winograd)
@@ -164,7 +166,7 @@ DilatedBlocking dilated_blocking(int64_t N, int64_t Cr, int64_t H, int64_t W, in
     units = tile_bases(H, d) * tile_bases(W, d);
   }
   const int64_t chunks = std::max<int64_t>(1, (units + chunk_px - 1) / chunk_px);
-  return {isa, cl_vectors, kCo, (Cr + kCo - 1) / kCo, chunk_px, chunks, d, winograd, bf16};
+  return {isa, cl_vectors, kCo, (Cr + kCo - 1) / kCo, chunk_px, chunks, units, d, winograd, bf16};
 }
 
 }  // namespace
@@ -221,7 +223,8 @@ at::Tensor dilated_conv_cpu(const at::Tensor& y_in, const at::Tensor& w, const a
   j.relu = relu;
   j.winograd = k.winograd;
   if (k.winograd) j.w_direct = wdirect.const_data_ptr();
-  at::parallel_for(0, N * k.chunks, 1, [&](int64_t begin, int64_t end) { dilated_conv(k.isa, false, j, begin, end); });
+  parallel_chunks(N, k.chunks, k.chunk_px, k.units,
+                  [&](int64_t begin, int64_t end) { dilated_conv(k.isa, false, j, begin, end); });
   return out;
 }
 
@@ -247,8 +250,8 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
                      last ? spatial.mutable_data_ptr<float>() : nullptr, static_cast<int>(k.cl_vectors)};
     j.winograd = k.winograd;
     if (k.winograd) j.w_direct = wdirect.const_data_ptr();
-    at::parallel_for(0, N * k.chunks, 1,
-                     [&](int64_t begin, int64_t end) { dilated_conv(k.isa, bf16, j, begin, end); });
+    parallel_chunks(N, k.chunks, k.chunk_px, k.units,
+                    [&](int64_t begin, int64_t end) { dilated_conv(k.isa, bf16, j, begin, end); });
     if (!last) y = out;
   }
   return spatial;

@@ -1,0 +1,176 @@
+"""BAM.forward's short path for a repeated eager CPU eval call (BAM._cpu_eval_again): taken when
+nothing has changed since the full routing chose the eval op, and stepped aside from on every
+change that routing would see."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from helpers import make_layout
+from test_branches import make_pair
+
+import bam_fused
+
+pytestmark = pytest.mark.skipif(bam_fused._ext.reason() is not None, reason="needs the extension")
+
+
+@pytest.fixture
+def routed(monkeypatch):
+    """Counts the calls that went through the full routing (BAM._gate_impl runs there only)."""
+    calls = []
+    full = bam_fused.BAM._gate_impl
+
+    def counted(self, x):
+        calls.append(1)
+        return full(self, x)
+
+    monkeypatch.setattr(bam_fused.BAM, "_gate_impl", counted)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_repeated_calls_take_the_short_path_with_the_same_bits(routed, layout, dtype, n):
+    _, fused = make_pair(37, 2, 8, backend="fused")
+    fused.to(dtype)
+    x = make_layout(torch.randn(n, 37, 7, 9).to(dtype), layout)
+    with torch.inference_mode():
+        first = fused(x)
+        assert len(routed) == 1 and fused._cpu_eval_op is not None
+        again = fused(x)
+        other = fused(make_layout(torch.randn(n, 37, 5, 4).to(dtype), layout))  # any H, W, N take it too
+    assert len(routed) == 1
+    assert torch.equal(first, again) and again.stride() == first.stride() and other.shape == (n, 37, 5, 4)
+
+
+def _hook_fires(fused, ref, x, routed):
+    seen = []
+    fused.spatial_att.gate_s.gate_s_conv_final.register_forward_hook(lambda *_: seen.append(1))
+    out = fused(x)
+    assert seen == [1]
+    return out, ref(x)
+
+
+def _global_hook_fires(fused, ref, x, routed):
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: seen.append(1))
+    try:
+        out = fused(x)
+    finally:
+        handle.remove()
+    assert seen  # the branches ran as modules
+    return out, ref(x)
+
+
+def _weights_in_place(fused, ref, x, routed):
+    for m in (fused, ref):
+        m.spatial_att.gate_s.gate_s_conv_di_1.weight.mul_(1.5)  # as an optimizer step does
+        m.channel_att.gate_c.gate_c_bn_1.running_mean.add_(0.2)
+    return fused(x), ref(x)
+
+
+def _layer_replaced(fused, ref, x, routed):
+    bn = torch.nn.BatchNorm2d(6).eval()
+    bn.running_var.fill_(4.0)
+    for m in (fused, ref):
+        m.spatial_att.gate_s.gate_s_bn_reduce0 = bn
+    return fused(x), ref(x)
+
+
+def _reference_backend(fused, ref, x, routed):
+    fused.backend = "reference"
+    return fused(x), ref(x)
+
+
+def _training_mode(fused, ref, x, routed):
+    return fused.train()(x), ref.train()(x)
+
+
+def _gradients_wanted(fused, ref, x, routed):
+    with torch.inference_mode(False), torch.enable_grad():
+        xg = x.clone().requires_grad_()
+        out = fused(xg)
+        assert out.requires_grad
+        return out.detach(), ref(xg).detach()
+
+
+def _deep_copy(fused, ref, x, routed):
+    twin = copy.deepcopy(fused)
+    assert twin._cpu_eval_op is None  # derived state is not copied
+    return twin(x), ref(x)
+
+
+def _pickled(fused, ref, x, routed):
+    twin = pickle.loads(pickle.dumps(fused))
+    assert twin._cpu_eval_op is None
+    return twin(x), ref(x)
+
+
+def _jit_trace(fused, ref, x, routed):
+    with torch.inference_mode(False), torch.no_grad():
+        traced = torch.jit.trace(fused, x.clone(), check_trace=False)
+        return traced(x.clone()), ref(x.clone())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _hook_fires,
+        _global_hook_fires,
+        _weights_in_place,
+        _layer_replaced,
+        _reference_backend,
+        _training_mode,
+        _gradients_wanted,
+        _deep_copy,
+        _pickled,
+        _jit_trace,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_the_short_path_steps_aside_on_any_change(routed, change):
+    ref, fused = make_pair(48, 2, 8)
+    x = torch.randn(2, 48, 9, 13)
+    with torch.no_grad():
+        fused(x), fused(x)
+        assert len(routed) == 1  # warmed up: the short path is in use
+        got, want = change(fused, ref, x, routed)
+    assert len(routed) >= 2 or change in (_deep_copy, _pickled), "the change went unseen"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (torch.randn(2, 47, 9, 13), "must have 48 channels"),
+        (torch.randn(2, 48, 0, 13), "H, W >= 1"),
+        (torch.randn(48, 9, 13), "must be 4-D"),
+    ],
+)
+def test_bad_x_after_warm_up_gets_the_full_paths_error(x, match):
+    _, fused = make_pair(48, 2, 8)
+    with torch.no_grad():
+        fused(torch.randn(2, 48, 9, 13))
+        with pytest.raises(ValueError, match=match):
+            fused(x)
+
+
+def test_fx_tracing_after_warm_up_records_the_reference():
+    ref, fused = make_pair(48, 2, 8)
+    x = torch.randn(2, 48, 9, 13)
+    with torch.no_grad():
+        fused(x)
+        with pytest.warns(RuntimeWarning, match="symbolic tracing"):
+            gm = torch.fx.symbolic_trace(fused)
+        assert not any("bam_fused_C" in str(n.target) for n in gm.graph.nodes)
+        torch.testing.assert_close(gm(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_different_layout_still_gets_its_own_layout():
+    _, fused = make_pair(48, 2, 8)
+    with torch.no_grad():
+        fused(torch.randn(2, 48, 9, 13))
+        out = fused(make_layout(torch.randn(2, 48, 9, 13), "channels_last"))
+    assert out.is_contiguous(memory_format=torch.channels_last)
