@@ -174,3 +174,22 @@ def test_a_different_layout_still_gets_its_own_layout():
         fused(torch.randn(2, 48, 9, 13))
         out = fused(make_layout(torch.randn(2, 48, 9, 13), "channels_last"))
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_eager_calls_do_not_recompile_the_compiled_module():
+    """The short path's state changes with eager calls (a fold, the op): compiled code must not
+    read it (Dynamo guarded on it, and the eager calls forced a recompile)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    _, fused = make_pair(48, 2, 8)
+    counter = CompileCounter()
+    compiled = torch.compile(fused, backend=counter)
+    x = torch.randn(2, 48, 9, 13)
+    with torch.no_grad():
+        want = compiled(x)
+        fused(x), fused(x)  # the short path set up
+        fused.spatial_att.gate_s.gate_s_conv_final.weight.mul_(1.0)  # and refolded
+        fused(x)
+        torch.testing.assert_close(compiled(x), want)
+    assert counter.frame_count == 1

@@ -196,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_cpu(const at::Tensor& x, const at
   with_storage(x, "x", [&](auto* xp) {
     using T = std::remove_pointer_t<decltype(xp)>;
     const T* xc = xp;
-    parallel_chunks(N, chunks, chunk_px, HW, [&](int64_t begin, int64_t end) { conv1x1_pool(isa, cl, j, xc, begin, end); });
+    parallel_chunks(N, chunks, chunk_px, HW,
+                    [&](int64_t begin, int64_t end) { conv1x1_pool(isa, cl, j, xc, begin, end); });
   });
   return {part, y};
 }
