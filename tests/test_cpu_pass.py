@@ -18,7 +18,9 @@ ISAS = ["avx512_bf16", "avx512", "avx2", "generic"]
 # 1, 2 or 4 output vectors per block); last tiles of 1 and 2 vectors in each instruction set
 # (30 and 14 pixels); one pixel; no pixels.
 SHAPES = [(2, 37, 7, 9, 5), (1, 48, 15, 17, 13), (3, 16, 4, 50, 37), (2, 8, 1, 1, 16), (0, 12, 5, 5, 4),
-          (1, 40, 13, 15, 70), (2, 19, 9, 8, 24), (2, 20, 5, 6, 9), (1, 24, 7, 2, 8)]  # fmt: skip
+          (1, 40, 13, 15, 70), (2, 19, 9, 8, 24), (2, 20, 5, 6, 9), (1, 24, 7, 2, 8),
+          # tiles past L1 take their channels in groups (conv1x1_tile), with more blocks than held at once
+          (2, 400, 7, 9, 5), (1, 1000, 5, 11, 70)]  # fmt: skip
 
 
 def isa_env(monkeypatch, isa: str) -> None:
