@@ -174,8 +174,10 @@ BAM_INLINE void store_tile_block(const Conv1x1PoolJob& j, const typename K::V (&
 // C = 1024 (96 KB under AVX2) was read from L2 by each of its 16 blocks (Cr = 64). Paired,
 // 2-core AVX2 CPU, 2026-11-27: the pass 1.26x at 8x1024x14x14, 1.33x at 8x512x28x28, 1.09x at
 // 1x1024x14x14, 1.19x at 1x2048x7x7; the whole BAM eval 1.14x / 1.18x at the first two.
-// Unmeasured under AVX-512 (48-pixel tiles: grouped from C = 171 up).
-constexpr int64_t kTileL1Bytes = 32 << 10;  // tiles up to this size take all channels at once
+// Unmeasured under AVX-512 (grouped there from C = 257 up, as under AVX2 from C = 342 up).
+// Tiles up to kTileL1Bytes, or of up to kTileAllChannels channels, take all channels at once:
+// C = 256 keeps the path measured at the shape under AVX-512 too (48-pixel tiles, 48 KB).
+constexpr int64_t kTileL1Bytes = 32 << 10, kTileAllChannels = 256;
 template <typename K>
 constexpr int64_t kTileGroupChannels = std::max<int64_t>(16, (16 << 10) / (kTilePx<K> * 4) / 16 * 16);
 
@@ -190,7 +192,7 @@ BAM_INLINE void conv1x1_tile(const Conv1x1PoolJob& j, const float* xt, int64_t x
   constexpr int64_t kG = kTileGroupChannels<K>;
   const int64_t C = j.C, cob_n = (j.Cr + K::kCo - 1) / K::kCo;
   const bool from_x = xs != kTilePx<K>;  // else buf: nothing to prefetch
-  if (C * kTilePx<K> * 4 <= kTileL1Bytes) {
+  if (C <= kTileAllChannels || C * kTilePx<K> * 4 <= kTileL1Bytes) {
     for (int64_t cob = 0; cob < cob_n; ++cob) {
       V acc[K::kCo][kPV] = {};
       if (cob == 0) {
