@@ -192,11 +192,12 @@ class BAM(reference.BAM):
             or _fold.fold_key(self) != self._folded_key
         ):
             return None
-        return op(
-            x.contiguous(memory_format=memory_format(x)), f["red_w"], f["red_b"], f["dil_w"], f["dil_b"],
-            self.dilation, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
-            self.combine == "product",
-        )  # fmt: skip
+        return op(x.contiguous(memory_format=memory_format(x)), *self._op_weights(f), self.combine == "product")
+
+    def _op_weights(self, f: dict) -> tuple:
+        """The attention and eval ops' arguments after x, from the folded weights f."""
+        return (f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], self.dilation, f["fin_w"], f["fin_b"],
+                f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._cpu_eval_again(x)
@@ -246,18 +247,12 @@ class BAM(reference.BAM):
                     op = load_op("bam_eval")
                     if f is self._folded:  # the cached fold (not under a trace): _cpu_eval_again
                         self._cpu_eval_op = op
-                return op(
-                    xc, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], self.dilation, f["fin_w"], f["fin_b"],
-                    f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"], self.combine == "product",
-                )  # fmt: skip
+                return op(xc, *self._op_weights(f), self.combine == "product")
             else:
                 # The folded weights are known-good: call the op itself, not bam_branches's checks.
                 # It runs the branch op and the channel MLP (on CUDA one kernel, not several launches).
                 op = torch.ops.bam_fused_C.attention if torch.compiler.is_compiling() else load_op("attention")
-                channel, spatial = op(
-                    xc, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"],
-                    self.dilation, f["fin_w"], f["fin_b"], f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"],
-                )  # fmt: skip
+                channel, spatial = op(xc, *self._op_weights(f))
         elif impl == "cpp" and training.reason(x) is None:
             why = _layers.autograd_reason(self)
             if why is None:
