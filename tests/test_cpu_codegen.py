@@ -1,0 +1,57 @@
+"""The CPU pass's inner loop keeps its accumulators in registers.
+
+conv_tile_loop (csrc/cpu/conv1x1_pool.h) holds 12 accumulators in AVX2's 16 vector registers.
+Inlined into its caller, GCC 12 spilled one of them to the stack: a store and a reload every
+channel, which made the pass 1.6x slower with x in cache. This reads the machine code of the
+extension in use: the loop must be a function of its own, and none of its FMAs may touch the stack.
+"""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from bam_fused import _ext
+
+NM, OBJDUMP = shutil.which("nm"), shutil.which("objdump")
+pytestmark = [
+    pytest.mark.skipif(NM is None or OBJDUMP is None, reason="needs binutils (nm, objdump)"),
+    pytest.mark.skipif(_ext.reason() is not None, reason="the extension is not built"),
+]
+
+FMA = re.compile(r"\bvfn?m(?:add|sub)\w*p[sd]\b")
+STACK = re.compile(r"\(%r[sb]p\b")
+
+
+def functions(lib: str, name: str) -> list[tuple[str, int, int]]:
+    """(demangled name, address, size) of the library's functions whose name contains `name`."""
+    out = subprocess.run([NM, "-C", "-S", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        parts = line.split(maxsplit=3)
+        if len(parts) == 4 and parts[2] in "tTwW" and name in parts[3]:
+            found.append((parts[3], int(parts[0], 16), int(parts[1], 16)))
+    return found
+
+
+def stack_fmas(lib: str, address: int, size: int) -> tuple[list[str], list[str]]:
+    """The FMA instructions of the code at [address, address + size), and those among them that
+    read or write the stack."""
+    asm = subprocess.run(
+        [OBJDUMP, "-d", "--no-show-raw-insn", f"--start-address={address}", f"--stop-address={address + size}", lib],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    fmas = [line.strip() for line in asm.splitlines() if FMA.search(line)]
+    return fmas, [line for line in fmas if STACK.search(line)]
+
+
+@pytest.mark.skipif(not re.search("x86|amd64", __import__("platform").machine(), re.I), reason="x86-64 code")
+def test_pass_loop_keeps_its_accumulators_in_registers():
+    lib = _ext.load().__file__
+    vector = [f for f in functions(lib, "conv_tile_loop<") if "Avx2" in f[0] or "Avx512" in f[0]]
+    assert any("Avx2" in name for name, _, _ in vector), f"no out-of-line AVX2 conv_tile_loop in {lib}"
+    for name, address, size in vector:
+        fmas, spilled = stack_fmas(lib, address, size)
+        assert fmas, f"{name}: no FMA found (did the loop change?)"
+        assert not spilled, f"{name}: FMAs on the stack (a spilled accumulator):\n" + "\n".join(spilled)
