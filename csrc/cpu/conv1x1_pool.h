@@ -115,26 +115,18 @@ BAM_INLINE void vstore(float* p, V v) {
 // and left the memory idle after it: AVX2, N = 8, C = 256, 56x56, Cr = 16, paired in one
 // process, the pass took 1.12-1.18x less time spread (1.06x at C = 512, 28x28; 1.00-1.02x at
 // C = 1024, 14x14). prefetcht1 (locality 2) measured a little better than prefetcht0.
-//
-// Out of line, with the accumulators copied into a local array: inlined into conv1x1_tile, GCC 12
-// kept the zero vector of the ReLU that follows live across this loop and spilled one of AVX2's
-// 12 accumulators to the stack, a store and reload every channel (a reference parameter alone
-// kept them all in memory). 1 x 256 x 56x56, x in cache, 1 thread: the pass 0.70 -> 0.44 ms.
-// tests/test_cpu_codegen.py checks the compiled loop for FMAs on the stack.
-template <typename K, int kPV, bool kPool, bool kPrefetch>
-__attribute__((noinline)) void conv_tile_loop(const float* xt, int64_t xs, int64_t C, const float* w, float* pool,
-                                              typename K::V (&acc)[K::kCo][kPV], int block, int blocks) {
+template <typename K, int kPV, bool kPool>
+BAM_INLINE void conv_tile(const float* xt, int64_t xs, int64_t C, const float* w, float* pool,
+                          typename K::V (&acc)[K::kCo][kPV], bool prefetch = false, int block = 0, int blocks = 1) {
   using V = typename K::V;
   constexpr int kL = kLanes<K>, kP = kTilePx<K>;
-  int phase = (blocks - block) % blocks;  // channel c is prefetched when phase == 0
-  V a[K::kCo][kPV];
-  std::memcpy(a, acc, sizeof(a));
+  int phase = block == 0 ? 0 : blocks - block;  // channel c is prefetched when phase == 0
   for (int64_t c = 0; c < C; ++c) {
     const float* xc = xt + c * xs;
     V xv[kPV];
 #pragma GCC unroll 8
     for (int v = 0; v < kPV; ++v) xv[v] = vload<V>(xc + v * kL);
-    if constexpr (kPrefetch) {
+    if (prefetch) {
       if (phase == 0) {
 #pragma GCC unroll 8
         for (int l = 0; l < kP; l += 16) __builtin_prefetch(xc + kP + l, 0, 2);
@@ -152,18 +144,24 @@ __attribute__((noinline)) void conv_tile_loop(const float* xt, int64_t xs, int64
     for (int o = 0; o < K::kCo; ++o) {
       const V wv = K::splat(wc[o]);
 #pragma GCC unroll 8
-      for (int v = 0; v < kPV; ++v) a[o][v] += wv * xv[v];
+      for (int v = 0; v < kPV; ++v) acc[o][v] += wv * xv[v];
     }
   }
-  std::memcpy(acc, a, sizeof(a));
 }
 
-// conv_tile_loop, with or without prefetching the next tile (a loop without the test).
-template <typename K, int kPV, bool kPool>
-BAM_INLINE void conv_tile(const float* xt, int64_t xs, int64_t C, const float* w, float* pool,
-                          typename K::V (&acc)[K::kCo][kPV], bool prefetch = false, int block = 0, int blocks = 1) {
-  if (prefetch) return conv_tile_loop<K, kPV, kPool, true>(xt, xs, C, w, pool, acc, block, blocks);
-  conv_tile_loop<K, kPV, kPool, false>(xt, xs, C, w, pool, acc, block, blocks);
+// conv_tile from zero accumulators, out of line: a pass tile's block over all its channels.
+// Inlined into conv1x1_tile, GCC 12 kept the ReLU's zero vector (store_tile_block) live across
+// the loop and spilled one of AVX2's 12 accumulators to the stack, a store and a reload every
+// channel: 1 x 256 x 56x56, x in cache, 1 thread, the pass 0.72 -> 0.42 ms. Here nothing
+// follows the loop but the copy out. tests/test_cpu_codegen.py checks the compiled loop for FMAs
+// on the stack. (The channel groups below, and dx's short loops over Cr, measured slower out of
+// line: the call's fixed cost.)
+template <typename K, int kPV, bool kPool, bool kPrefetch>
+__attribute__((noinline)) void conv_tile_loop(const float* xt, int64_t xs, int64_t C, const float* w, float* pool,
+                                              typename K::V (&acc)[K::kCo][kPV], int block, int blocks) {
+  typename K::V a[K::kCo][kPV] = {};
+  conv_tile<K, kPV, kPool>(xt, xs, C, w, pool, a, kPrefetch, block, blocks);
+  std::memcpy(acc, a, sizeof(a));
 }
 
 // Bias, ReLU and the store into channels_last y of one block of accumulators: output channels
@@ -211,11 +209,14 @@ BAM_INLINE void conv1x1_tile(const Conv1x1PoolJob& j, const float* xt, int64_t x
   const bool from_x = xs != kTilePx<K>;  // else buf: nothing to prefetch
   if (C <= kTileAllChannels || C * kTilePx<K> * 4 <= kTileL1Bytes) {
     for (int64_t cob = 0; cob < cob_n; ++cob) {
-      V acc[K::kCo][kPV] = {};
+      V acc[K::kCo][kPV];
+      const float* w = j.w + cob * C * K::kCo;
       if (cob == 0) {
-        conv_tile<K, kPV, true>(xt, xs, C, j.w, pool, acc, from_x, 0, cob_n);
+        from_x ? conv_tile_loop<K, kPV, true, true>(xt, xs, C, w, pool, acc, 0, cob_n)
+               : conv_tile_loop<K, kPV, true, false>(xt, xs, C, w, pool, acc, 0, cob_n);
       } else {
-        conv_tile<K, kPV, false>(xt, xs, C, j.w + cob * C * K::kCo, pool, acc, from_x, cob, cob_n);
+        from_x ? conv_tile_loop<K, kPV, false, true>(xt, xs, C, w, pool, acc, cob, cob_n)
+               : conv_tile_loop<K, kPV, false, false>(xt, xs, C, w, pool, acc, cob, cob_n);
       }
       store_tile_block<K, kPV>(j, acc, cob, p, np, y);
     }
