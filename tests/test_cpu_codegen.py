@@ -6,6 +6,7 @@ channel, which made the pass 1.6x slower with x in cache. This reads the machine
 extension in use: the loop must be a function of its own, and none of its FMAs may touch the stack.
 """
 
+import platform
 import re
 import shutil
 import subprocess
@@ -46,7 +47,7 @@ def stack_fmas(lib: str, address: int, size: int) -> tuple[list[str], list[str]]
     return fmas, [line for line in fmas if STACK.search(line)]
 
 
-@pytest.mark.skipif(not re.search("x86|amd64", __import__("platform").machine(), re.I), reason="x86-64 code")
+@pytest.mark.skipif(not re.search("x86|amd64", platform.machine(), re.I), reason="x86-64 code")
 def test_pass_loop_keeps_its_accumulators_in_registers():
     lib = _ext.load().__file__
     vector = [f for f in functions(lib, "conv_tile_loop<") if "Avx2" in f[0] or "Avx512" in f[0]]
