@@ -103,7 +103,8 @@ constexpr int kWinogradTiles = std::min(K::kAcc / kCv, 12);
 // j with the direct conv's weights, and buf its staging buffer.
 template <typename K, int kCv, int kCr>
 BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& direct, int64_t n, int64_t t0,
-                               int64_t t1, float* U, float* M, float* buf) {
+                               int64_t t1, const int64_t* row_base, const int64_t* col_base, float* U, float* M,
+                               float* buf) {
   using V = typename K::V;
   constexpr int kL = kLanes<K>, kT = kWinogradTiles<K, kCv>, kCo = kCv * kL;
   const int64_t H = j.H, W = j.W, HW = H * W, Cr = kCr > 0 ? kCr : j.Cr, d = j.dilation;
@@ -113,11 +114,15 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& di
   const float* wt = static_cast<const float*>(j.w);
   int64_t off[16];  // of input k from input 0, in floats
   for (int k = 0; k < 16; ++k) off[k] = (k / 4 * d * W + k % 4 * d) * Cr;
+  int64_t tr = t0 / TW, tc = t0 % TW;  // the next tile's row and column of tiles
   for (int64_t t = t0; t < t1; t += kT) {
     const int nt = static_cast<int>(std::min<int64_t>(kT, t1 - t));
     int64_t h0[kT], w0[kT];
     bool finite[kT];  // whether all the tile's inputs are finite
-    for (int i = 0; i < nt; ++i) h0[i] = tile_base((t + i) / TW, d), w0[i] = tile_base((t + i) % TW, d);
+    for (int i = 0; i < nt; ++i) {
+      h0[i] = row_base[tr], w0[i] = col_base[tc];
+      if (++tc == TW) tc = 0, ++tr;
+    }
     for (int i = 0; i < nt; ++i) {  // U[position][i][c] = (B^T d B)[position] of channel c
       // Each input pixel's channels (nullptr in the zero padding): constant offsets from the
       // tile's first input inside the map, the usual case away from the borders.
@@ -167,7 +172,9 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& di
         const float* u = U + k * kT * Cp;
         cl_block<K, kCv, kT>([&](int i, int64_t c) { return u[i * Cp + c]; }, wt + (k * cob_n + cob) * Cr * kCo, Cr,
                              acc);
-        for (int i = 0; i < nt; ++i)
+        // All kT tiles, also past nt in the last group (U holds defined values there, and those
+        // M rows are never read): without the bound the stores need no branches.
+        for (int i = 0; i < kT; ++i)
           for (int v = 0; v < kCv; ++v) vstore<V>(M + (k * kT + i) * Cop + cob * kCo + v * kL, acc[i][v]);
       }
     }
@@ -229,14 +236,19 @@ template <typename K, int kCv, int kCr = 0>
 BAM_INLINE void winograd_tasks(const DilatedConvJob& j, int64_t begin, int64_t end) {
   constexpr int kL = kLanes<K>, kT = kWinogradTiles<K, kCv>, kCo = kCv * kL;
   const int64_t Cr = kCr > 0 ? kCr : j.Cr, Cp = (Cr + kL - 1) / kL * kL, Cop = (Cr + kCo - 1) / kCo * kCo;
-  const int64_t tiles = tile_bases(j.H, j.dilation) * tile_bases(j.W, j.dilation);
+  const int64_t TH = tile_bases(j.H, j.dilation), TW = tile_bases(j.W, j.dilation), tiles = TH * TW;
+  // Each row and column of tiles' first output (tile_base), looked up rather than divided per tile.
+  std::vector<int64_t> row_base(TH), col_base(TW);
+  for (int64_t t = 0; t < TH; ++t) row_base[t] = tile_base(t, j.dilation);
+  for (int64_t t = 0; t < TW; ++t) col_base[t] = tile_base(t, j.dilation);
   std::vector<float> U(16 * kT * Cp), M(16 * kT * Cop);  // zeros: a partial group reads defined values
   std::vector<float> buf(K::kAcc / kCv * Cr);
   DilatedConvJob direct = j;
   direct.w = j.w_direct, direct.winograd = false;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / j.chunks, t0 = task % j.chunks * j.chunk_px;
-    winograd_chunk<K, kCv, kCr>(j, direct, n, t0, std::min(tiles, t0 + j.chunk_px), U.data(), M.data(), buf.data());
+    winograd_chunk<K, kCv, kCr>(j, direct, n, t0, std::min(tiles, t0 + j.chunk_px), row_base.data(),
+                                col_base.data(), U.data(), M.data(), buf.data());
   }
 }
 
