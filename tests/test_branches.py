@@ -485,6 +485,17 @@ def test_cpu_eval_groups_variable_is_checked(monkeypatch):
         fused(torch.randn(2, 48, 9, 13))
 
 
+def test_cpu_variables_ignore_case_and_spaces_as_python_does(monkeypatch):
+    """The extension reads its variables as bam_fused/env.py does (BAM_FUSED_CUDA_OVERLAP is read
+    by both): " Images " is images, one group a sample."""
+    _, fused = make_pair(48, 4, 16)
+    monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", " Images ")
+    before = _ext.build_info()["cpu_eval_groups"]
+    with torch.no_grad():
+        fused(torch.randn(3, 48, 9, 13))
+    assert _ext.build_info()["cpu_eval_groups"] - before == 3
+
+
 @pytest.mark.parametrize("change", ["leaky relu", "other dilation"])
 def test_compiled_eval_with_layers_the_op_does_not_compute(change):
     """The same under torch.compile(fullgraph=True): no warning there (Dynamo cannot trace one)."""

@@ -110,7 +110,8 @@ def test_info_says_who_runs_the_cpu_dilated_convs(monkeypatch, capsys, value, ac
 @pytest.mark.parametrize(
     "value,says",
     [(None, "Winograd F(2x2, 3x3) from 16 channels"), ("on", "BAM_FUSED_CPU_WINOGRAD=on"),
-     ("off", "direct (BAM_FUSED_CPU_WINOGRAD=off)"), ("yes", "must be auto, on or off, got 'yes'")],
+     ("off", "direct (BAM_FUSED_CPU_WINOGRAD=off)"), (" OFF ", "direct (BAM_FUSED_CPU_WINOGRAD=off)"),
+     ("yes", "must be auto, on or off, got 'yes'")],
 )  # fmt: skip
 def test_info_says_how_our_cpu_dilated_convs_compute(monkeypatch, capsys, value, says):
     monkeypatch.setenv("BAM_FUSED_CPU_ISA", "generic")
