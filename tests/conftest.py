@@ -18,6 +18,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test compiles from a fresh Dynamo state. Its recompile limit counts per code object
+    (BAM.forward) over the whole process, so without this a compiled test failed with "recompile
+    limit exceeded" only when enough compiling tests ran before it in the same session."""
+    torch._dynamo.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     from bam_fused import _backends
 
