@@ -1,7 +1,9 @@
 """`bam-fused bench`: eager reference, torch.compile of the reference and fused, side by side.
 
 Every row reports its time against the copy bandwidth measured in the same run on the same
-tensor (GB/s = bytes / time; bytes per benchmark are the roofline traffic of DESIGN.md):
+tensor (GB/s = bytes / time; bytes per benchmark are the roofline traffic of DESIGN.md). On the
+CPU the copy and the contenders take turns (interleaved_ms), so that a drift in the machine's
+speed reaches them alike.
 
     gate_fwd      2|x|   read x, write out
     gate_fwd_bwd  5|x|   forward, then read g and x, write dx
@@ -13,6 +15,7 @@ tensor (GB/s = bytes / time; bytes per benchmark are the roofline traffic of DES
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +96,34 @@ def time_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 0.
         min_run_time=budget_s
     )
     return m.median * 1e3, m.iqr * 1e3
+
+
+CPU_TURNS = 3  # turns per contender of interleaved_ms on the CPU
+
+
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device, budget_s: float = 0.4, turns: int = CPU_TURNS
+) -> dict[str, tuple[float, float]]:
+    """(median, interquartile range) in milliseconds of each of fns. On the CPU they take `turns`
+    turns in order, budget_s / turns each, and each one's blocks of all its turns are pooled:
+    a VM's speed can drift by 1.5x within minutes, and one contender after the other charged a
+    slow spell to whichever ran in it. On CUDA one turn each (time_ms)."""
+    if device.type == "cuda" or turns <= 1:
+        return {k: time_ms(f, device, budget_s) for k, f in fns.items()}
+    import torch.utils.benchmark as tb
+
+    for f in fns.values():
+        f()  # warm-up: allocator, caches, lazy compilation
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(turns):
+        for k, f in fns.items():
+            timer = tb.Timer(stmt="fn()", globals={"fn": f}, num_threads=torch.get_num_threads())
+            times[k].extend(timer.blocked_autorange(min_run_time=budget_s / turns).times)
+    out = {}
+    for k, t in times.items():
+        q1, _, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (t[0],) * 3
+        out[k] = (statistics.median(t) * 1e3, (q3 - q1) * 1e3)
+    return out
 
 
 def graph_ms(fn: Callable[[], object], budget_s: float = 0.4) -> float:
@@ -220,7 +251,7 @@ def run_task(p: Plan, bench: str, shape: tuple, dtype_name: str, layout: str) ->
     meta = dict(device=str(device), device_name=device_name(device), triton=_triton_version())
     if bench == "resnet50":
         fns = resnet_contenders(shape[0], dtype, layout, device, p.compile_resnet)
-        times = {k: time_ms(f, device, p.budget_s) for k, f in fns.items()}
+        times = interleaved_ms(fns, device, p.budget_s)
         base = times.pop("no_bam")[0]
         rows = []
         for k, (med, iqr) in times.items():
@@ -238,11 +269,17 @@ def run_task(p: Plan, bench: str, shape: tuple, dtype_name: str, layout: str) ->
     else:
         fns = bam_contenders(shape, dtype, layout, device, train=bench == "bam_train")
     probe = torch.empty(shape, device=device, dtype=dtype).normal_()
-    bw = copy_gbps(probe, device)
     moved = ROOFLINE_BYTES[bench] * probe.numel() * probe.element_size()
+    if device.type == "cuda":
+        bw = copy_gbps(probe, device)
+        times = interleaved_ms(fns, device, p.budget_s)
+    else:  # the copy takes its turns with the contenders
+        dst = torch.empty_like(probe)
+        times = interleaved_ms({"copy": lambda: dst.copy_(probe), **fns}, device, p.budget_s)
+        bw = 2 * probe.numel() * probe.element_size() / (times.pop("copy")[0] * 1e-3) / 1e9
     rows = []
     for k, f in fns.items():
-        med, iqr = time_ms(f, device, p.budget_s)
+        med, iqr = times[k]
         gbps = moved / (med * 1e-3) / 1e9
         row = Row(bench, shape, dtype_name, layout, k, med, iqr, gbps, 100 * gbps / bw,
                   med / (moved / (bw * 1e9) * 1e3), bw, **meta)  # fmt: skip
