@@ -141,10 +141,15 @@ def graph_ms(fn: Callable[[], object], budget_s: float = 0.4) -> float:
     return time_ms(graph.replay, torch.device("cuda"), budget_s)[0]
 
 
-def copy_gbps(x: torch.Tensor, device: torch.device) -> float:
+def copy_of(x: torch.Tensor) -> Callable[[], object]:
+    """A copy of x into a tensor of its own, the bandwidth yardstick of every row."""
     dst = torch.empty_like(x)
-    med, _ = time_ms(lambda: dst.copy_(x), device)
-    return 2 * x.numel() * x.element_size() / (med * 1e-3) / 1e9
+    return lambda: dst.copy_(x)
+
+
+def copy_gbps(x: torch.Tensor, ms: float) -> float:
+    """GB/s of a copy of x (read and write) that took ms milliseconds."""
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
 
 
 # -- the benchmarks: each returns {contender: thunk} --------------------------------------
@@ -270,13 +275,8 @@ def run_task(p: Plan, bench: str, shape: tuple, dtype_name: str, layout: str) ->
         fns = bam_contenders(shape, dtype, layout, device, train=bench == "bam_train")
     probe = torch.empty(shape, device=device, dtype=dtype).normal_()
     moved = ROOFLINE_BYTES[bench] * probe.numel() * probe.element_size()
-    if device.type == "cuda":
-        bw = copy_gbps(probe, device)
-        times = interleaved_ms(fns, device, p.budget_s)
-    else:  # the copy takes its turns with the contenders
-        dst = torch.empty_like(probe)
-        times = interleaved_ms({"copy": lambda: dst.copy_(probe), **fns}, device, p.budget_s)
-        bw = 2 * probe.numel() * probe.element_size() / (times.pop("copy")[0] * 1e-3) / 1e9
+    times = interleaved_ms({"copy": copy_of(probe), **fns}, device, p.budget_s)  # on the CPU in turns
+    bw = copy_gbps(probe, times.pop("copy")[0])
     rows = []
     for k, f in fns.items():
         med, iqr = times[k]
