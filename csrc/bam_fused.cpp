@@ -110,17 +110,18 @@ void check_spatial_weights(const char* op, int64_t Cr, at::Device device, at::Te
 // on y = relu(reduce conv) (N, Cr, H, W) fp32, giving the spatial map (N, H, W). bf16: the CPU
 // dilated convs in bf16, as a bf16 model's (y, weights and biases rounded to bf16, fp32 sums,
 // bf16 outputs), ours or oneDNN's; the final conv in fp32. batch: the batch y is a group of
-// (0: y's own), whose size sets the CPU kernels' choices (see bam_eval).
+// (0: y's own), whose size sets the CPU kernels' choices (see bam_eval). prefetch: memory our CPU
+// convs bring into the cache as they compute (bam_eval's next group of x).
 at::Tensor spatial_from_y(at::Tensor y, at::TensorList w_dilated, at::TensorList b_dilated, int64_t dilation,
                           const at::Tensor& w_final, const at::Tensor& b_final, bool bf16 = false,
-                          int64_t batch = 0) {
+                          int64_t batch = 0, CacheHint prefetch = {}) {
   const int64_t Cr = y.size(1), N = batch > 0 ? batch : y.size(0);
 #ifdef BAM_FUSED_WITH_CUDA
   if (spatial_kernel(y.device(), Cr, w_dilated))
     return spatial_convs_cuda(y, w_dilated, b_dilated, dilation, w_final, b_final);
 #endif
   if (y.is_cpu() && !w_dilated.empty() && cpu_spatial_kernel(Cr, bf16, N * y.size(2) * y.size(3)))
-    return spatial_convs_cpu(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16, N);
+    return spatial_convs_cpu(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16, N, prefetch);
   // The library's convs: on the small (N, Cr, H, W) map (about 1/16 of x's bytes).
   const auto compute = [&](const at::Tensor& t) { return bf16 ? t.to(at::kBFloat16) : t; };
   if (!w_dilated.empty()) y = compute(y);
@@ -233,10 +234,11 @@ std::tuple<at::Tensor, at::Tensor> maps_from_pass(const at::Tensor& part, const 
                                                   int64_t dilation, const at::Tensor& w_final,
                                                   const at::Tensor& b_final, const at::Tensor& w_fc0,
                                                   const at::Tensor& b_fc0, const at::Tensor& w_fc1,
-                                                  const at::Tensor& b_fc1, bool bf16 = false, int64_t batch = 0) {
+                                                  const at::Tensor& b_fc1, bool bf16 = false, int64_t batch = 0,
+                                                  CacheHint prefetch = {}) {
   const auto mlp = [&] { return channel_mlp(part, w_fc0, b_fc0, w_fc1, b_fc1); };
   const auto spatial = [&] {
-    return spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16, batch);
+    return spatial_from_y(y, w_dilated, b_dilated, dilation, w_final, b_final, bf16, batch, prefetch);
   };
 #ifdef BAM_FUSED_WITH_CUDA
   if (part.is_cuda() && cuda_overlap(part.device()))
@@ -253,13 +255,13 @@ std::tuple<at::Tensor, at::Tensor> attention_maps(const char* op, const at::Tens
                                                   const at::Tensor& w_final, const at::Tensor& b_final,
                                                   const at::Tensor& w_fc0, const at::Tensor& b_fc0,
                                                   const at::Tensor& w_fc1, const at::Tensor& b_fc1,
-                                                  int64_t batch = 0) {
+                                                  int64_t batch = 0, CacheHint prefetch = {}) {
   BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
   check_mlp_weights(op, x.size(1), x.device(), w_fc0, b_fc0, w_fc1, b_fc1);
   const auto [part, y] =
       pass_over_x(op, x, w_reduce, b_reduce, w_dilated, b_dilated, dilation, w_final, b_final, batch);
   return maps_from_pass(part, y, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1,
-                        cpu_bf16_products(x), batch);
+                        cpu_bf16_products(x), batch, prefetch);
 }
 
 }  // namespace
@@ -321,6 +323,14 @@ int64_t eval_group(const at::Tensor& x, const at::Tensor& w_reduce, at::TensorLi
   return std::clamp<int64_t>(kGroupBytes / sample_bytes, 1, N);
 }
 
+// Whether bam_eval prefetches each next group of x while the current group's dilated convs run
+// (BAM_FUSED_CPU_PREFETCH: auto|on|off, auto as on; read on every call; cpu/cache_hint.h says
+// why). Only for x laid out whole samples apart, NCHW- or channels_last-contiguous.
+bool prefetch_next_group(const at::Tensor& x) {
+  const std::string v = env_choice("BAM_FUSED_CPU_PREFETCH", {"auto", "on", "off"});
+  return v != "off" && x.is_cpu() && (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
 }  // namespace
 
 // The whole eval-mode BAM forward on the CPU, x * (1 + sigmoid(channel (+ or *) spatial)) in
@@ -337,11 +347,19 @@ at::Tensor bam_eval(const at::Tensor& x, const at::Tensor& w_reduce, const at::T
   const int64_t N = x.size(0), group = eval_group(x, w_reduce, w_dilated);
   auto out = at::empty_like(x);
   const bool nt = stream_stores(out.nbytes());
+  const bool prefetch = prefetch_next_group(x) && group < N;  // the variable checked on every call
   for (int64_t n0 = 0; n0 < std::max<int64_t>(N, 1); n0 += group) {  // once for an empty batch
     const int64_t g = std::min(group, N - n0);
     const at::Tensor xg = g == N ? x : x.narrow(0, n0, g);
+    // The next group's x, whole samples (x is NCHW- or channels_last-contiguous: checked).
+    const CacheHint next = prefetch && n0 + g < N
+                               ? CacheHint{static_cast<const char*>(x.const_data_ptr()) + (n0 + g) * x.stride(0) *
+                                               static_cast<int64_t>(x.element_size()),
+                                           std::min(group, N - n0 - g) * x.stride(0) *
+                                               static_cast<int64_t>(x.element_size())}
+                               : CacheHint{};
     const auto [channel, spatial] = attention_maps(op, xg, w_reduce, b_reduce, w_dilated, b_dilated, dilation,
-                                                   w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1, N);
+                                                   w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1, N, next);
     gate_into(xg, channel, spatial, product, g == N ? out : out.narrow(0, n0, g), nt);
     eval_groups_run.fetch_add(1, std::memory_order_relaxed);
   }
@@ -456,9 +474,15 @@ pybind11::dict build_info() {
   } catch (const c10::Error& e) {
     d["cpu_pack_cache"] = e.what_without_backtrace();
   }
+  try {
+    d["cpu_prefetch"] = env_choice("BAM_FUSED_CPU_PREFETCH", {"auto", "on", "off"});
+  } catch (const c10::Error& e) {
+    d["cpu_prefetch"] = e.what_without_backtrace();
+  }
   d["cpu_pack_cache_entries"] = pack_cache_entries();
   d["cpu_pack_cache_hits"] = pack_cache_hits();
   d["cpu_eval_groups"] = eval_groups_run.load(std::memory_order_relaxed);
+  d["cpu_prefetched_bytes"] = cpu_prefetched_bytes();
 #ifdef _OPENMP
   d["openmp"] = true;  // at::parallel_for in our CPU kernels uses threads only with OpenMP
 #else

@@ -10,6 +10,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/cache_hint.h"
+
 namespace bam_fused {
 
 // Pooled partial means (N, P, C) (summed over P they give the channel means) and
@@ -32,10 +34,13 @@ std::tuple<at::Tensor, at::Tensor> reduce_pool_backward_cpu(const at::Tensor& x,
 // avx512_bf16 only): y, weights, biases and conv outputs rounded to bf16, as oneDNN's bf16
 // convs round them; the final conv in fp32. For the eval ops: the packed weights are kept for
 // the next call (pack_cache.h). batch: the batch size whose blocking (direct or Winograd, task
-// chunks) to use (0: y's), as in reduce_pool_cpu.
+// chunks) to use (0: y's), as in reduce_pool_cpu. prefetch: memory for the convs to bring into
+// the cache as they compute (bam_eval's next group of x; cpu/cache_hint.h).
 at::Tensor spatial_convs_cpu(const at::Tensor& y, at::TensorList w_dilated, at::TensorList b_dilated,
                              int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final,
-                             bool bf16 = false, int64_t batch = 0);
+                             bool bf16 = false, int64_t batch = 0, CacheHint prefetch = {});
+// Bytes spatial_convs_cpu's convs have prefetched since the extension loaded (build_info).
+int64_t cpu_prefetched_bytes();
 // One dilated 3x3 conv (zero padding = dilation) + bias, with or without ReLU, on y (N, Cr, H, W)
 // in our fp32 vector code: (N, Cr, H, W) fp32 channels_last. w (Cr, Cr, 3, 3), b (Cr,).
 at::Tensor dilated_conv_cpu(const at::Tensor& y, const at::Tensor& w, const at::Tensor& b, int64_t dilation,

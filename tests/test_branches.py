@@ -485,6 +485,57 @@ def test_cpu_eval_groups_variable_is_checked(monkeypatch):
         fused(torch.randn(2, 48, 9, 13))
 
 
+# bam_eval on the CPU prefetches each next group of x while the current group's dilated convs
+# compute (BAM_FUSED_CPU_PREFETCH, csrc/cpu/cache_hint.h): every line of the next groups, spread
+# over the convs' tasks, and the same bits as without. Winograd and direct convs, several tasks
+# a conv (29 x 31), one conv, groups of two samples with a short last one (auto: 7 samples of
+# 1.8 MiB), channels_last, bf16; the library's convs run no groups, so nothing to prefetch.
+@pytest.mark.parametrize(
+    "c,h,w,convs,spatial,n,layout,dtype",
+    [(48, 29, 31, 2, "winograd", 4, "nchw", torch.float32),
+     (48, 29, 31, 2, "kernel", 3, "channels_last", torch.float32),
+     (37, 9, 13, 1, "winograd", 2, "nchw", torch.bfloat16), (512, 30, 31, 2, "auto", 7, "nchw", torch.float32),
+     (48, 9, 13, 2, "library", 3, "nchw", torch.float32)],
+)  # fmt: skip
+def test_cpu_eval_prefetches_the_next_groups_x(monkeypatch, c, h, w, convs, spatial, n, layout, dtype):
+    if spatial != "auto":
+        spatial_env(monkeypatch, spatial)
+    monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", "auto" if spatial == "auto" else "images")
+    _, fused = make_pair(c, 4, 16, convs=convs)
+    x = make_layout(torch.randn(n, c, h, w).to(dtype), layout)
+    out, fetched, groups = {}, {}, {}
+    for mode in ("off", "on", "auto"):
+        monkeypatch.setenv("BAM_FUSED_CPU_PREFETCH", mode)
+        info = _ext.build_info()
+        with torch.no_grad():
+            out[mode] = fused(x)
+        after = _ext.build_info()
+        fetched[mode] = after["cpu_prefetched_bytes"] - info["cpu_prefetched_bytes"]
+        groups[mode] = after["cpu_eval_groups"] - info["cpu_eval_groups"]
+    assert torch.equal(out["on"], out["off"]) and torch.equal(out["auto"], out["off"])
+    assert fetched["off"] == 0 and fetched["auto"] == fetched["on"]
+    sample = x[0].numel() * x.element_size()
+    if spatial == "library":
+        assert groups["on"] == 1 and fetched["on"] == 0
+        return
+    # All samples but the first group's, in whole 64-byte lines: at most a line more per conv
+    # and group (each conv prefetches its share of the next group from a line boundary).
+    assert groups["on"] > 1
+    first = min(max((4 << 20) // sample, 1), n) if spatial == "auto" else 1  # samples in a group
+    assert groups["on"] == -(-n // first)
+    want = (n - first) * sample
+    assert want <= fetched["on"] < want + 64 * convs * groups["on"], (fetched, want)
+
+
+def test_cpu_prefetch_variable_is_checked(monkeypatch):
+    _, fused = make_pair(48, 4, 16)
+    monkeypatch.setenv("BAM_FUSED_CPU_PREFETCH", "yes")
+    message = "BAM_FUSED_CPU_PREFETCH must be auto, on or off, got 'yes'"
+    with pytest.raises(RuntimeError, match=message), torch.no_grad():
+        fused(torch.randn(2, 48, 9, 13))
+    assert message in _ext.build_info()["cpu_prefetch"]  # bam-fused info shows why
+
+
 def test_cpu_variables_ignore_case_and_spaces_as_python_does(monkeypatch):
     """The extension reads its variables as bam_fused/env.py does (BAM_FUSED_CUDA_OVERLAP is read
     by both): " Images " is images, one group a sample."""

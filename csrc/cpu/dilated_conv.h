@@ -25,6 +25,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cache_hint.h"
 #include "conv1x1_pool.h"
 #include "isa.h"
 
@@ -48,6 +49,11 @@ struct DilatedConvJob {
   // non-finite inputs), and a chunk is chunk_px tiles of 2x2 outputs.
   bool winograd = false;
   const void* w_direct = nullptr;
+  // Memory to prefetch while the conv computes (cache_hint.h), spread over its `tasks` tasks;
+  // the bytes prefetched are added to *prefetched (if given).
+  CacheHint prefetch{};
+  int64_t tasks = 0;
+  std::atomic<int64_t>* prefetched = nullptr;
 };
 
 // Tasks [begin, end) of N * chunks, each one chunk of one sample.
@@ -110,7 +116,7 @@ struct FloatConv {
 // ms for oneDNN at Cr = 16, 56x56, N = 8, two convs).
 template <typename K, typename P, int kCv, int kCr>
 BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p0, int64_t p1,
-                                   typename P::Unit* buf) {
+                                   typename P::Unit* buf, PrefetchDrip& drip) {
   using V = typename K::V;
   using Unit = typename P::Unit;
   constexpr int kL = kLanes<K>, kPx = K::kAcc / kCv, kCo = kCv * kL;
@@ -119,6 +125,7 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
   const Unit* in = static_cast<const Unit*>(j.in) + n * HW * U;
   int64_t h = p0 / W, w = p0 % W;  // of the block's first pixel
   for (int64_t p = p0; p < p1; p += kPx) {
+    drip.step();
     const int64_t np = std::min<int64_t>(kPx, p1 - p);
     int64_t ph[kPx], pw[kPx];  // each pixel's row and column (past np: a row no tap reaches)
     for (int i = 0; i < kPx; ++i) {
@@ -192,8 +199,10 @@ BAM_INLINE void dilated_conv_tasks(const DilatedConvJob& j, int64_t begin, int64
   constexpr int kPx = K::kAcc / kCv;
   std::vector<typename P::Unit> buf(kPx * P::units(j.Cr));
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / j.chunks, p0 = task % j.chunks * j.chunk_px;
-    dilated_conv_chunk<K, P, kCv, kCr>(j, n, p0, std::min(j.H * j.W, p0 + j.chunk_px), buf.data());
+    const int64_t n = task / j.chunks, p0 = task % j.chunks * j.chunk_px, p1 = std::min(j.H * j.W, p0 + j.chunk_px);
+    PrefetchDrip drip(j.prefetch, task, j.tasks, (p1 - p0 + kPx - 1) / kPx);
+    dilated_conv_chunk<K, P, kCv, kCr>(j, n, p0, p1, buf.data(), drip);
+    drip.count(j.prefetched);
   }
 }
 

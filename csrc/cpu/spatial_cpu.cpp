@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <utility>
@@ -102,6 +103,9 @@ std::vector<float> padded(const at::Tensor& v, int64_t n, bool bf16 = false) {
   for (int64_t i = 0; i < c.numel(); ++i) out[i] = bf16 ? static_cast<float>(c10::BFloat16(p[i])) : p[i];
   return out;
 }
+
+// Bytes our convs have prefetched so far (build_info: tests).
+std::atomic<int64_t> prefetched{0};
 
 }  // namespace
 
@@ -228,9 +232,11 @@ at::Tensor dilated_conv_cpu(const at::Tensor& y_in, const at::Tensor& w, const a
   return out;
 }
 
+int64_t cpu_prefetched_bytes() { return prefetched.load(std::memory_order_relaxed); }
+
 at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, at::TensorList b_dilated,
                              int64_t dilation, const at::Tensor& w_final, const at::Tensor& b_final, bool bf16,
-                             int64_t batch) {
+                             int64_t batch, CacheHint prefetch) {
   const int64_t N = y_in.size(0), Cr = y_in.size(1), H = y_in.size(2), W = y_in.size(3);
   BAM_CHECK(!bf16 || cpu_bf16_spatial_kernel(Cr), "bam_fused: no bf16 dilated-conv kernel for ", Cr, " channels");
   // bf16: y, the weights and biases rounded to bf16 as oneDNN's bf16 convs round them.
@@ -240,6 +246,7 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
   const float bf = *b_final.const_data_ptr<float>();  // fp32 (the op checked), not item(): no dispatch
   auto spatial = at::empty({N, H, W}, y.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   if (spatial.numel() == 0) return spatial;  // no pixels (the kernels divide by W)
+  const int64_t convs = static_cast<int64_t>(w_dilated.size());
   for (size_t i = 0; i < w_dilated.size(); ++i) {
     const bool last = i + 1 == w_dilated.size();
     const auto [wp, wdirect] = k.pack(w_dilated[i], /*cache=*/true);
@@ -250,6 +257,12 @@ at::Tensor spatial_convs_cpu(const at::Tensor& y_in, at::TensorList w_dilated, a
                      last ? spatial.mutable_data_ptr<float>() : nullptr, static_cast<int>(k.cl_vectors)};
     j.winograd = k.winograd;
     if (k.winograd) j.w_direct = wdirect.const_data_ptr();
+    if (prefetch.bytes > 0) {  // each conv its share
+      const int64_t a = prefetch.bytes * static_cast<int64_t>(i) / convs;
+      j.prefetch = {static_cast<const char*>(prefetch.data) + a, prefetch.bytes * static_cast<int64_t>(i + 1) / convs - a};
+      j.tasks = N * k.chunks;
+      j.prefetched = &prefetched;
+    }
     parallel_chunks(N, k.chunks, k.chunk_px, k.units,
                     [&](int64_t begin, int64_t end) { dilated_conv(k.isa, bf16, j, begin, end); });
     if (!last) y = out;

@@ -88,8 +88,9 @@ BAM_INLINE T not_finite(const T (&d)[16]) {
 template <typename K, int kCv, int kCr>
 __attribute__((noinline)) void direct_outputs(const DilatedConvJob& direct, int64_t n, const bool (&inside)[4],
                                               const int64_t (&at)[4], float* buf) {
+  PrefetchDrip none;
   for (int q = 0; q < 4; ++q)
-    if (inside[q]) dilated_conv_chunk<K, FloatConv<K>, kCv, kCr>(direct, n, at[q], at[q] + 1, buf);
+    if (inside[q]) dilated_conv_chunk<K, FloatConv<K>, kCv, kCr>(direct, n, at[q], at[q] + 1, buf, none);
 }
 
 // Tiles per group: the direct conv's pixels per register block, at most 12 (U and M of 16
@@ -104,7 +105,7 @@ constexpr int kWinogradTiles = std::min(K::kAcc / kCv, 12);
 template <typename K, int kCv, int kCr>
 BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& direct, int64_t n, int64_t t0,
                                int64_t t1, const int64_t* row_base, const int64_t* col_base, float* U, float* M,
-                               float* buf) {
+                               float* buf, PrefetchDrip& drip) {
   using V = typename K::V;
   constexpr int kL = kLanes<K>, kT = kWinogradTiles<K, kCv>, kCo = kCv * kL;
   const int64_t H = j.H, W = j.W, HW = H * W, Cr = kCr > 0 ? kCr : j.Cr, d = j.dilation;
@@ -168,6 +169,7 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& di
     }
     for (int64_t cob = 0; cob < cob_n; ++cob) {
       for (int k = 0; k < 16; ++k) {  // M[k][i][o] = sum over c of U[k][i][c] G[k][c][o]
+        drip.step();
         V acc[kT][kCv] = {};
         const float* u = U + k * kT * Cp;
         cl_block<K, kCv, kT>([&](int i, int64_t c) { return u[i * Cp + c]; }, wt + (k * cob_n + cob) * Cr * kCo, Cr,
@@ -245,10 +247,13 @@ BAM_INLINE void winograd_tasks(const DilatedConvJob& j, int64_t begin, int64_t e
   std::vector<float> buf(K::kAcc / kCv * Cr);
   DilatedConvJob direct = j;
   direct.w = j.w_direct, direct.winograd = false;
+  const int64_t cob_n = Cop / kCo;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / j.chunks, t0 = task % j.chunks * j.chunk_px;
-    winograd_chunk<K, kCv, kCr>(j, direct, n, t0, std::min(tiles, t0 + j.chunk_px), row_base.data(),
-                                col_base.data(), U.data(), M.data(), buf.data());
+    const int64_t n = task / j.chunks, t0 = task % j.chunks * j.chunk_px, t1 = std::min(tiles, t0 + j.chunk_px);
+    PrefetchDrip drip(j.prefetch, task, j.tasks, (t1 - t0 + kT - 1) / kT * cob_n * 16);  // per product position
+    winograd_chunk<K, kCv, kCr>(j, direct, n, t0, t1, row_base.data(), col_base.data(), U.data(), M.data(),
+                                buf.data(), drip);
+    drip.count(j.prefetched);
   }
 }
 
