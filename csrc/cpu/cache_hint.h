@@ -3,9 +3,9 @@
 // bam_eval (csrc/bam_fused.cpp) takes the batch in groups of samples; the dilated convs of one
 // group compute on the small y and leave the memory idle, while the next group's pass over x
 // will wait on it. So the convs' tasks prefetch the next group's x, a few lines per step of
-// their loops, and that pass finds it in the cache. AVX2, 2-core Zen 3 (32 MB L3), fp32 NCHW,
-// N = 8, 256 x 56x56 (one sample a group), paired in one process, 2026-11-27: the whole BAM
-// 1.05-1.08x; 1.01x at 512 x 28x28 (two samples a group).
+// their loops, and that pass finds it in the cache. AVX2, 2-core Zen 3 (32 MB L3), fp32, N = 8,
+// paired in one process, 2026-11-27: the whole BAM eval 1.05-1.09x at 256 x 56x56 (one sample
+// a group; 1.13x on one thread), 1.045x at 1024 x 14x14 (five), 1.00x at 512 x 28x28 (two).
 #pragma once
 
 #include <atomic>
