@@ -5,7 +5,7 @@
 // will wait on it. So the convs' tasks prefetch the next group's x, a few lines per step of
 // their loops, and that pass finds it in the cache. AVX2, 2-core Zen 3 (32 MB L3), fp32, N = 8,
 // paired in one process, 2026-11-27: the whole BAM eval 1.05-1.09x at 256 x 56x56 (one sample
-// a group; 1.13x on one thread), 1.045x at 1024 x 14x14 (five), 1.00x at 512 x 28x28 (two).
+// a group; 1.13x on one thread), 1.045x at 1024 x 14x14 (five), 0.97-1.01x at 512 x 28x28 (two).
 #pragma once
 
 #include <atomic>
