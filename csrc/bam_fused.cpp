@@ -348,15 +348,14 @@ at::Tensor bam_eval(const at::Tensor& x, const at::Tensor& w_reduce, const at::T
   auto out = at::empty_like(x);
   const bool nt = stream_stores(out.nbytes());
   const bool prefetch = prefetch_next_group(x) && group < N;  // the variable checked on every call
+  const int64_t sample_bytes = x.stride(0) * static_cast<int64_t>(x.element_size());
   for (int64_t n0 = 0; n0 < std::max<int64_t>(N, 1); n0 += group) {  // once for an empty batch
     const int64_t g = std::min(group, N - n0);
     const at::Tensor xg = g == N ? x : x.narrow(0, n0, g);
     // The next group's x, whole samples (x is NCHW- or channels_last-contiguous: checked).
     const CacheHint next = prefetch && n0 + g < N
-                               ? CacheHint{static_cast<const char*>(x.const_data_ptr()) + (n0 + g) * x.stride(0) *
-                                               static_cast<int64_t>(x.element_size()),
-                                           std::min(group, N - n0 - g) * x.stride(0) *
-                                               static_cast<int64_t>(x.element_size())}
+                               ? CacheHint{static_cast<const char*>(x.const_data_ptr()) + (n0 + g) * sample_bytes,
+                                           std::min(group, N - n0 - g) * sample_bytes}
                                : CacheHint{};
     const auto [channel, spatial] = attention_maps(op, xg, w_reduce, b_reduce, w_dilated, b_dilated, dilation,
                                                    w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1, N, next);

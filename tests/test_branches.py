@@ -477,12 +477,21 @@ def test_cpu_eval_groups_give_the_whole_batchs_bits(monkeypatch, c, r, h, w, dil
     assert result.passed, result
 
 
-def test_cpu_eval_groups_variable_is_checked(monkeypatch):
+# bam_eval's variables, read on every call (also with the batch in one group); bam-fused info
+# shows why a value is refused where build_info reports the variable.
+@pytest.mark.parametrize(
+    "name,allowed,info",
+    [("BAM_FUSED_CPU_GROUPS", "auto, images or off", None),
+     ("BAM_FUSED_CPU_PREFETCH", "auto, on or off", "cpu_prefetch")],
+)  # fmt: skip
+def test_cpu_eval_variables_are_checked(monkeypatch, name, allowed, info):
     _, fused = make_pair(48, 4, 16)
-    monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", "yes")
-    message = "BAM_FUSED_CPU_GROUPS must be auto, images or off, got 'yes'"
+    monkeypatch.setenv(name, "yes")
+    message = f"{name} must be {allowed}, got 'yes'"
     with pytest.raises(RuntimeError, match=message), torch.no_grad():
         fused(torch.randn(2, 48, 9, 13))
+    if info is not None:
+        assert message in _ext.build_info()[info]
 
 
 # bam_eval on the CPU prefetches each next group of x while the current group's dilated convs
@@ -525,15 +534,6 @@ def test_cpu_eval_prefetches_the_next_groups_x(monkeypatch, c, h, w, convs, spat
     assert groups["on"] == -(-n // first)
     want = (n - first) * sample
     assert want <= fetched["on"] < want + 64 * convs * groups["on"], (fetched, want)
-
-
-def test_cpu_prefetch_variable_is_checked(monkeypatch):
-    _, fused = make_pair(48, 4, 16)
-    monkeypatch.setenv("BAM_FUSED_CPU_PREFETCH", "yes")
-    message = "BAM_FUSED_CPU_PREFETCH must be auto, on or off, got 'yes'"
-    with pytest.raises(RuntimeError, match=message), torch.no_grad():
-        fused(torch.randn(2, 48, 9, 13))
-    assert message in _ext.build_info()["cpu_prefetch"]  # bam-fused info shows why
 
 
 def test_cpu_variables_ignore_case_and_spaces_as_python_does(monkeypatch):
