@@ -21,15 +21,14 @@
 |                             |         | extension                                                     |
 | BAM_FUSED_CPU_SPATIAL       | auto    | CPU dilated convs + final 1x1 conv: kernel (ours), library    |
 |                             |         | (oneDNN), or auto (ours at 16 and 32 reduced channels, in     |
-|                             |         | eval at 64 under avx2 and below 16 on maps of N*H*W*Cr <=     |
-|                             |         | 25088); in bf16 for bf16 x on avx512_bf16; also the fp32      |
-|                             |         | training convs (spatial_train: 16 and 32 only); read by the   |
-|                             |         | extension                                                     |
+|                             |         | eval at 64 under avx2, below 16 on maps of N*H*W*Cr <= 25088  |
+|                             |         | and above 32 under avx512 on N*H*W*Cr <= 50176); in bf16 for  |
+|                             |         | bf16 x on avx512_bf16; also the fp32 training convs           |
+|                             |         | (spatial_train: 16 and 32 only); read by the extension        |
 | BAM_FUSED_CPU_WINOGRAD      | auto    | our fp32 CPU dilated convs: on (Winograd's F(2x2, 3x3)), off  |
-|                             |         | (direct), or auto (Winograd under avx2 and generic from 16    |
-|                             |         | reduced channels where H and W >= 2 * dilation, and above 16  |
-|                             |         | channels on N*H*W >= 784; direct under avx512); read by the   |
-|                             |         | extension                                                     |
+|                             |         | (direct), or auto (Winograd from 16 reduced channels where H  |
+|                             |         | and W >= 2 * dilation, and above 16 channels on N*H*W >= 784; |
+|                             |         | every instruction set); read by the extension                 |
 | BAM_FUSED_CPU_PACK_CACHE    | auto    | CPU eval ops' packed weights: auto (kept from call to call,   |
 |                             |         | reused while the weights' bytes are unchanged) or off; read   |
 |                             |         | by the extension                                              |

@@ -49,7 +49,7 @@ def _eval_mode_reason() -> str | None:
     return None
 
 
-def _winograd_note(setting: str | None, isa: str | None) -> str:
+def _winograd_note(setting: str | None) -> str:
     """How our fp32 CPU dilated convs compute, from BAM_FUSED_CPU_WINOGRAD as the extension reads
     it (build_info's cpu_winograd: the value, or why the extension refuses it)."""
     if setting == "on":
@@ -58,8 +58,6 @@ def _winograd_note(setting: str | None, isa: str | None) -> str:
         return "fp32 direct (BAM_FUSED_CPU_WINOGRAD=off)"
     if setting != "auto":
         return f"fp32: {setting}"
-    if isa is not None and isa.startswith("avx512"):
-        return "fp32 direct under avx512 (BAM_FUSED_CPU_WINOGRAD=auto)"
     return (
         "fp32 by Winograd F(2x2, 3x3) from 16 channels where H, W >= 2 * dilation (above 16 on N*H*W >= 784), "
         "else direct"
@@ -77,8 +75,8 @@ def _cpu_spatial_status(unavailable: str | None, setting: str | None, winograd: 
     if setting not in ("auto", "kernel"):
         return {"active": False, "reason": str(setting)}
     note = (
-        "at 16 and 32 reduced channels, in eval at 64 under avx2, and below 16 on small maps in eval "
-        "(N*H*W*Cr <= 25088), oneDNN's "
+        "at 16 and 32 reduced channels, in eval at 64 under avx2, on small maps in eval below 16 "
+        "(N*H*W*Cr <= 25088) and above 32 under avx512 (N*H*W*Cr <= 50176), oneDNN's "
         "otherwise; in bf16 for bf16 x on avx512_bf16"
         if setting == "auto"
         else "BAM_FUSED_CPU_SPATIAL=kernel"
@@ -126,7 +124,7 @@ def info() -> dict[str, Any]:
             "dilated convs (C++, CPU)": _cpu_spatial_status(
                 branch_cpu,
                 extension.get("cpu_spatial"),
-                _winograd_note(extension.get("cpu_winograd"), extension.get("cpu_isa")),
+                _winograd_note(extension.get("cpu_winograd")),
             ),
         },
     }

@@ -6,6 +6,7 @@ per-round ratios, which drifts less than either time.
     python benchmarks/cpu_probe.py stages                          # pass, convs + MLP, gate, whole BAM
     python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_SPATIAL library kernel
     python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_STREAM_STORES off on --shape 8,256,56,56
+    python benchmarks/cpu_probe.py ab BAM_FUSED_CPU_WINOGRAD off on --train   # training steps
     python benchmarks/cpu_probe.py compiled [--in-model]           # training steps under torch.compile
 
 Eval mode, N = 8 at the ResNet-50 BAM shapes unless --shape says otherwise; fp32 unless --dtype
@@ -17,6 +18,7 @@ avx512_bf16.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -84,19 +86,37 @@ def stages(shape: tuple, layout: str, reps: int, dtype: torch.dtype = torch.floa
 
 
 def ab(
-    shape: tuple, layout: str, var: str, values: list[str], reps: int, dtype: torch.dtype = torch.float32
+    shape: tuple,
+    layout: str,
+    var: str,
+    values: list[str],
+    reps: int,
+    dtype: torch.dtype = torch.float32,
+    train: bool = False,
 ) -> dict[str, tuple[float, float]]:
-    """Whole fused BAM eval under each value of `var`, interleaved: value -> (median ms, median
-    speed-up over the first value)."""
+    """Whole fused BAM eval (train: a training step, forward + backward) under each value of
+    `var`, interleaved: value -> (median ms, median speed-up over the first value)."""
     bam, x = make_bam(shape, layout, dtype)
+    if train:
+        bam.train()
+        x.requires_grad_()
+        g = torch.randn_like(x)
+
+        def step() -> object:
+            return bam(x).backward(g)
+    else:
+
+        def step() -> object:
+            return bam(x)
+
     runs: dict[str, list[float]] = {v: [] for v in values}
     old = os.environ.get(var)
     try:
-        with torch.inference_mode():
+        with contextlib.nullcontext() if train else torch.inference_mode():
             for _ in range(reps):
                 for v in values:
                     os.environ[var] = v
-                    runs[v].append(median_ms(lambda: bam(x)))
+                    runs[v].append(median_ms(step))
     finally:
         if old is None:
             os.environ.pop(var, None)
@@ -168,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--in-model", action="store_true", help="compiled: each BAM between 1x1 convs")
+    parser.add_argument("--train", action="store_true", help="ab: training steps (forward + backward), not eval")
     args = parser.parse_args(argv)
     if args.what == "ab" and (args.var is None or len(args.values) < 2):
         parser.error("ab needs a variable and at least two values")
@@ -183,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             st = stages(shape, args.layout, args.reps, DTYPES[args.dtype])
             print(f"{shape} {args.dtype} {args.layout}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in st.items()))
         else:
-            runs = ab(shape, args.layout, args.var, args.values, args.reps, DTYPES[args.dtype])
+            runs = ab(shape, args.layout, args.var, args.values, args.reps, DTYPES[args.dtype], args.train)
+            mode = "train" if args.train else "eval"
             for v, (ms, up) in runs.items():
                 print(
-                    f"{shape} {args.dtype} {args.layout} {args.var}={v}: {ms:.3f} ms, "
+                    f"{shape} {args.dtype} {args.layout} {mode} {args.var}={v}: {ms:.3f} ms, "
                     f"speed-up over {args.values[0]} {up:.3f}x"
                 )
     return 0

@@ -53,7 +53,11 @@ bool cuda_spatial_kernel(int64_t Cr) {
 // 1.10x at N = 1 / 2 / 4 / 8 (a second N = 1 run: 1.07x), channels_last 1.10x / 1.05x at N = 1 / 8.
 // So the eval ops take ours at 64 there (not in training, where it is unmeasured; Cr = 128 at
 // 7x7: 0.99x at N = 1, left to oneDNN).
-constexpr int64_t kSmallMapValues = 25088;
+// Under AVX-512 (2-core Zen 4, 2026-11-28, same A/B, Winograd from 784 pixels): Cr = 64 at 14x14
+// 1.37x / 1.23x / 1.16x at N = 1 / 2 / 4 (channels_last 1.38x / 1.14x at N = 1 / 4) but 0.97-1.01x
+// at N = 8 (channels_last 0.94x); Cr = 128 at 7x7 1.14x / 1.04x / 1.00x / 0.92x at N = 1 / 4 / 8 /
+// 16. So the eval ops take ours above 32 channels up to kAvx512EvalValues values per conv output.
+constexpr int64_t kSmallMapValues = 25088, kAvx512EvalValues = 50176;
 std::string cpu_spatial_choice() { return env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"}); }
 // bf16 (cpu_bf16_products): the convs round as oneDNN's bf16 ones do, in our bf16 kernel (it
 // has Cr 16, 32, 64, 128) or oneDNN's. Auto picks ours at 16 and 32 there too: whole bf16 BAM
@@ -64,7 +68,9 @@ bool cpu_spatial_kernel(int64_t Cr, bool bf16, int64_t eval_pixels) {
   if (v == "auto") {
     const bool small_map = !bf16 && Cr < 16 && eval_pixels > 0 && eval_pixels * Cr <= kSmallMapValues;
     const bool avx2_eval_64 = !bf16 && Cr == 64 && eval_pixels > 0 && chosen_isa() == Isa::kAvx2;
-    return Cr == 16 || Cr == 32 || small_map || avx2_eval_64;
+    const bool avx512_eval_small = !bf16 && Cr > 32 && eval_pixels > 0 && eval_pixels * Cr <= kAvx512EvalValues &&
+                                   avx512_vectors(chosen_isa());
+    return Cr == 16 || Cr == 32 || small_map || avx2_eval_64 || avx512_eval_small;
   }
   return v == "kernel" && (!bf16 || cpu_bf16_spatial_kernel(Cr));
 }

@@ -85,8 +85,8 @@ at::Tensor channel_mlp_cpu(const at::Tensor& part, const at::Tensor& w0, const a
 bool stream_stores(int64_t bytes);
 // Whether the CPU dilated convs for Cr reduced channels run our vector code (else oneDNN's):
 // BAM_FUSED_CPU_SPATIAL, and in auto what was faster (bam_fused.cpp says where). eval_pixels:
-// N * H * W of the map for the eval ops, which take ours below 16 channels on small maps; 0 for
-// the training convs, which do not.
+// N * H * W of the map for the eval ops, which take ours on small maps below 16 channels (and
+// above 32 under AVX-512); 0 for the training convs, which do not.
 bool cpu_spatial_kernel(int64_t Cr, bool bf16, int64_t eval_pixels = 0);
 // BAM_FUSED_CPU_SPATIAL as read now: auto, kernel or library.
 std::string cpu_spatial_choice();

@@ -375,15 +375,17 @@ def test_bam_eval_op_opcheck():
 
 
 # Auto's choice of the CPU dilated convs in eval: ours at 16 and 32 reduced channels, at 64 under
-# AVX2 (where our Winograd conv beat oneDNN's), and below 16 on small maps (N * H * W * Cr <=
-# 25088: ResNet-18/34's first two BAMs at batch 1-2 / 1-4), oneDNN's otherwise. The two differ in
-# rounding, which tells them apart. isa None: the CPU's own.
+# AVX2 (where our Winograd conv beat oneDNN's), below 16 on small maps (N * H * W * Cr <= 25088:
+# ResNet-18/34's first two BAMs at batch 1-2 / 1-4) and above 32 under AVX-512 on small maps
+# (N * H * W * Cr <= 50176), oneDNN's otherwise. The two differ in rounding, which tells them
+# apart. isa None: the CPU's own.
 @pytest.mark.parametrize(
     "n,c,h,w,isa,ours",
     [(1, 64, 56, 56, None, True), (2, 64, 56, 56, None, True), (3, 64, 56, 56, None, False),
      (4, 128, 28, 28, None, True), (5, 128, 28, 28, None, False), (8, 256, 14, 14, None, True),
      (1, 1024, 14, 14, "avx2", True), (2, 1024, 14, 14, "avx2", True), (1, 1024, 14, 14, "generic", False),
-     (1, 1024, 14, 14, "avx512", False), (1, 2048, 7, 7, "avx2", False)],
+     (1, 2048, 7, 7, "avx2", False), (4, 1024, 14, 14, "avx512", True), (5, 1024, 14, 14, "avx512", False),
+     (1, 1024, 14, 14, "avx512_bf16", True), (8, 2048, 7, 7, "avx512", True), (9, 2048, 7, 7, "avx512", False)],
 )  # fmt: skip
 def test_cpu_eval_auto_picks_the_dilated_convs_by_channels_and_map(monkeypatch, n, c, h, w, isa, ours):
     if isa is not None:
@@ -402,9 +404,11 @@ def test_cpu_eval_auto_picks_the_dilated_convs_by_channels_and_map(monkeypatch, 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_fused_bam_eval_at_64_reduced_channels_under_avx2(monkeypatch, layout, n):
-    # Auto runs our convs there (Winograd from N*H*W >= 784): the whole BAM against float64.
-    isa_env(monkeypatch, "avx2")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_fused_bam_eval_at_64_reduced_channels(monkeypatch, layout, n, isa):
+    # Auto runs our convs there under AVX2 and, on these small maps, under AVX-512 (Winograd from
+    # N*H*W >= 784): the whole BAM against float64.
+    isa_env(monkeypatch, isa)
     ref = randomize_(RefBAM(1024, 16, 4)).eval()
     fused = bam_fused.BAM(1024, 16, 4, backend="fused").eval()
     fused.load_state_dict(ref.state_dict())

@@ -133,7 +133,8 @@ def test_cpu_probe_runs_its_subcommands():
     probe = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_probe.py"
     common = ["--shape", "2,64,7,9", "--reps", "1", "--threads", "1"]
     runs = ((["stages"], "convs+mlp", "fp32"), (["stages", "--dtype", "bf16"], "convs+mlp", "bf16"),
-            (["ab", "BAM_FUSED_CPU_SPATIAL", "library", "kernel"], "=kernel", "fp32"),
+            (["ab", "BAM_FUSED_CPU_SPATIAL", "library", "kernel"], "eval BAM_FUSED_CPU_SPATIAL=kernel", "fp32"),
+            (["ab", "BAM_FUSED_CPU_WINOGRAD", "off", "on", "--train"], "train BAM_FUSED_CPU_WINOGRAD=on", "fp32"),
             (["compiled"], "reference compiled", "fp32"),
             (["compiled", "--in-model"], "no BAM compiled", "fp32"))  # fmt: skip
     for args, want, dtype in runs:

@@ -145,7 +145,8 @@ def test_each_output_reads_only_its_own_inputs(monkeypatch, ours):
     "isa,n,cr,h,w,dilation,winograd",
     [("generic", 2, 16, 16, 16, 4, True), ("generic", 1, 16, 14, 14, 4, True), ("generic", 2, 16, 7, 16, 4, False),
      ("generic", 1, 32, 14, 14, 4, False), ("generic", 1, 32, 28, 28, 4, True), ("generic", 2, 8, 16, 16, 2, False),
-     ("avx512", 2, 16, 16, 16, 4, False)],
+     ("avx512", 2, 16, 16, 16, 4, True), ("avx512", 2, 16, 7, 16, 4, False), ("avx512", 1, 32, 14, 14, 4, False),
+     ("avx512", 1, 32, 28, 28, 4, True), ("avx512_bf16", 2, 16, 16, 16, 4, True)],
 )  # fmt: skip
 def test_auto_takes_winograd_where_it_was_faster(monkeypatch, isa, n, cr, h, w, dilation, winograd):
     # Winograd and the direct conv round differently, so auto's bits tell which one ran.

@@ -149,21 +149,24 @@ struct DilatedBlocking {
 // lose: whole BAM eval, Cr = 64, 0.95x / 0.97x at 1 / 2 x 14x14, Cr = 32 0.98x at 1 x 14x14
 // (2026-11-27), so the pixel threshold stays.
 // Every band of tiles must fit the map: at 7x7 with dilation 4 most tile outputs fall outside
-// it (0.65x at Cr = 128). Under AVX-512 an earlier prototype gained little (0.65 against 0.69
-// ms at 56x56, slower at 28x28 and batch 1) and this one is unmeasured there, so auto keeps
-// the direct conv.
-bool use_winograd(Isa isa, int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t d) {
+// it (0.65x at Cr = 128).
+// Under AVX-512 (2-core Zen 4, 2026-11-28, whole BAM, paired A/B, direct -> Winograd): eval Cr = 16
+// at 56x56 1.14-1.18x at N = 8 (channels_last 1.21x), 1.17x / 1.23x at N = 1 / 2; Cr = 32 at 28x28
+// 1.07x at N = 8, 1.08-1.09x at N = 1 / 2 / 4; training steps 1.06-1.08x at 8 x 56x56, 1.04x at
+// 2 x 56x56, 0.98-1.02x at 28x28. Below 16 channels 0.91-1.27x, so the same rule serves both.
+// (An earlier prototype had gained little there: 0.65 against 0.69 ms at 56x56.)
+bool use_winograd(int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t d) {
   const std::string v = cpu_winograd_choice();
   if (v != "auto") return v == "on";
   constexpr int64_t kMinPixelsAbove16 = 784;
-  return !avx512_vectors(isa) && Cr >= 16 && H >= 2 * d && W >= 2 * d && (Cr == 16 || N * H * W >= kMinPixelsAbove16);
+  return Cr >= 16 && H >= 2 * d && W >= 2 * d && (Cr == 16 || N * H * W >= kMinPixelsAbove16);
 }
 
 DilatedBlocking dilated_blocking(int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t dilation, bool bf16) {
   const Isa isa = chosen_isa();
   const int64_t lanes = blocking(isa).second, cl_vectors = cl_vectors_for(Cr, lanes), kCo = cl_vectors * lanes;
   const int64_t d = std::min(dilation, std::max(H, W));
-  const bool winograd = !bf16 && use_winograd(isa, N, Cr, H, W, d);
+  const bool winograd = !bf16 && use_winograd(N, Cr, H, W, d);
   int64_t chunk_px = chunk_pixels(N, H * W), units = H * W;
   if (winograd) {  // 4 outputs a tile, so a quarter as many tiles a chunk (a multiple of 12)
     chunk_px /= 4;
