@@ -41,8 +41,9 @@
 |                             |         | off (the whole batch); same bits either way; read by the      |
 |                             |         | extension                                                     |
 | BAM_FUSED_CPU_PREFETCH      | auto    | CPU eval (bam_eval): prefetch each next group's x while this  |
-|                             |         | group's dilated convs compute (auto, on), or not (off); same  |
-|                             |         | bits either way; read by the extension                        |
+|                             |         | group's dilated convs compute (on), or not (off), or auto (on |
+|                             |         | but for NCHW x under avx512); same bits either way; read by   |
+|                             |         | the extension                                                 |
 | TRITON_INTERPRET            | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |
 
 Build-time only (setup.py): BAM_FUSED_SKIP_EXT, BAM_FUSED_FORCE_CUDA, TORCH_CUDA_ARCH_LIST,

@@ -330,11 +330,16 @@ int64_t eval_group(const at::Tensor& x, const at::Tensor& w_reduce, at::TensorLi
 }
 
 // Whether bam_eval prefetches each next group of x while the current group's dilated convs run
-// (BAM_FUSED_CPU_PREFETCH: auto|on|off, auto as on; read on every call; cpu/cache_hint.h says
-// why). Only for x laid out whole samples apart, NCHW- or channels_last-contiguous.
+// (BAM_FUSED_CPU_PREFETCH: auto|on|off; read on every call; cpu/cache_hint.h says why). Only for
+// x laid out whole samples apart, NCHW- or channels_last-contiguous. Auto prefetches but for
+// NCHW x under AVX-512: paired A/B, off -> on, whole BAM eval, 8 x 256 x 56x56 fp32, 2-core Zen 4,
+// 2026-11-28: NCHW 0.97-0.99x over five runs (why is not known), 0.99x
+// at 28x28, 1.02x at 14x14; channels_last 1.08x / 1.09x. Under AVX2 (Zen 3) NCHW gained 1.05-1.09x.
 bool prefetch_next_group(const at::Tensor& x) {
   const std::string v = env_choice("BAM_FUSED_CPU_PREFETCH", {"auto", "on", "off"});
-  return v != "off" && x.is_cpu() && (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast));
+  const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast), nchw = x.is_contiguous();
+  if (v == "off" || !x.is_cpu() || !(cl || nchw)) return false;
+  return v == "on" || cl || !avx512_vectors(chosen_isa());
 }
 
 }  // namespace
