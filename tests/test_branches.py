@@ -444,8 +444,8 @@ def test_fused_bam_eval_with_our_cpu_dilated_convs(c, r, h, w, dilation, convs, 
 # bam_eval on the CPU takes the batch in groups of samples (BAM_FUSED_CPU_GROUPS), each with the
 # whole batch's kernel choices: the same bits as the whole batch at once. At n = 5 a group of one
 # sample would otherwise chunk the pooled sums differently (chunk_pixels), and at 1024 x 14x15
-# under AVX2 run the direct dilated convs instead of Winograd. With oneDNN's convs (library)
-# there are no groups.
+# under AVX2 run the direct dilated convs instead of Winograd. With oneDNN's convs (library, and
+# bf16 products below 16 reduced channels, which our bf16 convs do not cover) there are no groups.
 @pytest.mark.parametrize(
     "c,r,h,w,dilation,convs,spatial,isa",
     [(48, 16, 9, 13, 4, 2, "kernel", None), (37, 16, 7, 9, 2, 1, "kernel", None),
@@ -472,7 +472,7 @@ def test_cpu_eval_groups_give_the_whole_batchs_bits(monkeypatch, c, r, h, w, dil
         runs[groups] = _ext.build_info()["cpu_eval_groups"] - before
     # One sample a group where our convs run; about 4 MiB of x a group under auto.
     per_group = min(max((4 << 20) // (x[0].numel() * x.element_size()), 1), 5)
-    grouped = spatial != "library"
+    grouped = spatial != "library" and not (bf16_products(dtype) and c // r not in (16, 32, 64, 128))
     assert runs == {"off": 1, "images": 5 if grouped else 1, "auto": -(-5 // per_group) if grouped else 1}
     assert torch.equal(out["images"], out["off"])
     assert torch.equal(out["auto"], out["off"])
