@@ -18,7 +18,12 @@ export MAX_JOBS ?= 2
 
 .PHONY: run test lint bench-suite clean
 
+# The pinned torch is a CUDA build: about 6 GB in the venv. Say so up front when the disk is short
+# (pip's own "No space left on device" comes minutes later, without the numbers).
 $(DEPS): requirements-dev.txt
+	@free_kb=$$(df -Pk . | awk 'NR == 2 { print $$4 }'); \
+	if [ "$${free_kb:-0}" -lt 7340032 ]; then \
+	  echo "warning: $$((free_kb / 1024)) MiB free on this disk; the venv needs about 6 GiB" >&2; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
