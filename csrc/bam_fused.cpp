@@ -56,7 +56,8 @@ bool cuda_spatial_kernel(int64_t Cr) {
 // Under AVX-512 (2-core Zen 4, 2026-11-28, same A/B, Winograd from 784 pixels): Cr = 64 at 14x14
 // 1.37x / 1.23x / 1.16x at N = 1 / 2 / 4 (channels_last 1.38x / 1.14x at N = 1 / 4) but 0.97-1.01x
 // at N = 8 (channels_last 0.94x); Cr = 128 at 7x7 1.14x / 1.04x / 1.00x / 0.92x at N = 1 / 4 / 8 /
-// 16. So the eval ops take ours above 32 channels up to kAvx512EvalValues values per conv output.
+// 16. So the eval ops take ours above 32 channels (measured at 64 and 128) up to kAvx512EvalValues
+// values per conv output.
 constexpr int64_t kSmallMapValues = 25088, kAvx512EvalValues = 50176;
 std::string cpu_spatial_choice() { return env_choice("BAM_FUSED_CPU_SPATIAL", {"auto", "kernel", "library"}); }
 // bf16 (cpu_bf16_products): the convs round as oneDNN's bf16 ones do, in our bf16 kernel (it
@@ -332,9 +333,10 @@ int64_t eval_group(const at::Tensor& x, const at::Tensor& w_reduce, at::TensorLi
 // Whether bam_eval prefetches each next group of x while the current group's dilated convs run
 // (BAM_FUSED_CPU_PREFETCH: auto|on|off; read on every call; cpu/cache_hint.h says why). Only for
 // x laid out whole samples apart, NCHW- or channels_last-contiguous. Auto prefetches but for
-// NCHW x under AVX-512: paired A/B, off -> on, whole BAM eval, 8 x 256 x 56x56 fp32, 2-core Zen 4,
-// 2026-11-28: NCHW 0.97-0.99x over five runs (why is not known), 0.99x
-// at 28x28, 1.02x at 14x14; channels_last 1.08x / 1.09x. Under AVX2 (Zen 3) NCHW gained 1.05-1.09x.
+// NCHW x under AVX-512: paired A/B, off -> on, whole BAM eval fp32, 2-core Zen 4, 2026-11-28:
+// NCHW 0.97-0.99x over five runs at 8 x 256 x 56x56 (why is not known), 0.99x at 8 x 512 x
+// 28x28, 1.02x at 8 x 1024 x 14x14; channels_last 1.08x / 1.09x at 56x56. Under AVX2 (Zen 3)
+// NCHW gained 1.05-1.09x at 56x56.
 bool prefetch_next_group(const at::Tensor& x) {
   const std::string v = env_choice("BAM_FUSED_CPU_PREFETCH", {"auto", "on", "off"});
   const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast), nchw = x.is_contiguous();

@@ -153,8 +153,9 @@ struct DilatedBlocking {
 // Under AVX-512 (2-core Zen 4, 2026-11-28, whole BAM, paired A/B, direct -> Winograd): eval Cr = 16
 // at 56x56 1.14-1.18x at N = 8 (channels_last 1.21x), 1.17x / 1.23x at N = 1 / 2; Cr = 32 at 28x28
 // 1.07x at N = 8, 1.08-1.09x at N = 1 / 2 / 4; training steps 1.06-1.08x at 8 x 56x56, 1.04x at
-// 2 x 56x56, 0.98-1.02x at 28x28. Below 16 channels 0.91-1.27x, so the same rule serves both.
-// (An earlier prototype had gained little there: 0.65 against 0.69 ms at 56x56.)
+// 2 x 56x56, 0.98-1.02x at 28x28. Below 16 channels (eval, Cr = 4 and 8 at N = 1-4) 0.91-1.27x,
+// so auto keeps the direct conv there as under AVX2: one rule for every instruction set. (An
+// earlier AVX-512 prototype had gained little: 0.65 against 0.69 ms at 56x56.)
 bool use_winograd(int64_t N, int64_t Cr, int64_t H, int64_t W, int64_t d) {
   const std::string v = cpu_winograd_choice();
   if (v != "auto") return v == "on";
