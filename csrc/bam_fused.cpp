@@ -67,11 +67,11 @@ std::string cpu_spatial_choice() { return env_choice("BAM_FUSED_CPU_SPATIAL", {"
 bool cpu_spatial_kernel(int64_t Cr, bool bf16, int64_t eval_pixels) {
   const std::string v = cpu_spatial_choice();
   if (v == "auto") {
-    const bool small_map = !bf16 && Cr < 16 && eval_pixels > 0 && eval_pixels * Cr <= kSmallMapValues;
-    const bool avx2_eval_64 = !bf16 && Cr == 64 && eval_pixels > 0 && chosen_isa() == Isa::kAvx2;
-    const bool avx512_eval_small = !bf16 && Cr > 32 && eval_pixels > 0 && eval_pixels * Cr <= kAvx512EvalValues &&
-                                   avx512_vectors(chosen_isa());
-    return Cr == 16 || Cr == 32 || small_map || avx2_eval_64 || avx512_eval_small;
+    if (Cr == 16 || Cr == 32) return true;
+    if (bf16 || eval_pixels <= 0 || (Cr > 16 && Cr < 32)) return false;  // (training convs: 16 and 32 only)
+    if (Cr < 16) return eval_pixels * Cr <= kSmallMapValues;
+    const Isa isa = chosen_isa();  // above 32 channels, by instruction set
+    return (Cr == 64 && isa == Isa::kAvx2) || (avx512_vectors(isa) && eval_pixels * Cr <= kAvx512EvalValues);
   }
   return v == "kernel" && (!bf16 || cpu_bf16_spatial_kernel(Cr));
 }
@@ -337,8 +337,9 @@ int64_t eval_group(const at::Tensor& x, const at::Tensor& w_reduce, at::TensorLi
 // NCHW 0.97-0.99x over five runs at 8 x 256 x 56x56 (why is not known), 0.99x at 8 x 512 x
 // 28x28, 1.02x at 8 x 1024 x 14x14; channels_last 1.08x / 1.09x at 56x56. Under AVX2 (Zen 3)
 // NCHW gained 1.05-1.09x at 56x56.
+std::string cpu_prefetch_choice() { return env_choice("BAM_FUSED_CPU_PREFETCH", {"auto", "on", "off"}); }
 bool prefetch_next_group(const at::Tensor& x) {
-  const std::string v = env_choice("BAM_FUSED_CPU_PREFETCH", {"auto", "on", "off"});
+  const std::string v = cpu_prefetch_choice();
   const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast), nchw = x.is_contiguous();
   if (v == "off" || !x.is_cpu() || !(cl || nchw)) return false;
   return v == "on" || cl || !avx512_vectors(chosen_isa());
@@ -487,7 +488,7 @@ pybind11::dict build_info() {
     d["cpu_pack_cache"] = e.what_without_backtrace();
   }
   try {
-    d["cpu_prefetch"] = env_choice("BAM_FUSED_CPU_PREFETCH", {"auto", "on", "off"});
+    d["cpu_prefetch"] = cpu_prefetch_choice();
   } catch (const c10::Error& e) {
     d["cpu_prefetch"] = e.what_without_backtrace();
   }
