@@ -15,7 +15,8 @@
 |                             |         | triton-pass (Triton pass over x + op's convs and MLP), triton |
 |                             |         | (Triton pass, convs, MLP; tensor cores, 3xTF32, Cr <= 64), or |
 |                             |         | auto (GPU time of each on the first call per shape, fastest)  |
-| BAM_FUSED_CPU_ISA           | auto    | CPU pass over x, its backward, our dilated convs:             |
+| BAM_FUSED_CPU_ISA           | auto    | CPU pass over x, its backward, our dilated convs, the fp32    |
+|                             |         | gate forward's reciprocal (avx512: rcp14 + a Newton step):    |
 |                             |         | avx512_bf16 (avx512 + bf16 branches for bf16 x), avx512,      |
 |                             |         | avx2, generic, or auto (the widest the CPU has); read by the  |
 |                             |         | extension                                                     |
@@ -35,11 +36,14 @@
 | BAM_FUSED_CPU_STREAM_STORES | auto    | CPU gate forward output: on (non-temporal stores), off, or    |
 |                             |         | auto (on from half the last-level cache up); read by the      |
 |                             |         | extension                                                     |
-| BAM_FUSED_CPU_GROUPS        | auto    | CPU eval (bam_eval): the batch in groups of samples, each     |
-|                             |         | through the whole BAM so the gate finds its x in the cache:   |
-|                             |         | auto (about 4 MiB of x a group), images (one sample a group), |
-|                             |         | off (the whole batch); same bits either way; read by the      |
-|                             |         | extension                                                     |
+| BAM_FUSED_CPU_GROUPS        | auto    | CPU eval (bam_eval): how it walks the batch, each sample or   |
+|                             |         | group through the whole BAM so the gate finds its x in the    |
+|                             |         | cache: threads (whole samples one a thread, as many as the    |
+|                             |         | thread count divides; the rest as groups), groups (about 4    |
+|                             |         | MiB of x a group over all threads), images (one sample a      |
+|                             |         | group), off (the whole batch), auto (threads where the        |
+|                             |         | threads' samples fit the last-level cache, else groups);      |
+|                             |         | same bits either way; read by the extension                   |
 | BAM_FUSED_CPU_PREFETCH      | auto    | CPU eval (bam_eval): prefetch each next group's x while this  |
 |                             |         | group's dilated convs compute (on), or not (off), or auto (on |
 |                             |         | but for NCHW x under avx512); same bits either way; read by   |

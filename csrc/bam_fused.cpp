@@ -1,6 +1,8 @@
 // Op schemas (TORCH_LIBRARY), the device-independent part of the branch and attention ops,
 // and build info.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -305,29 +307,46 @@ void gate_into(const at::Tensor& x, const at::Tensor& channel, const at::Tensor&
                     out.permute({0, 2, 3, 1}).view({N, HW, C}), nt);
 }
 
-// Groups bam_eval has run so far (build_info: tests).
-std::atomic<int64_t> eval_groups_run{0};
+// Groups bam_eval has run so far, and samples it has run one a thread (build_info: tests).
+std::atomic<int64_t> eval_groups_run{0}, eval_thread_samples_run{0};
 
-// Samples per group of bam_eval (BAM_FUSED_CPU_GROUPS: auto|images|off). Each group goes through
-// the whole BAM (pass over x, convs, MLP, gate) before the next, so that the gate finds the
-// group's x in the last-level cache instead of reading it from memory a second time. auto: about
-// kGroupBytes of x a group; images: one sample a group; off: the whole batch. Only where the
-// results are the same bits as the whole batch's: the group's kernels take the whole batch's
-// choices (chunks, direct or Winograd), which our dilated convs honour and oneDNN's cannot.
-// Paired A/B of auto against off, fp32, N = 8, 2-core AVX2 CPU (Zen 3, 32 MB L3), 2026-11-27:
-// 1.04x at 256 x 56x56 (one sample a group), 1.03x at 512 x 28x28 (two), 1.02x at 1024 x 14x14
-// (five), 1.00x on channels_last x at 56x56; one sample a group at 28x28 took 0.94x (each group
-// pays the ops' fixed costs).
-int64_t eval_group(const at::Tensor& x, const at::Tensor& w_reduce, at::TensorList w_dilated) {
+// How bam_eval walks the batch (BAM_FUSED_CPU_GROUPS: auto|threads|groups|images|off): samples
+// [0, by_thread) one a thread, each through the whole BAM (pass over x, convs, MLP, gate) on its
+// own, then the rest in groups of `group` samples, each group through the whole BAM over all
+// threads before the next. Either way the gate finds the x it gates in the last-level cache
+// instead of reading it from memory a second time. Only where the results are the same bits as
+// the whole batch's: each sample or group takes the whole batch's kernel choices (chunks, direct
+// or Winograd), which our dilated convs honour and oneDNN's cannot.
+// groups: about kGroupBytes of x a group; images: one sample a group; off: the whole batch;
+// threads: as many samples one a thread as the thread count divides, the rest as groups.
+// auto: threads where each thread's sample fits its share of the last-level cache, else groups.
+// Samples one a thread need no barrier between the stages, and the threads drift apart, so that
+// one's gate streams out while the other computes. Paired A/B, groups -> threads, whole BAM eval
+// fp32, 2 threads, 2-core Zen 4 (32 MB L3), 2026-11-28: N = 8, 256 x 56x56 1.20x / 1.23x (NCHW),
+// 1.20x (channels_last), bf16 1.01x; N = 4 1.05x; N = 3 1.02x; 512 x 28x28 1.01-1.03x; 1024 x
+// 14x14 1.01-1.02x; 2048 x 7x7 (N = 16) 1.00x; N = 4, 256 x 112x112 1.01-1.06x.
+// groups against the whole batch, 2-core AVX2 CPU (Zen 3), 2026-11-27: 1.04x at 256 x 56x56
+// (one sample a group), 1.03x at 512 x 28x28 (two), 1.02x at 1024 x 14x14 (five), 1.00x on
+// channels_last x at 56x56; one sample a group at 28x28 took 0.94x (each group pays the ops'
+// fixed costs).
+struct EvalPlan {
+  int64_t by_thread;  // a multiple of the thread count
+  int64_t group;      // >= 1
+};
+EvalPlan eval_plan(const at::Tensor& x, const at::Tensor& w_reduce, at::TensorList w_dilated) {
   constexpr int64_t kGroupBytes = int64_t{4} << 20;
-  const std::string v = env_choice("BAM_FUSED_CPU_GROUPS", {"auto", "images", "off"});
+  const std::string v = env_choice("BAM_FUSED_CPU_GROUPS", {"auto", "threads", "groups", "images", "off"});
   const int64_t N = x.size(0), Cr = w_reduce.dim() == 2 ? w_reduce.size(0) : 0;  // else the pass raises
   const bool exact =
       w_dilated.empty() || cpu_spatial_kernel(Cr, cpu_bf16_products(x), N * x.size(2) * x.size(3));
-  if (v == "off" || N <= 1 || Cr < 1 || !exact) return std::max<int64_t>(N, 1);
-  if (v == "images") return 1;
+  if (v == "off" || N <= 1 || Cr < 1 || !exact) return {0, std::max<int64_t>(N, 1)};
+  if (v == "images") return {0, 1};
   const int64_t sample_bytes = std::max<int64_t>(1, static_cast<int64_t>(x.nbytes()) / N);
-  return std::clamp<int64_t>(kGroupBytes / sample_bytes, 1, N);
+  const int64_t group = std::clamp<int64_t>(kGroupBytes / sample_bytes, 1, N);
+  const int64_t threads = at::get_num_threads();
+  const bool by_thread = threads > 1 && (v == "threads" || (v == "auto" && threads * sample_bytes <=
+                                                                               last_level_cache_bytes()));
+  return {by_thread ? N / threads * threads : 0, group};
 }
 
 // Whether bam_eval prefetches each next group of x while the current group's dilated convs run
@@ -348,32 +367,48 @@ bool prefetch_next_group(const at::Tensor& x) {
 }  // namespace
 
 // The whole eval-mode BAM forward on the CPU, x * (1 + sigmoid(channel (+ or *) spatial)) in
-// x's dtype and layout from the folded weights: the attention op, then the gate, group by group
-// of samples (eval_group). One op boundary for BAM.forward: through Python between them
-// (bam_gate's checks and autograd Function) the same kernels took 10-30 us more a call
-// (1.00-1.05x, paired, 2 threads).
+// x's dtype and layout from the folded weights: the attention op, then the gate, sample by sample
+// one a thread and group by group of samples (eval_plan). One op boundary for BAM.forward:
+// through Python between them (bam_gate's checks and autograd Function) the same kernels took
+// 10-30 us more a call (1.00-1.05x, paired, 2 threads).
 at::Tensor bam_eval(const at::Tensor& x, const at::Tensor& w_reduce, const at::Tensor& b_reduce,
                     at::TensorList w_dilated, at::TensorList b_dilated, int64_t dilation, const at::Tensor& w_final,
                     const at::Tensor& b_final, const at::Tensor& w_fc0, const at::Tensor& b_fc0,
                     const at::Tensor& w_fc1, const at::Tensor& b_fc1, bool product) {
   const char* op = "bam_fused_C::bam_eval";
   BAM_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got sizes ", x.sizes());
-  const int64_t N = x.size(0), group = eval_group(x, w_reduce, w_dilated);
+  const int64_t N = x.size(0);
+  const auto [by_thread, group] = eval_plan(x, w_reduce, w_dilated);
   auto out = at::empty_like(x);
   const bool nt = stream_stores(out.nbytes());
-  const bool prefetch = prefetch_next_group(x) && group < N;  // the variable checked on every call
+  const bool prefetch = prefetch_next_group(x);  // the variable checked on every call
   const int64_t sample_bytes = x.stride(0) * static_cast<int64_t>(x.element_size());
-  for (int64_t n0 = 0; n0 < std::max<int64_t>(N, 1); n0 += group) {  // once for an empty batch
-    const int64_t g = std::min(group, N - n0);
+  // Samples n .. n + g - 1 of x, for prefetching (x is NCHW- or channels_last-contiguous: checked).
+  const auto samples = [&](int64_t n, int64_t g) {
+    return prefetch ? CacheHint{static_cast<const char*>(x.const_data_ptr()) + n * sample_bytes, g * sample_bytes}
+                    : CacheHint{};
+  };
+  // Samples n0 .. n0 + g - 1 through the whole BAM, into out.
+  const auto run = [&](int64_t n0, int64_t g, CacheHint next) {
     const at::Tensor xg = g == N ? x : x.narrow(0, n0, g);
-    // The next group's x, whole samples (x is NCHW- or channels_last-contiguous: checked).
-    const CacheHint next = prefetch && n0 + g < N
-                               ? CacheHint{static_cast<const char*>(x.const_data_ptr()) + (n0 + g) * sample_bytes,
-                                           std::min(group, N - n0 - g) * sample_bytes}
-                               : CacheHint{};
     const auto [channel, spatial] = attention_maps(op, xg, w_reduce, b_reduce, w_dilated, b_dilated, dilation,
                                                    w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1, N, next);
     gate_into(xg, channel, spatial, product, g == N ? out : out.narrow(0, n0, g), nt);
+  };
+  if (by_thread > 0) {
+    // Each thread its share of whole samples; the kernels inside run on the calling thread
+    // (at::parallel_for does not nest), under this thread's dispatch and grad state.
+    const at::ThreadLocalState state;
+    at::parallel_for(0, by_thread, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(state);
+      for (int64_t n = begin; n < end; ++n) run(n, 1, n + 1 < end ? samples(n + 1, 1) : CacheHint{});
+    });
+    eval_thread_samples_run.fetch_add(by_thread, std::memory_order_relaxed);
+    if (by_thread == N) return out;
+  }
+  for (int64_t n0 = by_thread; n0 < std::max<int64_t>(N, 1); n0 += group) {  // once for an empty batch
+    const int64_t g = std::min(group, N - n0);
+    run(n0, g, n0 + g < N ? samples(n0 + g, std::min(group, N - n0 - g)) : CacheHint{});  // and the next group
     eval_groups_run.fetch_add(1, std::memory_order_relaxed);
   }
   return out;
@@ -495,7 +530,9 @@ pybind11::dict build_info() {
   d["cpu_pack_cache_entries"] = pack_cache_entries();
   d["cpu_pack_cache_hits"] = pack_cache_hits();
   d["cpu_eval_groups"] = eval_groups_run.load(std::memory_order_relaxed);
+  d["cpu_eval_thread_samples"] = eval_thread_samples_run.load(std::memory_order_relaxed);
   d["cpu_prefetched_bytes"] = cpu_prefetched_bytes();
+  d["cpu_last_level_cache_bytes"] = last_level_cache_bytes();  // the auto rules' cache size
 #ifdef _OPENMP
   d["openmp"] = true;  // at::parallel_for in our CPU kernels uses threads only with OpenMP
 #else

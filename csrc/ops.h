@@ -83,6 +83,10 @@ at::Tensor channel_mlp_cpu(const at::Tensor& part, const at::Tensor& w0, const a
                            const at::Tensor& b1);
 // Whether the gate writes an output of `bytes` with non-temporal stores (BAM_FUSED_CPU_STREAM_STORES).
 bool stream_stores(int64_t bytes);
+// gate_cpu.cpp's split-exp fp32 rows under AVX-512 (cpu/gate_avx512.cpp); stream: non-temporal stores.
+void gate_split_row_avx512(const float* x, const float* ecol, float er, float* out, int64_t L, bool stream);
+// The last-level cache of CPU 0 in bytes (sysfs, else sysconf, else 32 MB).
+int64_t last_level_cache_bytes();
 // Whether the CPU dilated convs for Cr reduced channels run our vector code (else oneDNN's):
 // BAM_FUSED_CPU_SPATIAL, and in auto what was faster (bam_fused.cpp says where). eval_pixels:
 // N * H * W of the map for the eval ops, which take ours on small maps below 16 channels (and

@@ -441,11 +441,35 @@ def test_fused_bam_eval_with_our_cpu_dilated_convs(c, r, h, w, dilation, convs, 
     assert result.passed, result
 
 
-# bam_eval on the CPU takes the batch in groups of samples (BAM_FUSED_CPU_GROUPS), each with the
-# whole batch's kernel choices: the same bits as the whole batch at once. At n = 5 a group of one
-# sample would otherwise chunk the pooled sums differently (chunk_pixels), and at 1024 x 14x15
-# under AVX2 run the direct dilated convs instead of Winograd. With oneDNN's convs (library, and
-# bf16 products below 16 reduced channels, which our bf16 convs do not cover) there are no groups.
+@pytest.fixture
+def three_threads():
+    """Three threads, so that bam_eval runs samples one a thread and a rest in groups at n = 5."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield 3
+    torch.set_num_threads(before)
+
+
+def eval_plan(mode, n, sample_bytes, threads, grouped):
+    """bam_eval's walk of a batch of n (csrc/bam_fused.cpp, eval_plan): (samples run one a thread,
+    groups run after them)."""
+    if mode == "off" or not grouped:
+        return 0, 1
+    if mode == "images":
+        return 0, n
+    per_group = min(max((4 << 20) // sample_bytes, 1), n)  # about 4 MiB of x a group
+    llc = _ext.build_info()["cpu_last_level_cache_bytes"]
+    by_thread = mode == "threads" or (mode == "auto" and threads * sample_bytes <= llc)
+    first = n // threads * threads if by_thread and threads > 1 else 0
+    return first, -(-(n - first) // per_group)
+
+
+# bam_eval on the CPU takes the batch sample by sample one a thread, then in groups of samples
+# (BAM_FUSED_CPU_GROUPS), each with the whole batch's kernel choices: the same bits as the whole
+# batch at once. At n = 5 a group of one sample would otherwise chunk the pooled sums differently
+# (chunk_pixels), and at 1024 x 14x15 under AVX2 run the direct dilated convs instead of Winograd.
+# With oneDNN's convs (library, and bf16 products below 16 reduced channels, which our bf16 convs
+# do not cover) there are no groups. Three threads: three samples one a thread, two in groups.
 @pytest.mark.parametrize(
     "c,r,h,w,dilation,convs,spatial,isa",
     [(48, 16, 9, 13, 4, 2, "kernel", None), (37, 16, 7, 9, 2, 1, "kernel", None),
@@ -455,8 +479,8 @@ def test_fused_bam_eval_with_our_cpu_dilated_convs(c, r, h, w, dilation, convs, 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("combine", ["sum", "product"])
-def test_cpu_eval_groups_give_the_whole_batchs_bits(monkeypatch, c, r, h, w, dilation, convs, spatial, isa, layout,
-                                                      dtype, combine):  # fmt: skip
+def test_cpu_eval_groups_give_the_whole_batchs_bits(monkeypatch, three_threads, c, r, h, w, dilation, convs, spatial,
+                                                      isa, layout, dtype, combine):  # fmt: skip
     if isa is not None:
         isa_env(monkeypatch, isa)
     if spatial != "auto":
@@ -464,28 +488,60 @@ def test_cpu_eval_groups_give_the_whole_batchs_bits(monkeypatch, c, r, h, w, dil
     ref, fused = make_pair(c, dilation, r, combine, convs)
     x = make_layout(torch.randn(5, c, h, w).to(dtype), layout)
     out, runs = {}, {}
-    for groups in ("off", "images", "auto"):
-        monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", groups)
-        before = _ext.build_info()["cpu_eval_groups"]
+    modes = ("off", "images", "groups", "threads", "auto")
+    for mode in modes:
+        monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", mode)
+        before = _ext.build_info()
         with torch.no_grad():
-            out[groups] = fused(x)
-        runs[groups] = _ext.build_info()["cpu_eval_groups"] - before
-    # One sample a group where our convs run; about 4 MiB of x a group under auto.
-    per_group = min(max((4 << 20) // (x[0].numel() * x.element_size()), 1), 5)
+            out[mode] = fused(x)
+        after = _ext.build_info()
+        runs[mode] = tuple(after[k] - before[k] for k in ("cpu_eval_thread_samples", "cpu_eval_groups"))
     grouped = spatial != "library" and not (bf16_products(dtype) and c // r not in (16, 32, 64, 128))
-    assert runs == {"off": 1, "images": 5 if grouped else 1, "auto": -(-5 // per_group) if grouped else 1}
-    assert torch.equal(out["images"], out["off"])
-    assert torch.equal(out["auto"], out["off"])
+    sample = x[0].numel() * x.element_size()
+    assert runs == {m: eval_plan(m, 5, sample, three_threads, grouped) for m in modes}
+    if grouped:
+        assert runs["threads"] == (3, 2 if sample > 2 << 20 else 1)
+    for mode in modes:
+        assert torch.equal(out[mode], out["off"]), mode
     with torch.no_grad():
-        result = compare(out["images"], ref.double()(x.double()), ref.to(dtype)(x))
+        result = compare(out["threads"], ref.double()(x.double()), ref.to(dtype)(x))
     assert result.passed, result
+
+
+def test_cpu_eval_auto_runs_samples_by_thread_only_where_they_fit_the_cache(monkeypatch, three_threads):
+    """auto: samples one a thread while the threads' samples fit the last-level cache together
+    (256 x 28x28 here), groups beyond (one sample of just over a third of the cache a group)."""
+    llc = _ext.build_info()["cpu_last_level_cache_bytes"]
+    if llc > 64 << 20:
+        pytest.skip(f"a {llc >> 20} MiB last-level cache: a batch past it is too large for a test")
+    _, fused = make_pair(256, 4, 16, convs=1)  # 16 reduced channels: our convs, so groups
+    side = int((llc // 3 // (256 * 4)) ** 0.5) + 1  # 3 threads' samples just past the cache
+    monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", "auto")
+    for hw, want in ((28, (3, 0)), (side, (0, 3))):
+        x = torch.randn(3, 256, hw, hw)
+        before = _ext.build_info()
+        with torch.no_grad():
+            fused(x)
+        after = _ext.build_info()
+        got = tuple(after[k] - before[k] for k in ("cpu_eval_thread_samples", "cpu_eval_groups"))
+        assert got == want == eval_plan("auto", 3, x[0].numel() * 4, three_threads, True), hw
+
+
+def test_cpu_eval_error_in_a_thread_reaches_the_caller(monkeypatch, three_threads):
+    """A bad variable read by the convs inside a thread's sample raises from the op, named."""
+    _, fused = make_pair(48, 4, 16)
+    monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", "threads")
+    monkeypatch.setenv("BAM_FUSED_CPU_WINOGRAD", "yes")
+    with pytest.raises(RuntimeError, match="BAM_FUSED_CPU_WINOGRAD must be auto, on or off, got 'yes'"):
+        with torch.no_grad():
+            fused(torch.randn(3, 48, 9, 13))
 
 
 # bam_eval's variables, read on every call (also with the batch in one group); bam-fused info
 # shows why a value is refused where build_info reports the variable.
 @pytest.mark.parametrize(
     "name,allowed,info",
-    [("BAM_FUSED_CPU_GROUPS", "auto, images or off", None),
+    [("BAM_FUSED_CPU_GROUPS", "auto, threads, groups, images or off", None),
      ("BAM_FUSED_CPU_PREFETCH", "auto, on or off", "cpu_prefetch")],
 )  # fmt: skip
 def test_cpu_eval_variables_are_checked(monkeypatch, name, allowed, info):
@@ -501,7 +557,7 @@ def test_cpu_eval_variables_are_checked(monkeypatch, name, allowed, info):
 # bam_eval on the CPU prefetches each next group of x while the current group's dilated convs
 # compute (BAM_FUSED_CPU_PREFETCH, csrc/cpu/cache_hint.h): every line of the next groups, spread
 # over the convs' tasks, and the same bits as without. Winograd and direct convs, several tasks
-# a conv (29 x 31), one conv, groups of two samples with a short last one (auto: 7 samples of
+# a conv (29 x 31), one conv, groups of two samples with a short last one (groups: 7 samples of
 # 1.8 MiB), channels_last, bf16 (with fp32 convs under AVX2; our bf16 ones at 16 reduced channels
 # under AVX512-BF16); the library's convs run no groups, so nothing to prefetch. Auto prefetches
 # but for NCHW x under AVX-512 (isa None: the CPU's own).
@@ -522,7 +578,7 @@ def test_cpu_eval_prefetches_the_next_groups_x(monkeypatch, c, h, w, convs, spat
         isa_env(monkeypatch, isa)
     if spatial != "auto":
         spatial_env(monkeypatch, spatial)
-    monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", "auto" if spatial == "auto" else "images")
+    monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", "groups" if spatial == "auto" else "images")
     _, fused = make_pair(c, 4, 16, convs=convs)
     x = make_layout(torch.randn(n, c, h, w).to(dtype), layout)
     out, fetched, groups = {}, {}, {}

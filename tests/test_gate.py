@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 from helpers import LAYOUTS, gate_inputs, make_layout
+from test_cpu_pass import isa_env
 
 from bam_fused import _backends
 from bam_fused.ops import bam_gate
@@ -238,6 +239,27 @@ def test_cpp_stream_stores_give_the_same_bits(monkeypatch, dtype, combine, shape
     assert torch.equal(outs["on"], outs["off"])
     torch.testing.assert_close(outs["on"].double(), bam_gate_reference(x.double(), ca.double(), sa.double(), combine),
                                rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 7, 9), (1, 3, 33, 31), (2, 37, 40, 40)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpp_fp32_gate_forward_under_each_isa(monkeypatch, shape, layout):
+    """fp32 split-exp rows take a reciprocal and one Newton step under AVX-512 (cpu/gate_avx512.cpp),
+    a division elsewhere: within 3 ulp of the float64 gate either way (rcp14 alone is 2^-14 off),
+    plain and non-temporal stores (rows of 63 and 1023 start off 64-byte boundaries) the same bits."""
+    x, ca, sa = gate_inputs(*shape, layout=layout)
+    want = bam_gate_reference(x.double(), ca.double(), sa.double(), "sum")
+    outs = {}
+    for isa in ("avx512", "avx2", "generic"):
+        isa_env(monkeypatch, isa)
+        for mode in ("on", "off"):
+            monkeypatch.setenv("BAM_FUSED_CPU_STREAM_STORES", mode)
+            outs[isa, mode] = bam_gate(x, ca, sa, "sum", backend="cpp")
+        assert torch.equal(outs[isa, "on"], outs[isa, "off"]), isa
+        torch.testing.assert_close(outs[isa, "on"].double(), want, rtol=3 * 2**-23, atol=1e-30)
+    assert torch.equal(outs["avx2", "on"], outs["generic", "on"])  # the same division
+    if shape[2] == 40:  # the reciprocal path ran: some element rounds otherwise
+        assert not torch.equal(outs["avx512", "on"], outs["avx2", "on"])
 
 
 def test_cpp_bad_stream_stores_variable_names_it(monkeypatch):
