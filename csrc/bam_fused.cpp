@@ -322,9 +322,12 @@ std::atomic<int64_t> eval_groups_run{0}, eval_thread_samples_run{0};
 // auto: threads where each thread's sample fits its share of the last-level cache, else groups.
 // Samples one a thread need no barrier between the stages, and the threads drift apart, so that
 // one's gate streams out while the other computes. Paired A/B, groups -> threads, whole BAM eval
-// fp32, 2 threads, 2-core Zen 4 (32 MB L3), 2026-11-28: N = 8, 256 x 56x56 1.20x / 1.23x (NCHW),
-// 1.20x (channels_last), bf16 1.01x; N = 4 1.05x; N = 3 1.02x; 512 x 28x28 1.01-1.03x; 1024 x
-// 14x14 1.01-1.02x; 2048 x 7x7 (N = 16) 1.00x; N = 4, 256 x 112x112 1.01-1.06x.
+// fp32, 2 threads, 2-core Zen 4 (32 MB L3), 2026-11-28: N = 8, 256 x 56x56 1.03-1.26x over
+// seven runs (the fast ones: the groups caught in a slow state of the VM), channels_last
+// 0.99-1.20x, bf16 1.01-1.02x; N = 4 1.05x; N = 3 1.02x; N = 2 1.04-1.06x; 512 x 28x28
+// 1.00-1.03x (N = 4: 0.98-1.00x); 1024 x 14x14 1.00-1.02x; 2048 x 7x7 (N = 16) 1.00x; N = 4,
+// 256 x 112x112 1.01-1.06x. On a Zen 3 (AVX2) an earlier form measured a median 1.01x
+// (0.96-1.07x): unmeasured there in this form.
 // groups against the whole batch, 2-core AVX2 CPU (Zen 3), 2026-11-27: 1.04x at 256 x 56x56
 // (one sample a group), 1.03x at 512 x 28x28 (two), 1.02x at 1024 x 14x14 (five), 1.00x on
 // channels_last x at 56x56; one sample a group at 28x28 took 0.94x (each group pays the ops'

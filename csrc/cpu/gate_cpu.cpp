@@ -288,7 +288,7 @@ int64_t last_level_cache_bytes() {
 // auto: when it is at least half the last-level cache, where it would evict x and the cache
 // could not hold it for the next layer anyway. Paired A/B, off -> on, whole BAM eval fp32,
 // 2-core Zen 4 (32 MB L3), 2026-11-28: 1.03x at 8 x 256 x 56x56 (25.7 MB out; 1.07x with
-// samples by thread, eval_group), 0.985x at 8 x 512 x 28x28 (12.8 MB).
+// samples one a thread, eval_plan), 0.985x at 8 x 512 x 28x28 (12.8 MB).
 bool stream_stores(int64_t bytes) {
   const std::string v = env_choice("BAM_FUSED_CPU_STREAM_STORES", {"auto", "on", "off"});
   if (v != "auto") return v == "on";

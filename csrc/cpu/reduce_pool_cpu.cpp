@@ -51,8 +51,8 @@ Isa best_isa() {
 }  // namespace
 
 // BAM_FUSED_CPU_ISA (auto|avx512_bf16|avx512|avx2|generic), read on every call so that tests can
-// run each variant: the instruction set of the CPU pass over x. Asking for more than the CPU has
-// is an error.
+// run each variant: the instruction set of the CPU pass over x, its backward, our dilated convs
+// and the fp32 gate forward's reciprocal. Asking for more than the CPU has is an error.
 Isa chosen_isa() {
   const std::string v = env_choice("BAM_FUSED_CPU_ISA", {"auto", "avx512_bf16", "avx512", "avx2", "generic"});
   const Isa best = best_isa();
