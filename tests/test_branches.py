@@ -606,6 +606,29 @@ def test_cpu_eval_prefetches_the_next_groups_x(monkeypatch, c, h, w, convs, spat
     assert want <= fetched["on"] < want + 64 * convs * groups["on"], (fetched, want)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_eval_threads_prefetch_their_next_sample(monkeypatch, three_threads, layout):
+    """With samples one a thread, each thread's convs prefetch its own next sample's x (three
+    threads, seven samples: two each one a thread, the seventh in a group): every line of the
+    samples after each thread's first, at most a line more per conv and sample; the same bits."""
+    spatial_env(monkeypatch, "winograd")
+    monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", "threads")
+    _, fused = make_pair(48, 4, 16, convs=2)
+    x = make_layout(torch.randn(7, 48, 29, 31), layout)
+    out, fetched = {}, {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv("BAM_FUSED_CPU_PREFETCH", mode)
+        before = _ext.build_info()
+        with torch.no_grad():
+            out[mode] = fused(x)
+        after = _ext.build_info()
+        fetched[mode] = after["cpu_prefetched_bytes"] - before["cpu_prefetched_bytes"]
+        assert after["cpu_eval_thread_samples"] - before["cpu_eval_thread_samples"] == 6
+    assert torch.equal(out["on"], out["off"])
+    want = (6 - three_threads) * x[0].numel() * x.element_size()
+    assert fetched["off"] == 0 and want <= fetched["on"] < want + 64 * 2 * 3, (fetched, want)
+
+
 def test_cpu_variables_ignore_case_and_spaces_as_python_does(monkeypatch):
     """The extension reads its variables as bam_fused/env.py does (BAM_FUSED_CUDA_OVERLAP is read
     by both): " Images " is images, one group a sample."""
