@@ -51,7 +51,6 @@ struct Tile {
   T* out;           // out or dx
   int64_t r0, r1, L;  // rows [r0, r1) of L columns
   bool avx512 = false;  // fp32 forward: gate_split_row_avx512 for split-exp rows
-  const void* erow = nullptr;  // forward, sum: exp(-row[r]) for rows [r0, r1) (type A), or nullptr
 };
 
 // Row elements per streamed chunk: computed into an L1 buffer, then stored past the caches.
@@ -95,15 +94,16 @@ BAM_INLINE void write_row(T* out, int64_t L, F&& value) {
   }
 }
 
-// ecol[l] = exp(-col[l]) when every |col| <= kSplitExpLimit (sum only), else nullptr.
+// ecol[l] = exp(-col[l]) and erow[r - t.r0] = exp(-row[r]) when every |col| <= kSplitExpLimit
+// (sum only), else both nullptr.
 template <typename T, typename A, bool kProduct, bool kStream>
-BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col, const A* ecol) {
+BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col, const A* ecol, const A* erow) {
   for (int64_t r = t.r0; r < t.r1; ++r) {
     const A rv = row[r];
     const T* xr = t.x + r * t.L;
     T* outr = t.out + r * t.L;
     if (!kProduct && ecol != nullptr && std::abs(rv) <= A(kSplitExpLimit)) {
-      const A er = t.erow != nullptr ? static_cast<const A*>(t.erow)[r - t.r0] : exp_approx(-rv);
+      const A er = erow[r - t.r0];
 #if BAM_X86
       if constexpr (std::is_same_v<T, float>) {
         if (t.avx512) {
@@ -175,8 +175,9 @@ BAM_INLINE bool split_exp(const A* col, int64_t L, A* ecol) {
 }
 
 #define BAM_DEFINE_TILES(NAME, T, A, P)                                                             \
-  BAM_CLONES void fwd_##NAME(const Tile<T>& t, const A* row, const A* col, const A* ecol, bool nt) { \
-    nt ? fwd_tile<T, A, P, true>(t, row, col, ecol) : fwd_tile<T, A, P, false>(t, row, col, ecol);   \
+  BAM_CLONES void fwd_##NAME(const Tile<T>& t, const A* row, const A* col, const A* ecol, const A* erow, \
+                             bool nt) {                                                             \
+    nt ? fwd_tile<T, A, P, true>(t, row, col, ecol, erow) : fwd_tile<T, A, P, false>(t, row, col, ecol, erow); \
   }                                                                                                 \
   BAM_CLONES void bwd_##NAME(const Tile<T>& t, const A* row, const A* col, const A* ecol, A* drow,  \
                              A* dcol) {                                                             \
@@ -216,8 +217,8 @@ struct Kernels;
   template <>                                                                                    \
   struct Kernels<T> {                                                                            \
     using acc = A;                                                                               \
-    static void fwd(bool p, const Tile<T>& t, const A* r, const A* c, const A* e, bool nt) {     \
-      p ? fwd_##NAME##_prod(t, r, c, e, nt) : fwd_##NAME##_sum(t, r, c, e, nt);                  \
+    static void fwd(bool p, const Tile<T>& t, const A* r, const A* c, const A* e, const A* er, bool nt) { \
+      p ? fwd_##NAME##_prod(t, r, c, e, er, nt) : fwd_##NAME##_sum(t, r, c, e, er, nt);          \
     }                                                                                            \
     static void bwd(bool p, const Tile<T>& t, const A* r, const A* c, const A* e, A* dr, A* dc) { \
       p ? bwd_##NAME##_prod(t, r, c, e, dr, dc) : bwd_##NAME##_sum(t, r, c, e, dr, dc);          \
@@ -338,13 +339,12 @@ void gate_forward_into(const at::Tensor& x, const at::Tensor& row, const at::Ten
       for (int64_t nr = begin; nr < end;) {
         const int64_t n = nr / R, r0 = nr % R, r1 = std::min(R, r0 + (end - nr));
         const bool split = !product && split_exp_any(cp + n * L, L, ecol.data());
-        Tile<scalar_t> t{xp + n * R * L, nullptr, op + n * R * L, r0, r1, L, avx512};
         if (split) {
           erow.resize(r1 - r0);
           exp_neg_any(rp + n * R + r0, r1 - r0, erow.data());
-          t.erow = erow.data();
         }
-        K::fwd(product, t, rp + n * R, cp + n * L, split ? ecol.data() : nullptr, nt);
+        Tile<scalar_t> t{xp + n * R * L, nullptr, op + n * R * L, r0, r1, L, avx512};
+        K::fwd(product, t, rp + n * R, cp + n * L, split ? ecol.data() : nullptr, split ? erow.data() : nullptr, nt);
         nr += r1 - r0;
       }
       if (nt) stream_fence();
