@@ -450,6 +450,15 @@ def three_threads():
     torch.set_num_threads(before)
 
 
+def counted(fused, x, *counters):
+    """fused(x) without autograd, and how much each of build_info's counters grew meanwhile."""
+    before = _ext.build_info()
+    with torch.no_grad():
+        out = fused(x)
+    after = _ext.build_info()
+    return out, tuple(after[k] - before[k] for k in counters)
+
+
 def eval_plan(mode, n, sample_bytes, threads, grouped):
     """bam_eval's walk of a batch of n (csrc/bam_fused.cpp, eval_plan): (samples run one a thread,
     groups run after them)."""
@@ -491,11 +500,7 @@ def test_cpu_eval_groups_give_the_whole_batchs_bits(monkeypatch, three_threads, 
     modes = ("off", "images", "groups", "threads", "auto")
     for mode in modes:
         monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", mode)
-        before = _ext.build_info()
-        with torch.no_grad():
-            out[mode] = fused(x)
-        after = _ext.build_info()
-        runs[mode] = tuple(after[k] - before[k] for k in ("cpu_eval_thread_samples", "cpu_eval_groups"))
+        out[mode], runs[mode] = counted(fused, x, "cpu_eval_thread_samples", "cpu_eval_groups")
     grouped = spatial != "library" and not (bf16_products(dtype) and c // r not in (16, 32, 64, 128))
     sample = x[0].numel() * x.element_size()
     assert runs == {m: eval_plan(m, 5, sample, three_threads, grouped) for m in modes}
@@ -519,11 +524,7 @@ def test_cpu_eval_auto_runs_samples_by_thread_only_where_they_fit_the_cache(monk
     monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", "auto")
     for hw, want in ((28, (3, 0)), (side, (0, 3))):
         x = torch.randn(3, 256, hw, hw)
-        before = _ext.build_info()
-        with torch.no_grad():
-            fused(x)
-        after = _ext.build_info()
-        got = tuple(after[k] - before[k] for k in ("cpu_eval_thread_samples", "cpu_eval_groups"))
+        _, got = counted(fused, x, "cpu_eval_thread_samples", "cpu_eval_groups")
         assert got == want == eval_plan("auto", 3, x[0].numel() * 4, three_threads, True), hw
 
 
@@ -584,12 +585,7 @@ def test_cpu_eval_prefetches_the_next_groups_x(monkeypatch, c, h, w, convs, spat
     out, fetched, groups = {}, {}, {}
     for mode in ("off", "on", "auto"):
         monkeypatch.setenv("BAM_FUSED_CPU_PREFETCH", mode)
-        info = _ext.build_info()
-        with torch.no_grad():
-            out[mode] = fused(x)
-        after = _ext.build_info()
-        fetched[mode] = after["cpu_prefetched_bytes"] - info["cpu_prefetched_bytes"]
-        groups[mode] = after["cpu_eval_groups"] - info["cpu_eval_groups"]
+        out[mode], (fetched[mode], groups[mode]) = counted(fused, x, "cpu_prefetched_bytes", "cpu_eval_groups")
     assert torch.equal(out["on"], out["off"]) and torch.equal(out["auto"], out["off"])
     auto_on = layout == "channels_last" or not _ext.build_info()["cpu_isa"].startswith("avx512")
     assert fetched["off"] == 0 and fetched["auto"] == (fetched["on"] if auto_on else 0)
@@ -618,12 +614,8 @@ def test_cpu_eval_threads_prefetch_their_next_sample(monkeypatch, three_threads,
     out, fetched = {}, {}
     for mode in ("off", "on"):
         monkeypatch.setenv("BAM_FUSED_CPU_PREFETCH", mode)
-        before = _ext.build_info()
-        with torch.no_grad():
-            out[mode] = fused(x)
-        after = _ext.build_info()
-        fetched[mode] = after["cpu_prefetched_bytes"] - before["cpu_prefetched_bytes"]
-        assert after["cpu_eval_thread_samples"] - before["cpu_eval_thread_samples"] == 6
+        out[mode], (fetched[mode], by_thread) = counted(fused, x, "cpu_prefetched_bytes", "cpu_eval_thread_samples")
+        assert by_thread == 6
     assert torch.equal(out["on"], out["off"])
     want = (6 - three_threads) * x[0].numel() * x.element_size()
     assert fetched["off"] == 0 and want <= fetched["on"] < want + 64 * 2 * 3, (fetched, want)
@@ -634,10 +626,7 @@ def test_cpu_variables_ignore_case_and_spaces_as_python_does(monkeypatch):
     by both): " Images " is images, one group a sample."""
     _, fused = make_pair(48, 4, 16)
     monkeypatch.setenv("BAM_FUSED_CPU_GROUPS", " Images ")
-    before = _ext.build_info()["cpu_eval_groups"]
-    with torch.no_grad():
-        fused(torch.randn(3, 48, 9, 13))
-    assert _ext.build_info()["cpu_eval_groups"] - before == 3
+    assert counted(fused, torch.randn(3, 48, 9, 13), "cpu_eval_groups")[1] == (3,)
 
 
 @pytest.mark.parametrize("change", ["leaky relu", "other dilation"])
