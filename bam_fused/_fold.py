@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _ext
 from ._layers import branch_layers
 
 # The branch op runs the library's convs channels_last (cuDNN's or oneDNN's NHWC kernels, no
@@ -34,34 +35,84 @@ def _fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[t
     return w, b
 
 
-def fold_key(bam: nn.Module) -> list:
-    """What the fold depends on. Every layer of the branches (identity, mode) and every tensor of
-    theirs, read each time (straight from _modules, _parameters and _buffers, where assignments
-    land), so that replaced layers or tensors, in-place updates (_version) and a layer's own
-    .train() refresh the fold. Flat, without a tuple per tensor."""
+# The layer attributes a fold depends on (BatchNorm's eps) or that decide whether the op computes
+# the layer at all (a conv's geometry; _layers.op_reason): changed in place, they refold.
+_LAYER_ATTRS = ("eps", "stride", "padding", "dilation", "groups", "padding_mode")
+_RUNNING_STATS = ("running_mean", "running_var")
+
+
+def fold_key(bam: nn.Module) -> tuple[list, list[torch.Tensor]]:
+    """What the fold depends on: a key and the layers' tensors. The key holds every layer of the
+    branches (identity, mode, the attributes above), read each time straight from _modules,
+    _parameters and _buffers, where assignments land, so that replaced layers and a layer's own
+    .train() refresh the fold. The tensors' contents: on the CPU, their bytes, compared by
+    unchanged with a snapshot; elsewhere, which that comparison would wait for, each tensor's
+    address and version in the key (replaced tensors, in-place updates: an optimizer step; not
+    writes through .data, which bump no version). Flat, without a tuple per item."""
     layers = branch_layers(bam)
     if layers is None:
-        return [object()]  # never equal: _layers.op_reason says why the op cannot run
-    key: list = [bam.training]
-    add = key.append  # appends, not tuples: 12 -> 6 us a call
+        return [object()], []  # never equal: _layers.op_reason says why the op cannot run
+    key: list = [bam.training, bam.dilation, bam.num_dilated_convs]
+    tensors: list[torch.Tensor] = []
+    add, keep = key.append, tensors.append  # appends, not tuples: 12 -> 6 us a call
     for group in layers:
         for m in group.values():
             add(id(m))
             if m is None:  # (a layer set to None: the layers run, and raise as the reference's)
                 continue
             add(m.training)
+            attrs = m.__dict__
+            for name in _LAYER_ATTRS:
+                add(attrs.get(name))
             if "parametrizations" in m._modules:
                 # A parametrized weight (torch.nn.utils.parametrize: weight_norm, spectral_norm) is
                 # computed from tensors this key does not watch: fold it anew on every call.
                 add(object())
-            for d in (m._parameters, m._buffers):
-                for t in d.values():
-                    if t is None:
-                        add(None)
-                    else:
-                        add(t.data_ptr())
-                        add(t._version)
-    return key
+            for t in m._parameters.values():
+                add(t is None)
+                if t is not None:
+                    keep(t)
+            buffers = m._buffers
+            if buffers:  # a BatchNorm's statistics (not num_batches_tracked, which eval mode does not read)
+                for name in _RUNNING_STATS:
+                    t = buffers.get(name)
+                    add(t is None)
+                    if t is not None:
+                        keep(t)
+    if tensors and not tensors[0].is_cpu:
+        for t in tensors:
+            add(t.data_ptr())
+            add(t._version)
+    return key, tensors
+
+
+def snapshot(tensors: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor] | None:
+    """What unchanged compares the layers' tensors with later: on the CPU their bytes, with their
+    dtypes and sizes, in one tensor (the extension's bytes_of; copies of them without it); None
+    elsewhere."""
+    if not all(t.is_cpu and t.layout == torch.strided for t in tensors):
+        return None
+    if _ext.reason() is None:
+        return torch.ops.bam_fused_C.bytes_of.default(tensors)
+    return [t.detach().clone() for t in tensors]
+
+
+def unchanged(tensors: list[torch.Tensor], copy: torch.Tensor | list[torch.Tensor] | None) -> bool:
+    """Whether the layers' tensors match their snapshot (True without one): one op call for them
+    all (the extension's same_bytes), which sees any write, those through .data included."""
+    global _same_bytes
+    if copy is None:
+        return True
+    if isinstance(copy, torch.Tensor):
+        if _same_bytes is None:
+            _same_bytes = torch.ops.bam_fused_C.same_bytes.default
+        return _same_bytes(tensors, copy)
+    return len(tensors) == len(copy) and all(
+        t.dtype == c.dtype and t.shape == c.shape and torch.equal(t, c) for t, c in zip(tensors, copy, strict=True)
+    )
+
+
+_same_bytes = None  # the op, once the extension has loaded
 
 
 def fold(bam: nn.Module) -> dict:

@@ -17,7 +17,9 @@ Data path (backend "fused", or "auto" where the kernels are available):
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import _C, nn
+from torch.autograd import forward_ad
+from torch.utils.hooks import RemovableHandle
 
 from . import _backends, _fold, _layers, reference
 from ._checks import check_choice, check_feature_map
@@ -41,9 +43,13 @@ class BAM(reference.BAM):
     why), "fused" (raise if the fused kernels cannot run) or "reference".
     """
 
-    # The CPU eval op once forward has run it with the cached fold (_cpu_eval_again), else None; a
-    # class default for modules pickled before it existed.
-    _cpu_eval_op = None
+    # The CPU eval op and its weight arguments once forward has run it with the cached fold
+    # (_cpu_eval_again), else None; a class default for modules pickled before it existed.
+    _cpu_eval_call: tuple | None = None
+    # RemovableHandle.next_id when _cpu_eval_again last found no hooks: every module hook, global or
+    # on a layer, is registered with a new handle, so while the id stands no hook has come.
+    _hook_stamp = -1
+    _fold_src: torch.Tensor | list[torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -58,6 +64,7 @@ class BAM(reference.BAM):
         self.backend = backend
         self._folded: dict | None = None
         self._folded_key: list | None = None
+        self._fold_src = None  # what the layers' tensors held at the fold (_fold.snapshot)
 
     @property
     def backend(self) -> str:
@@ -67,6 +74,7 @@ class BAM(reference.BAM):
     def backend(self, value: str) -> None:
         # Checked on every assignment: a typo set later ("refrence") must not run the kernels silently.
         self._backend = check_choice("backend", value, MODULE_BACKENDS)
+        self._cpu_eval_call = None  # (the routing decides anew)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
@@ -120,13 +128,14 @@ class BAM(reference.BAM):
         # parameters on every call; under a dispatch mode (FakeTensorMode) they have no data.
         cache = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _backends.dispatch_mode())
         if cache:
-            key = _fold.fold_key(self)
-            if self._folded is not None and key == self._folded_key:
+            key, tensors = _fold.fold_key(self)
+            if self._folded is not None and key == self._folded_key and _fold.unchanged(tensors, self._fold_src):
                 return self._folded
         why = _layers.op_reason(self)
         folded = {"unsupported": why} if why is not None else _fold.fold(self)
         if cache:
-            self._folded, self._folded_key, self._cpu_eval_op = folded, key, None
+            self._folded, self._folded_key, self._cpu_eval_call = folded, key, None
+            self._fold_src = _fold.snapshot(tensors)
         return folded
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -143,8 +152,8 @@ class BAM(reference.BAM):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__().copy()
-        state["_folded"] = state["_folded_key"] = None  # derived; rebuilt on first use
-        state["_cpu_eval_op"] = None
+        state["_folded"] = state["_folded_key"] = state["_fold_src"] = None  # derived; rebuilt on first use
+        state["_cpu_eval_call"], state["_hook_stamp"] = None, -1
         return state
 
     # -- forward -------------------------------------------------------------------------
@@ -160,8 +169,9 @@ class BAM(reference.BAM):
     def _cpu_eval_again(self, x: torch.Tensor) -> torch.Tensor | None:
         """The eager CPU eval op call that forward's routing below last chose, again, with fewer
         Python steps, while nothing it depends on has changed: the folded weights and layers
-        (fold key), no hooks, no autograd, no transform or dispatch mode, an x that forward would
-        route there (else None, and forward decides as usual, raising what it raises).
+        (the fold key and the layers' bytes), no hooks, no autograd, no transform or dispatch
+        mode, an x that forward would route there (else None, and forward decides as usual,
+        raising what it raises).
 
         After a large call the interpreter's objects are out of cache, and every step costs a
         miss or more: the full routing took 0.46 ms more than the op itself at 8 x 256 x 56x56
@@ -169,30 +179,37 @@ class BAM(reference.BAM):
         2026-11-27)."""
         if torch.compiler.is_compiling():  # first: Dynamo then reads (and guards on) none of this
             return None
-        f, op = self._folded, self._cpu_eval_op
-        if f is None or op is None or type(x) is not torch.Tensor:  # (an fx Proxy, a tensor subclass)
+        call = self._cpu_eval_call
+        if call is None or type(x) is not torch.Tensor:  # (an fx Proxy, a tensor subclass)
             return None
+        # transform_reason()'s and dispatch_mode()'s checks, read straight from torch._C (each
+        # lookup in torch's namespaces is a miss or more here). Not its ONNX flag: TorchScript's
+        # export is a jit trace, torch.export's runs under Dynamo or a dispatch mode, on fake tensors.
         if (
-            torch.is_grad_enabled()
+            _C.is_grad_enabled()
             or self.training
-            or self._backend == "reference"
-            or _backends.transform_reason() is not None  # (a jit trace: before reading x's sizes)
-            or _backends.dispatch_mode()
+            or _C._is_tracing()  # (before reading x's sizes)
+            or _C._functorch.maybe_current_level() is not None
+            or _C._len_torch_dispatch_stack()
+            or getattr(forward_ad, "_current_level", -1) >= 0
             or not x.is_cpu
             or x.dtype not in BRANCH_DTYPES
         ):
             return None
         shape = x.shape
-        if (
-            len(shape) != 4
-            or shape[1] != self.gate_channels
-            or shape[2] == 0
-            or shape[3] == 0
-            or self._hooked()
-            or _fold.fold_key(self) != self._folded_key
-        ):
+        if len(shape) != 4 or shape[1] != self.gate_channels or shape[2] == 0 or shape[3] == 0:
             return None
-        return op(x.contiguous(memory_format=memory_format(x)), *self._op_weights(f), self.combine == "product")
+        stamp = RemovableHandle.next_id
+        if stamp != self._hook_stamp:
+            if self._hooked():
+                return None
+            self._hook_stamp = stamp
+        key, tensors = _fold.fold_key(self)
+        if key != self._folded_key or not _fold.unchanged(tensors, self._fold_src):
+            return None
+        op, weights = call
+        xc = x if x.is_contiguous() else x.contiguous(memory_format=memory_format(x))
+        return op(xc, *weights, self.combine == "product")
 
     def _op_weights(self, f: dict) -> tuple:
         """The attention and eval ops' arguments after x, from the folded weights f."""
@@ -246,7 +263,7 @@ class BAM(reference.BAM):
                 else:
                     op = load_op("bam_eval")
                     if f is self._folded:  # the cached fold (not under a trace): _cpu_eval_again
-                        self._cpu_eval_op = op
+                        self._cpu_eval_call = (op, self._op_weights(f))
                 return op(xc, *self._op_weights(f), self.combine == "product")
             else:
                 # The folded weights are known-good: call the op itself, not bam_branches's checks.

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <functional>
 #include <optional>
 #include <string>
@@ -438,6 +439,63 @@ std::tuple<at::Tensor, at::Tensor> attention_tail(const at::Tensor& part, const 
   return maps_from_pass(part, y, w_dilated, b_dilated, dilation, w_final, b_final, w_fc0, b_fc0, w_fc1, b_fc1);
 }
 
+// What bytes_of writes of one tensor: its dtype, dimension count and sizes (a header of int64),
+// then its elements' bytes, padded to 8. Whole CPU tensors, dense (contiguous copies otherwise).
+namespace {
+template <typename Visit>
+void tensor_records(at::TensorList tensors, const char* op, Visit&& visit) {
+  for (const at::Tensor& t : tensors) {
+    BAM_CHECK(t.is_cpu() && t.layout() == at::kStrided, op, ": tensors must be dense CPU tensors, got one on ",
+              t.device(), t.layout() == at::kStrided ? "" : " (not strided)");
+    const at::Tensor c = t.resolve_conj().resolve_neg().contiguous();
+    c10::SmallVector<int64_t, 8> header{static_cast<int64_t>(t.scalar_type()), t.dim()};
+    header.append(t.sizes().begin(), t.sizes().end());
+    visit(header, c);
+  }
+}
+int64_t padded(int64_t bytes) { return (bytes + 7) / 8 * 8; }
+}  // namespace
+
+// One uint8 tensor with each tensor's record (above): BAM.folded()'s copy of the layers' tensors,
+// which same_bytes compares them with on later calls.
+at::Tensor bytes_of(at::TensorList tensors) {
+  const char* op = "bam_fused_C::bytes_of";
+  int64_t total = 0;
+  tensor_records(tensors, op, [&](const c10::SmallVector<int64_t, 8>& header, const at::Tensor& c) {
+    total += static_cast<int64_t>(header.size() * sizeof(int64_t)) + padded(static_cast<int64_t>(c.nbytes()));
+  });
+  at::Tensor out = at::zeros({total}, at::kByte);
+  auto* p = static_cast<char*>(out.data_ptr());
+  tensor_records(tensors, op, [&](const c10::SmallVector<int64_t, 8>& header, const at::Tensor& c) {
+    std::memcpy(p, header.data(), header.size() * sizeof(int64_t));
+    p += header.size() * sizeof(int64_t);
+    if (c.nbytes() != 0) std::memcpy(p, c.const_data_ptr(), c.nbytes());
+    p += padded(static_cast<int64_t>(c.nbytes()));
+  });
+  return out;
+}
+
+// Whether bytes_of(tensors) would equal copy, without making it: BAM.folded()'s check of its
+// cached fold. It sees every write to the layers' tensors, those through .data included (they
+// bump no version counter), in one op call (about 40 KB compared at C = 256).
+bool same_bytes(at::TensorList tensors, const at::Tensor& copy) {
+  const char* op = "bam_fused_C::same_bytes";
+  BAM_CHECK(copy.is_cpu() && copy.scalar_type() == at::kByte && copy.dim() == 1 && copy.is_contiguous(), op,
+            ": copy must be a contiguous 1-D uint8 CPU tensor (bytes_of's), got ", copy.sizes(), " ",
+            copy.scalar_type(), " on ", copy.device());
+  const auto* p = static_cast<const char*>(copy.const_data_ptr());
+  const char* const end = p + copy.nbytes();
+  bool same = true;
+  tensor_records(tensors, op, [&](const c10::SmallVector<int64_t, 8>& header, const at::Tensor& c) {
+    const auto h = static_cast<int64_t>(header.size() * sizeof(int64_t));
+    const int64_t n = static_cast<int64_t>(c.nbytes());
+    same = same && end - p >= h + padded(n) && std::memcmp(p, header.data(), h) == 0 &&
+           (n == 0 || std::memcmp(p + h, c.const_data_ptr(), n) == 0);
+    if (same) p += h + padded(n);
+  });
+  return same && p == end;
+}
+
 // Whether attention on CUDA wants y channels_last (the library's convs) rather than NCHW (our
 // spatial kernel) for Cr reduced channels and num_dilated dilated convs.
 bool cuda_y_channels_last(int64_t cr, int64_t num_dilated) {
@@ -563,6 +621,8 @@ TORCH_LIBRARY(bam_fused_C, m) {
       "Tensor w_final, Tensor b_final, Tensor w_fc0, Tensor b_fc0, Tensor w_fc1, Tensor b_fc1, bool product) "
       "-> Tensor");
   m.def("cuda_y_channels_last(int cr, int num_dilated) -> bool", &cuda_y_channels_last);
+  m.def("bytes_of(Tensor[] tensors) -> Tensor", &bytes_of);
+  m.def("same_bytes(Tensor[] tensors, Tensor copy) -> bool", &same_bytes);
   m.def("reduce_pool(Tensor x, Tensor w, Tensor b, bool relu) -> (Tensor, Tensor)");
   m.def("reduce_pool_backward(Tensor x, Tensor dy, Tensor dmean, Tensor w, Tensor(a!)? dx) -> (Tensor, Tensor)");
   m.def(

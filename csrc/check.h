@@ -33,12 +33,8 @@ inline void append(std::string& s, at::IntArrayRef v) {
 }
 inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
 inline void append(std::string& s, const at::Device& v) {
-  if (v.is_cpu()) {
-    s += "cpu";
-  } else {
-    s += v.is_cuda() ? "cuda" : "device";
-    if (v.has_index()) s += ":" + std::to_string(v.index());
-  }
+  s += c10::DeviceTypeName(v.type(), /*lower_case=*/true);  // (a std::string, no stream)
+  if (v.has_index()) s += ":" + std::to_string(v.index());
 }
 
 }  // namespace detail

@@ -7,10 +7,13 @@ import pickle
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from helpers import make_layout
 from test_branches import make_pair
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bam_fused
+from bam_fused.ops.branches import load_op
 
 pytestmark = pytest.mark.skipif(bam_fused._ext.reason() is not None, reason="needs the extension")
 
@@ -38,7 +41,7 @@ def test_repeated_calls_take_the_short_path_with_the_same_bits(routed, layout, d
     x = make_layout(torch.randn(n, 37, 7, 9).to(dtype), layout)
     with torch.inference_mode():
         first = fused(x)
-        assert len(routed) == 1 and fused._cpu_eval_op is not None
+        assert len(routed) == 1 and fused._cpu_eval_call is not None
         again = fused(x)
         other = fused(make_layout(torch.randn(n, 37, 5, 4).to(dtype), layout))  # any H, W, N take it too
     assert len(routed) == 1
@@ -71,6 +74,80 @@ def _weights_in_place(fused, ref, x, routed):
     return fused(x), ref(x)
 
 
+def _weights_through_data(fused, ref, x, routed):
+    # Writes through .data bump no version counter (old optimizers, EMA updates, weight loaders):
+    # the fold's bytes comparison sees them.
+    for m in (fused, ref):
+        m.spatial_att.gate_s.gate_s_conv_di_1.weight.data.mul_(1.5)
+        m.channel_att.gate_c.gate_c_fc_0.weight.data[0, 0] += 0.5
+    return fused(x), ref(x)
+
+
+def _statistics_through_data(fused, ref, x, routed):
+    for m in (fused, ref):
+        m.spatial_att.gate_s.gate_s_bn_di_0.running_var.data.mul_(3.0)
+    return fused(x), ref(x)
+
+
+def _eps_changed(fused, ref, x, routed):
+    for m in (fused, ref):
+        m.spatial_att.gate_s.gate_s_bn_reduce0.eps = 0.5
+    return fused(x), ref(x)
+
+
+def _hook_on_a_container(fused, ref, x, routed):
+    seen = []
+    fused.spatial_att.register_forward_pre_hook(lambda *_: seen.append(1))
+    out = fused(x)
+    assert seen == [1]
+    return out, ref(x)
+
+
+def _hooked_layer_swapped_in(fused, ref, x, routed):
+    # The hook comes before a call that finds no hooks; the layer after it.
+    seen = []
+    conv = copy.deepcopy(fused.spatial_att.gate_s.gate_s_conv_final)
+    conv.register_forward_hook(lambda *_: seen.append(1))
+    fused(x)
+    fused.spatial_att.gate_s.gate_s_conv_final = conv
+    out = fused(x)
+    assert seen == [1]
+    return out, ref(x)
+
+
+def _vmap(fused, ref, x, routed):
+    with pytest.warns(RuntimeWarning, match="torch.func transform"):
+        out = torch.vmap(lambda t: fused(t.unsqueeze(0)).squeeze(0))(x)
+    return out, ref(x)
+
+
+def _forward_ad(fused, ref, x, routed):
+    tangent = torch.randn_like(x)
+    with torch.inference_mode(False), fwAD.dual_level():
+        with pytest.warns(RuntimeWarning, match="forward-mode AD"):
+            got = fwAD.unpack_dual(fused(fwAD.make_dual(x.clone(), tangent)))
+        want = fwAD.unpack_dual(ref(fwAD.make_dual(x.clone(), tangent)))
+    torch.testing.assert_close(got.tangent, want.tangent, rtol=1e-5, atol=1e-5)
+    return got.primal, want.primal
+
+
+class _Counting(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _dispatch_mode(fused, ref, x, routed):
+    with _Counting() as mode:
+        out = fused(x)
+    assert any("bam_fused_C" in str(op) for op in mode.ops)  # the mode saw the op
+    return out, ref(x)
+
+
 def _layer_replaced(fused, ref, x, routed):
     bn = torch.nn.BatchNorm2d(6).eval()
     bn.running_var.fill_(4.0)
@@ -98,13 +175,13 @@ def _gradients_wanted(fused, ref, x, routed):
 
 def _deep_copy(fused, ref, x, routed):
     twin = copy.deepcopy(fused)
-    assert twin._cpu_eval_op is None  # derived state is not copied
+    assert twin._cpu_eval_call is None  # derived state is not copied
     return twin(x), ref(x)
 
 
 def _pickled(fused, ref, x, routed):
     twin = pickle.loads(pickle.dumps(fused))
-    assert twin._cpu_eval_op is None
+    assert twin._cpu_eval_call is None
     return twin(x), ref(x)
 
 
@@ -120,6 +197,14 @@ def _jit_trace(fused, ref, x, routed):
         _hook_fires,
         _global_hook_fires,
         _weights_in_place,
+        _weights_through_data,
+        _statistics_through_data,
+        _eps_changed,
+        _hook_on_a_container,
+        _hooked_layer_swapped_in,
+        _vmap,
+        _forward_ad,
+        _dispatch_mode,
         _layer_replaced,
         _reference_backend,
         _training_mode,
@@ -193,3 +278,46 @@ def test_eager_calls_do_not_recompile_the_compiled_module():
         fused(x)
         torch.testing.assert_close(compiled(x), want)
     assert counter.frame_count == 1
+
+
+def _variants(ts):
+    """Lists like ts but for one thing each: (what differs, the list)."""
+    flipped = ts[0].clone()
+    flipped.view(-1)[-1] = torch.nextafter(flipped.view(-1)[-1], torch.tensor(1e9))  # one ulp, last element
+    signed = ts[1].clone()
+    signed.view(-1)[0] = -0.0 if signed.view(-1)[0].item() == 0 else 0.0
+    yield "one ulp", [flipped, *ts[1:]]
+    yield "the sign of a zero", [ts[0], signed, *ts[2:]]
+    yield "the dtype, same bytes", [ts[0].view(torch.int32), *ts[1:]]
+    yield "the sizes, same bytes", [ts[0].view(4, 3), *ts[1:]]
+    yield "one tensor fewer", ts[:-1]
+    yield "one tensor more", [*ts, torch.zeros(1)]
+    yield "the order", [ts[1], ts[0], *ts[2:]]
+
+
+def test_same_bytes_sees_any_change_of_the_tensors():
+    """BAM.folded()'s check (the ops bytes_of and same_bytes): exact, whatever the strides."""
+    load_op("bytes_of")
+    ops = torch.ops.bam_fused_C
+    nan = torch.tensor([float("nan"), 1.0])
+    ts = [torch.randn(3, 4), torch.zeros(5, dtype=torch.bfloat16), torch.empty(0, 2), torch.randn(2, 3).t(), nan]
+    copy = ops.bytes_of(ts)
+    assert copy.dtype == torch.uint8 and copy.dim() == 1
+    assert ops.same_bytes(ts, copy)
+    assert ops.same_bytes([t.clone() for t in ts], copy)  # new tensors, same contents (NaN bits too)
+    assert ops.same_bytes([], ops.bytes_of([]))
+    for what, other in _variants(ts):
+        assert not ops.same_bytes(other, copy), what
+        assert not ops.same_bytes(ts, ops.bytes_of(other)), what
+
+
+def test_same_bytes_rejects_what_it_cannot_compare():
+    load_op("bytes_of")
+    ops = torch.ops.bam_fused_C
+    ts = [torch.randn(3)]
+    with pytest.raises(RuntimeError, match="copy must be a contiguous 1-D uint8 CPU tensor"):
+        ops.same_bytes(ts, torch.zeros(4))
+    with pytest.raises(RuntimeError, match="tensors must be dense CPU tensors, got one on meta"):
+        ops.same_bytes([torch.randn(3, device="meta")], ops.bytes_of(ts))
+    with pytest.raises(RuntimeError, match="not strided"):
+        ops.bytes_of([torch.randn(3).to_sparse()])
