@@ -13,15 +13,10 @@
 #include "isa.h"
 #include "simd.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if BAM_X86
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,bmi2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi2")
-#endif
+BAM_TARGET_BEGIN("avx2,fma,bmi2")
 
 #include "conv1x1_grad.h"
 #include "conv1x1_pool.h"
@@ -47,9 +42,5 @@ BAM_DEFINE_DILATED_CONV(avx2, Avx2)
 
 }  // namespace bam_fused
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+BAM_TARGET_END
 #endif

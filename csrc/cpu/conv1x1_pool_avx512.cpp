@@ -12,16 +12,10 @@
 #include "isa.h"
 #include "simd.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if BAM_X86
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")
-#endif
+BAM_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")
 
 #include "avx512_traits.h"
 #include "conv1x1_grad.h"
@@ -36,9 +30,5 @@ BAM_DEFINE_DILATED_CONV(avx512, Avx512)
 
 }  // namespace bam_fused
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+BAM_TARGET_END
 #endif

@@ -27,13 +27,7 @@
 #if BAM_X86
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,bmi2"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,bmi2")
-#endif
+BAM_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,bmi2")
 
 #include "avx512_traits.h"  // the blocking the launcher packs the weights for
 #include "conv1x1_grad.h"
@@ -514,9 +508,5 @@ void dilated_conv_avx512bf16(const DilatedConvJob& j, int64_t begin, int64_t end
 
 }  // namespace bam_fused
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+BAM_TARGET_END
 #endif

@@ -11,12 +11,7 @@
 #if BAM_X86
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,fma")
-#endif
+BAM_TARGET_BEGIN("avx512f,fma")
 
 namespace bam_fused {
 
@@ -49,9 +44,5 @@ void gate_split_row_avx512(const float* x, const float* ecol, float er, float* o
 
 }  // namespace bam_fused
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+BAM_TARGET_END
 #endif

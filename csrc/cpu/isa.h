@@ -12,6 +12,19 @@
 #define BAM_X86 0
 #endif
 
+// The per-instruction-set files compile their functions for that set (and only those files: the
+// rest of the extension must run on any x86-64): BAM_TARGET_BEGIN("avx2,fma") after the
+// includes, BAM_TARGET_END at the end. A function the target misses fails to compile (its
+// intrinsics do not inline), so a typo here cannot pass unnoticed.
+#define BAM_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define BAM_TARGET_BEGIN(t) BAM_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#define BAM_TARGET_END BAM_PRAGMA(clang attribute pop)
+#else
+#define BAM_TARGET_BEGIN(t) BAM_PRAGMA(GCC push_options) BAM_PRAGMA(GCC target(t))
+#define BAM_TARGET_END BAM_PRAGMA(GCC pop_options)
+#endif
+
 namespace bam_fused {
 
 // Widest first. kAvx512Bf16 is kAvx512 plus the bf16 dot products of the pass over bf16 x
