@@ -321,3 +321,16 @@ def test_same_bytes_rejects_what_it_cannot_compare():
         ops.same_bytes([torch.randn(3, device="meta")], ops.bytes_of(ts))
     with pytest.raises(RuntimeError, match="not strided"):
         ops.bytes_of([torch.randn(3).to_sparse()])
+
+
+def test_fold_snapshot_without_the_extension_compares_copies(monkeypatch):
+    """Where the extension does not load, folded() keeps copies and compares them in Python."""
+    _, fused = make_pair(48, 2, 8)
+    _, tensors = bam_fused._fold.fold_key(fused)
+    monkeypatch.setattr(bam_fused._ext, "reason", lambda: "simulated")
+    copy_ = bam_fused._fold.snapshot(tensors)
+    assert isinstance(copy_, list) and bam_fused._fold.unchanged(tensors, copy_)
+    with torch.no_grad():
+        tensors[3].data.view(-1)[0] += 1.0
+    assert not bam_fused._fold.unchanged(tensors, copy_)
+    assert not bam_fused._fold.unchanged(tensors[:-1], copy_)
