@@ -85,6 +85,9 @@ at::Tensor channel_mlp_cpu(const at::Tensor& part, const at::Tensor& w0, const a
 bool stream_stores(int64_t bytes);
 // gate_cpu.cpp's split-exp fp32 rows under AVX-512 (cpu/gate_avx512.cpp); stream: non-temporal stores.
 void gate_split_row_avx512(const float* x, const float* ecol, float er, float* out, int64_t L, bool stream);
+// The same for bf16 rows (bf16 bits) on CPUs with AVX512-BF16 (cpu/gate_avx512bf16.cpp).
+void gate_split_row_avx512bf16(const uint16_t* x, const float* ecol, float er, uint16_t* out, int64_t L,
+                               bool stream);
 // The last-level cache of CPU 0 in bytes (sysfs, else sysconf, else 32 MB).
 int64_t last_level_cache_bytes();
 // Whether the CPU dilated convs for Cr reduced channels run our vector code (else oneDNN's):

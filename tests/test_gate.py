@@ -262,6 +262,29 @@ def test_cpp_fp32_gate_forward_under_each_isa(monkeypatch, shape, layout):
         assert not torch.equal(outs["avx512", "on"], outs["avx2", "on"])
 
 
+@pytest.mark.parametrize("shape", [(2, 37, 7, 9), (1, 3, 33, 31), (2, 37, 40, 40), (1, 16, 1, 1)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpp_bf16_gate_forward_under_each_isa(monkeypatch, shape, layout):
+    """bf16 split-exp rows round by vcvtne2ps2bf16 under avx512_bf16 (cpu/gate_avx512bf16.cpp),
+    lane by lane as c10::BFloat16 does where a vector holds a NaN or a denormal result: the same
+    bits as every other instruction set, NaN, infinities, denormals and signed zeros included,
+    with plain and non-temporal stores (rows of 63 and 1023 start off 64-byte boundaries)."""
+    isa_env(monkeypatch, "avx512_bf16")
+    x, ca, sa = gate_inputs(*shape, dtype=torch.bfloat16, layout=layout)
+    flat = x.view(-1) if x.is_contiguous() else x.permute(0, 2, 3, 1).reshape(-1)
+    with torch.no_grad():
+        flat[::97], flat[1::89], flat[2::83] = float("nan"), 1e-40, float("inf")  # 1e-40: a bf16 denormal
+        flat[3::79], flat[4::71] = -0.0, 3e38  # 3e38 overflows to inf in the gate
+    outs = {}
+    for isa in ("avx512_bf16", "avx512", "avx2", "generic"):
+        isa_env(monkeypatch, isa)
+        for mode in ("on", "off"):
+            monkeypatch.setenv("BAM_FUSED_CPU_STREAM_STORES", mode)
+            outs[isa, mode] = bam_gate(x, ca, sa, "sum", backend="cpp").view(torch.int16)
+    for key, out in outs.items():
+        assert torch.equal(out, outs["generic", "off"]), key
+
+
 def test_cpp_bad_stream_stores_variable_names_it(monkeypatch):
     monkeypatch.setenv("BAM_FUSED_CPU_STREAM_STORES", "always")
     x, ca, sa = gate_inputs()

@@ -50,7 +50,8 @@ struct Tile {
   const T* g;       // backward only
   T* out;           // out or dx
   int64_t r0, r1, L;  // rows [r0, r1) of L columns
-  bool avx512 = false;  // fp32 forward: gate_split_row_avx512 for split-exp rows
+  // Forward: split-exp rows by gate_split_row_avx512 (fp32) or gate_split_row_avx512bf16 (bf16).
+  bool avx512 = false;
 };
 
 // Row elements per streamed chunk: computed into an L1 buffer, then stored past the caches.
@@ -108,6 +109,13 @@ BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col, const A* 
       if constexpr (std::is_same_v<T, float>) {
         if (t.avx512) {
           gate_split_row_avx512(xr, ecol, er, outr, t.L, kStream);
+          continue;
+        }
+      }
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (t.avx512) {
+          gate_split_row_avx512bf16(reinterpret_cast<const uint16_t*>(xr), ecol, er, reinterpret_cast<uint16_t*>(outr),
+                                    t.L, kStream);
           continue;
         }
       }
@@ -331,7 +339,9 @@ void gate_forward_into(const at::Tensor& x, const at::Tensor& row, const at::Ten
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const A* rp = row.const_data_ptr<A>();
     const A* cp = col.const_data_ptr<A>();
-    const bool avx512 = BAM_X86 && std::is_same_v<scalar_t, float> && avx512_vectors(chosen_isa());
+    const Isa isa = chosen_isa();
+    const bool avx512 = BAM_X86 && ((std::is_same_v<scalar_t, float> && avx512_vectors(isa)) ||
+                                    (std::is_same_v<scalar_t, at::BFloat16> && isa == Isa::kAvx512Bf16));
     // Whole rows, so that each thread streams one contiguous range of memory.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
     at::parallel_for(0, N * R, grain, [&](int64_t begin, int64_t end) {
