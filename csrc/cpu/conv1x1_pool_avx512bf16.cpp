@@ -64,10 +64,11 @@ BAM_INLINE __mmask16 first_lanes(int64_t n) {
 // lane] = x[c] | x[c + 1] << 16 (zeros past np and past C), and their pooled sums added to
 // pool (C x 16 lanes) as conv_tile adds them: the tile's vectors first, then pool.
 //
-// With prefetch, also the next tile's rows (2 lines a row, 96 bytes apart): its dot products
-// (dot_tile) then run while DRAM streams. Without it, 45% of the pass's samples sat on the
-// widening loads of x (perf, 8 x 256 x 56x56 bf16, 2-core Zen 4): 256 rows HW apart are too
-// many streams for the hardware prefetcher, as for the fp32 pass (conv_tile). Paired A/B, whole
+// With prefetch, also the next tile's rows (the lines of its first and last byte in each row:
+// 96 bytes, 2 lines, 3 at some offsets): its dot products (dot_tile) then run while DRAM
+// streams. Without it, 45% of the pass's samples sat on the widening loads of x (perf, 8 x 256
+// x 56x56 bf16, 2-core Zen 4): 256 rows HW apart are too many streams for the hardware
+// prefetcher, as for the fp32 pass (conv_tile). Paired A/B, whole
 // bf16 BAM eval, 2026-11-28: 1.13x / 1.15x / 1.19x / 1.09x at 8 x 256 x 56x56, 1.02x at 2 x 56x56,
 // 1.00x at 1 x 56x56 and 1 x 1024 x 14x14, 1.01-1.02x at 8 x 512 x 28x28, 0.98-1.02x at
 // 8 x 1024 x 14x14 (a chunk's last tile prefetches nothing: its next tile is another chunk's).
@@ -211,11 +212,11 @@ struct Bf16Conv {
 };
 
 // channels_last, kCv output vectors per block: kPx pixels x kCv vectors of accumulators.
-template <int kCv>
 // The pooled sums' widening loads (the tile's first touch) held 48% of the pass's perf samples
 // at 8 x 256 x 56x56 (2-core Zen 4) until the first output block prefetched the tile kClAhead
 // tiles on: paired, whole bf16 channels_last BAM eval 1.08x / 1.08x there, 1.045x at 8 x 1024 x
 // 14x14, 1.00x at 8 x 512 x 28x28, 1.01x at 1-2 x 256 x 56x56; a training step 1.05x (2026-11-28).
+template <int kCv>
 void pass_cl(const Conv1x1PoolJob& j, const Bf16* x, int64_t begin, int64_t end) {
   constexpr int kPx = Avx512::kAcc / kCv, kCoCl = kCv * kL;
   const int64_t C = j.C, C2 = (C + 1) / 2, cob_n = (j.Cr + kCoCl - 1) / kCoCl;
