@@ -82,7 +82,7 @@ def test_channels_last_pass_prefetches_ahead_and_keeps_fmas_in_registers():
 @pytest.mark.skipif(not re.search("x86|amd64", platform.machine(), re.I), reason="x86-64 code")
 def test_bf16_passes_prefetch_ahead():
     """The bf16 passes (avx512_bf16) prefetch x ahead into L2 (prefetcht1): NCHW the next tile's
-    rows (pair_tile, inlined into pass_nchw's tile lambdas; 1.09-1.19x for a bf16 BAM at
+    rows (pair_tile, inlined into pass_nchw's tile lambdas; 1.09-1.15x for a bf16 BAM at
     8 x 256 x 56x56), channels_last the tile kClAhead tiles on (pass_cl; 1.08x). Their first
     loads of x held 45-48% of the passes' samples without."""
     lib = _ext.load().__file__

@@ -68,10 +68,11 @@ BAM_INLINE __mmask16 first_lanes(int64_t n) {
 // 96 bytes, 2 lines, 3 at some offsets): its dot products (dot_tile) then run while DRAM
 // streams. Without it, 45% of the pass's samples sat on the widening loads of x (perf, 8 x 256
 // x 56x56 bf16, 2-core Zen 4): 256 rows HW apart are too many streams for the hardware
-// prefetcher, as for the fp32 pass (conv_tile). Paired A/B, whole
-// bf16 BAM eval, 2026-11-28: 1.13x / 1.15x / 1.19x / 1.09x at 8 x 256 x 56x56, 1.02x at 2 x 56x56,
-// 1.00x at 1 x 56x56 and 1 x 1024 x 14x14, 1.01-1.02x at 8 x 512 x 28x28, 0.98-1.02x at
-// 8 x 1024 x 14x14 (a chunk's last tile prefetches nothing: its next tile is another chunk's).
+// prefetcher, as for the fp32 pass (conv_tile). Paired A/B, whole bf16 BAM eval, 2026-11-28,
+// this form: 1.09x at 8 x 256 x 56x56, 1.02x at 8 x 1024 x 14x14 (one run each). Prefetching for
+// every tile: 1.12x / 1.15x and 0.98-1.00x there (so a chunk's last tile now prefetches nothing:
+// its next tile is another chunk's), 1.02x at 2 x 56x56, 1.00x at 1 x 56x56 and 1 x 1024 x 14x14,
+// 1.01-1.02x at 8 x 512 x 28x28; a third line a row: 1.13x / 1.19x / 1.13x at 8 x 256 x 56x56.
 template <int kPV>
 BAM_INLINE void pair_tile(const Bf16* x, int64_t C, int64_t HW, int64_t p, int64_t np, uint32_t* pairs, float* pool,
                           bool prefetch) {
