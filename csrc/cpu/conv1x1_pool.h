@@ -309,15 +309,17 @@ BAM_INLINE void conv1x1_pool_tasks(const Conv1x1PoolJob& j, const T* x, int64_t 
 // (an array of row pointers there was about 6% slower), row pointers for dx.
 // With kPf, also prefetches the kPx * cin floats from pf, a share every channel (the pass's tile
 // kClAhead tiles on).
+template <int kPx>
+BAM_INLINE void prefetch_share(const char* pf, int64_t c) {  // channel (or pair) c's share of a tile's lines
+  for (int64_t q = c * kPx / 16; q < (c + 1) * kPx / 16; ++q) __builtin_prefetch(pf + q * 64, 0, 2);
+}
 template <typename K, int kCv, int kPx, bool kPf = false, typename In>
 BAM_INLINE void cl_block(In&& in, const float* w, int64_t cin, typename K::V (&acc)[kPx][kCv],
                          const char* pf = nullptr) {
   using V = typename K::V;
   constexpr int kL = kLanes<K>, kCo = kCv * kL;
   for (int64_t c = 0; c < cin; ++c) {
-    if constexpr (kPf) {
-      for (int64_t q = c * kPx / 16; q < (c + 1) * kPx / 16; ++q) __builtin_prefetch(pf + q * 64, 0, 2);
-    }
+    if constexpr (kPf) prefetch_share<kPx>(pf, c);
     V wv[kCv];
 #pragma GCC unroll 8
     for (int v = 0; v < kCv; ++v) wv[v] = vload<V>(w + c * kCo + v * kL);

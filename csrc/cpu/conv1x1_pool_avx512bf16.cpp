@@ -183,9 +183,7 @@ struct Bf16Conv {
     for (int i = 0; i < kPx; ++i)
       for (int v = 0; v < kCv; ++v) a[i][v] = acc[i][v];
     for (int64_t c2 = 0; c2 < pairs; ++c2) {
-      if constexpr (kPf) {
-        for (int64_t q = c2 * kPx / 16; q < (c2 + 1) * kPx / 16; ++q) __builtin_prefetch(pf + q * 64, 0, 2);
-      }
+      if constexpr (kPf) prefetch_share<kPx>(pf, c2);
       __m512i wv[kCv];
 #pragma GCC unroll 4
       for (int v = 0; v < kCv; ++v) wv[v] = _mm512_loadu_si512(w + c2 * kCoCl + v * kL);
