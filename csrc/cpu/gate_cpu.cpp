@@ -50,8 +50,9 @@ struct Tile {
   const T* g;       // backward only
   T* out;           // out or dx
   int64_t r0, r1, L;  // rows [r0, r1) of L columns
-  // Forward: split-exp rows by gate_split_row_avx512 (fp32) or gate_split_row_avx512bf16 (bf16).
-  bool avx512 = false;
+  // Forward: split-exp rows by the ISA's row function, gate_split_row_avx512 (fp32 under AVX-512)
+  // or gate_split_row_avx512bf16 (bf16 under AVX512-BF16), not the generic loop.
+  bool row_kernel = false;
 };
 
 // Row elements per streamed chunk: computed into an L1 buffer, then stored past the caches.
@@ -107,13 +108,13 @@ BAM_INLINE void fwd_tile(const Tile<T>& t, const A* row, const A* col, const A* 
       const A er = erow[r - t.r0];
 #if BAM_X86
       if constexpr (std::is_same_v<T, float>) {
-        if (t.avx512) {
+        if (t.row_kernel) {
           gate_split_row_avx512(xr, ecol, er, outr, t.L, kStream);
           continue;
         }
       }
       if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (t.avx512) {
+        if (t.row_kernel) {
           gate_split_row_avx512bf16(reinterpret_cast<const uint16_t*>(xr), ecol, er, reinterpret_cast<uint16_t*>(outr),
                                     t.L, kStream);
           continue;
@@ -340,8 +341,8 @@ void gate_forward_into(const at::Tensor& x, const at::Tensor& row, const at::Ten
     const A* rp = row.const_data_ptr<A>();
     const A* cp = col.const_data_ptr<A>();
     const Isa isa = chosen_isa();
-    const bool avx512 = BAM_X86 && ((std::is_same_v<scalar_t, float> && avx512_vectors(isa)) ||
-                                    (std::is_same_v<scalar_t, at::BFloat16> && isa == Isa::kAvx512Bf16));
+    const bool row_kernel = BAM_X86 && ((std::is_same_v<scalar_t, float> && avx512_vectors(isa)) ||
+                                        (std::is_same_v<scalar_t, at::BFloat16> && isa == Isa::kAvx512Bf16));
     // Whole rows, so that each thread streams one contiguous range of memory.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
     at::parallel_for(0, N * R, grain, [&](int64_t begin, int64_t end) {
@@ -353,7 +354,7 @@ void gate_forward_into(const at::Tensor& x, const at::Tensor& row, const at::Ten
           erow.resize(r1 - r0);
           exp_neg_any(rp + n * R + r0, r1 - r0, erow.data());
         }
-        Tile<scalar_t> t{xp + n * R * L, nullptr, op + n * R * L, r0, r1, L, avx512};
+        Tile<scalar_t> t{xp + n * R * L, nullptr, op + n * R * L, r0, r1, L, row_kernel};
         K::fwd(product, t, rp + n * R, cp + n * L, split ? ecol.data() : nullptr, split ? erow.data() : nullptr, nt);
         nr += r1 - r0;
       }
