@@ -17,8 +17,8 @@
 |                             |         | auto (GPU time of each on the first call per shape, fastest)  |
 | BAM_FUSED_CPU_ISA           | auto    | CPU pass over x, its backward, our dilated convs, the fp32    |
 |                             |         | gate forward's reciprocal (avx512: rcp14 + a Newton step),    |
-|                             |         | the bf16 gate forward's rounding (avx512_bf16: one            |
-|                             |         | instruction, the same bits):                                  |
+|                             |         | the bf16 gate's rounding, forward and backward (avx512_bf16:  |
+|                             |         | one instruction, the same bits):                              |
 |                             |         | avx512_bf16 (avx512 + bf16 branches for bf16 x), avx512,      |
 |                             |         | avx2, generic, or auto (the widest the CPU has); read by the  |
 |                             |         | extension                                                     |

@@ -88,6 +88,10 @@ void gate_split_row_avx512(const float* x, const float* ecol, float er, float* o
 // The same for bf16 rows (bf16 bits) on CPUs with AVX512-BF16 (cpu/gate_avx512bf16.cpp).
 void gate_split_row_avx512bf16(const uint16_t* x, const float* ecol, float er, uint16_t* out, int64_t L,
                                bool stream);
+// The bf16 gate backward's split-exp row (cpu/gate_avx512bf16.cpp): writes dx, adds each
+// element's dz into dcol and returns the row's sum of dz.
+float gate_bwd_split_row_avx512bf16(const uint16_t* g, const uint16_t* x, const float* ecol, float er, uint16_t* dx,
+                                    float* dcol, int64_t L);
 // The last-level cache of CPU 0 in bytes (sysfs, else sysconf, else 32 MB).
 int64_t last_level_cache_bytes();
 // Whether the CPU dilated convs for Cr reduced channels run our vector code (else oneDNN's):

@@ -285,6 +285,36 @@ def test_cpp_bf16_gate_forward_under_each_isa(monkeypatch, shape, layout):
         assert torch.equal(out, outs["generic", "off"]), key
 
 
+@pytest.mark.parametrize("shape", [(2, 37, 7, 9), (1, 3, 33, 31), (2, 37, 40, 40), (1, 16, 1, 1)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpp_bf16_gate_backward_under_each_isa(monkeypatch, shape, layout):
+    """The bf16 backward's split-exp rows round dx by vcvtne2ps2bf16 under avx512_bf16
+    (cpu/gate_avx512bf16.cpp): dx the same bits as every other instruction set (rows of 7 to 1600
+    elements, masked tails), also with NaN, infinities, denormals and signed zeros in x and g; the
+    attention maps' gradients, whose row sums run in 16 lanes there, within rounding."""
+    isa_env(monkeypatch, "avx512_bf16")
+    x, ca, sa = gate_inputs(*shape, dtype=torch.bfloat16, layout=layout)
+    g = torch.randn_like(x)
+    for specials in (False, True):
+        if specials:
+            for t in (x, g):
+                flat = t.view(-1) if t.is_contiguous() else t.permute(0, 2, 3, 1).reshape(-1)
+                flat[::97], flat[1::89], flat[2::83] = float("nan"), 1e-40, float("inf")  # 1e-40: a bf16 denormal
+                flat[3::79], flat[4::71] = -0.0, 3e38  # 3e38 * (1 + s) overflows to inf
+        grads = {}
+        for isa in ("avx512_bf16", "avx512", "generic"):
+            isa_env(monkeypatch, isa)
+            xs, cs, ss = (t.detach().requires_grad_() for t in (x, ca, sa))
+            bam_gate(xs, cs, ss, "sum", backend="cpp").backward(g)
+            grads[isa] = (xs.grad.view(torch.int16), cs.grad, ss.grad)
+        for isa, (dx, dc, ds) in grads.items():
+            assert torch.equal(dx, grads["generic"][0]), (isa, specials)
+            for got, want in ((dc, grads["generic"][1]), (ds, grads["generic"][2])):
+                assert specials or got.isfinite().all()
+                # fp32 sums that differ by rounding may round to neighbouring bf16 values
+                torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6, equal_nan=True)
+
+
 def test_cpp_bad_stream_stores_variable_names_it(monkeypatch):
     monkeypatch.setenv("BAM_FUSED_CPU_STREAM_STORES", "always")
     x, ca, sa = gate_inputs()

@@ -1,8 +1,12 @@
-// The bf16 gate's split-exp rows (gate_cpu.cpp) on CPUs with AVX512-BF16: out = x * (1 + 1 /
-// (1 + er * ecol)) in fp32 as the generic code computes it (the same FMA and division), with x
-// widened from bf16 and the results rounded to bf16 by vcvtne2ps2bf16, 32 a vector. The
-// generic code's rounding (c10::BFloat16's, nearest even, in integer steps) held about half of
-// the bf16 gate's perf samples at 8 x 256 x 56x56 (2-core Zen 4, 2026-11-28).
+// The bf16 gate's split-exp rows (gate_cpu.cpp) on CPUs with AVX512-BF16: forward out = x * (1 +
+// s), backward dx = g * (1 + s) and dz = g * x * s * (1 - s), with s = 1 / (1 + er * ecol), in
+// fp32 as the generic code computes them (the same FMA and division, the same order of
+// products), with x and g widened from bf16 and the results rounded to bf16 by
+// vcvtne2ps2bf16, 32 a vector. The generic code's rounding (c10::BFloat16's, nearest even, in
+// integer steps) held about half of the bf16 gate forward's perf samples at 8 x 256 x 56x56 and
+// a third of the backward's (2-core Zen 4, 2026-11-28). The backward's row sums of dz are
+// summed in 16 lanes, so they differ from the generic loop's by rounding; dx and the column
+// sums are the same bits.
 //
 // The instruction rounds to nearest even too, but reads denormals as zero and keeps a NaN's sign
 // and payload, where c10::BFloat16 keeps denormals and writes every NaN as 0x7FC0: a vector with
@@ -68,6 +72,31 @@ void gate_split_row_avx512bf16(const uint16_t* x, const float* ecol, float er, u
   }
   for (; l + 32 <= L; l += 32) _mm512_storeu_si512(out + l, values(l, 32));
   if (l < L) part(l, L - l);
+}
+
+float gate_bwd_split_row_avx512bf16(const uint16_t* g, const uint16_t* x, const float* ecol, float er, uint16_t* dx,
+                                    float* dcol, int64_t L) {
+  const __m512 one = _mm512_set1_ps(1.f), erv = _mm512_set1_ps(er);
+  __m512 rsum = _mm512_setzero_ps();
+  // 16 elements at l (lanes outside m: zeros, unused): dcol updated, dx's fp32 value returned.
+  const auto half = [&](int64_t l, __mmask16 m) {
+    const __m512 gv = widen(g + l, m), xv = widen(x + l, m);
+    const __m512 s = _mm512_div_ps(one, _mm512_fmadd_ps(erv, _mm512_maskz_loadu_ps(m, ecol + l), one));
+    const __m512 dz = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(gv, xv), s), _mm512_sub_ps(one, s));
+    rsum = _mm512_add_ps(rsum, dz);
+    _mm512_mask_storeu_ps(dcol + l, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dcol + l), dz));
+    return _mm512_mul_ps(gv, _mm512_add_ps(one, s));
+  };
+  const auto block = [&](int64_t l, int64_t n) {  // n <= 32 elements at l
+    const int64_t n0 = n < 16 ? n : 16, n1 = n - n0;
+    const auto m0 = static_cast<__mmask16>((1u << n0) - 1), m1 = static_cast<__mmask16>((1u << n1) - 1);
+    const __m512 lo = half(l, m0), hi = half(l + 16, m1);
+    _mm512_mask_storeu_epi16(dx + l, static_cast<__mmask32>((uint64_t{1} << n) - 1), to_bf16(lo, hi));
+  };
+  int64_t l = 0;
+  for (; l + 32 <= L; l += 32) block(l, 32);
+  if (l < L) block(l, L - l);
+  return _mm512_reduce_add_ps(rsum);
 }
 
 }  // namespace bam_fused

@@ -50,8 +50,9 @@ struct Tile {
   const T* g;       // backward only
   T* out;           // out or dx
   int64_t r0, r1, L;  // rows [r0, r1) of L columns
-  // Forward: split-exp rows by the ISA's row function, gate_split_row_avx512 (fp32 under AVX-512)
-  // or gate_split_row_avx512bf16 (bf16 under AVX512-BF16), not the generic loop.
+  // Split-exp rows by the ISA's row function, not the generic loop: forward gate_split_row_avx512
+  // (fp32 under AVX-512) or gate_split_row_avx512bf16 (bf16 under AVX512-BF16); backward
+  // gate_bwd_split_row_avx512bf16 (bf16 under AVX512-BF16).
   bool row_kernel = false;
 };
 
@@ -153,6 +154,16 @@ BAM_INLINE void bwd_tile(const Tile<T>& t, const A* row, const A* col, const A* 
     A rsum = 0;
     if (!kProduct && ecol != nullptr && std::abs(rv) <= A(kSplitExpLimit)) {
       const A er = exp_approx(-rv);
+#if BAM_X86
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (t.row_kernel) {
+          drow[r] = gate_bwd_split_row_avx512bf16(reinterpret_cast<const uint16_t*>(gr),
+                                                  reinterpret_cast<const uint16_t*>(xr), ecol, er,
+                                                  reinterpret_cast<uint16_t*>(dxr), dcol, t.L);
+          continue;
+        }
+      }
+#endif
 #pragma omp simd reduction(+ : rsum)
       for (int64_t l = 0; l < t.L; ++l) {
         const A dz = bwd_element(gr + l, xr + l, dxr + l, A(1) / (A(1) + er * ecol[l]));
@@ -389,6 +400,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_cpu(const at::Tenso
     const A* cp = col.const_data_ptr<A>();
     A* drp = drow.mutable_data_ptr<A>();
     A* dcp = dcol_part.mutable_data_ptr<A>();
+    // bf16 split-exp rows by gate_bwd_split_row_avx512bf16 (fp32 keeps the division: memory-bound).
+    const bool row_kernel = BAM_X86 && std::is_same_v<scalar_t, at::BFloat16> && chosen_isa() == Isa::kAvx512Bf16;
     at::parallel_for(0, N * n_rt, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> ecol(product ? 0 : L);
       int64_t ecol_n = -1;
@@ -400,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward_cpu(const at::Tenso
           ecol_n = n;
         }
         const int64_t off = n * R * L;
-        Tile<scalar_t> t{xp + off, gp + off, dxp + off, rt * kTileR, std::min(R, (rt + 1) * kTileR), L};
+        Tile<scalar_t> t{xp + off, gp + off, dxp + off, rt * kTileR, std::min(R, (rt + 1) * kTileR), L, row_kernel};
         K::bwd(product, t, rp + n * R, cp + n * L, split ? ecol.data() : nullptr, drp + n * R, dcp + task * L);
       }
     });
