@@ -289,7 +289,7 @@ def test_cpp_bf16_gate_forward_under_each_isa(monkeypatch, shape, layout):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_cpp_bf16_gate_backward_under_each_isa(monkeypatch, shape, layout):
     """The bf16 backward's split-exp rows round dx by vcvtne2ps2bf16 under avx512_bf16
-    (cpu/gate_avx512bf16.cpp): dx the same bits as every other instruction set (rows of 7 to 1600
+    (cpu/gate_avx512bf16.cpp): dx the same bits as every other instruction set (rows of 1 to 1600
     elements, masked tails), also with NaN, infinities, denormals and signed zeros in x and g; the
     attention maps' gradients, whose row sums run in 16 lanes there, within rounding."""
     isa_env(monkeypatch, "avx512_bf16")
