@@ -32,6 +32,12 @@ struct Avx2 {
   // channels_last 6 dy rows x 2 vectors.
   static constexpr int kGR = 2, kGC = 4, kWR = 6, kWCv = 2;
   static BAM_INLINE V splat(float s) { return _mm256_set1_ps(s); }
+  // The sum of the lanes, in a tree of halves (the final 1x1 conv's dot products).
+  static BAM_INLINE float hsum(V v) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
 };
 
 }  // namespace

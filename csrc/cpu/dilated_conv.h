@@ -183,9 +183,7 @@ BAM_INLINE void dilated_conv_chunk(const DilatedConvJob& j, int64_t n, int64_t p
           }
           V t = r[0] * wf[0];
           for (int v = 1; v < kCv; ++v) t += r[v] * wf[v];
-          float lanes[kL];
-          vstore<V>(lanes, t);
-          for (int l = 0; l < kL; ++l) s[i] += lanes[l];
+          s[i] += K::hsum(t);  // a tree of vector halves, as the Winograd conv's final sums
         }
       }
     }

@@ -153,9 +153,7 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& di
         winograd_in(dv, uv);
         for (int k = 0; k < 16; ++k) vstore<V>(u + k * kT * Cp + c, uv[k]);
       }
-      float lanes[kL], nfs = 0.f;
-      vstore<V>(lanes, nf);
-      for (int l = 0; l < kL; ++l) nfs += lanes[l];
+      float nfs = K::hsum(nf);  // (a tree of vector halves: a scalar chain of 16 adds took longer)
       if constexpr (kCr == 0) {  // the constant channel counts are whole vectors
         for (; c < Cr; ++c) {      // channels past the last whole vector
           float ds[16], us[16];
@@ -223,9 +221,10 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& di
       if (j.out == nullptr) {
         for (int q = 0; q < 4; ++q) {
           if (!inside[q]) continue;
-          float lanes[kL], sum = 0.f;
-          vstore<V>(lanes, s[q]);
-          for (int l = 0; l < kL; ++l) sum += lanes[l];
+          // Lanes summed in a tree of halves, not one after the other: 1.02-1.03x for a whole
+          // fp32 BAM eval at 8 x 256 x 56x56 and 1.02x at 8 x 512 x 28x28 (paired, 2-core Zen 4,
+          // 2026-11-28), with the finiteness sum above; other rounding, the same bits every call.
+          const float sum = K::hsum(s[q]);
           j.spatial[n * HW + at[q]] = sum + j.b_final;
         }
       }
