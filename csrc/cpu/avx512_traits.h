@@ -22,7 +22,8 @@ struct Avx512 {
   static constexpr int kGR = 4, kGC = 4, kWR = 6, kWCv = 4;
   // One broadcast load; GCC lowers the generic (s - V{}) to a ymm broadcast and an insert.
   static BAM_INLINE V splat(float s) { return _mm512_set1_ps(s); }
-  // The sum of the lanes, in a tree of halves (the final 1x1 conv's dot products).
+  // The sum of the lanes in a tree of halves, lane i + lane i + kL / 2 first (the dilated convs'
+  // final 1x1 conv and the Winograd finiteness check): the same order under every ISA.
   static BAM_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
 };
 

@@ -32,7 +32,8 @@ struct Avx2 {
   // channels_last 6 dy rows x 2 vectors.
   static constexpr int kGR = 2, kGC = 4, kWR = 6, kWCv = 2;
   static BAM_INLINE V splat(float s) { return _mm256_set1_ps(s); }
-  // The sum of the lanes, in a tree of halves (the final 1x1 conv's dot products).
+  // The sum of the lanes in a tree of halves, lane i + lane i + kL / 2 first (the dilated convs'
+  // final 1x1 conv and the Winograd finiteness check): the same order under every ISA.
   static BAM_INLINE float hsum(V v) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     q = _mm_add_ps(q, _mm_movehl_ps(q, q));

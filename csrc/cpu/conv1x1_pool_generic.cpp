@@ -14,7 +14,8 @@ struct Generic {
   // channels_last 6 dy rows x 2 vectors.
   static constexpr int kGR = 2, kGC = 2, kWR = 6, kWCv = 2;
   static BAM_INLINE V splat(float s) { return s - V{}; }  // x - 0 == x, signed zeros included
-  // The sum of the lanes, in a tree of halves (the final 1x1 conv's dot products).
+  // The sum of the lanes in a tree of halves, lane i + lane i + kL / 2 first (the dilated convs'
+  // final 1x1 conv and the Winograd finiteness check): the same order under every ISA.
   static BAM_INLINE float hsum(V v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 };
 

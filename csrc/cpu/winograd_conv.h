@@ -153,7 +153,7 @@ BAM_INLINE void winograd_chunk(const DilatedConvJob& j, const DilatedConvJob& di
         winograd_in(dv, uv);
         for (int k = 0; k < 16; ++k) vstore<V>(u + k * kT * Cp + c, uv[k]);
       }
-      float nfs = K::hsum(nf);  // (a tree of vector halves: a scalar chain of 16 adds took longer)
+      float nfs = K::hsum(nf);  // (lanes are 0 or NaN: any order finds a NaN)
       if constexpr (kCr == 0) {  // the constant channel counts are whole vectors
         for (; c < Cr; ++c) {      // channels past the last whole vector
           float ds[16], us[16];
