@@ -9,6 +9,7 @@ from test_cpu_pass import isa_env
 
 from bam_fused import _backends
 from bam_fused.ops import bam_gate
+from bam_fused.ops import gate as gate_module
 from bam_fused.ops.branches import load_op
 from bam_fused.reference import bam_gate_reference
 from bam_fused.testing import compare, gate_comparisons
@@ -160,10 +161,54 @@ def test_eager_path_matches_the_custom_op_bitwise(backend, layout):
         assert torch.equal(a, b)
 
 
-def test_second_derivative_raises_instead_of_returning_zero():
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_second_derivatives_by_gradgradcheck(combine, layout):
+    """create_graph=True: the backward runs as differentiable PyTorch ops (float64, cpp)."""
+    x, ca, sa = gate_inputs(2, 5, 3, 4, dtype=torch.float64, layout=layout, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b, c: bam_gate(a, b, c, combine, backend="cpp"), (x, ca, sa))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_second_derivatives_match_the_reference(backend, combine, layout, dtype):
+    """A gradient penalty through bam_gate (both the eager Function and the custom op): the
+    first gradients, and the gradients of their squared norm, as the float64 reference's."""
+    x, ca, sa = gate_inputs(2, 37, 7, 9, dtype=dtype, layout=layout)
+    g = make_layout(torch.randn(x.shape, dtype=dtype), layout)
+    product = combine == "product"
+    results = []
+    for call, cast in ((lambda a, b, c: bam_gate(a, b, c, combine, backend=backend), dtype),
+                       (lambda a, b, c: gate_module._gate_op(a, b.float(), c.reshape(2, 63).float(), product, backend),
+                        dtype),
+                       (lambda a, b, c: bam_gate_reference(a, b, c, combine), torch.float64)):  # fmt: skip
+        xs, cs, ss = (t.to(cast).requires_grad_() for t in (x, ca, sa))
+        first = torch.autograd.grad(call(xs, cs, ss), (xs, cs, ss), g.to(cast), create_graph=True)
+        penalty = sum((d.double() ** 2).sum() for d in first)
+        second = torch.autograd.grad(penalty, (xs, cs, ss))
+        results.append((*first, *second))
+    # bf16: dx rounds to bf16 (and its square's gradient with it); the attention terms' math is fp32.
+    tol = {"rtol": 3e-2, "atol": 3e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    for fused in results[:2]:
+        for a, b in zip(fused, results[2], strict=True):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.double(), b, **tol)
+    assert results[0][0].is_contiguous(memory_format=gate_module.memory_format(x))
+    assert not any(torch.equal(d, torch.zeros_like(d)) for d in results[0][3:])
+
+
+def test_first_derivatives_stay_on_the_kernels(monkeypatch):
+    """Without create_graph the backward kernels run, not the PyTorch ops of the second derivative."""
+    calls = []
+    real = gate_module.differentiable_backward
+    monkeypatch.setattr(gate_module, "differentiable_backward", lambda *a: calls.append(1) or real(*a))
     x, ca, sa = gate_inputs(2, 5, 3, 4, requires_grad=True)
-    with pytest.raises(RuntimeError, match="first derivatives only"):
-        torch.autograd.grad(bam_gate(x, ca, sa, backend="cpp").sum(), x, create_graph=True)
+    bam_gate(x, ca, sa, backend="cpp").sum().backward()
+    assert calls == []
+    torch.autograd.grad(bam_gate(x, ca, sa, backend="cpp").sum(), x, create_graph=True)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("backend", KERNELS)

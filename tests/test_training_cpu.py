@@ -181,6 +181,104 @@ def test_module_autograd_matches_reference(monkeypatch, n, c, h, w, r, dilation,
         torch.testing.assert_close(bf, br, msg=name)
 
 
+def gradient_penalty(model, x, g):
+    """The gradients of sum((d out / d x . g)^2) (a gradient penalty) with respect to x and the
+    model's parameters, and the first gradient: a second derivative through the whole BAM."""
+    x = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(model(x), x, g, create_graph=True)
+    (dx**2).sum().backward()
+    return dx.detach(), x.grad, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("n,c,h,w,r,dilation", [(4, 48, 9, 13, 8, 4), (2, 37, 7, 9, 16, 1)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_module_second_derivatives_match_reference(monkeypatch, n, c, h, w, r, dilation, layout, combine, mode):
+    """create_graph=True on the CPU autograd path (the forward recomputed as PyTorch ops) against
+    the float64 reference; the BatchNorms' statistics move once, as the reference's."""
+    calls = []
+    real = training._second_order_backward
+    monkeypatch.setattr(training, "_second_order_backward", lambda *a: calls.append(1) or real(*a))
+    ref, fused = make_pair(c, r, dilation, combine)
+    truth = RefBAM(c, r, dilation, combine=combine).double()
+    truth.load_state_dict(ref.state_dict())
+    for m in (truth, fused):
+        m.train(mode == "train")
+    x = make_layout(torch.randn(n, c, h, w), layout)
+    g = torch.randn(n, c, h, w)
+    want = gradient_penalty(truth, x.double(), g.double())
+    got = gradient_penalty(fused, x, g)
+    assert calls == [1]
+    for mine, exact in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(mine.double(), exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+    scale = max(float(p.abs().max()) for p in want[2].values())
+    for name, exact in want[2].items():
+        mine = got[2][name].double()
+        if mode == "train" and name.endswith(BIASES_BEFORE_BATCHNORM):
+            assert max(mine.abs().max(), exact.abs().max()) <= 1e-4 * scale, name  # zero in theory
+        else:
+            torch.testing.assert_close(mine, exact, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    for (name, exact), mine in zip(truth.named_buffers(), fused.buffers(), strict=True):
+        torch.testing.assert_close(mine.double(), exact.double(), msg=name)
+
+
+def test_module_second_derivatives_replay_randomness_and_check_weights(monkeypatch):
+    """A layer that draws random numbers (a Dropout in gate_c) draws the forward's again when the
+    backward recomputes it; a weight changed in place before that backward raises."""
+    calls = []
+    real = training._second_order_backward
+    monkeypatch.setattr(training, "_second_order_backward", lambda *a: calls.append(1) or real(*a))
+    ref, fused = make_pair(48, 8, 2, "sum")
+    for m in (ref, fused):
+        m.channel_att.gate_c.gate_c_relu_1 = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.5))
+    x, g = torch.randn(3, 48, 9, 13), torch.randn(3, 48, 9, 13)
+    torch.manual_seed(1)
+    want = gradient_penalty(ref, x, g)
+    torch.manual_seed(1)
+    got = gradient_penalty(fused, x, g)
+    assert calls == [1]
+    for mine, exact in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(mine, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+    name = "channel_att.gate_c.gate_c_fc_final.weight"
+    torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-3, atol=1e-3)
+
+    xf = x.clone().requires_grad_()
+    out = fused(xf)
+    with torch.no_grad():
+        fused.spatial_att.gate_s.gate_s_conv_di_0.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, xf, g, create_graph=True)
+
+
+class _AutocastProbe(torch.nn.Module):
+    """An identity layer that records the CPU autocast state each time it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, t):
+        self.seen.append((torch.is_autocast_enabled("cpu"), t.dtype))
+        return t
+
+
+def test_module_second_derivatives_replay_autocast():
+    """A forward under CPU autocast, a create_graph backward outside it: the recomputed layers run
+    under autocast again (bf16 out of the probe's conv), the pass over x and the gate in fp32."""
+    _, fused = make_pair(48, 8, 2, "sum")
+    probe = _AutocastProbe()
+    gs = fused.spatial_att.gate_s
+    gs.gate_s_conv_final = torch.nn.Sequential(gs.gate_s_conv_final, probe)
+    x = torch.randn(3, 48, 9, 13, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+    assert out.dtype == torch.float32 and probe.seen == [(True, torch.bfloat16)]
+    (dx,) = torch.autograd.grad(out, x, torch.randn_like(out), create_graph=True)
+    assert probe.seen == [(True, torch.bfloat16)] * 2
+    assert dx.dtype == torch.float32 and dx.requires_grad
+
+
 def test_module_autograd_batch_one_and_bf16():
     ref, fused = make_pair(37, 16, 4, "sum")
     ref.eval()
@@ -239,10 +337,6 @@ def test_module_autograd_partial_requirements_and_errors():
     first = xf.grad.clone()
     out.backward(g)
     torch.testing.assert_close(xf.grad, 2 * first)
-    # Second derivatives are refused, not silently wrong.
-    xf = x.clone().requires_grad_()
-    with pytest.raises(RuntimeError, match="first derivatives only"):
-        torch.autograd.grad(fused(xf).sum(), xf, create_graph=True)
 
 
 def test_module_autograd_empty_batch_takes_the_module_path():

@@ -86,6 +86,27 @@ def _(grad, x, channel_att, spatial_att, product, impl):
     return torch.empty_like(x), torch.empty_like(channel_att), torch.empty_like(spatial_att)
 
 
+def differentiable_backward(grad, x, channel_att, spatial_att, product: bool):
+    """The backward kernels' results (dx like x in x's dtype; d channel_att (N, C) and
+    d spatial_att (N, H*W) in their dtype, the math dtype) from differentiable PyTorch ops: what
+    runs when a second derivative is wanted (create_graph=True), at the reference's speed."""
+    n, c, h, w = x.shape
+    acc = channel_att.dtype
+    mc, ms = channel_att.view(n, c, 1, 1), spatial_att.view(n, 1, h, w)
+    a = torch.sigmoid(mc * ms if product else mc + ms)
+    g = grad.to(acc)
+    dz = g * x.to(acc) * a * (1 - a)
+    dx = (g * (1 + a)).to(x.dtype).contiguous(memory_format=memory_format(x))
+    dc = (dz * ms if product else dz).sum((2, 3))
+    ds = (dz * mc if product else dz).sum(1).reshape(n, h * w)
+    return dx, dc, ds
+
+
+def _wants_graph(*tensors: torch.Tensor) -> bool:
+    """Whether a backward was asked to build a graph of itself (create_graph=True)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _setup_context(ctx, inputs, output):
     x, channel_att, spatial_att, product, impl = inputs
     ctx.save_for_backward(x, channel_att, spatial_att)
@@ -94,6 +115,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, channel_att, spatial_att = ctx.saved_tensors
+    if _wants_graph(grad, x, channel_att, spatial_att):
+        return *differentiable_backward(grad, x, channel_att, spatial_att, ctx.product), None, None
     # The kernels read grad with x's layout.
     grad = grad.contiguous(memory_format=memory_format(x))
     dx, dc, ds = _gate_backward_op(grad, x, channel_att, spatial_att, ctx.product, ctx.impl)
@@ -107,8 +130,8 @@ class _EagerGate(torch.autograd.Function):
     """The same kernels as the ops above, without the custom-op dispatch, which in eager mode
     cost 7 of the 16 us of a small bam_gate call on the development CPU (GPU runs are often
     bound by this overhead). Under torch.compile the custom ops are used (they carry the fake
-    kernels). First derivatives only: create_graph raises instead of a silently wrong
-    second derivative."""
+    kernels). A backward asked for a graph of itself (create_graph=True, for second
+    derivatives) runs as PyTorch ops instead of the kernels."""
 
     @staticmethod
     def forward(ctx, x, channel_att, spatial_att, product, impl):
@@ -119,11 +142,8 @@ class _EagerGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, channel_att, spatial_att = ctx.saved_tensors
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (grad, x, channel_att, spatial_att)):
-            raise RuntimeError(
-                "bam_gate has first derivatives only: its backward kernels are not differentiable "
-                "(create_graph=True was asked for); use backend='reference' for higher orders"
-            )
+        if _wants_graph(grad, x, channel_att, spatial_att):
+            return *differentiable_backward(grad, x, channel_att, spatial_att, ctx.product), None, None
         grad = grad.contiguous(memory_format=memory_format(x))
         dx, dc, ds = _backward_kernels(grad, x, channel_att, spatial_att, ctx.product, ctx.impl)
         return dx, dc, ds, None, None
@@ -146,7 +166,8 @@ def bam_gate(
         backend: "auto", "triton", "cpp" or "reference".
 
     Returns:
-        A tensor in x's dtype and memory format. Differentiable in all three inputs.
+        A tensor in x's dtype and memory format. Differentiable in all three inputs, to any
+        order (a backward with create_graph=True runs as PyTorch ops).
     """
     check_combine(combine)
     check_choice("backend", backend, BACKENDS)

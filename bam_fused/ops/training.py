@@ -18,8 +18,13 @@ a few sweeps over the small maps, the convs and their input and weight gradients
 code where our convs run); this module updates the BatchNorms' running statistics as
 nn.BatchNorm2d does. At 56x56 those layers took about 40% of a training step.
 
-First derivatives only. Otherwise the layers of the rest run as modules (BatchNorm updates its
-running statistics); the reduce conv's own forward does not run, as in the eval-mode branch op.
+Otherwise the layers of the rest run as modules (BatchNorm updates its running statistics); the
+reduce conv's own forward does not run, as in the eval-mode branch op.
+
+A backward asked for a graph of itself (create_graph=True, for second derivatives) recomputes
+the forward from x as PyTorch ops (the reduce conv, the mean, the module's layers, the gate),
+with the forward's random-number state and autocast state and on copies of the layers'
+buffers (running statistics move once per forward), and differentiates that.
 (A BAM with a hook on any layer, or a global one, does not come here: modules.BAM runs its
 branches as modules then, so that every hook fires.) The rest's autograd graph, or the C++ ops'
 maps (tensors of about 1/16 of x's size each) are kept until the output's graph is freed, so
@@ -28,12 +33,17 @@ that retain_graph works.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._layers import pads_by_dilation, raw_weight
 from .branches import BRANCH_DTYPES, load_op
-from .gate import _backward_kernels, _forward, memory_format
+from .gate import _backward_kernels, _forward, _wants_graph, memory_format
 
 
 def _rest_of_spatial(gate_s: nn.Sequential) -> list[nn.Module]:
@@ -138,9 +148,68 @@ class _Tail:
         return dy, {p: g.view(p.shape) for p, g in zip(self.params, flat, strict=True) if p is not None}
 
 
+@contextlib.contextmanager
+def _buffer_copies(layers: list[nn.Module]) -> Iterator[None]:
+    """The layers' buffers replaced by copies, and put back after: a forward run again (for a
+    second derivative) leaves the running statistics as the first one left them, and moves no
+    tensor that a graph saved (a copy_ back would bump its version)."""
+    held = [(m._buffers, name, t) for layer in layers for m in layer.modules() for name, t in m._buffers.items()]
+    try:
+        for buffers, name, t in held:
+            if t is not None:
+                buffers[name] = t.clone()
+        yield
+    finally:
+        for buffers, name, t in held:
+            buffers[name] = t
+
+
+def _second_order_backward(ctx, grad: torch.Tensor, x: torch.Tensor) -> tuple:
+    """The backward as a graph (create_graph=True): the forward again as PyTorch ops on the same
+    inputs, differentiated with create_graph. The rest's layers see the forward's random-number
+    and autocast states and copies of their buffers."""
+    module, reduce_w, reduce_b, rest_params = ctx.module, ctx.w_like, ctx.reduce_b, ctx.graph[4]
+    params = (reduce_w, reduce_b, *rest_params)
+    if [None if p is None else p._version for p in params] != ctx.versions:
+        raise RuntimeError(
+            "bam_fused.BAM: a weight was modified by an inplace operation between the forward and a "
+            "backward with create_graph=True"
+        )
+    gs, gc = module.spatial_att.gate_s, module.channel_att.gate_c
+    rest = _rest_of_spatial(gs)
+    n, c, h, w = x.shape
+    autocast_on, autocast_dtype = ctx.autocast
+    # reduce_pool and the gate compute in fp32, whatever autocast state the caller's backward has.
+    fp32 = functools.partial(torch.autocast, "cpu", enabled=False)
+    with torch.enable_grad(), _buffer_copies([*rest, gc]), torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(ctx.rng)
+        with fp32():
+            xf = x.float()
+            y = F.conv2d(xf, reduce_w.float(), None if reduce_b is None else reduce_b.float())
+            means = xf.mean((2, 3))
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_on):
+            s = y.to(reduce_w.dtype)
+            for layer in rest:
+                s = layer(s)
+            ch = gc(means.to(raw_weight(gc.gate_c_fc_0).dtype))
+        with fp32():
+            mc, ms = ch.float().view(n, c, 1, 1), s.float().view(n, 1, h, w)
+            out = (xf * (1 + torch.sigmoid(mc * ms if ctx.product else mc + ms))).to(x.dtype)
+    inputs = (x, *params)
+    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    dx, dw, db, *rest_grads = (next(grads) if need else None for need in needs)
+    return dx, None, None, dw, db, *rest_grads
+
+
 class _TrainingBAM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, product, reduce_w, reduce_b, *rest_params):
+        # What a backward with create_graph=True needs to run this forward again (all cheap).
+        ctx.module, ctx.reduce_b, ctx.rng = module, reduce_b, torch.get_rng_state()
+        ctx.autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        ctx.versions = [None if p is None else p._version for p in (reduce_w, reduce_b, *rest_params)]
         gs, gc = module.spatial_att.gate_s, module.channel_att.gate_c
         n, c, h, w = x.shape
         cr = reduce_w.shape[0]
@@ -172,11 +241,8 @@ class _TrainingBAM(torch.autograd.Function):
     def backward(ctx, grad):
         x, c32, s32, w32 = ctx.saved_tensors
         y_in, m_in, ch, s, rest_params = ctx.graph
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (grad, x, ctx.w_like, *rest_params)):
-            raise RuntimeError(
-                "bam_fused.BAM has first derivatives only on this path (create_graph=True was asked "
-                "for); use backend='reference' for higher orders"
-            )
+        if _wants_graph(grad, x, ctx.w_like, *rest_params):
+            return _second_order_backward(ctx, grad, x)
         grad = grad.contiguous(memory_format=memory_format(x))
         dx, dc, ds = _backward_kernels(grad, x, c32, s32, ctx.product, "cpp")
         n, c = x.shape[:2]
