@@ -206,6 +206,27 @@ def test_channel_mlp_beside_the_convs(eval_impl, c, monkeypatch, tmp_path):
             m(xs[0])
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_second_derivatives_on_gpu(mode):
+    """A gradient penalty through a CUDA BAM (its layers and the Triton gate, whose backward runs
+    as PyTorch ops under create_graph) against the float64 reference."""
+    ref = randomize_(bam_fused.reference.BAM(48, 8, 2)).cuda()
+    fused = bam_fused.BAM(48, 8, 2, backend="fused").cuda()
+    fused.load_state_dict(ref.state_dict())
+    truth = ref.double().train(mode == "train")
+    fused.train(mode == "train")
+    x, g = torch.randn(3, 48, 9, 13, device="cuda"), torch.randn(3, 48, 9, 13, device="cuda")
+    results = []
+    for m, dtype in ((fused, torch.float32), (truth, torch.float64)):
+        xs = x.to(dtype, copy=True).requires_grad_()
+        (dx,) = torch.autograd.grad(m(xs), xs, g.to(dtype), create_graph=True)
+        (dx**2).sum().backward()
+        results.append((dx.detach(), xs.grad, m.spatial_att.gate_s.gate_s_conv_di_0.weight.grad))
+    for mine, exact in zip(*results, strict=True):
+        # (cuDNN convs in TF32, as the reference's on the GPU: a loose bound, which a wrong formula is far past)
+        torch.testing.assert_close(mine.double(), exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max()))
+
+
 def test_compile_module_on_gpu():
     m = randomize_(bam_fused.BAM(64, 8)).cuda().eval()
     x = torch.randn(4, 64, 14, 14, device="cuda")
