@@ -20,15 +20,15 @@ nn.BatchNorm2d does. At 56x56 those layers took about 40% of a training step.
 
 Otherwise the layers of the rest run as modules (BatchNorm updates its running statistics); the
 reduce conv's own forward does not run, as in the eval-mode branch op.
+(A BAM with a hook on any layer, or a global one, does not come here: modules.BAM runs its
+branches as modules then, so that every hook fires.) The rest's autograd graph, or the C++ ops'
+maps (tensors of about 1/16 of x's size each) are kept until the output's graph is freed, so
+that retain_graph works.
 
 A backward asked for a graph of itself (create_graph=True, for second derivatives) recomputes
 the forward from x as PyTorch ops (the reduce conv, the mean, the module's layers, the gate),
 with the forward's random-number state and autocast state and on copies of the layers'
 buffers (running statistics move once per forward), and differentiates that.
-(A BAM with a hook on any layer, or a global one, does not come here: modules.BAM runs its
-branches as modules then, so that every hook fires.) The rest's autograd graph, or the C++ ops'
-maps (tensors of about 1/16 of x's size each) are kept until the output's graph is freed, so
-that retain_graph works.
 """
 
 from __future__ import annotations
