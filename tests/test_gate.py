@@ -184,7 +184,7 @@ def test_second_derivatives_match_the_reference(backend, combine, layout, dtype)
                        (lambda a, b, c: gate_module._gate_op(a, b.float(), c.reshape(2, 63).float(), product, backend),
                         dtype),
                        (lambda a, b, c: bam_gate_reference(a, b, c, combine), torch.float64)):  # fmt: skip
-        xs, cs, ss = (t.to(cast).requires_grad_() for t in (x, ca, sa))
+        xs, cs, ss = (t.to(cast, copy=True).requires_grad_() for t in (x, ca, sa))
         first = torch.autograd.grad(call(xs, cs, ss), (xs, cs, ss), g.to(cast), create_graph=True)
         penalty = sum((d.double() ** 2).sum() for d in first)
         second = torch.autograd.grad(penalty, (xs, cs, ss))

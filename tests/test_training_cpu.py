@@ -265,7 +265,8 @@ class _AutocastProbe(torch.nn.Module):
 
 def test_module_second_derivatives_replay_autocast():
     """A forward under CPU autocast, a create_graph backward outside it: the recomputed layers run
-    under autocast again (bf16 out of the probe's conv), the pass over x and the gate in fp32."""
+    under autocast again (bf16 out of the final conv before the probe); the output and its
+    gradient stay fp32, as x."""
     _, fused = make_pair(48, 8, 2, "sum")
     probe = _AutocastProbe()
     gs = fused.spatial_att.gate_s
