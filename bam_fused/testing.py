@@ -121,3 +121,26 @@ def gate_comparisons(
         ("d_channel", compare(channel_att.grad, c64.grad, ce.grad)),
         ("d_spatial", compare(spatial_att.grad, s64.grad, se.grad)),
     ]
+
+
+def gate_second_order_comparisons(
+    fn, x: torch.Tensor, channel_att: torch.Tensor, spatial_att: torch.Tensor, combine: str, grad: torch.Tensor
+) -> list[tuple[str, Comparison]]:
+    """The gradients of a gradient penalty (the squared first gradients of
+    ``fn(x, channel_att, spatial_att)`` summed, through create_graph=True) against the float64
+    reference's, eager PyTorch in the same dtype as the yardstick."""
+    from .reference import bam_gate_reference
+
+    def penalty_grads(f, dtype: torch.dtype, acc: torch.dtype) -> tuple[torch.Tensor, ...]:
+        ins = [t.detach().to(dtype, copy=True).requires_grad_() for t in (x, channel_att, spatial_att)]
+        first = torch.autograd.grad(f(*ins), ins, grad.to(dtype), create_graph=True)
+        return torch.autograd.grad(sum((d.to(acc) ** 2).sum() for d in first), ins)
+
+    def reference(a, b, c):
+        return bam_gate_reference(a, b, c, combine)
+
+    out = penalty_grads(fn, x.dtype, torch.float32)
+    truth = penalty_grads(reference, torch.float64, torch.float64)
+    eager = penalty_grads(reference, x.dtype, torch.float32)
+    names = ("d2_x", "d2_channel", "d2_spatial")
+    return [(name, compare(*t)) for name, t in zip(names, zip(out, truth, eager, strict=True), strict=True)]

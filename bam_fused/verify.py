@@ -13,7 +13,7 @@ from . import _backends
 from .modules import BAM
 from .ops.gate import bam_gate
 from .reference import BAM as RefBAM
-from .testing import DTYPES, as_layout, compare, gate_comparisons, randomize_
+from .testing import DTYPES, as_layout, compare, gate_comparisons, gate_second_order_comparisons, randomize_
 
 LAYOUTS = ("nchw", "channels_last")
 # (C, H, W): the ResNet BAM stages, then odd shapes.
@@ -88,7 +88,9 @@ def check_gate(impl: str, device, shape, dtype_name: str, layout: str, combine: 
     ca = torch.randn(n, c, device=device, dtype=dtype)
     sa = torch.randn(n, h, w, device=device, dtype=dtype)
     g = as_layout(torch.randn(shape, device=device).to(dtype), layout)
-    results = gate_comparisons(functools.partial(bam_gate, combine=combine, backend=impl), x, ca, sa, combine, g)
+    fn = functools.partial(bam_gate, combine=combine, backend=impl)
+    results = gate_comparisons(fn, x, ca, sa, combine, g)
+    results += gate_second_order_comparisons(fn, x, ca, sa, combine, g)  # (create_graph=True)
     return _rows(f"gate[{impl}]", shape, dtype_name, layout, combine, results)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bam_fused import cli
+from bam_fused.ops import gate as gate_module
 from bam_fused.ops import gate_cpp
 
 
@@ -26,7 +27,7 @@ def test_info_text_and_json(capsys):
 def test_verify_quick_passes_and_writes_rows(tmp_path, capsys):
     assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert " passed, 0 failed" in out and "d_channel" in out
+    assert " passed, 0 failed" in out and "d_channel" in out and "d2_spatial" in out
     assert "bam[eval]" in out and "bam[train]" in out and "bam[grad]" in out
     rows = json.loads((tmp_path / "verify.json").read_text())
     assert rows and {"path", "shape", "dtype", "max_abs", "tolerance", "passed"} <= set(rows[0])
@@ -43,6 +44,19 @@ def test_verify_fails_on_a_broken_kernel(monkeypatch, capsys):
     monkeypatch.setattr(gate_cpp, "gate_forward", off_by_a_little)
     assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "fp32"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_verify_fails_on_a_wrong_second_derivative(monkeypatch, capsys):
+    real = gate_module.differentiable_backward
+
+    def off_by_a_little(*args):
+        dx, dc, ds = real(*args)
+        return dx, dc * 1.01, ds  # d channel_att 1% off: only the create_graph rows see it
+
+    monkeypatch.setattr(gate_module, "differentiable_backward", off_by_a_little)
+    assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "fp32"]) == 1
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.endswith("FAIL")]
+    assert failed and all(" d2_" in line for line in failed)
 
 
 def test_bench_quick_writes_json_and_plots(tmp_path, capsys):
