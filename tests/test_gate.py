@@ -169,6 +169,18 @@ def test_second_derivatives_by_gradgradcheck(combine, layout):
     assert torch.autograd.gradgradcheck(lambda a, b, c: bam_gate(a, b, c, combine, backend="cpp"), (x, ca, sa))
 
 
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_third_derivatives_by_gradgradcheck(combine):
+    """Any order: gradgradcheck of the first gradients (of a non-linear loss) checks the third."""
+    x, ca, sa = gate_inputs(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def first(a, b, c):
+        out = bam_gate(a, b, c, combine, backend="cpp")
+        return torch.autograd.grad((out**2).sum(), (a, b, c), create_graph=True)
+
+    assert torch.autograd.gradgradcheck(first, (x, ca, sa))
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("combine", ["sum", "product"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
