@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._layers import pads_by_dilation, raw_weight
+from ..reference import bam_gate_reference
 from .branches import BRANCH_DTYPES, load_op
 from .gate import _backward_kernels, _forward, _wants_graph, memory_format
 
@@ -177,7 +178,6 @@ def _second_order_backward(ctx, grad: torch.Tensor, x: torch.Tensor) -> tuple:
         )
     gs, gc = module.spatial_att.gate_s, module.channel_att.gate_c
     rest = _rest_of_spatial(gs)
-    n, c, h, w = x.shape
     autocast_on, autocast_dtype = ctx.autocast
     # reduce_pool and the gate compute in fp32, whatever autocast state the caller's backward has.
     fp32 = functools.partial(torch.autocast, "cpu", enabled=False)
@@ -193,8 +193,8 @@ def _second_order_backward(ctx, grad: torch.Tensor, x: torch.Tensor) -> tuple:
                 s = layer(s)
             ch = gc(means.to(raw_weight(gc.gate_c_fc_0).dtype))
         with fp32():
-            mc, ms = ch.float().view(n, c, 1, 1), s.float().view(n, 1, h, w)
-            out = (xf * (1 + torch.sigmoid(mc * ms if ctx.product else mc + ms))).to(x.dtype)
+            combine = "product" if ctx.product else "sum"
+            out = bam_gate_reference(xf, ch.float(), s.float(), combine).to(x.dtype)
     inputs = (x, *params)
     needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
     wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
