@@ -16,6 +16,8 @@ Data path (backend "fused", or "auto" where the kernels are available):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import _C, nn
 from torch.autograd import forward_ad
@@ -28,6 +30,16 @@ from .ops.branches import BRANCH_DTYPES, bam_eval_flexible, load_op
 from .ops.gate import bam_gate, memory_format
 
 MODULE_BACKENDS = ("auto", "fused", "reference")
+
+
+class _FoldState(NamedTuple):
+    """A cached fold and what it was made from. Replaced whole, never changed, and read once per
+    use, so that Python threads sharing a module (a serving process) each see one consistent fold."""
+
+    folded: dict  # BAM.folded()'s result
+    key: list  # _fold.fold_key's key at the fold
+    src: torch.Tensor | list[torch.Tensor] | None  # _fold.snapshot of the layers' tensors (None off the CPU)
+    call: tuple | None = None  # the CPU eval op and its weight arguments once forward has chosen it
 
 
 def _warn_layers(why: str) -> None:
@@ -43,13 +55,11 @@ class BAM(reference.BAM):
     why), "fused" (raise if the fused kernels cannot run) or "reference".
     """
 
-    # The CPU eval op and its weight arguments once forward has run it with the cached fold
-    # (_cpu_eval_again), else None; a class default for modules pickled before it existed.
-    _cpu_eval_call: tuple | None = None
+    # The cached fold (a _FoldState), else None; a class default for modules pickled before it existed.
+    _fold_state: _FoldState | None = None
     # RemovableHandle.next_id when _cpu_eval_again last found no hooks: every module hook, global or
     # on a layer, is registered with a new handle, so while the id stands no hook has come.
     _hook_stamp = -1
-    _fold_src: torch.Tensor | list[torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -62,9 +72,6 @@ class BAM(reference.BAM):
     ) -> None:
         super().__init__(gate_channels, reduction_ratio, dilation, num_dilated_convs, combine)
         self.backend = backend
-        self._folded: dict | None = None
-        self._folded_key: list | None = None
-        self._fold_src = None  # what the layers' tensors held at the fold (_fold.snapshot)
 
     @property
     def backend(self) -> str:
@@ -74,7 +81,9 @@ class BAM(reference.BAM):
     def backend(self, value: str) -> None:
         # Checked on every assignment: a typo set later ("refrence") must not run the kernels silently.
         self._backend = check_choice("backend", value, MODULE_BACKENDS)
-        self._cpu_eval_call = None  # (the routing decides anew)
+        state = self._fold_state
+        if state is not None:
+            self._fold_state = state._replace(call=None)  # (the routing decides anew)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
@@ -129,31 +138,36 @@ class BAM(reference.BAM):
         cache = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _backends.dispatch_mode())
         if cache:
             key, tensors = _fold.fold_key(self)
-            if self._folded is not None and key == self._folded_key and _fold.unchanged(tensors, self._fold_src):
-                return self._folded
+            state = self._fold_state  # read once: another thread may replace it meanwhile
+            if state is not None and key == state.key and _fold.unchanged(tensors, state.src):
+                return state.folded
         why = _layers.op_reason(self)
         folded = {"unsupported": why} if why is not None else _fold.fold(self)
         if cache:
-            self._folded, self._folded_key, self._cpu_eval_call = folded, key, None
-            self._fold_src = _fold.snapshot(tensors)
+            self._fold_state = _FoldState(folded, key, _fold.snapshot(tensors))
         return folded
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._folded = self._folded_key = None
+        self._fold_state = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse: bool = True):
-        self._folded = self._folded_key = None  # .to(), .half(), .cuda(): the tensors change
+        self._fold_state = None  # .to(), .half(), .cuda(): the tensors change
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> BAM:
-        self._folded = self._folded_key = None
+        state = self._fold_state
+        if state is not None and state.src is None:
+            # Off the CPU the cache watches versions, not bytes: .eval() is how a write through
+            # .data reaches it (README). On the CPU the key (every layer's mode) and the bytes see
+            # everything, so a repeated .eval() keeps the fold (serving code often calls it per
+            # request: refolding and repacking made a batch-1 call 2-3x slower).
+            self._fold_state = None
         return super().train(mode)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__().copy()
-        state["_folded"] = state["_folded_key"] = state["_fold_src"] = None  # derived; rebuilt on first use
-        state["_cpu_eval_call"], state["_hook_stamp"] = None, -1
+        state["_fold_state"], state["_hook_stamp"] = None, -1  # derived; rebuilt on first use
         return state
 
     # -- forward -------------------------------------------------------------------------
@@ -179,8 +193,8 @@ class BAM(reference.BAM):
         2026-11-27)."""
         if torch.compiler.is_compiling():  # first: Dynamo then reads (and guards on) none of this
             return None
-        call = self._cpu_eval_call
-        if call is None or type(x) is not torch.Tensor:  # (an fx Proxy, a tensor subclass)
+        state = self._fold_state  # read once: another thread may replace it meanwhile
+        if state is None or state.call is None or type(x) is not torch.Tensor:  # (an fx Proxy, a subclass)
             return None
         # transform_reason()'s and dispatch_mode()'s checks, read straight from torch._C (each
         # lookup in torch's namespaces is a miss or more here). Not its ONNX flag: TorchScript's
@@ -205,9 +219,9 @@ class BAM(reference.BAM):
                 return None
             self._hook_stamp = stamp
         key, tensors = _fold.fold_key(self)
-        if key != self._folded_key or not _fold.unchanged(tensors, self._fold_src):
+        if key != state.key or not _fold.unchanged(tensors, state.src):
             return None
-        op, weights = call
+        op, weights = state.call
         xc = x if x.is_contiguous() else x.contiguous(memory_format=memory_format(x))
         return op(xc, *weights, self.combine == "product")
 
@@ -262,8 +276,10 @@ class BAM(reference.BAM):
                     op = bam_eval_flexible
                 else:
                     op = load_op("bam_eval")
-                    if f is self._folded:  # the cached fold (not under a trace): _cpu_eval_again
-                        self._cpu_eval_call = (op, self._op_weights(f))
+                    state = self._fold_state
+                    if state is not None and state.folded is f and state.call is None:
+                        # The cached fold (not under a trace): _cpu_eval_again calls it next time.
+                        self._fold_state = state._replace(call=(op, self._op_weights(f)))
                 return op(xc, *self._op_weights(f), self.combine == "product")
             else:
                 # The folded weights are known-good: call the op itself, not bam_branches's checks.

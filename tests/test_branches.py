@@ -112,8 +112,17 @@ def test_folding_cache_follows_weight_updates_state_dict_and_mode():
         other = randomize_(RefBAM(48, 8, 2)).eval()
         fused.load_state_dict(other.state_dict())
         torch.testing.assert_close(fused(x), other(x), rtol=1e-5, atol=1e-5)
+        # A mode change alone keeps the fold on the CPU (the key holds every layer's mode; serving
+        # code calls .eval() per request), a training step in between does not.
+        loaded = fused.folded()
         fused.train().eval()
-        assert fused._folded is None
+        assert fused.folded() is loaded
+        with torch.enable_grad():
+            for m in (fused, other):
+                m.train()(x).sum().backward()
+                m.eval()
+        assert fused.folded() is not loaded
+        torch.testing.assert_close(fused(x), other(x), rtol=1e-5, atol=1e-5)
         # A replaced parameter (not an in-place update) refreshes the fold too.
         for m in (fused, other):
             m.spatial_att.gate_s.gate_s_conv_final.weight = torch.nn.Parameter(torch.full((1, 6, 1, 1), 0.3))
@@ -127,7 +136,7 @@ def test_folding_cache_follows_weight_updates_state_dict_and_mode():
         # its new tensors could land where the cached fold's were.
         fused(x)
         fused.half()
-        assert fused._folded is None
+        assert fused._fold_state is None
         other.half().float()
         torch.testing.assert_close(fused.float()(x), other(x), rtol=1e-5, atol=1e-5)
 

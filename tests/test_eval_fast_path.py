@@ -41,7 +41,7 @@ def test_repeated_calls_take_the_short_path_with_the_same_bits(routed, layout, d
     x = make_layout(torch.randn(n, 37, 7, 9).to(dtype), layout)
     with torch.inference_mode():
         first = fused(x)
-        assert len(routed) == 1 and fused._cpu_eval_call is not None
+        assert len(routed) == 1 and fused._fold_state.call is not None
         again = fused(x)
         other = fused(make_layout(torch.randn(n, 37, 5, 4).to(dtype), layout))  # any H, W, N take it too
     assert len(routed) == 1
@@ -185,13 +185,13 @@ def _gradients_wanted(fused, ref, x, routed):
 
 def _deep_copy(fused, ref, x, routed):
     twin = copy.deepcopy(fused)
-    assert twin._cpu_eval_call is None  # derived state is not copied
+    assert twin._fold_state is None  # derived state is not copied
     return twin(x), ref(x)
 
 
 def _pickled(fused, ref, x, routed):
     twin = pickle.loads(pickle.dumps(fused))
-    assert twin._cpu_eval_call is None
+    assert twin._fold_state is None
     return twin(x), ref(x)
 
 

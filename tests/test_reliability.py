@@ -234,7 +234,7 @@ def test_fake_tensor_mode_gives_the_reference_shapes_and_strides(training, layou
                 if training:
                     out.sum().backward()
             results.append((out.shape, out.stride(), None if x.grad is None else (x.grad.shape, x.grad.stride())))
-        assert m._folded is None  # no fold cached from fake tensors (nor keyed on their data_ptr)
+        assert m._fold_state is None  # no fold cached from fake tensors (nor keyed on their data_ptr)
     assert results[0] == results[1]
 
 
@@ -351,7 +351,7 @@ def test_sync_batchnorm_conversion_and_pickling():
         torch.testing.assert_close(synced(x), want, rtol=1e-5, atol=1e-5)
         m(x)  # fills the fold cache, which must not travel
         restored = pickle.loads(pickle.dumps(m))
-        assert restored._folded is None
+        assert restored._fold_state is None
         torch.testing.assert_close(restored(x), want, rtol=0, atol=0)
         torch.testing.assert_close(copy.deepcopy(m)(x), want, rtol=0, atol=0)
 
