@@ -322,6 +322,29 @@ def test_same_bytes_sees_any_change_of_the_tensors():
         assert not ops.same_bytes(ts, ops.bytes_of(other)), what
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_bytes_sees_one_bit_in_megabytes(threads):
+    # From 256 KB in all the elements are compared over the threads in 64 KB pieces, none across
+    # two tensors: a flipped bit anywhere (a piece's edge, a tensor's last byte) is seen.
+    load_op("bytes_of")
+    ops = torch.ops.bam_fused_C
+    ts = [torch.randn(300_000), torch.randn(70_001), torch.randn(3), torch.randn(2, 3, dtype=torch.cfloat).conj()]
+    copy = ops.bytes_of(ts)
+    assert torch.equal(copy, ops.bytes_of([*ts[:3], ts[3].resolve_conj()]))  # a conj view: its values
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert ops.same_bytes(ts, copy)
+        for i, pos in [(0, 0), (0, 65535), (0, 65536), (0, 1_199_999), (1, 140_000), (1, 280_003), (2, 11)]:
+            b = ts[i].view(torch.uint8)
+            b[pos] ^= 1
+            assert not ops.same_bytes(ts, copy), (i, pos)
+            b[pos] ^= 1
+        assert ops.same_bytes(ts, copy)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_same_bytes_rejects_what_it_cannot_compare():
     load_op("bytes_of")
     ops = torch.ops.bam_fused_C

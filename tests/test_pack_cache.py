@@ -70,6 +70,22 @@ def test_weights_written_behind_autograd_are_repacked(monkeypatch, isa, ours, dt
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+@pytest.mark.parametrize("where", [0, -1])
+def test_large_weights_written_behind_autograd_are_repacked(where):
+    # 1024 x 64 reduce weights (256 KB) are compared over the threads in 64 KB pieces: a write to
+    # the first or the last element is seen all the same.
+    x = torch.randn(1, 1024, 5, 5)
+    args = branch_args(1024, 64, 13)
+    op = load_op()
+    before = op(x, *args)
+    args[0].numpy().reshape(-1)[where] += 1.0
+    got = op(x, *args)
+    args[0] = args[0].clone()  # other weights at another address: packed afresh
+    want = op(x, *args)
+    assert not torch.equal(want[1], before[1])  # the write changed the map
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 @pytest.mark.parametrize("ours", ["kernel", "winograd"])
 def test_same_bytes_in_another_layout_are_repacked(monkeypatch, ours):
     # A transposed view starts at the same address with the same bytes, but they mean other weights.
