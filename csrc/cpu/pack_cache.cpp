@@ -65,8 +65,9 @@ at::Tensor cached_packing(const at::Tensor& w, Packing packing, int64_t block,
   {
     std::lock_guard<std::mutex> lock(c.mutex);
     for (Entry& e : c.entries) {
-      const bool same_bytes = matches(e, w, src, packing, block) &&
-                              same_memory(e.source.const_data_ptr(), src.const_data_ptr(), static_cast<int64_t>(src.nbytes()));
+      const bool same_bytes =
+          matches(e, w, src, packing, block) &&
+          same_memory(e.source.const_data_ptr(), src.const_data_ptr(), static_cast<int64_t>(src.nbytes()));
       if (same_bytes) {
         e.last_use = ++c.clock_ticks;
         ++c.hits;
