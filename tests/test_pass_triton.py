@@ -401,6 +401,57 @@ def test_auto_raises_the_kernels_own_error(monkeypatch):
         attention_cuda.choice(torch.randn(2, 64, 7, 9), fused.folded(), 4)
 
 
+def test_auto_times_again_after_the_kernels_error(monkeypatch):
+    # A failed timing leaves no pick behind: once the cause is gone, the shape is timed, not
+    # pinned to the placeholder kept while it was timed.
+    graph = {"_run_kernel": ValueError("bad variable"), "_run_triton_pass": 1.0, "_run_triton": 3.0}
+    plain = {"_run_kernel": 2.0, "_run_triton_pass": 1.0, "_run_triton": 3.0}
+    fake_timers(monkeypatch, graph, plain)
+    monkeypatch.setattr(attention_cuda, "_call_kind", lambda x: "plain")
+    _, fused, _ = folded_bam(64, 16, 4)
+    x, f = torch.randn(2, 64, 7, 9), fused.folded()
+    with pytest.raises(ValueError, match="bad variable"):
+        attention_cuda.choice(x, f, 4)
+    assert attention_cuda.picks(x, f) is None
+    graph["_run_kernel"] = 2.0
+    assert attention_cuda.choice(x, f, 4) == "triton-pass"
+
+
+def test_threads_meeting_an_untimed_shape_wait_for_its_picks(monkeypatch):
+    # The timing captures CUDA graphs: other threads must not launch meanwhile (nor time the shape
+    # again), and they get the picks, not the placeholder "kernel" kept while timing.
+    import threading
+    import time
+
+    graph = {"_run_kernel": 2.0, "_run_triton_pass": 1.0, "_run_triton": 3.0}
+    calls = fake_timers(monkeypatch, graph, dict(graph))
+    fake_graph_ms, inner = attention_cuda._graph_ms, []
+
+    def graph_ms(fn):
+        time.sleep(0.02)
+        inner.append(attention_cuda.choice(x, f, 4))  # a path calling back while its thread times
+        return fake_graph_ms(fn)
+
+    monkeypatch.setattr(attention_cuda, "_graph_ms", graph_ms)
+    monkeypatch.setattr(attention_cuda, "_call_kind", lambda x: "plain")
+    _, fused, _ = folded_bam(64, 16, 4)
+    x, f = torch.randn(2, 64, 7, 9), fused.folded()
+    start, got = threading.Barrier(4), []
+
+    def call():
+        start.wait()
+        got.append(attention_cuda.choice(x, f, 4))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == 4 * ["triton-pass"]
+    assert len(calls) == 6  # three paths, both ways, once
+    assert inner == 3 * ["kernel"]  # the calls back ran the kernel, untimed
+
+
 def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
     import contextlib
 

@@ -167,3 +167,48 @@ def test_training_steps_in_threads():
         assert all(torch.equal(a, b) for a, b in zip(got, want[k], strict=True)), k
 
     run_threads(work)
+
+
+@pytest.mark.cuda
+def test_shared_cuda_eval_modules_and_gates_in_threads(monkeypatch):
+    # The CUDA eval path with BAM_FUSED_CUDA_EVAL=auto, every shape new: one thread times it (CUDA
+    # graph captures) while the others wait for its picks; then the Triton gate forward and
+    # backward. auto may pick another path than the serial calls' (3xTF32 or CUDA cores), so
+    # outputs agree to float32 rounding, not bits.
+    from bam_fused import _backends, _ext, reference
+    from bam_fused.ops import attention_cuda
+
+    if not _ext.has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", "auto")
+    torch.manual_seed(5)
+    mods = [randomize_(bam_fused.BAM(64, 4, backend="fused")).cuda().eval() for _ in range(2)]
+    cases = []
+    for i, (n, h, w) in enumerate([(1, 7, 9), (2, 9, 13), (3, 28, 28), (2, 14, 14)]):
+        x = make_layout(torch.randn(n, 64, h, w, device="cuda"), ["nchw", "channels_last"][i % 2])
+        cases.append((mods[i % 2], x))
+    with torch.no_grad():
+        want = [m(x) for m, x in cases]
+    monkeypatch.setattr(attention_cuda, "_chosen", {})
+
+    def work(k: int) -> None:
+        with torch.no_grad():
+            for r in range(3):
+                for j in range(len(cases)):
+                    j = (j + k + r) % len(cases)
+                    m, x = cases[j]
+                    torch.testing.assert_close(m(x), want[j], rtol=1e-4, atol=1e-4)
+        x = make_layout(torch.randn(2, 37, 7, 9, device="cuda"), ["nchw", "channels_last"][k % 2])
+        c, sp = torch.randn(2, 37, device="cuda"), torch.randn(2, 7, 9, device="cuda")
+        got = bam_gate(x.requires_grad_(), c, sp, backend="triton")
+        got.backward(torch.ones_like(got))
+        xd = x.detach().double().requires_grad_()
+        want_gate = reference.bam_gate_reference(xd, c.double(), sp.double(), "sum")
+        want_gate.backward(torch.ones_like(want_gate))
+        torch.testing.assert_close(got, want_gate.float())
+        torch.testing.assert_close(x.grad, xd.grad.float())
+
+    run_threads(work)
+    dev = torch.device("cuda")
+    timed = _backends.triton_reason(dev) is None and attention_cuda._has_tf32(dev)
+    assert len(attention_cuda._chosen) == (len(cases) if timed else 0)  # each shape timed once

@@ -25,6 +25,7 @@ fails to compile or launch is skipped with one warning.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import NamedTuple
 
@@ -44,6 +45,12 @@ class Picks(NamedTuple):
 
 
 _chosen: dict[tuple, Picks] = {}
+# Held while a shape is timed. The timing captures CUDA graphs, which another thread's CUDA work
+# (an allocation, a synchronize) can break or be broken by, so other threads meeting an untimed
+# shape wait for the picks rather than launch meanwhile. _timed_here: the shapes this thread is
+# timing, where a call made meanwhile (a path calling back) runs the kernel.
+_timing = threading.RLock()
+_timed_here = threading.local()
 _y_layouts: dict[tuple, bool] = {}
 
 
@@ -228,8 +235,17 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
     if timed is None:
         if kind != "plain":  # timed at the shape's first plain call
             return "kernel"
-        _chosen[key] = Picks("kernel", "kernel")  # while timing: a re-entrant call must not time again
-        timed = _chosen[key] = _time_paths(x, f, dilation)
+        mine = _timed_here.__dict__.setdefault("keys", set())
+        if key in mine:  # a call made while this thread times this shape
+            return "kernel"
+        with _timing:
+            timed = _chosen.get(key)  # (another thread may have timed it while this one waited)
+            if timed is None:
+                mine.add(key)
+                try:
+                    timed = _chosen[key] = _time_paths(x, f, dilation)
+                finally:
+                    mine.discard(key)  # (after an error the next call times again)
     return timed.graph if kind == "graph" else timed.plain
 
 
