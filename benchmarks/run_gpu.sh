@@ -43,7 +43,8 @@ step_build() {
   box 60 "$OUT/checks.log" $PY benchmarks/gpu_probe.py errors
 }
 step_cuda-tests() {
-  box 220 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE tests/test_cuda.py tests/test_pass_triton.py
+  box 220 "$OUT/tests.log" $PY -m pytest -q -n 8 -p no:cacheprovider -rfE tests/test_cuda.py tests/test_pass_triton.py \
+    "tests/test_threads.py::test_shared_cuda_eval_modules_and_gates_in_threads"
 }
 step_passes() { box 130 "$OUT/profile.log" $PY benchmarks/gpu_probe.py passes; }
 step_bench() { box 200 "$OUT/bench.log" $PY -m bam_fused.cli bench --quick --no-progress --out "$OUT"; }
