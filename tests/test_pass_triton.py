@@ -452,6 +452,49 @@ def test_threads_meeting_an_untimed_shape_wait_for_its_picks(monkeypatch):
     assert inner == 3 * ["kernel"]  # the calls back ran the kernel, untimed
 
 
+def test_side_streams_are_per_thread(monkeypatch):
+    # Under CUDA graph capture the channel MLP forks onto a side stream: two threads capturing at
+    # once must not share one (the fork would join both captures). Fake streams: the logic only.
+    import contextlib
+    import threading
+
+    class FakeStream:
+        device = torch.device("cuda", 0)
+
+        def wait_stream(self, other):
+            pass
+
+    class FakeTensor:
+        def record_stream(self, stream):
+            pass
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(
+        torch.cuda, "stream", lambda s: entered.append((threading.current_thread(), s)) or contextlib.nullcontext()
+    )
+    together = threading.Barrier(3)
+
+    def call():
+        together.wait()  # all alive at once
+        for _ in range(3):
+            side, main = attention_cuda.run_beside(FakeTensor, lambda: "main", (FakeTensor(),), True)
+            assert isinstance(side, FakeTensor) and main == "main"
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    by_thread: dict[threading.Thread, set[int]] = {}
+    for thread, stream in entered:
+        by_thread.setdefault(thread, set()).add(id(stream))
+    assert len(entered) == 9 and len(by_thread) == 3
+    assert all(len(ids) == 1 for ids in by_thread.values())  # each thread keeps its stream
+    assert len(set().union(*by_thread.values())) == 3  # and no two threads share one
+
+
 def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
     import contextlib
 

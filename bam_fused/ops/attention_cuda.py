@@ -121,9 +121,10 @@ def run_beside(side, main, side_inputs: tuple, fork: bool) -> tuple[torch.Tensor
     if not fork:
         return side(), main()
     current = torch.cuda.current_stream()
-    if current.device not in _side_streams:
-        _side_streams[current.device] = torch.cuda.Stream(current.device)
-    other = _side_streams[current.device]
+    streams = _side_streams.__dict__.setdefault("by_device", {})
+    if current.device not in streams:
+        streams[current.device] = torch.cuda.Stream(current.device)  # (one of torch's pool of streams)
+    other = streams[current.device]
     other.wait_stream(current)
     with torch.cuda.stream(other):
         from_side = side()
@@ -138,7 +139,9 @@ def run_beside(side, main, side_inputs: tuple, fork: bool) -> tuple[torch.Tensor
     return from_side, from_main
 
 
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+# Each thread's side stream per device: two threads capturing CUDA graphs at once must not fork
+# onto one stream (it would join both captures).
+_side_streams = threading.local()
 
 
 _RUNS = {"kernel": _run_kernel, "triton-pass": _run_triton_pass, "triton": _run_triton}
