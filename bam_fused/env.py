@@ -51,6 +51,8 @@
 |                             |         | but for NCHW x under avx512); same bits either way; read by   |
 |                             |         | the extension                                                 |
 | TRITON_INTERPRET            | 0       | 1: run the Triton kernels on the CPU (tests; slow)            |
+| THP_MEM_ALLOC_ENABLE        | unset   | PyTorch's: 1 puts new CPU tensors of 2 MiB and more in huge   |
+|                             |         | pages (README: "CPU note"); bam_fused.info() reports it       |
 
 Build-time only (setup.py): BAM_FUSED_SKIP_EXT, BAM_FUSED_FORCE_CUDA, TORCH_CUDA_ARCH_LIST,
 CUDA_HOME, MAX_JOBS.

@@ -24,6 +24,32 @@ def test_info_text_and_json(capsys):
         assert triton_gate["reason"]  # no GPU here: says why
 
 
+@pytest.mark.parametrize(
+    ("content", "asked", "says"),
+    [
+        ("always [madvise] never\n", None, "madvise: torch does not ask (THP_MEM_ALLOC_ENABLE=1 would)"),
+        ("always [madvise] never\n", "1", "madvise: torch asks (THP_MEM_ALLOC_ENABLE=1)"),
+        ("[always] madvise never\n", "1", "always"),
+        ("always madvise [never]\n", None, "never"),
+        ("", None, "unknown"),
+        (None, None, "not available"),
+    ],
+)
+def test_info_says_whether_tensors_get_huge_pages(tmp_path, monkeypatch, content, asked, says):
+    import bam_fused
+    from bam_fused.info import cpu_huge_pages
+
+    mode = tmp_path / "enabled"
+    if content is not None:
+        mode.write_text(content)
+    if asked is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", asked)
+    assert cpu_huge_pages(str(mode)) == says
+    assert isinstance(bam_fused.info()["cpu_huge_pages"], str)
+
+
 def test_verify_quick_passes_and_writes_rows(tmp_path, capsys):
     assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
