@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .info import _triton_version, device_name
+from .info import _triton_version, cpu_huge_pages, device_name
 from .models import resnet50_bam
 from .modules import BAM
 from .ops.gate import bam_gate
@@ -375,6 +375,7 @@ def write_results(rows: list[Row], out_dir: Path, extra_meta: dict | None = None
         "triton": _triton_version(),
         "bam_fused": __version__,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_huge_pages": cpu_huge_pages(),  # (the CPU pass reads NCHW x faster from huge pages)
         **(extra_meta or {}),
     }
     path = out_dir / "results.json"

@@ -90,7 +90,7 @@ def test_bench_quick_writes_json_and_plots(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "speed-up of fused" in table and "resnet50" in table
     data = json.loads((tmp_path / "results.json").read_text())
-    assert {"device", "device_name", "torch", "triton", "bam_fused"} <= set(data["meta"])
+    assert {"device", "device_name", "torch", "triton", "bam_fused", "cpu_huge_pages"} <= set(data["meta"])
     rows = data["rows"]
     benches = {r["bench"] for r in rows}
     assert benches == {"gate_fwd", "gate_fwd_bwd", "bam_eval", "bam_train", "resnet50"}
