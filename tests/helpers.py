@@ -1,5 +1,8 @@
 """Small builders the tests share."""
 
+import sys
+import threading
+
 import torch
 
 from bam_fused.testing import as_layout
@@ -90,3 +93,34 @@ def spatial_env(monkeypatch, convs: str) -> None:
     """Sets BAM_FUSED_CPU_SPATIAL and BAM_FUSED_CPU_WINOGRAD for one of SPATIAL_CONVS."""
     monkeypatch.setenv("BAM_FUSED_CPU_SPATIAL", "library" if convs == "library" else "kernel")
     monkeypatch.setenv("BAM_FUSED_CPU_WINOGRAD", "on" if convs == "winograd" else "off")
+
+
+THREADS = 4
+
+
+def run_threads(work, threads: int = THREADS) -> None:
+    """work(k) for k < threads, in that many threads at once (released together), the interpreter
+    switching between them every microsecond rather than every 5 ms, so that their Python steps
+    interleave; re-raises the first error (an assertion in a thread fails the test)."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def target(k: int) -> None:
+        try:
+            start.wait()
+            work(k)
+        except BaseException as e:  # noqa: BLE001 (re-raised below, in the test's thread)
+            errors.append(e)
+
+    workers = [threading.Thread(target=target, args=(k,)) for k in range(threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    if errors:
+        raise errors[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import HAS_CUDA
-from helpers import make_layout
+from helpers import make_layout, run_threads
 
 import bam_fused
 from bam_fused import _backends, _ext
@@ -420,7 +420,6 @@ def test_auto_times_again_after_the_kernels_error(monkeypatch):
 def test_threads_meeting_an_untimed_shape_wait_for_its_picks(monkeypatch):
     # The timing captures CUDA graphs: other threads must not launch meanwhile (nor time the shape
     # again), and they get the picks, not the placeholder "kernel" kept while timing.
-    import threading
     import time
 
     graph = {"_run_kernel": 2.0, "_run_triton_pass": 1.0, "_run_triton": 3.0}
@@ -436,17 +435,8 @@ def test_threads_meeting_an_untimed_shape_wait_for_its_picks(monkeypatch):
     monkeypatch.setattr(attention_cuda, "_call_kind", lambda x: "plain")
     _, fused, _ = folded_bam(64, 16, 4)
     x, f = torch.randn(2, 64, 7, 9), fused.folded()
-    start, got = threading.Barrier(4), []
-
-    def call():
-        start.wait()
-        got.append(attention_cuda.choice(x, f, 4))
-
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = []
+    run_threads(lambda k: got.append(attention_cuda.choice(x, f, 4)))
     assert got == 4 * ["triton-pass"]
     assert len(calls) == 6  # three paths, both ways, once
     assert inner == 3 * ["kernel"]  # the calls back ran the kernel, untimed
@@ -474,19 +464,13 @@ def test_side_streams_are_per_thread(monkeypatch):
     monkeypatch.setattr(
         torch.cuda, "stream", lambda s: entered.append((threading.current_thread(), s)) or contextlib.nullcontext()
     )
-    together = threading.Barrier(3)
 
-    def call():
-        together.wait()  # all alive at once
+    def call(k: int) -> None:
         for _ in range(3):
             side, main = attention_cuda.run_beside(FakeTensor, lambda: "main", (FakeTensor(),), True)
             assert isinstance(side, FakeTensor) and main == "main"
 
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(call, threads=3)  # (all alive at once)
     by_thread: dict[threading.Thread, set[int]] = {}
     for thread, stream in entered:
         by_thread.setdefault(thread, set()).add(id(stream))

@@ -3,46 +3,14 @@ so calls overlap in the extension (the packed-weight cache, OpenMP teams) and in
 Python (the module's cached fold). Each call must give the bits of the same call made alone."""
 
 import copy
-import sys
-import threading
 
 import pytest
 import torch
-from helpers import make_layout
+from helpers import THREADS, make_layout, run_threads
 
 import bam_fused
 from bam_fused.ops import bam_gate
 from bam_fused.testing import randomize_
-
-THREADS = 4
-
-
-def run_threads(work) -> None:
-    """work(k) in THREADS threads at once (released together), the interpreter switching between
-    them every microsecond rather than every 5 ms, so that their Python steps interleave; re-raises
-    the first error."""
-    errors: list[BaseException] = []
-    start = threading.Barrier(THREADS)
-
-    def target(k: int) -> None:
-        try:
-            start.wait()
-            work(k)
-        except BaseException as e:  # noqa: BLE001 (re-raised below, in the test's thread)
-            errors.append(e)
-
-    threads = [threading.Thread(target=target, args=(k,)) for k in range(THREADS)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
-    if errors:
-        raise errors[0]
 
 
 def test_shared_eval_modules_give_the_bits_of_serial_calls():
