@@ -47,10 +47,21 @@ class Picks(NamedTuple):
 _chosen: dict[tuple, Picks] = {}
 # Held while a shape is timed. The timing captures CUDA graphs, which another thread's CUDA work
 # (an allocation, a synchronize) can break or be broken by, so other threads meeting an untimed
-# shape wait for the picks rather than launch meanwhile. _timed_here: the shapes this thread is
-# timing, where a call made meanwhile (a path calling back) runs the kernel.
+# shape wait for the picks rather than launch meanwhile.
 _timing = threading.RLock()
-_timed_here = threading.local()
+
+
+class _ThreadState(threading.local):
+    """What each thread keeps apart: the shapes it is timing (a call made meanwhile, a path calling
+    back, runs the kernel), and its side stream per device (two threads capturing CUDA graphs at
+    once must not fork onto one stream: it would join both captures)."""
+
+    def __init__(self) -> None:
+        self.timing: set[tuple] = set()
+        self.side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+_this_thread = _ThreadState()
 _y_layouts: dict[tuple, bool] = {}
 
 
@@ -121,7 +132,7 @@ def run_beside(side, main, side_inputs: tuple, fork: bool) -> tuple[torch.Tensor
     if not fork:
         return side(), main()
     current = torch.cuda.current_stream()
-    streams = _side_streams.__dict__.setdefault("by_device", {})
+    streams = _this_thread.side_streams
     if current.device not in streams:
         streams[current.device] = torch.cuda.Stream(current.device)  # (one of torch's pool of streams)
     other = streams[current.device]
@@ -137,11 +148,6 @@ def run_beside(side, main, side_inputs: tuple, fork: bool) -> tuple[torch.Tensor
     current.wait_stream(other)
     from_side.record_stream(current)
     return from_side, from_main
-
-
-# Each thread's side stream per device: two threads capturing CUDA graphs at once must not fork
-# onto one stream (it would join both captures).
-_side_streams = threading.local()
 
 
 _RUNS = {"kernel": _run_kernel, "triton-pass": _run_triton_pass, "triton": _run_triton}
@@ -238,7 +244,7 @@ def choice(x: torch.Tensor, f: dict, dilation: int) -> str:
     if timed is None:
         if kind != "plain":  # timed at the shape's first plain call
             return "kernel"
-        mine = _timed_here.__dict__.setdefault("keys", set())
+        mine = _this_thread.timing
         if key in mine:  # a call made while this thread times this shape
             return "kernel"
         with _timing:
