@@ -44,6 +44,8 @@ def check_reduction(gate_channels: int, reduction_ratio: int) -> int:
 def check_float_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:  # sparse, mkldnn, jagged: no kernel (nor the reference) takes them
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {str(t.layout).replace('torch.', '')}")
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have a floating dtype ({names}), got {str(t.dtype).replace('torch.', '')}")

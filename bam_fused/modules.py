@@ -30,6 +30,7 @@ from .ops.branches import BRANCH_DTYPES, bam_eval_flexible, load_op
 from .ops.gate import bam_gate, memory_format
 
 MODULE_BACKENDS = ("auto", "fused", "reference")
+_STRIDED = torch.strided  # (a global: _cpu_eval_again reads it on every call)
 
 
 class _FoldState(NamedTuple):
@@ -207,6 +208,7 @@ class BAM(reference.BAM):
             or _C._len_torch_dispatch_stack()
             or getattr(forward_ad, "_current_level", -1) >= 0
             or not x.is_cpu
+            or x.layout is not _STRIDED  # (sparse, mkldnn: forward's checks say why not)
             or x.dtype not in BRANCH_DTYPES
         ):
             return None

@@ -272,6 +272,8 @@ def test_branch_op_bad_inputs():
         bam_branches(x, f["red_w"], f["red_b"].to("meta"), *args[1:])
     with pytest.raises(TypeError, match="x must have a floating dtype"):
         bam_branches(x.long(), f["red_w"], *args)
+    with pytest.raises(TypeError, match=r"w_reduce must be a dense \(strided\) tensor, got layout sparse_coo"):
+        bam_branches(x, f["red_w"].to_sparse(), *args)
     with pytest.raises(ValueError, match=r"x must have H, W >= 1"):
         bam_branches(x[:, :, :0], f["red_w"], *args)
 

@@ -255,6 +255,13 @@ def test_bad_inputs_name_the_argument():
         bam_gate(x.double(), ca.double(), sa.double(), backend="triton")
     with pytest.raises(ValueError, match="spatial_att is on meta but x is on cpu"):
         bam_gate(x, ca, sa.to("meta"))
+    # Before 2026-11-28 these raised from inside torch ("unsupported memory format option").
+    with pytest.raises(TypeError, match=r"x must be a dense \(strided\) tensor, got layout sparse_coo"):
+        bam_gate(x.to_sparse(), ca, sa)
+    with pytest.raises(TypeError, match=r"x must be a dense \(strided\) tensor, got layout _mkldnn"):
+        bam_gate(x.to_mkldnn(), ca, sa)
+    with pytest.raises(TypeError, match=r"spatial_att must be a dense \(strided\) tensor, got layout sparse_coo"):
+        bam_gate(x, ca, sa.to_sparse())
 
 
 def test_triton_needs_cuda_or_interpreter(monkeypatch):

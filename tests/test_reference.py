@@ -138,6 +138,12 @@ def test_call_errors(cls):
         m(torch.ones(2, 32, 5, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         m([1.0])
+    x = torch.randn(2, 32, 5, 5)
+    with torch.no_grad():
+        m(x)  # (the fused module's CPU eval call is then cached: the checks below must still run)
+        for bad, layout in ((x.to_sparse(), "sparse_coo"), (x.to_mkldnn(), "_mkldnn")):
+            with pytest.raises(TypeError, match=rf"x must be a dense \(strided\) tensor, got layout {layout}"):
+                m(bad)
     for training in (False, True):
         for shape in ((2, 32, 0, 5), (2, 32, 5, 0)):
             with pytest.raises(ValueError, match=r"x must have H, W >= 1 \(BAM's channel branch averages"):
