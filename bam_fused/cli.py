@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +47,21 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _out_dir(name: str | None) -> Path | None:
+    """--out, made and tried before the run: a full bench takes an hour on a small CPU, and its
+    results were lost when the folder could not be written at the end."""
+    if name is None:
+        return None
+    out = Path(name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SystemExit(f"bam-fused: --out {name}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import format_info, info
 
@@ -59,6 +75,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .bench import progress_bar
 
     device = _device(args.device)
+    out = _out_dir(args.out)
     dtypes = list(verify.DTYPES) if args.dtype == "all" else [args.dtype]
     paths, why_not = verify.active_paths(device)
     for line in why_not:
@@ -73,9 +90,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(verify.format_rows(rows))
     failed = [r for r in rows if not r.passed]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed ({', '.join(paths)} on {device})")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "verify.json").write_text(json.dumps(verify.to_json(rows), indent=1))
     return 1 if failed else 0
 
@@ -84,6 +99,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     device = _device(args.device)
+    out = _out_dir(args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     meta = {"malloc": "system defaults"}
@@ -99,8 +115,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = bench.run(p, progress=not args.no_progress)
     print(bench.format_table(rows))
     print(f"\n{len(rows)} rows on {rows[0].device_name if rows else device} in {time.perf_counter() - start:.0f} s")
-    if args.out:
-        for path in bench.write_results(rows, Path(args.out), meta):
+    if out is not None:
+        for path in bench.write_results(rows, out, meta):
             print(f"wrote {path}")
     return 0
 

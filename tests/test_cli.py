@@ -115,6 +115,23 @@ def test_cli_rejects_cuda_without_gpu():
         cli.main(["verify", "--device", "cuda"])
 
 
+@pytest.mark.parametrize("command", ["bench", "verify"])
+def test_out_that_cannot_be_written_stops_before_the_run(tmp_path, monkeypatch, command):
+    """Before 2026-11-28 bench ran every case, then raised FileNotFoundError writing the results."""
+    from bam_fused import bench, verify
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ran before checking --out")
+
+    monkeypatch.setattr(bench, "run", must_not_run)
+    monkeypatch.setattr(verify, "cases", must_not_run)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out, why in ((a_file / "out", "Not a directory"), (a_file, "File exists")):
+        with pytest.raises(SystemExit, match=f"--out {out}: cannot write there \\({why}\\)"):
+            cli.main([command, "--device", "cpu", "--quick", "--out", str(out)])
+
+
 @pytest.mark.parametrize(
     "argv,says",
     [
