@@ -24,6 +24,11 @@ $(DEPS): requirements-dev.txt
 	@free_kb=$$(df -Pk . | awk 'NR == 2 { print $$4 }'); \
 	if [ "$${free_kb:-0}" -lt 7340032 ]; then \
 	  echo "warning: $$((free_kb / 1024)) MiB free on this disk; the venv needs about 6 GiB" >&2; fi
+	@# The pins need Python 3.11+ (numpy 2.4, matplotlib 3.11, onnxruntime 1.32, hypothesis 6.170
+	@# have no 3.10 wheels): say so here, not as pip's "No matching distribution" minutes later.
+	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "error: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())');" \
+	    "the pinned environment (requirements-dev.txt) needs 3.11 or newer: make PYTHON=python3.11 ..." >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
