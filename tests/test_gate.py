@@ -71,6 +71,18 @@ def test_batch_zero(backend, layout):
     assert x.grad.shape == x.shape and ca.grad.shape == (0, 37) and sa.grad.shape == (0, 7, 9)
 
 
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("shape", [(2, 5, 0, 3), (2, 5, 3, 0), (2, 0, 3, 3)])
+def test_no_pixels_or_no_channels(backend, shape):
+    # The gate averages nothing, so an empty map is fine (BAM's channel branch is not: it raises).
+    x, ca, sa = gate_inputs(*shape, requires_grad=True)
+    out = bam_gate(x, ca, sa, backend=backend)
+    assert out.shape == shape
+    out.sum().backward()
+    assert x.grad.shape == shape and sa.grad.shape == sa.shape
+    assert torch.equal(ca.grad, torch.zeros_like(ca))
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_attention_dtypes_follow_inputs(backend):
     x, ca, sa = gate_inputs(dtype=torch.bfloat16, requires_grad=True)
@@ -235,9 +247,21 @@ def test_torch_compile_fullgraph(backend):
 
 def test_bad_inputs_name_the_argument():
     x, ca, sa = gate_inputs()
-    with pytest.raises(ValueError, match=r"channel_att must have shape \(N, C\) = \(2, 37\).*got \(2, 36\)"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"channel_att must have shape \(N, C\) = \(2, 37\) or \(N, C, 1, 1\) = \(2, 37, 1, 1\) "
+            r"to match x of shape \(2, 37, 7, 9\), got \(2, 36\)"
+        ),
+    ):
         bam_gate(x, ca[:, :36], sa)
-    with pytest.raises(ValueError, match=r"spatial_att must have shape \(N, H, W\) = \(2, 7, 9\).*got \(2, 9, 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"spatial_att must have shape \(N, H, W\) = \(2, 7, 9\) or \(N, 1, H, W\) = \(2, 1, 7, 9\) "
+            r"to match x of shape \(2, 37, 7, 9\), got \(2, 9, 7\)"
+        ),
+    ):
         bam_gate(x, ca, sa.transpose(1, 2))
     with pytest.raises(ValueError, match=r"channel_att must have shape .* got \(1, 37\)"):
         bam_gate(x, ca[:1], sa)

@@ -105,6 +105,27 @@ def test_construction_errors(cls):
         cls(64, reduction_ratio=0)
 
 
+@pytest.mark.parametrize("cls", [BAM, bam_fused.BAM])
+def test_integer_settings_must_be_integers(cls):
+    # A float or bool ratio would size the layers by truncation or as 1, silently.
+    for kwargs, name, minimum in (
+        ({"gate_channels": 64.0}, "gate_channels", 1),
+        ({"gate_channels": True}, "gate_channels", 1),
+        ({"gate_channels": 64, "reduction_ratio": 2.5}, "reduction_ratio", 1),
+        ({"gate_channels": 64, "dilation": True}, "dilation", 1),
+        ({"gate_channels": 64, "dilation": "4"}, "dilation", 1),
+        ({"gate_channels": 64, "num_dilated_convs": -1}, "num_dilated_convs", 0),
+    ):
+        with pytest.raises(ValueError, match=rf"{name} must be an integer >= {minimum}, got "):
+            cls(**kwargs)
+    # The edges are accepted: one hidden channel, no dilated convs, dilation 1.
+    m = cls(16, 16, dilation=1, num_dilated_convs=0).eval()
+    assert m.channel_att.gate_c.gate_c_fc_0.out_features == 1
+    assert not any("_di_" in name for name, _ in m.named_modules())
+    with torch.no_grad():
+        assert m(torch.randn(2, 16, 3, 5)).shape == (2, 16, 3, 5)
+
+
 def test_fused_backend_argument_is_checked():
     with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'reference', got 'cuda'"):
         bam_fused.BAM(64, backend="cuda")
