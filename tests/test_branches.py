@@ -1,6 +1,7 @@
 """The branch op and the fused BAM module against the reference."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -176,6 +177,13 @@ def _dilated(**kw):
     return torch.nn.Conv2d(6, 6, **kw)
 
 
+class _DoubledBatchNorm(torch.nn.BatchNorm2d):
+    """A BatchNorm subclass with a forward of its own."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
 LAYER_CHANGES = {
     "other dilation": ("gate_s_conv_di_0", lambda: _dilated(kernel_size=3, padding=1, dilation=1)),
     "reflect padding": (
@@ -189,6 +197,12 @@ LAYER_CHANGES = {
         "gate_s_bn_reduce0", lambda: torch.nn.BatchNorm2d(6, track_running_stats=False)
     ),
     "final conv without bias": ("gate_s_conv_final", lambda: torch.nn.Conv2d(6, 1, 1, bias=False)),
+    # Same-padded, so the map keeps its size and only the checks below tell them from the stock conv.
+    "same-padded conv of another dilation": (
+        "gate_s_conv_di_0", lambda: _dilated(kernel_size=3, padding="same", dilation=1)
+    ),
+    "same-padded 5x5 conv": ("gate_s_conv_di_1", lambda: _dilated(kernel_size=5, padding="same", dilation=2)),
+    "batchnorm subclass": ("gate_s_bn_di_0", lambda: _DoubledBatchNorm(6).eval()),
 }  # fmt: skip
 
 
@@ -212,6 +226,67 @@ def test_eval_with_layers_the_op_does_not_compute_runs_them(monkeypatch, change)
     # The stock layer back: the op again.
     stock = make_pair(48, 2, 8)[1].spatial_att.gate_s._modules[name]
     setattr(fused.spatial_att.gate_s, name, stock)
+    assert fused.folded()["unsupported"] is None
+
+
+def _append_relu(m, container):
+    getattr(m, container).add_module(f"{container}_relu_extra", torch.nn.ReLU())
+
+
+def _drop_second_dilated_conv(m):
+    for kind in ("conv", "bn", "relu"):
+        delattr(m.spatial_att.gate_s, f"gate_s_{kind}_di_1")
+
+
+def _final_linear_without_bias(m):
+    old = m.channel_att.gate_c.gate_c_fc_final
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    new.weight = old.weight
+    m.channel_att.gate_c.gate_c_fc_final = new
+
+
+LAYER_LISTS = {
+    "gate_c with a layer more": (
+        lambda m: _append_relu(m.channel_att, "gate_c"), "gate_c does not hold the reference's four layers"
+    ),
+    "gate_s with a layer more": (
+        lambda m: _append_relu(m.spatial_att, "gate_s"), "gate_s does not hold the reference's 10 layers"
+    ),
+    "gate_s with a dilated conv less": (
+        _drop_second_dilated_conv, "gate_s does not hold the reference's 10 layers"
+    ),
+    "final linear without bias": (_final_linear_without_bias, "gate_c_fc_final is not what the eval op computes"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", list(LAYER_LISTS))
+def test_eval_with_other_layer_lists_runs_them(monkeypatch, change):
+    """Extra, missing or bias-free layers (a ReLU appended to a container is of a kind the op
+    knows, so only the list of names tells it apart) run as the module's layers."""
+    edit, why = LAYER_LISTS[change]
+    ref, fused = make_pair(48, 2, 8)
+    with torch.no_grad():
+        fused(torch.randn(2, 48, 9, 13))  # a cached fold of the stock layers must not survive
+    for m in (ref, fused):
+        edit(m)
+    x = torch.randn(3, 48, 9, 13)
+    monkeypatch.setattr(_backends, "_warned", set())
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=f"run as the module's layers: {why}"):
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_first_linear_without_bias_keeps_the_op():
+    # The reference's gate_c_fc_0 may go without bias (a BatchNorm follows it): the op folds it.
+    ref, fused = make_pair(48, 2, 8)
+    for m in (ref, fused):
+        old = m.channel_att.gate_c.gate_c_fc_0
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+        new.weight = old.weight
+        m.channel_att.gate_c.gate_c_fc_0 = new
+    x = torch.randn(3, 48, 9, 13)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
     assert fused.folded()["unsupported"] is None
 
 

@@ -513,3 +513,20 @@ def test_layer_hooks_fire_and_see_the_reference_maps(mode, where):
     with torch.no_grad():
         fused.eval()(x.detach())
     assert calls == []
+
+
+@pytest.mark.parametrize("kind", ["full_backward_hook", "full_backward_pre_hook"])
+def test_backward_hooks_on_a_layer_fire_as_in_the_reference(kind):
+    """A backward hook alone (no forward hook) also makes the branches run as modules: the CPU
+    autograd path's C++ tail would skip the layer, and its hook with it."""
+    ref = randomize_(bam_fused.reference.BAM(48, 8, dilation=2)).train()
+    fused = bam_fused.convert(copy.deepcopy(ref)).train()
+    x = torch.randn(2, 48, 7, 9)
+    g = torch.randn_like(x)
+    seen = []
+    for m in (ref, fused):
+        layer = m.spatial_att.gate_s.gate_s_conv_di_0
+        getattr(layer, f"register_{kind}")(lambda mod, *grads: seen.append(grads[-1][0].clone()))
+        m(x.clone().requires_grad_()).backward(g)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], seen[0], rtol=1e-5, atol=1e-6)
