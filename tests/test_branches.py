@@ -238,11 +238,12 @@ def _drop_second_dilated_conv(m):
         delattr(m.spatial_att.gate_s, f"gate_s_{kind}_di_1")
 
 
-def _final_linear_without_bias(m):
-    old = m.channel_att.gate_c.gate_c_fc_final
+def _linear_without_bias(m, name):
+    """gate_c's Linear `name` replaced by one without bias that shares its weight."""
+    old = m.channel_att.gate_c._modules[name]
     new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
     new.weight = old.weight
-    m.channel_att.gate_c.gate_c_fc_final = new
+    setattr(m.channel_att.gate_c, name, new)
 
 
 LAYER_LISTS = {
@@ -255,7 +256,9 @@ LAYER_LISTS = {
     "gate_s with a dilated conv less": (
         _drop_second_dilated_conv, "gate_s does not hold the reference's 10 layers"
     ),
-    "final linear without bias": (_final_linear_without_bias, "gate_c_fc_final is not what the eval op computes"),
+    "final linear without bias": (
+        lambda m: _linear_without_bias(m, "gate_c_fc_final"), "gate_c_fc_final is not what the eval op computes"
+    ),
 }  # fmt: skip
 
 
@@ -279,10 +282,7 @@ def test_first_linear_without_bias_keeps_the_op():
     # The reference's gate_c_fc_0 may go without bias (a BatchNorm follows it): the op folds it.
     ref, fused = make_pair(48, 2, 8)
     for m in (ref, fused):
-        old = m.channel_att.gate_c.gate_c_fc_0
-        new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
-        new.weight = old.weight
-        m.channel_att.gate_c.gate_c_fc_0 = new
+        _linear_without_bias(m, "gate_c_fc_0")
     x = torch.randn(3, 48, 9, 13)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
