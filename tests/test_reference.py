@@ -94,6 +94,22 @@ def test_state_dict_round_trip_between_reference_and_fused():
 
 
 @pytest.mark.parametrize("cls", [BAM, bam_fused.BAM])
+def test_load_state_dict_reports_wrong_keys_as_the_reference(cls):
+    """The fused BAM refreshes its fold on load_state_dict and must still run the module's own
+    check: a key of no layer (here at the top level) or a missing one is an error, or, with
+    strict=False, reported."""
+    m = cls(32, 4)
+    state = m.state_dict()
+    del state["spatial_att.gate_s.gate_s_conv_final.bias"]
+    state["scale"] = torch.ones(1)
+    with pytest.raises(RuntimeError, match=r'(?s)Missing key.*"spatial_att.gate_s.gate_s_conv_final.bias".*'
+                                           r'Unexpected key.*"scale"'):  # fmt: skip
+        m.load_state_dict(state)
+    result = m.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["spatial_att.gate_s.gate_s_conv_final.bias"] and result.unexpected_keys == ["scale"]
+
+
+@pytest.mark.parametrize("cls", [BAM, bam_fused.BAM])
 def test_construction_errors(cls):
     with pytest.raises(ValueError, match=r"gate_channels // reduction_ratio must be >= 1.*8 // 16"):
         cls(8)
@@ -145,7 +161,7 @@ def test_settings_are_checked_when_assigned_later(cls):
         with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'reference', got 'refrence'"):
             m.backend = "refrence"
         m.backend = "reference"
-        assert copy.deepcopy(m).backend == "reference"
+        assert copy.deepcopy(m).backend == "reference" and "backend='reference'" in repr(m)
 
 
 @pytest.mark.parametrize("cls", [BAM, bam_fused.BAM])
@@ -175,3 +191,7 @@ def test_fused_module_rejects_mixed_devices():
     m = bam_fused.BAM(32, 4).to("meta")
     with pytest.raises(ValueError, match="x is on cpu but this BAM's parameters are on meta"):
         m(torch.randn(2, 32, 5, 5))
+    # Without the stock channel MLP, whose first weight it reads first, forward asks any parameter.
+    m.channel_att = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 32))
+    with pytest.raises(ValueError, match="x is on cpu but this BAM's parameters are on meta"):
+        m.to("meta")(torch.randn(2, 32, 5, 5))

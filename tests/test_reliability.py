@@ -256,6 +256,23 @@ def test_fake_cuda_tensors_take_the_dispatcher_ops(monkeypatch, training, layout
     assert results[0] == results[1]
 
 
+def test_fake_cuda_eval_without_cuda_branch_kernels_runs_the_layers(monkeypatch):
+    """An extension built without CUDA kernels (or a CPU-only torch's JIT build) under a CUDA
+    torch: "auto" runs the branches as modules before the Triton gate and says why once;
+    "fused" raises. Fake CUDA tensors: any machine."""
+    monkeypatch.setattr(_backends, "triton_reason", lambda device: None)
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: False)
+    monkeypatch.setattr(_backends, "_warned", set())
+    with FakeTensorMode(), torch.device("cuda"), torch.no_grad():
+        x = torch.empty(2, 32, 7, 9)
+        ref = RefBAM(32, 4, 2).eval()(x)
+        with pytest.warns(RuntimeWarning, match="run as PyTorch modules: the extension was built without CUDA"):
+            out = bam_fused.BAM(32, 4, 2).eval()(x)
+        with pytest.raises(_backends.BackendUnavailable, match="cannot run the branch op: the extension was built"):
+            bam_fused.BAM(32, 4, 2, backend="fused").eval()(x)
+    assert (out.device.type, out.shape, out.stride()) == (ref.device.type, ref.shape, ref.stride())
+
+
 def test_dispatch_modes_see_the_gate_as_a_custom_op():
     """Under a TorchDispatchMode bam_gate calls its torch.library op (fake kernel, one op), not the
     Python launches behind its eager autograd Function (which on CUDA would launch Triton kernels

@@ -125,6 +125,36 @@ def test_a_layer_set_to_none_raises_as_in_the_reference(mode):
             m(torch.randn(2, C, 5, 5, requires_grad=grad))
 
 
+class LinearChannelGate(nn.Module):
+    """A channel gate without the reference's gate_c: one Linear on the channel means."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(C, C)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval with gradients", "eval"])
+def test_a_channel_gate_of_other_layers_runs_as_a_module(mode):
+    """No gate_c_fc_0 to read the parameters' device from (forward asks every call): the module
+    runs, as in the reference."""
+    ref, fused = randomize_(RefBAM(C, R, D)), bam_fused.BAM(C, R, D)
+    ref.channel_att, fused.channel_att = LinearChannelGate(), LinearChannelGate()
+    fused.load_state_dict(ref.state_dict())
+    for m in (ref, fused):
+        m.train(mode == "train")
+    x = torch.randn(3, C, 9, 13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (that the branches run as layers)
+        if mode == "eval":
+            with torch.no_grad():
+                torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        else:
+            assert_same_training(ref, fused, x, torch.randn_like(x))
+
+
 SPECTRAL = {
     "gate_c_fc_0": lambda m: m.channel_att.gate_c.gate_c_fc_0,
     "gate_s_conv_reduce0": lambda m: m.spatial_att.gate_s.gate_s_conv_reduce0,

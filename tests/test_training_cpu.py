@@ -2,6 +2,8 @@
 backward (csrc/cpu/conv1x1_grad.h) in every instruction set, and the module against the
 reference, forward and backward."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import bf16_products, make_layout
@@ -9,6 +11,7 @@ from test_branches import no_extension  # noqa: F401 (a fixture)
 from test_cpu_pass import ISAS, isa_env
 
 import bam_fused
+from bam_fused import _backends
 from bam_fused.ops import training
 from bam_fused.ops.branches import load_op
 from bam_fused.reference import BAM as RefBAM
@@ -362,11 +365,14 @@ def test_module_autograd_without_extension_runs_the_reference(no_extension):  # 
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-def test_training_mode_without_autograd_matches_reference(context):
-    # BatchNorm calibration passes: batch statistics and running-stat updates, no graph.
+def test_training_mode_without_autograd_matches_reference(monkeypatch, context):
+    # BatchNorm calibration passes: batch statistics and running-stat updates, no graph; the
+    # stock layers with no warning (not as "layers the eval op does not compute").
     ref, fused = make_pair(37, 16, 4, "sum")
     x = torch.randn(3, 37, 7, 9)
-    with context():
+    monkeypatch.setattr(_backends, "_warned", set())
+    with context(), warnings.catch_warnings():
+        warnings.simplefilter("error")
         out_r, out_f = ref(x), fused(x)
     torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
     for (name, br), bf in zip(ref.named_buffers(), fused.buffers(), strict=True):
