@@ -142,6 +142,16 @@ def test_folding_cache_follows_weight_updates_state_dict_and_mode():
         torch.testing.assert_close(fused.float()(x), other(x), rtol=1e-5, atol=1e-5)
 
 
+def test_folding_cache_off_the_cpu_is_dropped_by_a_mode_change():
+    """Off the CPU the cache compares versions, not bytes (a write through .data bumps none), so
+    .eval() is the documented way to refold: it drops such a fold (meta tensors: any machine)."""
+    fused = bam_fused.BAM(48, 8, 2).to("meta").eval()
+    first = fused.folded()
+    assert fused.folded() is first and fused._fold_state.src is None
+    fused.eval()
+    assert fused.folded() is not first
+
+
 @pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old_weight_norm"])
 def test_folding_follows_parametrized_and_hooked_weights(kind):
     """torch.nn.utils.parametrize computes a weight from tensors the fold's key does not watch
