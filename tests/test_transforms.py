@@ -210,12 +210,14 @@ def _round_trip(traced):
     return torch.jit.load(buf)
 
 
+@pytest.mark.parametrize("warm", [True, False], ids=["after an eager call", "first"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_trace_eval_no_grad_records_the_cpu_op_and_the_fold(layout):
+def test_trace_eval_no_grad_records_the_cpu_op_and_the_fold(layout, warm):
     ref, fused = _pair()
     x = _x().contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     with torch.no_grad():
-        fused(x)  # a cached fold must not end up in the trace as constants
+        if warm:
+            fused(x)  # a cached fold must not end up in the trace as constants
         traced = torch.jit.trace(fused, (x,), check_trace=False)
         assert "bam_fused_C::bam_eval" in _traced_ops(traced)
         loaded = _round_trip(traced)
