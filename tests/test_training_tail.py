@@ -364,10 +364,27 @@ def mixed_dilations(m):
     m.spatial_att.gate_s.gate_s_conv_di_1 = nn.Conv2d(6, 6, 3, padding=1)  # the op takes one dilation
 
 
+def final_3x3(m):
+    torch.manual_seed(4)
+    m.spatial_att.gate_s.gate_s_conv_final = nn.Conv2d(6, 1, 3, padding=1)  # the op's is 1x1
+
+
+class DoubledConv(nn.Conv2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def final_subclass(m):
+    torch.manual_seed(4)
+    m.spatial_att.gate_s.gate_s_conv_final = DoubledConv(6, 1, 1)  # a forward of its own
+
+
 HOOKED: list = []
 
 
-@pytest.mark.parametrize("change", [hook_bn, leaky, subclass, mixed_dilations], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "change", [hook_bn, leaky, subclass, mixed_dilations, final_3x3, final_subclass], ids=lambda f: f.__name__
+)
 def test_bam_training_runs_the_layers_when_they_are_not_stock(monkeypatch, change):
     calls = count_tail_ops(monkeypatch)
     HOOKED.clear()
@@ -382,6 +399,14 @@ def test_bam_training_runs_the_layers_when_they_are_not_stock(monkeypatch, chang
         assert len(HOOKED) == 2 and "reduce_pool" not in calls  # the reference's and ours
     else:
         assert "reduce_pool" in calls
+
+
+def test_bam_training_with_a_padded_final_conv_raises_as_the_reference():
+    """A 1x1 final conv with padding makes a larger map: an error, not the op's 1x1 conv."""
+    for m in make_pair(48, 8, 2, "sum"):
+        m.spatial_att.gate_s.gate_s_conv_final = nn.Conv2d(6, 1, 1, padding=1)
+        with pytest.raises(RuntimeError, match="is invalid for input of size 198"):
+            m(torch.randn(2, 48, 7, 9, requires_grad=True))
 
 
 def test_bam_training_runs_the_layers_under_global_hooks_and_autocast(monkeypatch):
