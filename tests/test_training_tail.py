@@ -312,6 +312,11 @@ def test_bam_training_with_batchnorm_without_running_stats_or_affine(monkeypatch
     x = torch.randn(2, 48, 7, 9)
     assert_same_training(ref, fused, x, torch.randn(2, 48, 7, 9))
     assert "spatial_train" in calls
+    # In eval mode (gradients wanted) the BatchNorm without running statistics still normalises
+    # with the batch's.
+    calls.clear()
+    assert_same_training(ref.eval(), fused.eval(), x, torch.randn(2, 48, 7, 9))
+    assert "spatial_train" in calls
 
 
 def test_bam_with_frozen_batchnorms_and_in_eval_mode_runs_the_ops(monkeypatch):
