@@ -326,6 +326,22 @@ def assert_partial_requirements(ref, fused, model=None):
     torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
     fc_f, fc_r = fused.channel_att.gate_c.gate_c_fc_0, ref.channel_att.gate_c.gate_c_fc_0
     torch.testing.assert_close(fc_f.weight.grad, fc_r.weight.grad, rtol=1e-4, atol=1e-4)
+    # Half of it frozen (its bias; its weight and the BatchNorm after it): each gradient is computed
+    # by its own requires_grad, not a neighbour's.
+    bn_f = fused.spatial_att.gate_s.gate_s_bn_reduce0
+    for frozen in ("bias", "weight"):
+        for m in (ref, fused):
+            m.zero_grad(set_to_none=True)
+            m.requires_grad_(True)
+            getattr(m.spatial_att.gate_s.gate_s_conv_reduce0, frozen).requires_grad_(False)
+            m.spatial_att.gate_s.gate_s_bn_reduce0.weight.requires_grad_(frozen == "bias")
+        run_both(ref, model, x, g)
+        assert (red_f.weight.grad is None, red_f.bias.grad is None) == (frozen == "weight", frozen == "bias")
+        assert (bn_f.weight.grad is None) == (frozen == "weight")
+        if frozen == "bias":
+            torch.testing.assert_close(red_f.weight.grad, red_r.weight.grad, rtol=1e-4, atol=1e-4)
+    for m in (ref, fused):
+        m.requires_grad_(True)
     return x, g
 
 
