@@ -257,9 +257,9 @@ def test_fake_cuda_tensors_take_the_dispatcher_ops(monkeypatch, training, layout
 
 
 def test_fake_cuda_eval_without_cuda_branch_kernels_runs_the_layers(monkeypatch):
-    """An extension built without CUDA kernels (or a CPU-only torch's JIT build) under a CUDA
-    torch: "auto" runs the branches as modules before the Triton gate and says why once;
-    "fused" raises. Fake CUDA tensors: any machine."""
+    """An extension built without CUDA kernels (no nvcc at build time) under a CUDA torch:
+    "auto" runs the branches as modules before the Triton gate and says why once; "fused"
+    raises. Fake CUDA tensors: any machine."""
     monkeypatch.setattr(_backends, "triton_reason", lambda device: None)
     monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: False)
     monkeypatch.setattr(_backends, "_warned", set())
