@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import pytest
@@ -108,6 +109,45 @@ def test_convert_leaves_mismatching_module_alone_with_warning():
     with pytest.warns(RuntimeWarning, match=r"left bam1 \(AuthorsBAM\) alone: gate_s_conv_di_0 is not a 3x3 conv"):
         out = bam_fused.convert(net)
     assert isinstance(out.bam1, AuthorsBAM) and isinstance(out.body[1], bam_fused.BAM)
+
+
+def _set(path, make):
+    def change(m):
+        parent, _, name = path.rpartition(".")
+        setattr(m.get_submodule(parent), name, make())
+
+    return change
+
+
+def _hidden_7(m):  # 32 -> 7 -> 32: no r gives 32 // r == 7
+    gc = m.channel_att.gate_c
+    gc.gate_c_fc_0, gc.gate_c_bn_1, gc.gate_c_fc_final = nn.Linear(32, 7), nn.BatchNorm1d(7), nn.Linear(7, 32)
+
+
+MISMATCHES = {  # the authors' layout at C = 32, r = 16 (2 hidden channels), changed in one place
+    "no channel_att.gate_c": _set("channel_att", nn.Identity),
+    "channel gate layers": _set("channel_att", lambda: AuthorsChannelGate(32, num_layers=2)),
+    "channel gate layer types": _set("channel_att.gate_c.gate_c_bn_1", lambda: nn.LayerNorm(2)),
+    "channel gate widths": _set("channel_att.gate_c.gate_c_fc_final", lambda: nn.Linear(2, 16)),
+    "hidden width 7 is not C // r": _hidden_7,
+    "gate_s_conv_reduce0 is not a 1x1 conv": _set(
+        "spatial_att.gate_s.gate_s_conv_reduce0", lambda: nn.Conv2d(32, 2, 3, padding=1)
+    ),
+    "gate_s_bn_reduce0": _set("spatial_att.gate_s.gate_s_bn_reduce0", lambda: nn.GroupNorm(1, 2)),
+    "dilated convs with different dilations": _set(
+        "spatial_att.gate_s.gate_s_conv_di_1", lambda: nn.Conv2d(2, 2, 3, padding=2, dilation=2)
+    ),
+    "gate_s_bn_di_0": _set("spatial_att.gate_s.gate_s_bn_di_0", nn.Identity),
+    "gate_s_conv_final is not a 1x1 conv": _set("spatial_att.gate_s.gate_s_conv_final", lambda: nn.Conv2d(2, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("what", list(MISMATCHES))
+def test_convert_names_each_mismatch_of_the_authors_layout(what):
+    m = AuthorsBAM(32)
+    MISMATCHES[what](m)
+    with pytest.warns(RuntimeWarning, match=rf"left the model \(AuthorsBAM\) alone: {re.escape(what)}"):
+        assert type(bam_fused.convert(m)) is AuthorsBAM
 
 
 def test_convert_errors():
