@@ -88,6 +88,7 @@ def test_convert_authors_layout_keeps_keys_and_outputs(kw):
     assert isinstance(converted.bam1, bam_fused.BAM) and isinstance(converted.body[1], bam_fused.BAM)
     assert converted.bam1.combine == "product"
     assert converted.bam1.dilation == kw.get("dilation_val", 4)
+    assert not any(m.training for m in converted.modules())  # the mode too
     assert list(converted.state_dict()) == keys
     torch.testing.assert_close(converted(x), before, rtol=1e-5, atol=1e-5)
     # The default backend gives the same outputs through whatever kernels are active.
@@ -139,6 +140,7 @@ MISMATCHES = {  # the authors' layout at C = 32, r = 16 (2 hidden channels), cha
     ),
     "gate_s_bn_di_0": _set("spatial_att.gate_s.gate_s_bn_di_0", nn.Identity),
     "gate_s_conv_final is not a 1x1 conv": _set("spatial_att.gate_s.gate_s_conv_final", lambda: nn.Conv2d(2, 2, 1)),
+    "state_dict keys that bam_fused.BAM does not have": _set("scale", lambda: nn.Parameter(torch.ones(1))),
 }
 
 
@@ -153,10 +155,11 @@ def test_convert_names_each_mismatch_of_the_authors_layout(what):
 def test_convert_errors():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         bam_fused.convert(42)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        bam_fused.convert(Net(), backend="triton")
-    with pytest.raises(ValueError, match="combine must be one of"):
-        bam_fused.convert(Net(), combine="mul")
+    for model in (Net(), nn.Linear(2, 2)):  # checked whether or not the model holds a BAM
+        with pytest.raises(ValueError, match="backend must be one of"):
+            bam_fused.convert(model, backend="triton")
+        with pytest.raises(ValueError, match="combine must be one of"):
+            bam_fused.convert(model, combine="mul")
 
 
 class MaxPooledChannelGate(bam_fused.reference.ChannelGate):
