@@ -49,14 +49,33 @@ class StandardizedConv(nn.Conv2d):
         return self._conv_forward(x, w, self.bias)
 
 
+class LinearChannelGate(nn.Module):
+    """A channel gate without the reference's gate_c: one Linear on the channel means."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(C, C)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
 def _like(cls, old, *args):
     new = cls(*args)
     new.load_state_dict(old.state_dict())
     return new
 
 
+def _seeded(cls):
+    torch.manual_seed(5)  # the same weights in both modules
+    return cls()
+
+
+# The module at a path (words after it say how, where one path has several), replaced.
 REPLACEMENTS = {
     "channel_att": lambda m: _like(MaxPooledChannelGate, m.channel_att, C, R),
+    # No gate_c_fc_0 to read the parameters' device from (forward asks every call).
+    "channel_att without gate_c": lambda m: _seeded(LinearChannelGate),
     "spatial_att": lambda m: _like(DoubledSpatialGate, m.spatial_att, C, R, D),
     "channel_att.gate_c": lambda m: HalvedSequential(OrderedDict(m.channel_att.gate_c.named_children())),
     "spatial_att.gate_s": lambda m: HalvedSequential(OrderedDict(m.spatial_att.gate_s.named_children())),
@@ -66,23 +85,23 @@ REPLACEMENTS = {
 }
 
 
-def replaced_pair(path):
+def replaced_pair(key):
     ref = randomize_(RefBAM(C, R, D))
     fused = bam_fused.BAM(C, R, D)
     fused.load_state_dict(ref.state_dict())
     with torch.no_grad():
         fused.eval()(torch.randn(2, C, 9, 13))  # a cached fold of the stock layers must not survive
+    parent, _, name = key.partition(" ")[0].rpartition(".")
     for m in (ref, fused):
-        parent, _, name = path.rpartition(".")
-        setattr(m.get_submodule(parent), name, REPLACEMENTS[path](m))
+        setattr(m.get_submodule(parent), name, REPLACEMENTS[key](m))
     return ref, fused
 
 
 @pytest.mark.parametrize("mode", ["train", "eval with gradients", "eval", "compiled train"])
-@pytest.mark.parametrize("path", list(REPLACEMENTS))
-def test_replaced_containers_and_layers_run_as_modules(monkeypatch, path, mode):
+@pytest.mark.parametrize("key", list(REPLACEMENTS))
+def test_replaced_containers_and_layers_run_as_modules(monkeypatch, key, mode):
     torch.manual_seed(0)
-    ref, fused = replaced_pair(path)
+    ref, fused = replaced_pair(key)
     for m in (ref, fused):
         m.train(mode.endswith("train"))
     x = torch.randn(3, C, 9, 13)
@@ -110,9 +129,9 @@ def test_the_autograd_path_takes_the_stock_layers_and_any_rest():
     assert _layers.autograd_reason(fused) is None
     torch.nn.utils.parametrizations.weight_norm(fused.spatial_att.gate_s.gate_s_conv_reduce0)
     assert _layers.autograd_reason(fused) is None  # its .weight is what its forward uses
-    for path in REPLACEMENTS:
-        _, replaced = replaced_pair(path)
-        assert _layers.autograd_reason(replaced) is not None, path
+    for key in REPLACEMENTS:
+        _, replaced = replaced_pair(key)
+        assert _layers.autograd_reason(replaced) is not None, key
 
 
 @pytest.mark.parametrize("mode", ["train", "eval with gradients", "eval"])
@@ -123,36 +142,6 @@ def test_a_layer_set_to_none_raises_as_in_the_reference(mode):
         grad = mode != "eval"
         with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="'NoneType' object is not callable"):
             m(torch.randn(2, C, 5, 5, requires_grad=grad))
-
-
-class LinearChannelGate(nn.Module):
-    """A channel gate without the reference's gate_c: one Linear on the channel means."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(C, C)
-
-    def forward(self, x):
-        return self.fc(x.mean((2, 3)))
-
-
-@pytest.mark.parametrize("mode", ["train", "eval with gradients", "eval"])
-def test_a_channel_gate_of_other_layers_runs_as_a_module(mode):
-    """No gate_c_fc_0 to read the parameters' device from (forward asks every call): the module
-    runs, as in the reference."""
-    ref, fused = randomize_(RefBAM(C, R, D)), bam_fused.BAM(C, R, D)
-    ref.channel_att, fused.channel_att = LinearChannelGate(), LinearChannelGate()
-    fused.load_state_dict(ref.state_dict())
-    for m in (ref, fused):
-        m.train(mode == "train")
-    x = torch.randn(3, C, 9, 13)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (that the branches run as layers)
-        if mode == "eval":
-            with torch.no_grad():
-                torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
-        else:
-            assert_same_training(ref, fused, x, torch.randn_like(x))
 
 
 SPECTRAL = {
