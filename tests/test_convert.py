@@ -55,10 +55,10 @@ class AuthorsSpatialGate(nn.Module):
 
 
 class AuthorsBAM(nn.Module):
-    def __init__(self, gate_channel, **kw):
+    def __init__(self, gate_channel, reduction_ratio=16, **kw):
         super().__init__()
-        self.channel_att = AuthorsChannelGate(gate_channel)
-        self.spatial_att = AuthorsSpatialGate(gate_channel, **kw)
+        self.channel_att = AuthorsChannelGate(gate_channel, reduction_ratio)
+        self.spatial_att = AuthorsSpatialGate(gate_channel, reduction_ratio, **kw)
 
     def forward(self, x):
         att = 1 + torch.sigmoid(self.channel_att(x) * self.spatial_att(x))
@@ -78,16 +78,21 @@ class Net(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("kw", [{}, {"dilation_val": 2, "dilation_conv_num": 3}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"dilation_val": 2, "dilation_conv_num": 3}, {"dilation_conv_num": 0}, {"reduction_ratio": 1}]
+)
 def test_convert_authors_layout_keeps_keys_and_outputs(kw):
     net = randomize_(Net(**kw)).eval()
     x = torch.randn(2, 3, 12, 12)  # square: the authors' pooling assumes H == W
     before, keys = net(x), list(net.state_dict())
-    converted = bam_fused.convert(net, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say: every other module is not BAM-like
+        converted = bam_fused.convert(net, backend="reference")
     assert converted is not net and isinstance(net.bam1, AuthorsBAM)  # not in place by default
     assert isinstance(converted.bam1, bam_fused.BAM) and isinstance(converted.body[1], bam_fused.BAM)
     assert converted.bam1.combine == "product"
-    assert converted.bam1.dilation == kw.get("dilation_val", 4)
+    assert converted.bam1.dilation == kw.get("dilation_val", 4)  # (4, the default, without dilated convs)
+    assert converted.bam1.reduction_ratio == kw.get("reduction_ratio", 16)
     assert not any(m.training for m in converted.modules())  # the mode too
     assert list(converted.state_dict()) == keys
     torch.testing.assert_close(converted(x), before, rtol=1e-5, atol=1e-5)
@@ -112,6 +117,27 @@ def test_convert_leaves_mismatching_module_alone_with_warning():
     assert isinstance(out.bam1, AuthorsBAM) and isinstance(out.body[1], bam_fused.BAM)
 
 
+class OnlyChannelGate(nn.Module):  # an SE-like block: one of BAM's two gates is not a BAM
+    def __init__(self):
+        super().__init__()
+        self.channel_att = AuthorsChannelGate(32)
+
+
+class MyBamBlock(nn.Module):  # called a BAM, laid out otherwise
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(32, 32, 1)
+
+
+def test_convert_takes_for_a_bam_what_is_called_one_or_has_both_gates():
+    with pytest.warns(RuntimeWarning) as record:
+        out = bam_fused.convert(nn.Sequential(OnlyChannelGate(), MyBamBlock(), AuthorsBAM(32)))
+    assert [str(w.message) for w in record] == [
+        "bam_fused.convert: left 1 (MyBamBlock) alone: no channel_att.gate_c / spatial_att.gate_s"
+    ]
+    assert [type(m) for m in out] == [OnlyChannelGate, MyBamBlock, bam_fused.BAM]
+
+
 def _set(path, make):
     def change(m):
         parent, _, name = path.rpartition(".")
@@ -120,9 +146,17 @@ def _set(path, make):
     return change
 
 
-def _hidden_7(m):  # 32 -> 7 -> 32: no r gives 32 // r == 7
-    gc = m.channel_att.gate_c
-    gc.gate_c_fc_0, gc.gate_c_bn_1, gc.gate_c_fc_final = nn.Linear(32, 7), nn.BatchNorm1d(7), nn.Linear(7, 32)
+def _hidden(width):  # 32 -> width -> 32, where no r gives 32 // r == width
+    def change(m):
+        gc = m.channel_att.gate_c
+        gc.gate_c_fc_0, gc.gate_c_bn_1 = nn.Linear(32, width), nn.BatchNorm1d(width)
+        gc.gate_c_fc_final = nn.Linear(width, 32)
+
+    return change
+
+
+def _hooked(path):
+    return lambda m: m.get_submodule(path).register_forward_pre_hook(lambda *args: None)
 
 
 MISMATCHES = {  # the authors' layout at C = 32, r = 16 (2 hidden channels), changed in one place
@@ -130,7 +164,8 @@ MISMATCHES = {  # the authors' layout at C = 32, r = 16 (2 hidden channels), cha
     "channel gate layers": _set("channel_att", lambda: AuthorsChannelGate(32, num_layers=2)),
     "channel gate layer types": _set("channel_att.gate_c.gate_c_bn_1", lambda: nn.LayerNorm(2)),
     "channel gate widths": _set("channel_att.gate_c.gate_c_fc_final", lambda: nn.Linear(2, 16)),
-    "hidden width 7 is not C // r": _hidden_7,
+    "hidden width 7 is not C // r": _hidden(7),
+    "hidden width 64 is not C // r": _hidden(64),
     "gate_s_conv_reduce0 is not a 1x1 conv": _set(
         "spatial_att.gate_s.gate_s_conv_reduce0", lambda: nn.Conv2d(32, 2, 3, padding=1)
     ),
@@ -141,6 +176,8 @@ MISMATCHES = {  # the authors' layout at C = 32, r = 16 (2 hidden channels), cha
     "gate_s_bn_di_0": _set("spatial_att.gate_s.gate_s_bn_di_0", nn.Identity),
     "gate_s_conv_final is not a 1x1 conv": _set("spatial_att.gate_s.gate_s_conv_final", lambda: nn.Conv2d(2, 2, 1)),
     "state_dict keys that bam_fused.BAM does not have": _set("scale", lambda: nn.Parameter(torch.ones(1))),
+    "hooks on its gates (channel)": _hooked("channel_att"),
+    "hooks on its gates (spatial)": _hooked("spatial_att"),
 }
 
 
@@ -148,7 +185,8 @@ MISMATCHES = {  # the authors' layout at C = 32, r = 16 (2 hidden channels), cha
 def test_convert_names_each_mismatch_of_the_authors_layout(what):
     m = AuthorsBAM(32)
     MISMATCHES[what](m)
-    with pytest.warns(RuntimeWarning, match=rf"left the model \(AuthorsBAM\) alone: {re.escape(what)}"):
+    reason = what.partition(" (")[0]  # (a key may say where, in brackets)
+    with pytest.warns(RuntimeWarning, match=rf"left the model \(AuthorsBAM\) alone: {re.escape(reason)}"):
         assert type(bam_fused.convert(m)) is AuthorsBAM
 
 
