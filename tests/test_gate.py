@@ -53,6 +53,16 @@ def test_cpp_float64_and_reference_backend():
     run_case("reference", (2, 37, 7, 9), torch.float32, "channels_last", "sum")
 
 
+def test_reference_backend_runs_the_reference_not_a_kernel(monkeypatch):
+    # The kernels give the same values to rounding: only a kernel that must not run shows it.
+    monkeypatch.setattr(_backends, "kernels", lambda impl: pytest.fail(f"the {impl} kernels ran"))
+    x, ca, sa = gate_inputs(2, 37, 7, 9, layout="channels_last")
+    for combine in ("sum", "product"):
+        out = bam_gate(x, ca, sa, combine, backend="reference")
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, bam_gate_reference(x, ca, sa, combine))
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_attention_shapes_accepted(backend):
     x, ca, sa = gate_inputs()
