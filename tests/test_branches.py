@@ -363,6 +363,30 @@ def test_branch_op_bad_inputs():
         bam_branches(x[:, :, :0], f["red_w"], *args)
 
 
+def _strided(t):  # the same values, not contiguous
+    return torch.stack([t, t], -1)[..., 0]
+
+
+@pytest.mark.parametrize("cr", [1, 2])
+def test_branch_op_takes_conv_shaped_strided_and_float64_weights(cr):
+    _, fused = make_pair(16 * cr, 4, 16)
+    f = fused.folded()
+    x = torch.randn(2, 16 * cr, 5, 7)
+    want = bam_branches(x, f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
+    got = bam_branches(
+        x, f["red_w"].double()[:, :, None, None], _strided(f["red_b"]), [_strided(w.double()) for w in f["dil_w"]],
+        [_strided(b) for b in f["dil_b"]], 4, f["fin_w"].reshape(1, cr, 1, 1), _strided(f["fin_b"]).double(),
+    )  # fmt: skip
+    for a, b in zip(got, want, strict=True):  # (fp32 values through fp64: exact)
+        assert torch.equal(a, b)
+    args = (f["red_b"], f["dil_w"], f["dil_b"], 4, f["fin_w"], f["fin_b"])
+    for bad in (f["red_w"][:, :, None], f["red_w"][:, :, None, None].expand(cr, 16 * cr, 1, 2)):
+        with pytest.raises(ValueError, match=rf"w_reduce must have shape \(Cr, {16 * cr}\) or \(Cr, {16 * cr}, 1, 1\)"):
+            bam_branches(x, bad, *args)
+    with pytest.raises(TypeError, match="b_reduce must have a floating dtype"):
+        bam_branches(x, f["red_w"], f["red_b"].long(), *args[1:])
+
+
 def test_branch_op_own_checks():
     # The op checks what bam_branches does not (it is also called directly by BAM).
     _, fused = make_pair(32, 4, 8)
