@@ -117,7 +117,7 @@ def test_convert_leaves_mismatching_module_alone_with_warning():
     assert isinstance(out.bam1, AuthorsBAM) and isinstance(out.body[1], bam_fused.BAM)
 
 
-class OnlyChannelGate(nn.Module):  # an SE-like block: one of BAM's two gates is not a BAM
+class OnlyChannelGate(nn.Module):  # an SE-like block with BAM's channel gate alone: not a BAM
     def __init__(self):
         super().__init__()
         self.channel_att = AuthorsChannelGate(32)
