@@ -413,9 +413,30 @@ def test_jit_build_failure_is_reported(monkeypatch):
 def test_env_flag_values_are_checked(monkeypatch):
     from bam_fused import env
 
+    monkeypatch.delenv("BAM_FUSED_JIT", raising=False)
+    assert env.flag("BAM_FUSED_JIT") is False and env.flag("BAM_FUSED_JIT", default=True) is True
+    for raw, value in [("1", True), (" Yes ", True), ("TRUE", True), ("on", True), ("0", False), ("", False),
+                       (" No", False), ("false", False), ("OFF", False)]:  # fmt: skip
+        monkeypatch.setenv("BAM_FUSED_JIT", raw)
+        assert env.flag("BAM_FUSED_JIT", default=not value) is value, raw
     monkeypatch.setenv("BAM_FUSED_JIT", "maybe")
     with pytest.raises(ValueError, match="BAM_FUSED_JIT must be 0 or 1, got 'maybe'"):
         env.flag("BAM_FUSED_JIT")
+
+
+def test_env_choice_values_are_checked(monkeypatch):
+    from bam_fused import env
+
+    choices = ("auto", "on", "off")
+    monkeypatch.delenv("BAM_FUSED_TEST_CHOICE", raising=False)
+    assert env.choice("BAM_FUSED_TEST_CHOICE", choices) == "auto"  # unset: the first
+    for raw, value in [("", "auto"), ("  ", "auto"), (" On ", "on"), ("OFF", "off"), ("auto", "auto")]:
+        monkeypatch.setenv("BAM_FUSED_TEST_CHOICE", raw)
+        assert env.choice("BAM_FUSED_TEST_CHOICE", choices) == value, raw
+    monkeypatch.setenv("BAM_FUSED_TEST_CHOICE", " Sometimes")
+    wanted = r"BAM_FUSED_TEST_CHOICE must be one of \('auto', 'on', 'off'\), got 'sometimes'"
+    with pytest.raises(ValueError, match=wanted):
+        env.choice("BAM_FUSED_TEST_CHOICE", choices)
 
 
 def test_insert_bam_validates_bam_arguments_before_changing_the_model():
