@@ -393,21 +393,69 @@ def test_triton_missing_fallback(monkeypatch):
     assert "simulated" in info["kernels"]["gate (Triton, CUDA)"]["reason"]
 
 
-def test_jit_build_failure_is_reported(monkeypatch):
-    from bam_fused import _ext
-
-    monkeypatch.setattr(_ext.importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError("gone")))
-
-    def failing_build():
-        raise RuntimeError("ninja: build stopped: subcommand failed.")
-
-    monkeypatch.setattr(_ext, "_jit_build", failing_build)
+def _ext_state() -> tuple:
+    """_ext.reason(), build_info() and has_cuda_kernels() loaded afresh (and the cache cleared
+    after, so that later tests load the real extension again)."""
     _ext.load.cache_clear()
     try:
-        why = _ext.reason()
+        return _ext.reason(), _ext.build_info(), _ext.has_cuda_kernels()
     finally:
         _ext.load.cache_clear()
-    assert why == "bam_fused._C is not importable (gone); JIT build failed: ninja: build stopped: subcommand failed."
+
+
+def _failing(exc):
+    def fail(*args):
+        raise exc
+
+    return fail
+
+
+def test_jit_build_failure_is_reported(monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(_ext, "_CSRC", _ext._CSRC / "gone")
+        with pytest.raises(_ext.ExtensionUnavailable, match="no sources to JIT-build from"):
+            _ext._jit_build()
+    monkeypatch.setattr(_ext.importlib, "import_module", _failing(ImportError("gone")))
+    monkeypatch.setattr(_ext, "_jit_build", _failing(RuntimeError("ninja: build stopped: subcommand failed.\nmore")))
+    why = "bam_fused._C is not importable (gone); JIT build failed: ninja: build stopped: subcommand failed."
+    assert _ext_state() == (why, {"available": False, "reason": why}, False)
+    monkeypatch.setattr(_ext, "_jit_build", _failing(OSError()))  # no message: its type says what
+    assert _ext_state()[0] == "bam_fused._C is not importable (gone); JIT build failed: OSError"
+    monkeypatch.setenv("BAM_FUSED_JIT", "0")
+    assert _ext_state()[0] == "bam_fused._C is not importable (gone); JIT build disabled by BAM_FUSED_JIT=0"
+    monkeypatch.setenv("BAM_FUSED_DISABLE_EXT", "1")
+    assert _ext_state()[0] == "disabled by BAM_FUSED_DISABLE_EXT=1"
+
+
+def test_jit_build_compiles_what_setup_py_does(monkeypatch):
+    """The JIT build's arguments (no test builds it: that takes minutes), with and without CUDA."""
+    import torch.utils.cpp_extension as cpp
+
+    calls = []
+    monkeypatch.setattr(cpp, "load", lambda **kw: calls.append(kw) or "module")
+    for gpu, cuda_home in [(False, "/usr/local/cuda"), (True, None), (True, "/usr/local/cuda")]:
+        with_cuda = gpu and cuda_home is not None
+        monkeypatch.setattr(cpp, "CUDA_HOME", cuda_home)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        monkeypatch.setenv("BAM_FUSED_VERBOSE_BUILD", "1" if with_cuda else "0")
+        assert _ext._jit_build() == "module"
+        kw = calls[-1]
+        assert kw["name"] == "bam_fused_C" and kw["sources"] == _ext.sources(with_cuda) and kw["verbose"] is with_cuda
+        assert kw["extra_include_paths"] == [str(_ext._CSRC)]
+        assert ("-DBAM_FUSED_WITH_CUDA" in kw["extra_cflags"]) is with_cuda
+        assert "-DBAM_FUSED_WITH_CUDA" in kw["extra_cuda_cflags"] and "-O3" in kw["extra_cflags"]
+        if sys.platform.startswith("linux"):
+            assert "-fopenmp" in kw["extra_cflags"] and kw["extra_ldflags"] == ["-fopenmp"]
+
+
+@pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
+def test_extension_loads_and_lists_its_sources():
+    why, info, cuda = _ext_state()
+    assert why is None and info["with_cuda"] is cuda
+    names = [os.path.basename(f) for f in _ext.sources(with_cuda=False)]
+    assert "bam_fused.cpp" in names and "gate_cpu.cpp" in names and not any(n.endswith(".cu") for n in names)
+    with_cuda = [os.path.basename(f) for f in _ext.sources(with_cuda=True)]
+    assert with_cuda[: len(names)] == names and "reduce_pool.cu" in with_cuda
 
 
 def test_env_flag_values_are_checked(monkeypatch):
