@@ -58,6 +58,18 @@ def test_shapes_of_branches():
     assert SpatialGate(32, 4).eval()(x).shape == (2, 1, 5, 7)
 
 
+def test_branch_defaults_are_the_papers():
+    """r = 16, two dilated convs with dilation 4 (as BAM's own defaults): a state_dict saved from
+    BAM(64) loads into gates built with defaults."""
+    bam, channel, spatial = BAM(64), ChannelGate(64), SpatialGate(64)
+    assert (bam.reduction_ratio, bam.dilation, bam.num_dilated_convs) == (16, 4, 2)
+    assert channel.gate_c.gate_c_fc_0.out_features == 4
+    channel.load_state_dict(bam.channel_att.state_dict())
+    spatial.load_state_dict(bam.spatial_att.state_dict())
+    convs = [m for m in spatial.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert [(c.dilation, c.padding) for c in convs] == [((4, 4), (4, 4))] * 2
+
+
 def test_training_mode_batch_statistics_and_batch_one_eval():
     m = BAM(32, 4)
     out = m(torch.randn(4, 32, 5, 5))
