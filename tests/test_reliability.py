@@ -411,6 +411,8 @@ def _failing(exc):
 
 
 def test_jit_build_failure_is_reported(monkeypatch):
+    for name in ("BAM_FUSED_DISABLE_EXT", "BAM_FUSED_JIT"):
+        monkeypatch.delenv(name, raising=False)
     with monkeypatch.context() as m:
         m.setattr(_ext, "_CSRC", _ext._CSRC / "gone")
         with pytest.raises(_ext.ExtensionUnavailable, match="no sources to JIT-build from"):
@@ -427,8 +429,8 @@ def test_jit_build_failure_is_reported(monkeypatch):
     assert _ext_state()[0] == "disabled by BAM_FUSED_DISABLE_EXT=1"
 
 
-def test_jit_build_compiles_what_setup_py_does(monkeypatch):
-    """The JIT build's arguments (no test builds it: that takes minutes), with and without CUDA."""
+def test_jit_build_arguments_with_and_without_cuda(monkeypatch):
+    """What _jit_build hands torch.utils.cpp_extension.load (no test builds it: that takes minutes)."""
     import torch.utils.cpp_extension as cpp
 
     calls = []
