@@ -28,10 +28,7 @@ def cases(channels_last: bool) -> dict:
     """{op name: (op, args)}: a BAM with C = 32, Cr = 4, two convs with dilation 2, x 2x32x5x6."""
     cpp = branches.load_op
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    ref = randomize_(bam_fused.reference.BAM(32, 8, 2)).eval()
-    fused = bam_fused.BAM(32, 8, 2).eval()
-    fused.load_state_dict(ref.state_dict())
-    f = fused.folded()
+    f = randomize_(bam_fused.BAM(32, 8, 2)).eval().folded()
     x = torch.randn(2, 32, 5, 6).contiguous(memory_format=fmt)
     spatial = (f["red_w"], f["red_b"], f["dil_w"], f["dil_b"], 2, f["fin_w"], f["fin_b"])
     mlp = (f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])
