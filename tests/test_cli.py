@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from bam_fused import cli
+from bam_fused import _backends, cli
 from bam_fused.ops import gate as gate_module
 from bam_fused.ops import gate_cpp
 
@@ -56,8 +56,15 @@ def test_verify_quick_passes_and_writes_rows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert " passed, 0 failed" in out and "d_channel" in out and "d2_spatial" in out
     assert "bam[eval]" in out and "bam[train]" in out and "bam[grad]" in out
+    # Every CPU path: the C++ gate, the Triton one where the interpreter runs it, and BAM.
+    paths = "gate[cpp], gate[triton], bam" if _backends.triton_interpreted() else "gate[cpp], bam"
+    assert f" passed, 0 failed ({paths} on cpu)" in out
     rows = json.loads((tmp_path / "verify.json").read_text())
     assert rows and {"path", "shape", "dtype", "max_abs", "tolerance", "passed"} <= set(rows[0])
+    gates = {p for p in paths.split(", ") if p.startswith("gate")}
+    assert {r["path"] for r in rows} == gates | {"bam[eval]", "bam[grad]", "bam[train]"}
+    # Training gradients where a switched ReLU is improbable: the odd shapes of the quick grid.
+    assert {tuple(r["shape"]) for r in rows if r["path"] == "bam[train]" and r["quantity"] == "d_x"} == {(2, 37, 7, 9)}
 
 
 def test_verify_fails_on_a_broken_kernel(monkeypatch, capsys):
@@ -84,6 +91,17 @@ def test_verify_fails_on_a_wrong_second_derivative(monkeypatch, capsys):
     assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "fp32"]) == 1
     failed = [line for line in capsys.readouterr().out.splitlines() if line.endswith("FAIL")]
     assert failed and all(" d2_" in line for line in failed)
+
+
+def test_verify_fails_on_a_broken_training_path(monkeypatch, capsys):
+    """BatchNorm normalising with its running statistics in training mode: only the train rows see it."""
+    from bam_fused.ops import training
+
+    monkeypatch.setattr(training, "_batch_stats", lambda bn: False)
+    assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "fp32"]) == 1
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.endswith("FAIL")]
+    assert failed and all(line.startswith("bam[train]") for line in failed)
+    assert any(" out " in line for line in failed) and any(" d_x " in line for line in failed)
 
 
 def test_bench_quick_writes_json_and_plots(tmp_path, capsys):
