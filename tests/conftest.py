@@ -18,6 +18,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+NO_EXTENSION = "simulated: bam_fused._C is not importable; JIT build failed"
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """Simulates an extension that neither imports nor builds (the reason: NO_EXTENSION)."""
+    from bam_fused import _backends, _ext
+
+    def broken():
+        raise _ext.ExtensionUnavailable(NO_EXTENSION)
+
+    monkeypatch.setattr(_ext, "load", broken)
+    monkeypatch.setattr(_backends, "_warned", set())
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Every test compiles from a fresh Dynamo state. Its recompile limit counts per code object

@@ -315,17 +315,6 @@ def test_float64_runs_through_reference_branches():
         torch.testing.assert_close(fused.double()(x), ref.double()(x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.fixture
-def no_extension(monkeypatch):
-    """Simulates an extension that neither imports nor builds."""
-
-    def broken():
-        raise _ext.ExtensionUnavailable("simulated: bam_fused._C is not importable; JIT build failed")
-
-    monkeypatch.setattr(_ext, "load", broken)
-    monkeypatch.setattr(_backends, "_warned", set())
-
-
 def test_fallback_when_extension_is_missing(no_extension):
     ref, fused = make_pair(48, 4, 8)
     x = torch.randn(2, 48, 9, 13)
