@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 from helpers import bf16_products, make_layout
-from test_branches import no_extension  # noqa: F401 (a fixture)
 from test_cpu_pass import ISAS, isa_env
 
 import bam_fused
