@@ -134,6 +134,72 @@ def test_cli_rejects_cuda_without_gpu():
         cli.main(["verify", "--device", "cuda"])
 
 
+def test_device_names_a_visible_gpu(monkeypatch):
+    assert cli._device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli._device("auto") == torch.device("cuda") and cli._device("cuda:1") == torch.device("cuda", 1)
+    assert cli._device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit, match=re.escape("--device cuda:2 asked for, but 2 CUDA device(s) are visible")):
+        cli._device("cuda:2")
+
+
+@pytest.mark.parametrize(("argv", "keeps", "says", "malloc"), [
+    ([], True, "allocator: glibc keeps freed memory (on;", "glibc keeps freed memory (mallopt)"),
+    ([], False, "allocator: glibc keeps freed memory (unavailable;", "system defaults (mallopt unavailable)"),
+    (["--system-malloc"], None, None, "system defaults"),
+])  # fmt: skip
+def test_bench_takes_its_options(tmp_path, monkeypatch, capsys, argv, keeps, says, malloc):
+    """What cmd_bench does before and after the run (the run itself: test_bench_quick_...)."""
+    from bam_fused import bench
+
+    plans, threads = [], []
+
+    def keep_freed_memory():
+        assert keeps is not None, "--system-malloc asked glibc to keep freed memory"
+        return keeps
+
+    def run(p, progress):
+        plans.append((p, progress))
+        return [bench.Row("gate_fwd", (1, 2, 3, 4), "bf16", "nchw", "fused", 1.0, 0.1, 1.0, 1.0, 1.0, 1.0,
+                          device="cpu", device_name="a CPU")]  # fmt: skip
+
+    monkeypatch.setattr(bench, "keep_freed_memory", keep_freed_memory)
+    monkeypatch.setattr(bench, "run", run)
+    monkeypatch.setattr(bench, "_plots", lambda rows, out_dir, meta: [])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    argv = ["bench", "--device", "cpu", "--dtype", "bf16", "--threads", "3", "--out", str(tmp_path), *argv]
+    assert cli.main(argv) == 0
+    ((p, progress),) = plans
+    assert p.dtypes == ["bf16"] and p.shapes == bench.plan(torch.device("cpu"), quick=False).shapes
+    assert progress is True and threads == [3]
+    out = capsys.readouterr().out
+    assert ("allocator:" in out) == (says is not None) and (says is None or says in out)
+    assert "1 rows on a CPU" in out and f"wrote {tmp_path / 'results.json'}" in out
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["malloc"] == malloc
+
+
+def test_bench_quick_keeps_the_plans_dtypes(monkeypatch):
+    from bam_fused import bench
+
+    plans = []
+    monkeypatch.setattr(bench, "run", lambda p, progress: plans.append((p, progress)) or [])
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: True)
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--no-progress"]) == 0
+    ((p, progress),) = plans
+    assert p.dtypes == bench.plan(torch.device("cpu"), quick=True).dtypes and progress is False
+
+
+def test_verify_says_when_no_path_is_active(monkeypatch, capsys):
+    from bam_fused import verify
+
+    monkeypatch.setattr(verify, "active_paths", lambda device: ([], ["gate[cpp]: why not", "bam: why not either"]))
+    assert cli.main(["verify", "--device", "cpu", "--quick"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["inactive: gate[cpp]: why not", "inactive: bam: why not either",
+                   "bam-fused verify: no fused path is active on cpu; nothing was checked"]  # fmt: skip
+
+
 @pytest.mark.parametrize("command", ["bench", "verify"])
 def test_out_that_cannot_be_written_stops_before_the_run(tmp_path, monkeypatch, command):
     """Before 2026-11-28 bench ran every case, then raised FileNotFoundError writing the results."""
