@@ -2,10 +2,12 @@
 
 import itertools
 import json
+import platform
 
 import pytest
 import torch
 
+import bam_fused
 from bam_fused import bench
 
 
@@ -21,8 +23,33 @@ def test_cpu_contenders_take_turns():
 def test_one_turn_times_each_contender_once_in_a_row():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("eager", "fused")}
-    bench.interleaved_ms(fns, torch.device("cpu"), budget_s=0.002, turns=1)
+    times = bench.interleaved_ms(fns, torch.device("cpu"), budget_s=0.002, turns=1)
     assert [k for k, _ in itertools.groupby(calls)] == ["eager", "fused"]
+    assert set(times) == set(fns) and all(med > 0 and iqr >= 0 for med, iqr in times.values())
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_asks_glibc(monkeypatch):
+    import ctypes
+
+    assert bench.keep_freed_memory() is True
+
+    def no_libc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    assert bench.keep_freed_memory() is False
+
+
+def test_compile_raises_dynamos_recompile_limit(monkeypatch):
+    """The sweep compiles the same reference function for every shape and dtype: past Dynamo's
+    default limit (8) it would run eager and be timed as "compiled"."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(config, name, 8)
+    compiled = bench._compile(bench.bam_gate_reference)
+    assert callable(compiled) and compiled is not bench.bam_gate_reference
+    assert getattr(config, name) == 256
 
 
 # -- what each row reports, from given times ------------------------------------------------
@@ -43,8 +70,22 @@ def fixed_times(monkeypatch, ms: dict[str, float]) -> None:
 @pytest.mark.parametrize(("name", "x_bytes"), [("gate_fwd", 2), ("gate_fwd_bwd", 5), ("bam_eval", 3), ("bam_train", 9)])
 def test_rows_put_the_roofline_bytes_against_the_copy_of_the_same_run(monkeypatch, name, x_bytes):
     fixed_times(monkeypatch, {"copy": 0.5, "eager": 6.0, "compiled": 3.0, "fused": 2.0})
+    built = []
+
+    def contenders(kind):
+        def build(shape, dtype, layout, device, **flag):
+            built.append((kind, shape, dtype, layout, device, flag))
+            return dict.fromkeys(bench.CONTENDERS, lambda: None)
+
+        return build
+
+    monkeypatch.setattr(bench, "gate_contenders", contenders("gate"))
+    monkeypatch.setattr(bench, "bam_contenders", contenders("bam"))
     p = bench.plan(CPU, quick=True)
     rows = bench.run_task(p, name, SMALL, "bf16", "nchw")
+    flag = {"gate_fwd": {"backward": False}, "gate_fwd_bwd": {"backward": True}, "bam_eval": {"train": False},
+            "bam_train": {"train": True}}[name]  # fmt: skip
+    assert built == [(name.split("_")[0], SMALL, torch.bfloat16, "nchw", CPU, flag)]
     assert [r.contender for r in rows] == ["eager", "compiled", "fused"]
     x = 2 * 32 * 7 * 9 * 2  # bytes of x in bf16
     copy = 2 * x / 0.5e-3 / 1e9  # a copy reads and writes x
@@ -129,6 +170,33 @@ def test_each_contender_runs_what_it_is_named(monkeypatch, name, fused_ops):
             assert fns[k]() is None
 
 
+def test_resnet_contenders_run_one_network(monkeypatch):
+    """The eager and fused ResNet-50s share their weights; the plain one has no BAM."""
+    monkeypatch.setattr(bench, "_compile", lambda fn: fn)
+    fns = bench.resnet_contenders(1, torch.float32, "channels_last", CPU, with_compile=True)
+    assert list(fns) == ["no_bam", "eager", "fused", "compiled"]
+    outs = {}
+    for k, f in fns.items():
+        ops = ops_run(lambda k=k, f=f: outs.__setitem__(k, f()))
+        assert bool(ops) == (k == "fused"), k
+    assert outs["eager"].shape == outs["no_bam"].shape == (1, 1000)
+    assert not torch.allclose(outs["no_bam"], outs["eager"])  # (the BAMs change the output)
+    torch.testing.assert_close(outs["fused"], outs["eager"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(outs["compiled"], outs["eager"])
+    nchw = bench.resnet_contenders(1, torch.float32, "nchw", CPU, with_compile=False)
+    assert "compiled" not in nchw
+    for layout, thunks in (("channels_last", fns), ("nchw", nchw)):
+        models = [f.__defaults__[0] for f in thunks.values()]  # (each thunk's model, bound as a default)
+        cl = [m.conv1.weight.is_contiguous(memory_format=torch.channels_last) for m in models]
+        assert cl == [layout == "channels_last"] * len(models)
+
+
+def test_run_goes_through_the_tasks_in_order(monkeypatch):
+    p = bench.plan(CPU, quick=True)
+    monkeypatch.setattr(bench, "run_task", lambda p_, *task: [task] if p_ is p else [])
+    assert bench.run(p, progress=False) == bench.tasks(p)
+
+
 def test_copy_of_copies_and_copy_gbps_counts_read_and_write():
     x = torch.randn(1000)
     copy = bench.copy_of(x)
@@ -187,4 +255,5 @@ def test_write_results_records_the_run(tmp_path, monkeypatch):
     assert data["meta"]["device_name"] == "a CPU" and data["meta"]["malloc"] == "x"
     assert data["meta"]["cpu_threads"] == torch.get_num_threads()
     assert data["rows"][0]["median_ms"] == 1.0 and data["rows"][0]["shape"] == list(SMALL)
+    assert (data["rows"][0]["torch"], data["rows"][0]["bam_fused"]) == (torch.__version__, bam_fused.__version__)
     assert paths[1].read_text().startswith(f"Device: a CPU (cpu), torch {torch.__version__}")
