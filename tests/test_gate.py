@@ -427,3 +427,49 @@ def test_output_can_be_changed_in_place_before_backward(backend, layout):
         grads.append((out.detach(), x.grad, ca.grad, sa.grad))
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- the Triton launch configs (host-side arithmetic; the kernels' results are tested above) --
+def is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def test_triton_pow2_divisor_is_the_largest_up_to_16():
+    from bam_fused.ops import gate_triton as gt
+
+    for v in range(1, 300):
+        d = gt._pow2_divisor(v)
+        assert is_pow2(d) and v % d == 0 and (d == 16 or v % (2 * d) != 0), v
+
+
+@pytest.mark.parametrize("largest", [256, 1024])
+def test_triton_block_width_is_the_widest_that_idles_little(largest):
+    from bam_fused.ops import gate_triton as gt
+
+    assert gt._block_l(56 * 56, 1024) == 256 and gt._block_l(14 * 14, 1024) == 256  # (its docstring's cases)
+    for L in range(1, 4200, 3):
+        b, width = gt._block_l(L, largest), gt._pow2_ceil(L)
+        assert is_pow2(b) and min(128, width) <= b <= max(min(largest, width), 16), L
+
+        def idle(w, L=L):
+            return -(-L // w) * w - L
+
+        wider = [w for w in (32, 64, 128, 256, 512, 1024) if b < w <= min(largest, width)]
+        if idle(b) <= L / 16:
+            assert all(idle(w) > L / 16 for w in wider), L
+        else:  # none idles little enough: the one that idles the fewest
+            assert all(idle(w) >= idle(b) for w in wider), L
+
+
+def test_triton_tiles_cover_the_rows_in_chunks_of_whole_tiles():
+    from bam_fused.ops import gate_triton as gt
+
+    for n, r, l in [(1, 37, 63), (2, 256, 3136), (8, 3136, 256), (32, 1024, 196), (1, 5, 1), (64, 2048, 49)]:
+        f = gt.fwd_config(r, l)
+        assert is_pow2(f.block_r) and f.block_r <= gt._pow2_ceil(r) and f.block_r * f.block_l <= max(4096, f.block_l)
+        b = gt.bwd_config(n, r, l)
+        assert is_pow2(b.block_r) and b.block_r * b.block_l <= max(1024, b.block_l)
+        assert b.rows_per_chunk % b.block_r == 0 and b.rows_per_chunk <= -(-r // b.block_r) * b.block_r
+        chunks, column_blocks = -(-r // b.rows_per_chunk), -(-l // b.block_l)
+        if chunks > 1:  # split only while the GPU (512 programs off CUDA) is not yet full
+            assert n * column_blocks * (chunks - 1) < 512, (n, r, l)
