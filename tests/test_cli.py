@@ -134,6 +134,23 @@ def test_cli_rejects_cuda_without_gpu():
         cli.main(["verify", "--device", "cuda"])
 
 
+def test_device_is_auto_by_default():
+    for command in ("bench", "verify"):
+        assert cli.build_parser().parse_args([command]).device == "auto"
+        assert cli.build_parser().parse_args([command, "--device", "auto"]).device == "auto"
+
+
+def test_the_command_exits_with_mains_status():
+    """python -m bam_fused.cli (the bam-fused script calls the same main)."""
+    import subprocess
+    import sys
+
+    for argv, status in ((["info"], 0), (["verify", "--device", "cuda:99"], 1)):
+        command = [sys.executable, "-m", "bam_fused.cli", *argv]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == status, (argv, done.stderr[-2000:])
+
+
 def test_device_names_a_visible_gpu(monkeypatch):
     assert cli._device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
