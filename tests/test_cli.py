@@ -224,6 +224,19 @@ def test_verify_gives_the_same_figures_whatever_the_random_state(monkeypatch, tm
     assert first == second and len(first) >= 3
 
 
+@pytest.mark.parametrize(("argv", "dtypes", "quick"), [
+    ([], ["fp32", "fp16", "bf16"], False), (["--dtype", "bf16", "--quick"], ["bf16"], True),
+])  # fmt: skip
+def test_verify_takes_its_options(monkeypatch, capsys, argv, dtypes, quick):
+    from bam_fused import verify
+
+    asked = []
+    monkeypatch.setattr(verify, "cases", lambda *args: asked.append(args) or [])
+    assert cli.main(["verify", "--device", "cpu", *argv]) == 0
+    assert asked == [(torch.device("cpu"), quick, dtypes)]
+    assert "0 passed, 0 failed" in capsys.readouterr().out
+
+
 def test_verify_says_when_no_path_is_active(monkeypatch, capsys):
     from bam_fused import verify
 
