@@ -140,6 +140,11 @@ def test_device_is_auto_by_default():
         assert cli.build_parser().parse_args([command, "--device", "auto"]).device == "auto"
 
 
+def test_one_thread_is_a_positive_count():
+    assert cli.build_parser().parse_args(["bench", "--threads", "1"]).threads == 1
+    assert cli.build_parser().parse_args(["bench"]).threads is None  # (torch's own count)
+
+
 def test_the_command_exits_with_mains_status():
     """python -m bam_fused.cli (the bam-fused script calls the same main)."""
     import subprocess
