@@ -190,15 +190,16 @@ def test_bench_takes_its_options(tmp_path, monkeypatch, capsys, argv, keeps, say
     monkeypatch.setattr(bench, "run", run)
     monkeypatch.setattr(bench, "_plots", lambda rows, out_dir, meta: [])
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
-    argv = ["bench", "--device", "cpu", "--dtype", "bf16", "--threads", "3", "--out", str(tmp_path), *argv]
+    out_dir = tmp_path / "new" / "folder"  # (made with its parents)
+    argv = ["bench", "--device", "cpu", "--dtype", "bf16", "--threads", "3", "--out", str(out_dir), *argv]
     assert cli.main(argv) == 0
     ((p, progress),) = plans
     assert p.dtypes == ["bf16"] and p.shapes == bench.plan(torch.device("cpu"), quick=False).shapes
     assert progress is True and threads == [3]
     out = capsys.readouterr().out
     assert ("allocator:" in out) == (says is not None) and (says is None or says in out)
-    assert "1 rows on a CPU" in out and f"wrote {tmp_path / 'results.json'}" in out
-    assert json.loads((tmp_path / "results.json").read_text())["meta"]["malloc"] == malloc
+    assert "1 rows on a CPU" in out and f"wrote {out_dir / 'results.json'}" in out
+    assert json.loads((out_dir / "results.json").read_text())["meta"]["malloc"] == malloc
 
 
 def test_bench_quick_keeps_the_plans_dtypes(monkeypatch):
@@ -276,6 +277,7 @@ def test_out_that_cannot_be_written_stops_before_the_run(tmp_path, monkeypatch, 
         (["verify", "--device", "cuda:x"], "argument --device: expected auto, cpu, cuda or cuda:<i>, got 'cuda:x'"),
         (["bench", "--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
         (["bench", "--threads", "two"], "argument --threads: expected a positive integer, got 'two'"),
+        ([], "the following arguments are required: command"),
     ],
 )
 def test_cli_rejects_bad_arguments_as_usage_errors(capsys, argv, says):

@@ -473,3 +473,31 @@ def test_triton_tiles_cover_the_rows_in_chunks_of_whole_tiles():
         chunks, column_blocks = -(-r // b.rows_per_chunk), -(-l // b.block_l)
         if chunks > 1:  # split only while the GPU (512 programs off CUDA) is not yet full
             assert n * column_blocks * (chunks - 1) < 512, (n, r, l)
+
+
+def test_triton_backward_fills_the_gpu_it_runs_on(monkeypatch):
+    """On CUDA the backward aims at 8 programs a multiprocessor (asked once a device); off it, 512."""
+    import types
+
+    from bam_fused.ops import gate_triton as gt
+
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return types.SimpleNamespace(multi_processor_count=132)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    gt.multiprocessors.cache_clear()
+    gt.bwd_config.cache_clear()
+    try:
+        assert gt.multiprocessors(None) is None and gt._target_programs(None) == 512
+        assert gt._target_programs(0) == gt._target_programs(0) == 8 * 132 and asked == [0]
+        on_gpu, off = gt.bwd_config(2, 3136, 256, 0), gt.bwd_config(2, 3136, 256, None)
+        # 2 samples x 1 column block: 528 and 256 chunks of the 784 tiles of 4 rows fill 1056 and 512
+        # programs; whole tiles a chunk make that 2 and 4 tiles, so 392 and 196 chunks.
+        assert [c.rows_per_chunk for c in (on_gpu, off)] == [8, 16] and on_gpu.block_r == 4
+    finally:
+        gt.multiprocessors.cache_clear()
+        gt.bwd_config.cache_clear()
