@@ -434,12 +434,14 @@ def is_pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-def test_triton_pow2_divisor_is_the_largest_up_to_16():
+def test_triton_pow2_divisor_and_ceiling():
     from bam_fused.ops import gate_triton as gt
 
     for v in range(1, 300):
         d = gt._pow2_divisor(v)
         assert is_pow2(d) and v % d == 0 and (d == 16 or v % (2 * d) != 0), v
+        p = gt._pow2_ceil(v)
+        assert is_pow2(p) and p >= v > p // 2, v
 
 
 @pytest.mark.parametrize("largest", [256, 1024])
