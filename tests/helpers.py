@@ -124,3 +124,13 @@ def run_threads(work, threads: int = THREADS) -> None:
         sys.setswitchinterval(interval)
     if errors:
         raise errors[0]
+
+
+def bench_row(contender: str, median_ms: float, **fields):
+    """A bam_fused.bench.Row of contender and median_ms; fields set any others (the rest are
+    placeholders: a CPU's bam_eval row at 2x32x7x9 fp32 NCHW, 1.0 for each figure)."""
+    from bam_fused import bench
+
+    row = dict(bench="bam_eval", shape=(2, 32, 7, 9), dtype="fp32", layout="nchw", iqr_ms=0.0, gbps=1.0,
+               pct_copy=1.0, roofline_ratio=1.0, copy_gbps=1.0, device="cpu")  # fmt: skip
+    return bench.Row(contender=contender, median_ms=median_ms, **{**row, **fields})

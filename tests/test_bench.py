@@ -7,6 +7,7 @@ import platform
 
 import pytest
 import torch
+from helpers import bench_row
 
 import bam_fused
 from bam_fused import _ext, bench
@@ -120,10 +121,7 @@ def test_resnet_rows_give_the_share_of_the_bams(monkeypatch):
 
 
 def test_graph_speedups_compare_graph_times():
-    def row(contender, ms, graph):
-        return bench.Row("bam_eval", SMALL, "fp32", "nchw", contender, ms, 0.0, 1.0, 1.0, 1.0, 1.0, graph_ms=graph)
-
-    rows = [row("eager", 4.0, 2.0), row("compiled", 3.0, None), row("fused", 1.0, 0.5)]
+    rows = [bench_row("eager", 4.0, graph_ms=2.0), bench_row("compiled", 3.0), bench_row("fused", 1.0, graph_ms=0.5)]
     bench._speedups(rows)
     assert rows[2].speedup == {"eager": 4.0, "compiled": 3.0}
     assert rows[2].graph_speedup == {"eager": 4.0}  # compiled could not be captured: no ratio
@@ -227,9 +225,8 @@ def test_plans():
 
 
 def test_markdown_summary_and_table():
-    def row(contender, ms, graph=None, **kw):
-        return bench.Row("bam_eval", (8, 256, 56, 56), "fp32", "nchw", contender, ms, 0.01, 10.0, 40.0, 2.5, 25.0,
-                         graph_ms=graph, **kw)  # fmt: skip
+    def row(contender, ms, graph=None, **fields):
+        return bench_row(contender, ms, shape=(8, 256, 56, 56), pct_copy=40.0, graph_ms=graph, **fields)
 
     rows = [row("eager", 8.0), row("compiled", 4.0), row("fused", 2.0, note="a note")]
     bench._speedups(rows)
@@ -250,8 +247,7 @@ def test_markdown_summary_and_table():
 
 def test_write_results_records_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_plots", lambda rows, out_dir, meta: [])
-    rows = [bench.Row("gate_fwd", SMALL, "fp32", "nchw", "fused", 1.0, 0.1, 1.0, 1.0, 1.0, 1.0, device="cpu",
-                      device_name="a CPU")]  # fmt: skip
+    rows = [bench_row("fused", 1.0, bench="gate_fwd", shape=SMALL, device_name="a CPU")]
     paths = bench.write_results(rows, tmp_path / "new", {"malloc": "x"})
     assert [p.name for p in paths] == ["results.json", "summary.md"]
     data = json.loads(paths[0].read_text())

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from helpers import bench_row
 
 from bam_fused import _backends, cli
 from bam_fused.ops import gate as gate_module
@@ -183,8 +184,7 @@ def test_bench_takes_its_options(tmp_path, monkeypatch, capsys, argv, keeps, say
 
     def run(p, progress):
         plans.append((p, progress))
-        return [bench.Row("gate_fwd", (1, 2, 3, 4), "bf16", "nchw", "fused", 1.0, 0.1, 1.0, 1.0, 1.0, 1.0,
-                          device="cpu", device_name="a CPU")]  # fmt: skip
+        return [bench_row("fused", 1.0, device_name="a CPU")]
 
     monkeypatch.setattr(bench, "keep_freed_memory", keep_freed_memory)
     monkeypatch.setattr(bench, "run", run)
