@@ -32,3 +32,11 @@ def test_zero_register_spills(aot_results):
 def test_vector_loads_on_aligned_rows(aot_results):
     aligned = [r for r in aot_results if r["l_div16"]]
     assert aligned and all(r["vector_loads"] for r in aligned), [r for r in aligned if not r["vector_loads"]]
+
+
+def test_refuses_to_compile_under_the_interpreter(monkeypatch):
+    # TRITON_INTERPRET=1 replaces the kernels with Python: nothing would reach ptxas.
+    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+        gate_aot.compile_ptx(None, 80)

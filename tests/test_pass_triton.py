@@ -162,7 +162,11 @@ def folded_bam(c, r, dilation, convs=2):
 @needs_ext
 @pytest.mark.parametrize("c,r,dilation,convs", [(48, 8, 1, 2), (37, 4, 4, 2), (64, 16, 2, 1), (32, 8, 3, 0)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_triton_paths_equal_attention_op(device, c, r, dilation, convs, layout):
+@pytest.mark.parametrize("overlap", ["auto", "on"])
+def test_triton_paths_equal_attention_op(device, c, r, dilation, convs, layout, overlap, monkeypatch):
+    # overlap "on": on a GPU the all-Triton path runs the channel MLP on a side stream; the
+    # interpreter (CPU tensors) has no streams and ignores it.
+    monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", overlap)
     ref, fused, f = folded_bam(c, r, dilation, convs)
     x = make_layout(torch.randn(2, c, 9, 13), layout)
     if device == "cuda":
@@ -348,6 +352,8 @@ def test_auto_keeps_one_pick_for_plain_calls_and_one_for_graphs(monkeypatch):
     graph = {"_run_kernel": 2.0, "_run_triton_pass": 1.5, "_run_triton": 1.0}
     plain = {"_run_kernel": 2.5, "_run_triton_pass": 3.0, "_run_triton": 9.0}
     calls = fake_timers(monkeypatch, graph, plain)
+    synced = []  # the timings done at each synchronize: x must be ready before the first
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(len(calls)))
     kind = ["graph"]
     monkeypatch.setattr(attention_cuda, "_call_kind", lambda x: kind[0])
     _, fused, _ = folded_bam(64, 16, 4)
@@ -357,6 +363,7 @@ def test_auto_keeps_one_pick_for_plain_calls_and_one_for_graphs(monkeypatch):
     kind[0] = "plain"
     assert attention_cuda.choice(x, f, 4) == "kernel"  # the least plain-call time
     assert sorted(calls) == sorted(2 * list(graph))  # each path timed both ways, once
+    assert synced == [0]
     kind[0] = "graph"
     assert attention_cuda.choice(x, f, 4) == "triton"  # the least GPU time
     kind[0] = "plain"
@@ -364,7 +371,7 @@ def test_auto_keeps_one_pick_for_plain_calls_and_one_for_graphs(monkeypatch):
     assert attention_cuda.picks(x, f) == attention_cuda.Picks(plain="kernel", graph="triton")
     plain.update(_run_triton_pass=1.0)
     assert attention_cuda.choice(x[:1], f, 4) == "triton-pass"  # another shape: timed again
-    assert len(calls) == 12
+    assert len(calls) == 12 and synced == [0, 6]
     kind[0] = None  # CPU tensors (the interpreter): an untimed shape runs the kernel, uncached
     assert attention_cuda.choice(x[:, :, :3], f, 4) == "kernel" and len(attention_cuda._chosen) == 2
 
@@ -479,6 +486,111 @@ def test_side_streams_are_per_thread(monkeypatch):
     assert len(set().union(*by_thread.values())) == 3  # and no two threads share one
 
 
+def test_run_beside_orders_the_two_streams(monkeypatch):
+    # What keeps the forked work right (fake streams and tensors log what is asked of them): the
+    # side stream starts after the current stream's work so far; its inputs are recorded on it
+    # before main() runs (the allocator must not reuse them while it reads); the current stream
+    # waits for it, and its output is recorded on the current stream, which reads it later.
+    import contextlib
+
+    log = []
+
+    class FakeStream:
+        device = torch.device("cuda", 0)
+
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    class FakeTensor:
+        def __init__(self, name):
+            self.name = name
+
+        def record_stream(self, stream):
+            log.append(f"{self.name} on {stream.name}")
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(f"enter {stream.name}")
+        yield
+        log.append(f"leave {stream.name}")
+
+    current = FakeStream("current")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(attention_cuda, "_this_thread", attention_cuda._ThreadState())
+
+    def side():
+        log.append("side()")
+        return FakeTensor("side's output")
+
+    def main():
+        log.append("main()")
+        return "main's output"
+
+    got = attention_cuda.run_beside(side, main, (FakeTensor("input 1"), FakeTensor("input 2")), True)
+    assert got[0].name == "side's output" and got[1] == "main's output"
+    assert log == [
+        "side waits for current", "enter side", "side()", "leave side", "input 1 on side", "input 2 on side",
+        "main()", "current waits for side", "side's output on current",
+    ]  # fmt: skip
+    log.clear()
+    assert attention_cuda.run_beside(side, main, (FakeTensor("input"),), False)[1] == "main's output"
+    assert log == ["side()", "main()"]  # no fork: one after the other, on the current stream
+
+
+def test_plain_ms_is_the_best_round_of_back_to_back_calls(monkeypatch):
+    import types
+
+    # Three rounds of ten calls took 30, 20 and 25 ms: 2 ms a call, after one call to warm up.
+    clock = iter([0.0, 0.030, 1.0, 1.020, 2.0, 2.025])
+    monkeypatch.setattr(attention_cuda, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    assert attention_cuda._plain_ms(lambda: events.append("call")) == pytest.approx(2.0)
+    assert events == ["call", "sync"] + 3 * (10 * ["call"] + ["sync"])  # each round waits for its GPU work
+
+
+def test_graph_ms_falls_back_to_plain_calls(monkeypatch):
+    import triton.testing
+
+    asked = []
+    monkeypatch.setattr(attention_cuda, "_plain_ms", lambda fn: 7.0)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: asked.append(kw) or 3)
+    got = attention_cuda._graph_ms(lambda: None)
+    assert got == 3.0 and isinstance(got, float) and asked == [{"rep": 5, "return_mode": "median"}]
+
+    def refuse(fn, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", refuse)
+    assert attention_cuda._graph_ms(lambda: None) == 7.0  # an op that cannot be captured: plain calls
+
+
+def test_call_kind(monkeypatch):
+    assert attention_cuda._call_kind(torch.randn(2)) is None  # the interpreter: nothing to time
+
+    class FakeCuda:
+        device = torch.device("cuda", 0)
+
+    for capturing, want in [(False, "plain"), (True, "graph")]:
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda capturing=capturing: capturing)
+        assert attention_cuda._call_kind(FakeCuda()) == want
+
+
+@needs_ext
+def test_y_layout_is_the_tails(monkeypatch):
+    monkeypatch.setattr(attention_cuda, "_y_layouts", {})
+    for cr, convs in [(16, 2), (64, 1), (5, 0)]:
+        want = bool(torch.ops.bam_fused_C.cuda_y_channels_last(cr, convs))
+        assert attention_cuda._y_channels_last(cr, convs) is want
+        assert attention_cuda._y_channels_last(cr, convs) is want  # kept
+    assert len(attention_cuda._y_layouts) == 3
+
+
 def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
     import contextlib
 
@@ -505,6 +617,10 @@ def test_overlap_variable(monkeypatch):
     for raw, want in [("off", False), ("on", True), ("ON", True), ("auto", False), ("", False)]:
         monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", raw)
         assert attention_cuda.overlap() is want, raw
+    monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert attention_cuda.overlap() is True  # under CUDA graph capture
     monkeypatch.setenv("BAM_FUSED_CUDA_OVERLAP", "sometimes")
     wanted = r"BAM_FUSED_CUDA_OVERLAP must be one of \('auto', 'on', 'off'\), got 'sometimes'"
     with pytest.raises(ValueError, match=wanted):
