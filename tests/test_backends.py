@@ -4,6 +4,8 @@ kernels a machine has (here: the CPU and the Triton interpreter), so most of its
 checked here directly."""
 
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -29,6 +31,29 @@ def test_each_impl_gets_its_own_kernels():
     the same values to rounding, so no comparison with the reference would notice)."""
     assert _backends.kernels("triton").__name__ == "bam_fused.ops.gate_triton"
     assert _backends.kernels("cpp").__name__ == "bam_fused.ops.gate_cpp"
+
+
+@pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
+@pytest.mark.parametrize("first", ["forward", "backward"])
+def test_cpp_kernels_load_the_extension_themselves(first):
+    """Called first in a fresh process (nothing has asked _backends or loaded the extension), each
+    C++ gate launcher still finds its op."""
+    calls = {
+        "forward": "y = gate_cpp.gate_forward(x, r, c, False); "
+        "torch.testing.assert_close(y, x * torch.sigmoid(r[:, :, None] + c[:, None, :]) + x); print(y.shape)",
+        "backward": "print([t.shape for t in gate_cpp.gate_backward(torch.ones_like(x), x, r, c, False)])",
+    }
+    code = (
+        "import torch; from bam_fused.ops import gate_cpp; "
+        "x, r, c = torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(2, 4); " + calls[first]
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = {
+        "forward": "torch.Size([2, 3, 4])",
+        "backward": "[torch.Size([2, 3, 4]), torch.Size([2, 3]), torch.Size([2, 4])]",
+    }
+    assert proc.stdout.strip() == want[first]
 
 
 def test_warn_once_warns_once_per_key():
