@@ -1,6 +1,8 @@
 """Every Triton gate configuration the launchers use compiles for sm_80 and sm_90 without a
 GPU, with zero register spills and 16-byte vector loads where rows are 16-element aligned."""
 
+import subprocess
+
 import pytest
 from helpers import run_aot
 
@@ -40,3 +42,27 @@ def test_refuses_to_compile_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
         gate_aot.compile_ptx(None, 80)
+
+
+def test_spill_figures_are_read_from_ptxas(monkeypatch):
+    # ptxas -v's report (its words, from a run of the pass kernel with maxnreg=32 on sm_80): each
+    # figure from its own field, and the target's name as ptxas spells it.
+    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
+    log = (
+        "ptxas info    : 0 bytes gmem\n"
+        "ptxas info    : Compiling entry function '_pass_kernel' for 'sm_80'\n"
+        "ptxas info    : Function properties for _pass_kernel\n"
+        "    360 bytes stack frame, 448 bytes spill stores, 492 bytes spill loads\n"
+        "ptxas info    : Used 32 registers, used 1 barriers, 360 bytes cumulative stack size, 456 bytes cmem[0]\n"
+    )
+    commands = []
+
+    def ptxas(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr=log)
+
+    monkeypatch.setattr(gate_aot, "_ptxas", lambda: "ptxas")
+    monkeypatch.setattr(gate_aot.subprocess, "run", ptxas)
+    assert gate_aot._spills("// ptx", 80) == (32, 448, 492)
+    assert gate_aot._spills("// ptx", 90) == (32, 448, 492)
+    assert [c[:3] for c in commands] == [["ptxas", "-v", "--gpu-name=sm_80"], ["ptxas", "-v", "--gpu-name=sm_90a"]]

@@ -1,6 +1,10 @@
 """The Triton pass over x, spatial convs and channel MLP compile for sm_80 and sm_90 without a
 GPU in every variant their launchers pick: zero register spills, tensor cores, wide copies."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from helpers import run_aot
 
@@ -25,6 +29,22 @@ def test_zero_register_spills(aot_results):
     spilled = [r for r in aot_results if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
     assert all(0 < r["registers"] <= 255 for r in aot_results)
+
+
+def test_spills_are_seen():
+    """The zero-spill tests could pass on anything if spills went unseen: the pass kernel squeezed
+    into 32 registers (a limit ptxas meets by spilling on sm_80) must report spill stores and
+    loads."""
+    code = (
+        "from bam_fused.ops import gate_aot, pass_aot; "
+        "cfg = next(c for c in pass_aot.configs() if c['kernel'] == 'pass'); src, warps = pass_aot._source(cfg); "
+        "print(*gate_aot.compile_ptx(src, 80, num_warps=warps, maxnreg=32)[1:])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    registers, spill_stores, spill_loads = map(int, proc.stdout.split())
+    assert registers <= 32 and spill_stores > 0 and spill_loads > 0, proc.stdout
 
 
 def test_convs_compile_for_both_archs(aot_results):
