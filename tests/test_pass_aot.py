@@ -60,6 +60,15 @@ def test_no_4_byte_copies(aot_results):
     assert rows and all(r["narrow_copies"] == 0 for r in rows), [r for r in rows if r["narrow_copies"]]
 
 
+def test_pass_writes_y_in_wide_stores(aot_results):
+    # y (fp32, either layout) leaves in 16-byte stores where its rows are 16-aligned: Triton
+    # proved the stride-1 dimension and the alignment (a stride or Cr it cannot prove gives
+    # 4-byte stores). Not for 14x14 NCHW x (the constant ROW, HW = 196): there y leaves 4 bytes at
+    # a time in both layouts (y is 1/16 of x's bytes at ResNet's Cr = C / 16).
+    rows = [r for r in aot_results if r["kernel"] == "pass" and not r["row"]]
+    assert rows and all(r["wide_stores"] for r in rows), [r for r in rows if not r["wide_stores"]]
+
+
 def test_mlp_kernels_compile_for_both_archs(aot_results):
     seen = {(r["arch"], r["kernel"], r.get("relu")) for r in aot_results if r["kernel"] in ("means", "layer")}
     assert seen == {(a, k, r) for a in (80, 90) for k, r in (("means", None), ("layer", True), ("layer", False))}

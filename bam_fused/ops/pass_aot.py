@@ -1,8 +1,8 @@
 """Compiles the Triton kernels of the CUDA eval path ahead of time for real GPU targets (no GPU
 needed): the pass over x (ops/pass_triton.py), the spatial convs (ops/spatial_triton.py) and
 the channel MLP (ops/mlp_triton.py), in every variant their launchers can pick. Reports
-registers, spills, whether the tensor cores are used (mma/wgmma in the PTX), 4-byte copies and
-float max instructions (the ReLUs must keep NaN).
+registers, spills, whether the tensor cores are used (mma/wgmma in the PTX), 4-byte copies, wide
+stores and float max instructions (the ReLUs must keep NaN).
 
     python -m bam_fused.ops.pass_aot [--arch 80 90]
 
@@ -25,6 +25,8 @@ _NARROW = re.compile(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x
 # Float max in PTX: plain max returns the other operand of a NaN (maxnum), max.NaN keeps it.
 _MAX_DROPS_NAN = re.compile(r"\bmax(?:\.ftz)?\.(?:f32|f16|bf16|f16x2|bf16x2)\b")
 _MAX_KEEPS_NAN = re.compile(r"\bmax(?:\.ftz)?\.NaN\.")
+# Stores to global memory of 2, 4 or 8 elements at once (st.global.v4.b32: 16 bytes of fp32).
+_WIDE_STORE = re.compile(r"\bst\.global(?:\.[a-z]+)*\.v[248]\.")
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
@@ -102,10 +104,10 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
     for k in const:
         sig[k] = "constexpr"
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    # By 16 (c_split always: whole 64-channel slices); HW and what it divides unless the case is
-    # 14x14 (HW = 196 is the constant ROW then).
+    # By 16 (c_split always: whole 64-channel slices; CR as ResNet-50's 16, 32 and 64); HW and
+    # what it divides unless the case is 14x14 (HW = 196 is the constant ROW then).
     hw_bound = {"HW", "sy_n", "sx_c", "sx_n"} if cfg["row"] else set()
-    for name in ("C", "HW", "c_split", "sx_n", "sx_c", "sx_p", "sy_n", "sy_c", "sy_p", "sy_split"):
+    for name in ("C", "HW", "CR", "c_split", "sx_n", "sx_c", "sx_p", "sy_n", "sy_c", "sy_p", "sy_split"):
         if name not in const and name not in hw_bound:
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     return ASTSource(fn=pt._pass_kernel, signature=sig, constexprs=const, attrs=attrs), c.num_warps
@@ -121,7 +123,8 @@ def compile_all(archs=(80, 90)) -> list[dict]:
             row = {k: (str(v) if k == "config" else v) for k, v in cfg.items()}
             results.append(dict(row, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
                                 tensor_cores="mma.sync" in ptx or "wgmma" in ptx,
-                                narrow_copies=len(_NARROW.findall(ptx)), max_drops_nan=len(_MAX_DROPS_NAN.findall(ptx)),
+                                narrow_copies=len(_NARROW.findall(ptx)), wide_stores=len(_WIDE_STORE.findall(ptx)),
+                                max_drops_nan=len(_MAX_DROPS_NAN.findall(ptx)),
                                 max_keeps_nan=len(_MAX_KEEPS_NAN.findall(ptx))))  # fmt: skip
     return results
 
