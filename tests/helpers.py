@@ -1,11 +1,17 @@
 """Small builders the tests share."""
 
+import os
+import subprocess
 import sys
 import threading
 
+import pytest
 import torch
 
+from bam_fused import _ext
 from bam_fused.testing import as_layout
+
+needs_ext = pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
 
 LAYOUTS = ("nchw", "channels_last", "strided")
 
@@ -43,19 +49,21 @@ def gate_inputs(n=2, c=37, h=7, w=9, dtype=torch.float32, device="cpu", layout="
     return x, ca, sa
 
 
-def run_aot(module: str) -> list[dict]:
-    """The JSON results of `python -m <module> --arch 80 90` (an AOT compile check), run without
-    TRITON_INTERPRET (the interpreter would replace the kernels)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", module, "--arch", "80", "90"], capture_output=True, text=True,
-                          env=env, timeout=900)  # fmt: skip
+def run_python(*args: str, timeout: float = 300, triton_interpret: bool = True) -> str:
+    """The stdout of `python <args>` in a fresh process, which must exit 0. triton_interpret=False
+    runs it without TRITON_INTERPRET (conftest sets it without a GPU): ahead-of-time compiles,
+    whose kernels the interpreter would replace."""
+    env = None if triton_interpret else {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return proc.stdout
+
+
+def run_aot(module: str) -> list[dict]:
+    """The JSON results of `python -m <module> --arch 80 90` (an AOT compile check)."""
+    import json
+
+    return json.loads(run_python("-m", module, "--arch", "80", "90", timeout=900, triton_interpret=False))
 
 
 def record_channels_last(monkeypatch, module, op_name: str) -> list[bool]:

@@ -4,13 +4,12 @@ kernels a machine has (here: the CPU and the Triton interpreter), so most of its
 checked here directly."""
 
 import re
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 from conftest import NO_EXTENSION
+from helpers import needs_ext, run_python
 
 from bam_fused import _backends, _ext
 
@@ -33,7 +32,7 @@ def test_each_impl_gets_its_own_kernels():
     assert _backends.kernels("cpp").__name__ == "bam_fused.ops.gate_cpp"
 
 
-@pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
+@needs_ext
 @pytest.mark.parametrize("first", ["forward", "backward"])
 def test_cpp_kernels_load_the_extension_themselves(first):
     """Called first in a fresh process (nothing has asked _backends or loaded the extension), each
@@ -47,13 +46,12 @@ def test_cpp_kernels_load_the_extension_themselves(first):
         "import torch; from bam_fused.ops import gate_cpp; "
         "x, r, c = torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(2, 4); " + calls[first]
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_python("-c", code)
     want = {
         "forward": "torch.Size([2, 3, 4])",
         "backward": "[torch.Size([2, 3, 4]), torch.Size([2, 3]), torch.Size([2, 4])]",
     }
-    assert proc.stdout.strip() == want[first]
+    assert out.strip() == want[first]
 
 
 def test_warn_once_warns_once_per_key():

@@ -7,13 +7,10 @@ import platform
 
 import pytest
 import torch
-from helpers import bench_row
+from helpers import bench_row, needs_ext
 
 import bam_fused
-from bam_fused import _ext, bench
-
-# Without the extension "fused" runs the reference (with a warning): none of our ops to see.
-needs_ext = pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
+from bam_fused import bench
 
 
 def test_cpu_contenders_take_turns():
@@ -144,7 +141,7 @@ def ops_run(fn) -> set[str]:
         ("bam_train", {"bam_fused_C::reduce_pool", "bam_fused_C::reduce_pool_backward", "bam_fused_C::gate_backward"}),
     ],
 )
-@needs_ext
+@needs_ext  # (without it "fused" runs the reference, with a warning: none of our ops to see)
 def test_each_contender_runs_what_it_is_named(monkeypatch, name, fused_ops):
     compiled_from = []
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from helpers import bench_row
+from helpers import bench_row, run_python
 
 from bam_fused import _backends, cli
 from bam_fused.ops import gate as gate_module
@@ -322,8 +322,6 @@ def test_info_says_how_our_cpu_dilated_convs_compute(monkeypatch, capsys, value,
 
 def test_cpu_probe_runs_its_subcommands():
     """benchmarks/cpu_probe.py (not part of the package) on a small shape, so that it cannot rot."""
-    import subprocess
-    import sys
     from pathlib import Path
 
     probe = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_probe.py"
@@ -334,9 +332,8 @@ def test_cpu_probe_runs_its_subcommands():
             (["compiled"], "reference compiled", "fp32"),
             (["compiled", "--in-model"], "no BAM compiled", "fp32"))  # fmt: skip
     for args, want, dtype in runs:
-        done = subprocess.run([sys.executable, str(probe), *args, *common], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        assert want in done.stdout and f"(2, 64, 7, 9) {dtype} nchw" in done.stdout
+        out = run_python(str(probe), *args, *common)
+        assert want in out and f"(2, 64, 7, 9) {dtype} nchw" in out
 
 
 def test_every_environment_variable_read_is_documented():

@@ -8,6 +8,7 @@ tensor passes it), hence this comparison, over every op the package registers.
 
 import pytest
 import torch
+from helpers import needs_ext
 from torch._subclasses import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
@@ -17,7 +18,7 @@ from bam_fused.ops import branches, training_compiled
 from bam_fused.ops import gate as gate_module
 from bam_fused.testing import randomize_
 
-pytestmark = pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
+pytestmark = needs_ext
 
 # Ops without a fake kernel: the CPU bookkeeping of BAM's folding cache and the build's CUDA
 # layout choice, which take no activations and which no traced or faked path calls.

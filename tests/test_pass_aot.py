@@ -1,12 +1,8 @@
 """The Triton pass over x, spatial convs and channel MLP compile for sm_80 and sm_90 without a
 GPU in every variant their launchers pick: zero register spills, tensor cores, wide copies."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-from helpers import run_aot
+from helpers import run_aot, run_python
 
 pytest.importorskip("triton")
 
@@ -40,11 +36,9 @@ def test_spills_are_seen():
         "cfg = next(c for c in pass_aot.configs() if c['kernel'] == 'pass'); src, warps = pass_aot._source(cfg); "
         "print(*gate_aot.compile_ptx(src, 80, num_warps=warps, maxnreg=32)[1:])"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    registers, spill_stores, spill_loads = map(int, proc.stdout.split())
-    assert registers <= 32 and spill_stores > 0 and spill_loads > 0, proc.stdout
+    out = run_python("-c", code, timeout=600, triton_interpret=False)
+    registers, spill_stores, spill_loads = map(int, out.split())
+    assert registers <= 32 and spill_stores > 0 and spill_loads > 0, out
 
 
 def test_convs_compile_for_both_archs(aot_results):

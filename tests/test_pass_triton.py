@@ -8,16 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import HAS_CUDA
-from helpers import make_layout, run_threads
+from helpers import make_layout, needs_ext, run_threads
 
 import bam_fused
-from bam_fused import _backends, _ext
+from bam_fused import _backends
 from bam_fused.ops import attention_cuda
 from bam_fused.testing import randomize_
 
 pt = pytest.importorskip("bam_fused.ops.pass_triton")
 st = pytest.importorskip("bam_fused.ops.spatial_triton")
-needs_ext = pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
 
 
 @pytest.fixture

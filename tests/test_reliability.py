@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import make_layout, record_channels_last
+from helpers import make_layout, needs_ext, record_channels_last
 from torch._subclasses import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -450,7 +450,7 @@ def test_jit_build_arguments_with_and_without_cuda(monkeypatch):
             assert "-fopenmp" in kw["extra_cflags"] and kw["extra_ldflags"] == ["-fopenmp"]
 
 
-@pytest.mark.skipif(_ext.reason() is not None, reason="extension unavailable")
+@needs_ext
 def test_extension_loads_and_lists_its_sources():
     why, info, cuda = _ext_state()
     assert why is None and info["with_cuda"] is cuda
