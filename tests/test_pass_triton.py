@@ -36,9 +36,9 @@ def truth(x, w, b):
 
 # (N, C, H, W, Cr): odd sizes; Cr off the power-of-two pads; enough channels for splits
 # (the interpreter's plan assumes 4 multiprocessors); one pixel; Cr at MAX_CR; NCHW rows
-# passed as a constant (HW a multiple of 4, not of 16: 120 and 14x14).
+# passed as a constant (HW a multiple of 4, not of 16: 120, 14x14, and 10x10 split in two).
 SHAPES = [(2, 37, 7, 9, 5), (1, 300, 5, 3, 20), (3, 200, 11, 13, 64), (2, 16, 1, 1, 1), (1, 130, 9, 15, 16),
-          (2, 70, 12, 10, 24), (1, 48, 14, 14, 40)]  # fmt: skip
+          (2, 70, 12, 10, 24), (1, 48, 14, 14, 40), (1, 256, 10, 10, 16)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -100,13 +100,14 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
     # 16-byte aligned pointers, and C, HW and the other strides divisible by 16 (ResNet shapes).
     const = {"sx_c" if cfg["x_cl"] else "sx_p": 1, "sy_c" if cfg["y_cl"] else "sy_p": 1,
              "CR_PAD": cfg["cr_pad"], "BLOCK_P": c.block_p, "BLOCK_C": c.block_c, "PRECISION": "tf32x3",
-             "ROW": cfg["row"], "C_DIV": 16}  # fmt: skip
+             "ROW": cfg["row"], "C_DIV": 16, "Y_CL": cfg["y_cl"]}  # fmt: skip
     for k in const:
         sig[k] = "constexpr"
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    # By 16 (c_split always: whole 64-channel slices; CR as ResNet-50's 16, 32 and 64); HW and
-    # what it divides unless the case is 14x14 (HW = 196 is the constant ROW then).
-    hw_bound = {"HW", "sy_n", "sx_c", "sx_n"} if cfg["row"] else set()
+    # By 16 (c_split always: whole 64-channel slices; CR as ResNet-50's 16, 32 and 64; y's sample
+    # stride Cr * HW); HW and the strides it sets unless the case is 14x14 (HW = 196 is the
+    # constant ROW then): x's, and NCHW y's channel stride.
+    hw_bound = ({"HW", "sx_c", "sx_n"} | (set() if cfg["y_cl"] else {"sy_c"})) if cfg["row"] else set()
     for name in ("C", "HW", "CR", "c_split", "sx_n", "sx_c", "sx_p", "sy_n", "sy_c", "sy_p", "sy_split"):
         if name not in const and name not in hw_bound:
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]

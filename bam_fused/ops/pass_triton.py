@@ -80,17 +80,20 @@ def _pass_kernel(
     C, HW, CR, n_pb, c_split, inv_hw,
     sx_n, sx_c, sx_p, sy_n, sy_c, sy_p, sy_split, raw,
     CR_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
-    ROW: tl.constexpr, C_DIV: tl.constexpr,
+    ROW: tl.constexpr, C_DIV: tl.constexpr, Y_CL: tl.constexpr,
 ):  # fmt: skip
     # Loads of masked tiles are 16 bytes wide only where Triton can prove alignment, and it
     # specialises integer arguments on divisibility by 16 alone (tl.multiple_of hints on them
     # did not help: sm_90 PTX, Triton 3.8). So NCHW rows whose length is a multiple of 4 but not
     # of 16 (14x14 maps: HW = 196) come as the constant ROW, and the channel bound below, a
-    # minimum Triton cannot see through, is hinted.
+    # minimum Triton cannot see through, is hinted. NCHW y's rows (channel stride HW) likewise,
+    # for 16-byte stores.
     if ROW > 0:
         HW = ROW
         sx_c = ROW
         sx_n = C * ROW
+        if not Y_CL:
+            sy_c = ROW
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = (pid // n_pb).to(tl.int64)
@@ -200,7 +203,7 @@ def reduce_pool(
     _pass_kernel[(n * n_pb, splits)](
         x, w, b, out, part, c, hw, cr, n_pb, c_split, 1.0 / hw, *sx, *sy, y.numel(), splits > 1,
         CR_PAD=cr_pad(cr), BLOCK_P=config.block_p, BLOCK_C=config.block_c,
-        PRECISION=precision, ROW=_constant_row(x), C_DIV=pow2_divisor(math.gcd(c, c_split)),
+        PRECISION=precision, ROW=_constant_row(x), C_DIV=pow2_divisor(math.gcd(c, c_split)), Y_CL=y_channels_last,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:
