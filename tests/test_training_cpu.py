@@ -358,6 +358,41 @@ def test_module_autograd_partial_requirements_and_errors():
     torch.testing.assert_close(xf.grad, 2 * first)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_module_autograd_under_activation_checkpointing(monkeypatch, reentrant, layout):
+    # torch.utils.checkpoint drops the forward's saved tensors and runs the forward again in the
+    # backward: the same output and gradients, to the bit, as without it, and BatchNorm's running
+    # statistics updated as often as the reference's (twice: non-reentrant, the inner graph's
+    # backward once ran a third forward).
+    calls = []
+    real = training.training_bam
+    monkeypatch.setattr(training, "training_bam", lambda *a: calls.append(1) or real(*a))
+    ref, fused = make_pair(48, 8, 4, "sum")
+    x, g = make_layout(torch.randn(3, 48, 9, 13), layout), torch.randn(3, 48, 9, 13)
+    results = []
+    for model in (fused, fused, ref):
+        model.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        plain = not results
+        out = model(xg) if plain else torch.utils.checkpoint.checkpoint(model, xg, use_reentrant=reentrant)
+        out.backward(g)
+        results.append((out, xg.grad, [p.grad for p in model.parameters()]))
+        if plain:
+            assert len(calls) == 1
+            fused.load_state_dict(ref.state_dict())  # (the running statistics as the reference's)
+    assert len(calls) == 3  # once plain, twice under the checkpoint
+    (out_p, dx_p, dw_p), (out_c, dx_c, dw_c), (out_r, dx_r, dw_r) = results
+    torch.testing.assert_close(out_c, out_p, rtol=0, atol=0)
+    torch.testing.assert_close(dx_c, dx_p, rtol=0, atol=0)
+    for a, b in zip(dw_c, dw_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(out_c, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_c, dx_r, rtol=1e-4, atol=1e-5)
+    for (name, br), bf in zip(ref.named_buffers(), fused.buffers(), strict=True):
+        torch.testing.assert_close(bf, br, msg=name)
+
+
 def test_module_autograd_empty_batch_takes_the_module_path():
     _, fused = make_pair(16, 4, 1, "sum")
     fused.eval()

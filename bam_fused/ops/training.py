@@ -203,6 +203,10 @@ def _second_order_backward(ctx, grad: torch.Tensor, x: torch.Tensor) -> tuple:
     return dx, None, None, dw, db, *rest_grads
 
 
+def _kept(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class _TrainingBAM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, product, reduce_w, reduce_b, *rest_params):
@@ -219,9 +223,13 @@ class _TrainingBAM(torch.autograd.Function):
         rest = _rest_of_spatial(gs)
         stock = _stock_tail(rest, n * h * w)
         ctx.tail = None if stock is None else _Tail(stock, y, n * h * w)
-        with torch.enable_grad():
-            # The rest of both branches as the module's layers (the spatial one unless spatial_train
-            # ran it), on leaves that collect the gradients of y and of the means.
+        # The rest of both branches as the module's layers (the spatial one unless spatial_train
+        # ran it), on leaves that collect the gradients of y and of the means. This inner graph
+        # keeps its own saved tensors: under an outer pair of saved-tensor hooks, the
+        # non-reentrant torch.utils.checkpoint's, the backward's torch.autograd.grad over it (a
+        # graph task of its own) ran the whole forward once more, and BatchNorm's running
+        # statistics took a third update where the reference's take two.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
             y_in, m_in = y.requires_grad_(ctx.tail is None), means.requires_grad_()
             if ctx.tail is None:
                 s = y_in.to(reduce_w.dtype)
