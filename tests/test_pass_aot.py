@@ -2,9 +2,14 @@
 GPU in every variant their launchers pick: zero register spills, tensor cores, wide copies."""
 
 import pytest
+import torch
 from helpers import run_aot, run_python
 
 pytest.importorskip("triton")
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend  # noqa: E402
+
+from bam_fused.ops import mlp_triton, pass_aot, pass_triton, spatial_triton  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -13,11 +18,14 @@ def aot_results():
 
 
 def test_every_variant_compiles_for_both_archs(aot_results):
-    seen = {(r["arch"], r["dtype"], r["x_cl"], r["y_cl"], r["cr_pad"], r["row"])
+    seen = {(r["arch"], r["dtype"], r["x_cl"], r["y_cl"], r["cr_pad"], r["hw"])
             for r in aot_results if r["kernel"] == "pass"}  # fmt: skip
-    assert len(seen) == 2 * 3 * (1 + 2) * 2 * 3  # NCHW twice: rows divisible by 16, and 14x14 rows
-    assert {(r["arch"], r["y_cl"]) for r in aot_results if r["kernel"] == "finish"} == {
-        (a, c) for a in (80, 90) for c in (False, True)
+    assert len(seen) == 2 * 3 * 2 * 2 * 3 * 2  # HW divisible by 16, and 14x14's 196
+    assert {(r["arch"], r["row"]) for r in aot_results if r["kernel"] == "pass" and not r["x_cl"]} == {
+        (a, row) for a in (80, 90) for row in (0, 196)
+    }
+    assert {(r["arch"], r["y_cl"], r["hw"]) for r in aot_results if r["kernel"] == "finish"} == {
+        (a, c, hw) for a in (80, 90) for c in (False, True) for hw in (3136, 196)
     }
 
 
@@ -56,16 +64,27 @@ def test_no_4_byte_copies(aot_results):
 
 def test_pass_writes_y_in_wide_stores(aot_results):
     # y (fp32, either layout) leaves in 16-byte stores: Triton proved the stride-1 dimension and
-    # the alignment (a stride or Cr it cannot prove gives 4-byte stores), also for 14x14 NCHW x,
-    # whose NCHW y rows (HW = 196) take the constant ROW as x's do.
+    # the alignment (a stride or Cr it cannot prove gives 4-byte stores), also for 14x14 maps,
+    # whose NCHW y rows (HW = 196) take the constant ROW, whatever x's layout.
     rows = [r for r in aot_results if r["kernel"] == "pass"]
     assert any(r["row"] for r in rows)
     assert rows and all(r["wide_stores"] for r in rows), [r for r in rows if not r["wide_stores"]]
 
 
 def test_mlp_kernels_compile_for_both_archs(aot_results):
-    seen = {(r["arch"], r["kernel"], r.get("relu")) for r in aot_results if r["kernel"] in ("means", "layer")}
-    assert seen == {(a, k, r) for a in (80, 90) for k, r in (("means", None), ("layer", True), ("layer", False))}
+    seen = {
+        (r["arch"], r["kernel"], r.get("relu"), r.get("block_k"))
+        for r in aot_results
+        if r["kernel"] in ("means", "layer")
+    }
+    want = [
+        ("means", None, None),
+        ("layer", True, 64),
+        ("layer", False, 16),
+        ("layer", False, 32),
+        ("layer", False, 64),
+    ]
+    assert seen == {(a, *k) for a in (80, 90) for k in want}
 
 
 def test_pass_convs_and_mlp_layers_run_on_tensor_cores(aot_results):
@@ -78,3 +97,69 @@ def test_relus_keep_nan(aot_results):
     assert all(r["max_drops_nan"] == 0 for r in aot_results), [r for r in aot_results if r["max_drops_nan"]]
     relus = [r for r in aot_results if r["kernel"] in ("pass", "finish", "conv") or r.get("relu")]
     assert relus and all(r["max_keeps_nan"] for r in relus), [r for r in relus if not r["max_keeps_nan"]]
+
+
+def _launch_variant(fn, args: tuple, kwargs: dict) -> tuple:
+    """What Triton's launcher compiles for a launch: the argument types, the constants (the
+    constexpr arguments and integers equal to 1), the arguments it takes as divisible by 16,
+    warps and stages (Triton's own specialisation rule, run without a GPU)."""
+    sig, const, div = {}, {}, set()
+    for name, value in zip(fn.arg_names, args, strict=False):
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            const[name] = value
+        else:
+            sig[name] = kind
+            if spec == "D":
+                div.add(name)
+    const.update({k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
+    return sig, const, div, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3)
+
+
+def _mirror_variant(cfg: dict) -> tuple:
+    src, warps = pass_aot._source(cfg)
+    names = src.fn.arg_names
+    const = {names[k[0]]: v for k, v in src.constants.items()}
+    sig = {k: v for k, v in src.signature.items() if v != "constexpr"}
+    div = {names[k[0]] for k, attrs in src.attrs.items() if ["tt.divisibility", 16] in attrs}
+    return sig, const, div, warps, cfg["config"].num_stages if "config" in cfg else 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_aot_compiles_what_the_launchers_launch(monkeypatch, dtype):
+    """The AOT checks are only as good as their mirror of the runtime: every Triton launch of the
+    CUDA eval path at ResNet-50's BAM shapes (N = 8, 132 multiprocessors: channel splits), both
+    x and y layouts, is one of pass_aot's variants to the letter (types, constants,
+    divisibility, warps, stages). The launches are recorded with CPU tensors, nothing runs."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    kernels = {pass_triton: ("_pass_kernel", "_finish_kernel"), spatial_triton: ("_dilated_conv_kernel",),
+               mlp_triton: ("_means_kernel", "_layer_kernel")}  # fmt: skip
+    for module, names in kernels.items():
+        for name in names:
+            monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    monkeypatch.setattr(pass_triton, "_multiprocessors", lambda device: 132)
+    n = 8
+    for hw, cr in ((56, 16), (28, 32), (14, 64)):
+        c = 16 * cr
+        for x_format in (torch.contiguous_format, torch.channels_last):
+            for y_cl in (False, True):
+                x = torch.empty(n, c, hw, hw, dtype=dtype, memory_format=x_format)
+                part, y = pass_triton.reduce_pool(x, torch.empty(cr, c), torch.empty(cr), y_cl)
+                ws = [torch.empty(cr, cr, 3, 3, memory_format=torch.channels_last) for _ in range(2)]
+                spatial_triton.spatial_map(y, ws, [torch.empty(cr)] * 2, 4, torch.empty(cr), torch.empty(1))
+                mlp_triton.channel_mlp(part, torch.empty(cr, c), torch.empty(cr), torch.empty(c, cr), torch.empty(c))
+    monkeypatch.undo()  # (the mirror builds its sources from the real kernels)
+    mirrored = [_mirror_variant(cfg) for cfg in pass_aot.configs()]
+    seen = {fn.__name__ for fn, _, _ in launches}
+    assert seen == {"_pass_kernel", "_finish_kernel", "_dilated_conv_kernel", "_means_kernel", "_layer_kernel"}
+    missing = [(fn.__name__, _launch_variant(fn, args, kwargs)) for fn, args, kwargs in launches]
+    missing = [m for m in missing if m[1] not in mirrored]
+    assert not missing, missing

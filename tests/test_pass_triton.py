@@ -61,14 +61,12 @@ def test_pass_matches_float64(device, shape, dtype, layout, y_channels_last):
     torch.testing.assert_close(y.cpu().double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_constant_row_only_for_dense_nchw_rows_of_4k_not_16k():
-    x = torch.randn(2, 8, 14, 14)
-    assert pt._constant_row(x) == 196
-    assert pt._constant_row(x.contiguous(memory_format=torch.channels_last)) == 0
-    assert pt._constant_row(torch.randn(2, 8, 16, 16)) == 0  # Triton specialises on 16 itself
-    assert pt._constant_row(torch.randn(2, 8, 7, 7)) == 0  # 49: no 16-byte rows at all
-    assert pt._constant_row(torch.randn(4, 8, 14, 14)[::2]) == 0  # samples not C * HW apart
-    assert pt._constant_row(torch.randn(2, 8, 14, 28)[..., ::2].contiguous()) == 196
+def test_constant_row_only_for_rows_of_4k_not_16k():
+    assert pt._constant_row(196) == 196  # 14x14
+    assert pt._constant_row(120) == 120
+    assert pt._constant_row(256) == 0  # Triton specialises on 16 itself
+    assert pt._constant_row(49) == 0  # 7x7: no 16-byte rows at all
+    assert pt._constant_row(1) == pt._constant_row(2) == 0
 
 
 @pytest.mark.parametrize("config", [*pt.DEFAULTS.values(), *pt.CANDIDATES], ids=str)

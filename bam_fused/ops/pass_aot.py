@@ -30,32 +30,39 @@ _WIDE_STORE = re.compile(r"\bst\.global(?:\.[a-z]+)*\.v[248]\.")
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
+# Pixels per map: HW divisible by 16 (56x56, 28x28) and not (14x14: 196, a multiple of 4).
+HWS = (3136, 196)
+
+
 def configs() -> list[dict]:
-    """The launcher's configuration (DEFAULTS) in every dtype, x layout, y layout and Cr pad;
-    the finishing kernel in both layouts."""
+    """The launcher's configuration (DEFAULTS) in every dtype, x layout, y layout, Cr pad and
+    kind of HW (14x14's as the constant ROW); the finishing kernel in both layouts."""
     out = []
     for dtype in DTYPES:
         for x_cl in (False, True):
             for y_cl in (False, True):
                 for pad in (16, 32, 64):
-                    # NCHW rows of 56x56 and 28x28 (HW divisible by 16), and of 14x14 (a constant row).
-                    for row in (0,) if x_cl else (0, 196):
-                        out.append(dict(kernel="pass", dtype=dtype, x_cl=x_cl, y_cl=y_cl, cr_pad=pad, row=row,
+                    for hw in HWS:
+                        row = hw if hw % 16 else 0
+                        out.append(dict(kernel="pass", dtype=dtype, x_cl=x_cl, y_cl=y_cl, cr_pad=pad, hw=hw, row=row,
                                         config=pt.DEFAULTS[(x_cl, pad)]))  # fmt: skip
-    out += [dict(kernel="finish", y_cl=y_cl) for y_cl in (False, True)]
+    out += [dict(kernel="finish", y_cl=y_cl, hw=hw) for y_cl in (False, True) for hw in HWS]
     # The convs read channels_last y (spatial_map makes it so) and channels_last weights (the fold's).
     out += [dict(kernel="conv", y_cl=True, cr_pad=pad, final=final) for pad in sp.CONFIGS for final in (False, True)]
-    # The channel MLP: the means, and each layer (hidden units per program: BLOCK_H or BLOCK_C).
-    out += [dict(kernel="means")] + [dict(kernel="layer", relu=relu) for relu in (True, False)]
+    # The channel MLP: the means, and each layer (hidden units per program: BLOCK_H or BLOCK_C;
+    # the second layer's K, the hidden units, is Cr: BLOCK_K 16, 32 or 64).
+    out += [dict(kernel="means"), dict(kernel="layer", relu=True, block_k=64)]
+    out += [dict(kernel="layer", relu=False, block_k=k) for k in (16, 32, 64)]
     return out
 
 
 def _source(cfg: dict) -> tuple[ASTSource, int]:
     if cfg["kernel"] == "finish":
-        sig = {"part_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "numel": "i64", "CR": "i32", "HW": "i32",
+        sig = {"part_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "numel": "i32", "CR": "i32", "HW": "i32",
                "splits": "i32", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
         const = {"CHANNELS_LAST": cfg["y_cl"], "BLOCK": 1024}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2)}
+        # Pointers, y's size (a multiple of Cr) and Cr; HW where it is a multiple of 16.
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4) + ((5,) if cfg["hw"] % 16 == 0 else ())}
         return ASTSource(fn=pt._finish_kernel, signature=sig, constexprs=const, attrs=attrs), 4
     if cfg["kernel"] == "means":
         sig = {"part_ptr": "*fp32", "mean_ptr": "*fp32", "N": "i32", "P": "i32", "C": "i32",
@@ -69,7 +76,7 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
                "BLOCK_K": "constexpr", "PRECISION": "constexpr"}  # fmt: skip
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)}
         const = {"RELU": cfg["relu"], "BLOCK_N": mt.BLOCK_N, "BLOCK_M": mt.BLOCK_H if cfg["relu"] else mt.BLOCK_C,
-                 "BLOCK_K": 64, "PRECISION": "tf32x3"}  # fmt: skip
+                 "BLOCK_K": cfg["block_k"], "PRECISION": "tf32x3"}  # fmt: skip
         return ASTSource(fn=mt._layer_kernel, signature=sig, constexprs=const, attrs=attrs), 4
     if cfg["kernel"] == "conv":
         sig = {"y_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "wf_ptr": "*fp32", "bf_ptr": "*fp32",
@@ -86,7 +93,7 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
         # As the runtime specialises them for Cr a multiple of 16: channel counts and strides.
         names = list(sig)
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
-        for name in ("CR", "sy_n", "sy_c", "sy_h", "sy_w", "sw_o", "sw_h", "sw_w", "so_n", "so_p"):
+        for name in ("CR", "sy_n", "sy_c", "sy_h", "sy_w", "sw_o", "sw_h", "sw_w", "so_n", "so_c", "so_p"):
             if name not in const:
                 attrs[(names.index(name),)] = [["tt.divisibility", 16]]
         return ASTSource(fn=sp._dilated_conv_kernel, signature=sig, constexprs=const, attrs=attrs), warps
@@ -94,20 +101,19 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
     sig = {"x_ptr": DTYPES[cfg["dtype"]], "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "part_ptr": "*fp32",
            "C": "i32", "HW": "i32", "CR": "i32", "n_pb": "i32", "c_split": "i32", "inv_hw": "fp32",
            "sx_n": "i32", "sx_c": "i32", "sx_p": "i32", "sy_n": "i32", "sy_c": "i32", "sy_p": "i32",
-           "sy_split": "i32", "raw": "i1"}  # fmt: skip
+           "sy_split": "i32", "raw": "u1"}  # fmt: skip
     names = list(sig)
     # What the runtime specialises on: stride 1 along the contiguous dimension (a constexpr),
     # 16-byte aligned pointers, and C, HW and the other strides divisible by 16 (ResNet shapes).
     const = {"sx_c" if cfg["x_cl"] else "sx_p": 1, "sy_c" if cfg["y_cl"] else "sy_p": 1,
              "CR_PAD": cfg["cr_pad"], "BLOCK_P": c.block_p, "BLOCK_C": c.block_c, "PRECISION": "tf32x3",
-             "ROW": cfg["row"], "C_DIV": 16, "Y_CL": cfg["y_cl"]}  # fmt: skip
+             "ROW": cfg["row"], "C_DIV": 16, "X_CL": cfg["x_cl"], "Y_CL": cfg["y_cl"]}  # fmt: skip
     for k in const:
         sig[k] = "constexpr"
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    # By 16 (c_split always: whole 64-channel slices; CR as ResNet-50's 16, 32 and 64; y's sample
-    # stride Cr * HW); HW and the strides it sets unless the case is 14x14 (HW = 196 is the
-    # constant ROW then): x's, and NCHW y's channel stride.
-    hw_bound = ({"HW", "sx_c", "sx_n"} | (set() if cfg["y_cl"] else {"sy_c"})) if cfg["row"] else set()
+    # By 16 (c_split always: whole 64-channel slices; CR as ResNet-50's 16, 32 and 64; the sample
+    # strides C * HW and Cr * HW); HW and the NCHW channel strides (HW too) unless the case is 14x14.
+    hw_bound = {"HW", "sx_c", "sy_c"} if cfg["hw"] % 16 else set()
     for name in ("C", "HW", "CR", "c_split", "sx_n", "sx_c", "sx_p", "sy_n", "sy_c", "sy_p", "sy_split"):
         if name not in const and name not in hw_bound:
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]

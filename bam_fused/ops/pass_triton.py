@@ -80,18 +80,19 @@ def _pass_kernel(
     C, HW, CR, n_pb, c_split, inv_hw,
     sx_n, sx_c, sx_p, sy_n, sy_c, sy_p, sy_split, raw,
     CR_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
-    ROW: tl.constexpr, C_DIV: tl.constexpr, Y_CL: tl.constexpr,
+    ROW: tl.constexpr, C_DIV: tl.constexpr, X_CL: tl.constexpr, Y_CL: tl.constexpr,
 ):  # fmt: skip
     # Loads of masked tiles are 16 bytes wide only where Triton can prove alignment, and it
     # specialises integer arguments on divisibility by 16 alone (tl.multiple_of hints on them
     # did not help: sm_90 PTX, Triton 3.8). So NCHW rows whose length is a multiple of 4 but not
     # of 16 (14x14 maps: HW = 196) come as the constant ROW, and the channel bound below, a
     # minimum Triton cannot see through, is hinted. NCHW y's rows (channel stride HW) likewise,
-    # for 16-byte stores.
+    # for 16-byte stores, whatever x's layout.
     if ROW > 0:
         HW = ROW
-        sx_c = ROW
-        sx_n = C * ROW
+        if not X_CL:
+            sx_c = ROW
+            sx_n = C * ROW
         if not Y_CL:
             sy_c = ROW
     pid = tl.program_id(0)
@@ -145,13 +146,11 @@ def _finish_kernel(part_ptr, b_ptr, y_ptr, numel, CR, HW, splits, CHANNELS_LAST:
     tl.store(y_ptr + e, relu(s + tl.load(b_ptr + r, mask=ok, other=0.0)), mask=ok)
 
 
-def _constant_row(x: torch.Tensor) -> int:
-    """ROW for the kernel: HW for dense NCHW x whose HW is a multiple of 4 but not of 16 (its
-    loads can then be 16 bytes wide; one compile per such HW), else 0."""
-    n, c, h, w = x.shape
-    hw = h * w
-    dense = x.stride(1) == hw and x.stride(0) == c * hw and x.stride(3) == 1
-    return hw if dense and hw > 1 and hw % 4 == 0 and hw % 16 != 0 else 0
+def _constant_row(hw: int) -> int:
+    """ROW for the kernel: HW where it is a multiple of 4 but not of 16 (NCHW rows of x and y
+    can then move 16 bytes at a time; one compile per such HW), else 0. The kernel takes x's
+    strides from it only for NCHW-contiguous x (X_CL false); other x keep theirs."""
+    return hw if hw > 1 and hw % 4 == 0 and hw % 16 != 0 else 0
 
 
 def plan_splits(programs: int, c: int, min_programs: int) -> tuple[int, int]:
@@ -203,7 +202,8 @@ def reduce_pool(
     _pass_kernel[(n * n_pb, splits)](
         x, w, b, out, part, c, hw, cr, n_pb, c_split, 1.0 / hw, *sx, *sy, y.numel(), splits > 1,
         CR_PAD=cr_pad(cr), BLOCK_P=config.block_p, BLOCK_C=config.block_c,
-        PRECISION=precision, ROW=_constant_row(x), C_DIV=pow2_divisor(math.gcd(c, c_split)), Y_CL=y_channels_last,
+        PRECISION=precision, ROW=_constant_row(hw), C_DIV=pow2_divisor(math.gcd(c, c_split)), X_CL=x_cl,
+        Y_CL=y_channels_last,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:
