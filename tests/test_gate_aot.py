@@ -66,3 +66,48 @@ def test_spill_figures_are_read_from_ptxas(monkeypatch):
     assert gate_aot._spills("// ptx", 80) == (32, 448, 492)
     assert gate_aot._spills("// ptx", 90) == (32, 448, 492)
     assert [c[:3] for c in commands] == [["ptxas", "-v", "--gpu-name=sm_80"], ["ptxas", "-v", "--gpu-name=sm_90a"]]
+
+
+def test_launch_source_specialises_as_triton_does():
+    # Triton's launcher compiles integers equal to 1 as constants and marks 16-byte aligned
+    # pointers and integers divisible by 16; the AOT sources are built by the same rule.
+    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
+    import torch
+
+    from bam_fused.ops import gate_triton
+
+    x, row, col = (torch.empty(s, device="meta") for s in ((2, 48, 196), (2, 48), (2, 196)))
+    const = dict(PRODUCT=False, BLOCK_R=16, BLOCK_L=256, L_DIV=4, INT64=False)
+    src, options = gate_aot.launch_source(
+        gate_triton._gate_fwd_kernel, (x, row, col, x, 48, 196, 3, 1), dict(const, num_warps=8)
+    )
+    names = list(src.signature)
+    assert names == gate_triton._gate_fwd_kernel.arg_names
+    assert src.signature["x_ptr"] == "*fp32" and src.signature["R"] == src.signature["L"] == "i32"
+    assert {names[i] for (i,) in src.constants} == {"n_lb", *const}  # n_lb == 1
+    assert src.constants[(names.index("n_lb"),)] == 1 and src.constants[(names.index("BLOCK_L"),)] == 256
+    assert {names[i] for (i,) in src.attrs} == {"x_ptr", "row_ptr", "col_ptr", "out_ptr", "R"}  # not 196, 3
+    assert options == {"num_warps": 8}
+
+
+def test_recorded_launches_run_nothing_and_put_the_kernels_back():
+    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
+    import torch
+
+    from bam_fused.ops import gate_triton
+
+    kernel = gate_triton._gate_fwd_kernel
+    x, row, col = (torch.empty(s, device="meta") for s in ((1, 4, 16), (1, 4), (1, 16)))
+    with pytest.raises(ValueError), gate_aot.recorded_launches((gate_triton, "_gate_fwd_kernel")) as launches:
+        gate_triton.gate_forward(x, row, col, True)  # meta tensors: a real launch would fail
+        raise ValueError
+    assert gate_triton._gate_fwd_kernel is kernel
+    ((fn, args, kwargs),) = launches
+    assert fn is kernel and all(a is b for a, b in zip(args[:3], (x, row, col), strict=True))
+    assert kwargs["PRODUCT"] is True
+
+
+def test_every_variant_is_one_launch_as_recorded(aot_results):
+    # 14x14 NCHW (L = 196: one block of columns) compiles n_lb == 1 as a constant, as the runtime does.
+    assert any("n_lb" in r["equal_to_1"] and r["L"] == 196 for r in aot_results)
+    assert all(("L" in r["divisible"]) == (r["L"] % 16 == 0) for r in aot_results)

@@ -1,15 +1,14 @@
 """The Triton pass over x, spatial convs and channel MLP compile for sm_80 and sm_90 without a
 GPU in every variant their launchers pick: zero register spills, tensor cores, wide copies."""
 
+import itertools
+
 import pytest
 import torch
 from helpers import run_aot, run_python
 
 pytest.importorskip("triton")
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import BaseBackend  # noqa: E402
-
-from bam_fused.ops import mlp_triton, pass_aot, pass_triton, spatial_triton  # noqa: E402
+from bam_fused.ops import gate_aot, mlp_triton, pass_aot, pass_triton, spatial_triton  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -99,30 +98,8 @@ def test_relus_keep_nan(aot_results):
     assert relus and all(r["max_keeps_nan"] for r in relus), [r for r in relus if not r["max_keeps_nan"]]
 
 
-def _launch_variant(fn, args: tuple, kwargs: dict) -> tuple:
-    """What Triton's launcher compiles for a launch: the argument types, the constants (the
-    constexpr arguments and integers equal to 1), the arguments it takes as divisible by 16,
-    warps and stages (Triton's own specialisation rule, run without a GPU)."""
-    sig, const, div = {}, {}, set()
-    for name, value in zip(fn.arg_names, args, strict=False):
-        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
-        if kind == "constexpr":
-            const[name] = value
-        else:
-            sig[name] = kind
-            if spec == "D":
-                div.add(name)
-    const.update({k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
-    return sig, const, div, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3)
-
-
-def _mirror_variant(cfg: dict) -> tuple:
-    src, warps = pass_aot._source(cfg)
-    names = src.fn.arg_names
-    const = {names[k[0]]: v for k, v in src.constants.items()}
-    sig = {k: v for k, v in src.signature.items() if v != "constexpr"}
-    div = {names[k[0]] for k, attrs in src.attrs.items() if ["tt.divisibility", 16] in attrs}
-    return sig, const, div, warps, cfg["config"].num_stages if "config" in cfg else 3
+def _variant(src, options: dict) -> tuple:
+    return src.signature, src.constants, src.attrs, options.get("num_warps", 4), options.get("num_stages", 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -130,36 +107,26 @@ def test_aot_compiles_what_the_launchers_launch(monkeypatch, dtype):
     """The AOT checks are only as good as their mirror of the runtime: every Triton launch of the
     CUDA eval path at ResNet-50's BAM shapes (N = 8, 132 multiprocessors: channel splits), both
     x and y layouts, is one of pass_aot's variants to the letter (types, constants,
-    divisibility, warps, stages). The launches are recorded with CPU tensors, nothing runs."""
-    launches = []
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
-
-    kernels = {pass_triton: ("_pass_kernel", "_finish_kernel"), spatial_triton: ("_dilated_conv_kernel",),
-               mlp_triton: ("_means_kernel", "_layer_kernel")}  # fmt: skip
-    for module, names in kernels.items():
-        for name in names:
-            monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    divisibility, warps, stages, by Triton's own specialisation rule). Nothing runs."""
     monkeypatch.setattr(pass_triton, "_multiprocessors", lambda device: 132)
+    kernels = [(pass_triton, "_pass_kernel"), (pass_triton, "_finish_kernel"), (spatial_triton, "_dilated_conv_kernel"),
+               (mlp_triton, "_means_kernel"), (mlp_triton, "_layer_kernel")]  # fmt: skip
     n = 8
-    for hw, cr in ((56, 16), (28, 32), (14, 64)):
-        c = 16 * cr
-        for x_format in (torch.contiguous_format, torch.channels_last):
-            for y_cl in (False, True):
+    with gate_aot.recorded_launches(*kernels) as launches:
+        for hw, cr in ((56, 16), (28, 32), (14, 64)):
+            c = 16 * cr
+            for x_format, y_cl in itertools.product((torch.contiguous_format, torch.channels_last), (False, True)):
                 x = torch.empty(n, c, hw, hw, dtype=dtype, memory_format=x_format)
                 part, y = pass_triton.reduce_pool(x, torch.empty(cr, c), torch.empty(cr), y_cl)
                 ws = [torch.empty(cr, cr, 3, 3, memory_format=torch.channels_last) for _ in range(2)]
                 spatial_triton.spatial_map(y, ws, [torch.empty(cr)] * 2, 4, torch.empty(cr), torch.empty(1))
                 mlp_triton.channel_mlp(part, torch.empty(cr, c), torch.empty(cr), torch.empty(c, cr), torch.empty(c))
-    monkeypatch.undo()  # (the mirror builds its sources from the real kernels)
-    mirrored = [_mirror_variant(cfg) for cfg in pass_aot.configs()]
-    seen = {fn.__name__ for fn, _, _ in launches}
-    assert seen == {"_pass_kernel", "_finish_kernel", "_dilated_conv_kernel", "_means_kernel", "_layer_kernel"}
-    missing = [(fn.__name__, _launch_variant(fn, args, kwargs)) for fn, args, kwargs in launches]
-    missing = [m for m in missing if m[1] not in mirrored]
+    assert {fn.__name__ for fn, _, _ in launches} == {getattr(m, name).__name__ for m, name in kernels}
+    compiled = []
+    for cfg in pass_aot.configs():
+        src, warps = pass_aot._source(cfg)
+        compiled.append(_variant(src, {"num_warps": warps, "num_stages": cfg["config"].num_stages} if "config" in cfg
+                                 else {"num_warps": warps}))  # fmt: skip
+    missing = [(fn.__name__, kwargs) for fn, args, kwargs in launches
+               if _variant(*gate_aot.launch_source(fn, args, kwargs)) not in compiled]  # fmt: skip
     assert not missing, missing

@@ -9,23 +9,28 @@ Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
 from . import gate_triton as gt
 
 # The shapes the launchers are tuned for (ResNet BAM stages) plus odd ones.
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (2, 37, 7, 9), (1, 5, 1, 1)]
-DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _ptxas() -> str:
@@ -74,56 +79,93 @@ def main_for(compile_all, doc: str) -> None:
     print(json.dumps(compile_all(tuple(parser.parse_args().arch)), indent=1))
 
 
+@contextlib.contextmanager
+def recorded_launches(*kernels: tuple[object, str]) -> Iterator[list[tuple]]:
+    """Within it, the kernels named (module, attribute) are not run when launched: each launch
+    is recorded as (kernel, positional arguments, keyword arguments) in the list it yields."""
+    launches: list[tuple] = []
+
+    class Recorder:
+        def __init__(self, fn) -> None:
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    saved = [(module, name, getattr(module, name)) for module, name in kernels]
+    try:
+        for module, name, fn in saved:
+            setattr(module, name, Recorder(fn))
+        yield launches
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
+_OPTIONS = ("num_warps", "num_stages")
+
+
+def launch_source(fn, args: tuple, kwargs: dict) -> tuple[ASTSource, dict]:
+    """The source Triton's launcher compiles for fn[grid](*args, **kwargs), and its options: by
+    Triton's own rule (native_specialize_impl, which the JIT launcher calls), constexpr
+    parameters and integers equal to 1 are constants, and 16-byte aligned pointers and integers
+    divisible by 16 are marked so."""
+    if not isinstance(fn, triton.runtime.JITFunction):  # the interpreter's stand-in (TRITON_INTERPRET=1)
+        fn = triton.runtime.JITFunction(fn.fn)
+    values = dict(zip(fn.arg_names, args, strict=False)) | kwargs
+    sig, const, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            kind, spec = "constexpr", None
+        else:
+            kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        sig[param.name] = kind
+        if kind == "constexpr":
+            const[param.name] = value
+        elif spec == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    return src, {k: v for k, v in kwargs.items() if k in _OPTIONS}
+
+
 def configs() -> list[dict]:
-    """Each distinct (kernel, dtype, constexprs, num_warps) the launchers pick for SHAPES."""
-    seen, out = set(), []
+    """Each distinct kernel variant the launchers compile for SHAPES, in both layouts, every
+    dtype, sum and product, and with 64-bit offsets for one shape: the launches themselves,
+    recorded with meta tensors (nothing runs; the backward chunks its rows for the interpreter's
+    512 programs, which changes only integer arguments)."""
+    out, seen = [], set()
     for n, c, h, w in SHAPES:
         for R, L in ((c, h * w), (h * w, c)):  # NCHW, channels_last
-            f, b = gt.fwd_config(R, L), gt.bwd_config(n, R, L)
-            for dtype in DTYPES:
-                # 64-bit offsets (tensors past 2^31 elements) for one shape: same code path.
-                int64s = (False, True) if (n, c, h, w) == SHAPES[1] else (False,)
-                for product, int64 in ((p, i) for p in (False, True) for i in int64s):
-                    common = dict(PRODUCT=product, L_DIV=gt._pow2_divisor(L), INT64=int64)
-                    for kernel, cfg in (("fwd", f), ("bwd", b)):
-                        const = dict(common, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l)
-                        key = (kernel, dtype, tuple(sorted(const.items())), cfg.num_warps, L % 16 == 0)
-                        if key not in seen:
-                            seen.add(key)
-                            out.append(dict(kernel=kernel, dtype=dtype, constexprs=const, num_warps=cfg.num_warps,
-                                            l_div16=L % 16 == 0))  # fmt: skip
+            # 64-bit offsets (tensors past 2^31 elements) for one shape: same code path.
+            batches = (n, gt.INT32_LIMIT // (R * L) + 1) if (n, c, h, w) == SHAPES[1] else (n,)
+            for dtype, batch, product in itertools.product(DTYPES, batches, (False, True)):
+                x = torch.empty(batch, R, L, dtype=DTYPES[dtype], device="meta")
+                row, col = torch.empty(batch, R, device="meta"), torch.empty(batch, L, device="meta")
+                with recorded_launches((gt, "_gate_fwd_kernel"), (gt, "_gate_bwd_kernel")) as launches:
+                    gt.gate_forward(x, row, col, product)
+                    gt.gate_backward(x, x, row, col, product)
+                for (fn, args, kwargs), kernel in zip(launches, ("fwd", "bwd"), strict=True):
+                    src, options = launch_source(fn, args, kwargs)
+                    key = (kernel, dtype, repr(src.signature), repr(src.constants), repr(src.attrs), repr(options))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    names = fn.arg_names
+                    out.append(dict(kernel=kernel, dtype=dtype, R=R, L=L, **options, l_div16=L % 16 == 0,
+                                    constexprs={k: v for k, v in kwargs.items() if k not in _OPTIONS},
+                                    equal_to_1=[names[i[0]] for i in src.constants if names[i[0]] not in kwargs],
+                                    divisible=[names[i[0]] for i in src.attrs], source=src))  # fmt: skip
     return out
-
-
-def _source(cfg: dict) -> ASTSource:
-    p = DTYPES[cfg["dtype"]]
-    if cfg["kernel"] == "fwd":
-        fn = gt._gate_fwd_kernel
-        sig = {"x_ptr": p, "row_ptr": "*fp32", "col_ptr": "*fp32", "out_ptr": p, "R": "i32", "L": "i32",
-               "n_rb": "i32", "n_lb": "i32"}  # fmt: skip
-        pointers = (0, 1, 2, 3)
-    else:
-        fn = gt._gate_bwd_kernel
-        sig = {"g_ptr": p, "x_ptr": p, "row_ptr": "*fp32", "col_ptr": "*fp32", "dx_ptr": p, "drow_part_ptr": "*fp32",
-               "dcol_part_ptr": "*fp32", "R": "i32", "L": "i32", "n_lb": "i32", "n_rc": "i32",
-               "rows_per_chunk": "i32"}  # fmt: skip
-        pointers = (0, 1, 2, 3, 4, 5, 6)
-    names = list(sig)
-    for k in cfg["constexprs"]:
-        sig[k] = "constexpr"
-    # What the runtime specialises on: 16-byte aligned pointers, L divisible by 16 when it is.
-    attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
-    if cfg["l_div16"]:
-        attrs[(names.index("L"),)] = [["tt.divisibility", 16]]
-    return ASTSource(fn=fn, signature=sig, constexprs=dict(cfg["constexprs"]), attrs=attrs)
 
 
 def compile_all(archs=(80, 90)) -> list[dict]:
     results = []
     for arch in archs:
         for cfg in configs():
-            ptx, regs, spill_st, spill_ld = compile_ptx(_source(cfg), arch, num_warps=cfg["num_warps"])
-            results.append(dict(cfg, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
+            src, row = cfg["source"], {k: v for k, v in cfg.items() if k != "source"}
+            ptx, regs, spill_st, spill_ld = compile_ptx(src, arch, num_warps=cfg["num_warps"])
+            results.append(dict(row, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
                                 vector_loads="ld.global.v4" in ptx or "ld.global.nc.v4" in ptx))  # fmt: skip
     return results
 
