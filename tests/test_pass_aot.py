@@ -40,8 +40,8 @@ def test_spills_are_seen():
     loads."""
     code = (
         "from bam_fused.ops import gate_aot, pass_aot; "
-        "cfg = next(c for c in pass_aot.configs() if c['kernel'] == 'pass'); src, warps = pass_aot._source(cfg); "
-        "print(*gate_aot.compile_ptx(src, 80, num_warps=warps, maxnreg=32)[1:])"
+        "cfg = next(c for c in pass_aot.configs() if c['kernel'] == 'pass'); src, options = pass_aot._source(cfg); "
+        "print(*gate_aot.compile_ptx(src, 80, **options, maxnreg=32)[1:])"
     )
     out = run_python("-c", code, timeout=600, triton_interpret=False)
     registers, spill_stores, spill_loads = map(int, out.split())
@@ -99,6 +99,7 @@ def test_relus_keep_nan(aot_results):
 
 
 def _variant(src, options: dict) -> tuple:
+    # (Triton's defaults where a launch gives no options: 4 warps, 3 stages)
     return src.signature, src.constants, src.attrs, options.get("num_warps", 4), options.get("num_stages", 3)
 
 
@@ -122,11 +123,7 @@ def test_aot_compiles_what_the_launchers_launch(monkeypatch, dtype):
                 spatial_triton.spatial_map(y, ws, [torch.empty(cr)] * 2, 4, torch.empty(cr), torch.empty(1))
                 mlp_triton.channel_mlp(part, torch.empty(cr, c), torch.empty(cr), torch.empty(c, cr), torch.empty(c))
     assert {fn.__name__ for fn, _, _ in launches} == {getattr(m, name).__name__ for m, name in kernels}
-    compiled = []
-    for cfg in pass_aot.configs():
-        src, warps = pass_aot._source(cfg)
-        compiled.append(_variant(src, {"num_warps": warps, "num_stages": cfg["config"].num_stages} if "config" in cfg
-                                 else {"num_warps": warps}))  # fmt: skip
+    compiled = [_variant(*pass_aot._source(cfg)) for cfg in pass_aot.configs()]
     missing = [(fn.__name__, kwargs) for fn, args, kwargs in launches
                if _variant(*gate_aot.launch_source(fn, args, kwargs)) not in compiled]  # fmt: skip
     assert not missing, missing

@@ -56,20 +56,26 @@ def configs() -> list[dict]:
     return out
 
 
-def _source(cfg: dict) -> tuple[ASTSource, int]:
+def _options(num_warps: int, num_stages: int = 3) -> dict:
+    """A launch's compile options; 3 stages is Triton's default, which the launchers keep."""
+    return {"num_warps": num_warps, "num_stages": num_stages}
+
+
+def _source(cfg: dict) -> tuple[ASTSource, dict]:
+    """The kernel source of cfg as its launcher specialises it, and the launch's options."""
     if cfg["kernel"] == "finish":
         sig = {"part_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "numel": "i32", "CR": "i32", "HW": "i32",
                "splits": "i32", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
         const = {"CHANNELS_LAST": cfg["y_cl"], "BLOCK": 1024}
         # Pointers, y's size (a multiple of Cr) and Cr; HW where it is a multiple of 16.
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4) + ((5,) if cfg["hw"] % 16 == 0 else ())}
-        return ASTSource(fn=pt._finish_kernel, signature=sig, constexprs=const, attrs=attrs), 4
+        return ASTSource(fn=pt._finish_kernel, signature=sig, constexprs=const, attrs=attrs), _options(4)
     if cfg["kernel"] == "means":
         sig = {"part_ptr": "*fp32", "mean_ptr": "*fp32", "N": "i32", "P": "i32", "C": "i32",
                "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
         attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]]}
         const = {"BLOCK_N": mt.BLOCK_N, "BLOCK_C": mt.BLOCK_C}
-        return ASTSource(fn=mt._means_kernel, signature=sig, constexprs=const, attrs=attrs), 4
+        return ASTSource(fn=mt._means_kernel, signature=sig, constexprs=const, attrs=attrs), _options(4)
     if cfg["kernel"] == "layer":
         sig = {"a_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "K": "i32",
                "M": "i32", "RELU": "constexpr", "BLOCK_N": "constexpr", "BLOCK_M": "constexpr",
@@ -77,7 +83,7 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)}
         const = {"RELU": cfg["relu"], "BLOCK_N": mt.BLOCK_N, "BLOCK_M": mt.BLOCK_H if cfg["relu"] else mt.BLOCK_C,
                  "BLOCK_K": cfg["block_k"], "PRECISION": "tf32x3"}  # fmt: skip
-        return ASTSource(fn=mt._layer_kernel, signature=sig, constexprs=const, attrs=attrs), 4
+        return ASTSource(fn=mt._layer_kernel, signature=sig, constexprs=const, attrs=attrs), _options(4)
     if cfg["kernel"] == "conv":
         sig = {"y_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "wf_ptr": "*fp32", "bf_ptr": "*fp32",
                "out_ptr": "*fp32", "H": "i32", "W": "i32", "CR": "i32", "n_pb": "i32", "dilation": "i32",
@@ -96,7 +102,7 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
         for name in ("CR", "sy_n", "sy_c", "sy_h", "sy_w", "sw_o", "sw_h", "sw_w", "so_n", "so_c", "so_p"):
             if name not in const:
                 attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-        return ASTSource(fn=sp._dilated_conv_kernel, signature=sig, constexprs=const, attrs=attrs), warps
+        return ASTSource(fn=sp._dilated_conv_kernel, signature=sig, constexprs=const, attrs=attrs), _options(warps)
     c = cfg["config"]
     sig = {"x_ptr": DTYPES[cfg["dtype"]], "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "part_ptr": "*fp32",
            "C": "i32", "HW": "i32", "CR": "i32", "n_pb": "i32", "c_split": "i32", "inv_hw": "fp32",
@@ -117,16 +123,16 @@ def _source(cfg: dict) -> tuple[ASTSource, int]:
     for name in ("C", "HW", "CR", "c_split", "sx_n", "sx_c", "sx_p", "sy_n", "sy_c", "sy_p", "sy_split"):
         if name not in const and name not in hw_bound:
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-    return ASTSource(fn=pt._pass_kernel, signature=sig, constexprs=const, attrs=attrs), c.num_warps
+    src = ASTSource(fn=pt._pass_kernel, signature=sig, constexprs=const, attrs=attrs)
+    return src, _options(c.num_warps, c.num_stages)
 
 
 def compile_all(archs=(80, 90)) -> list[dict]:
     results = []
     for arch in archs:
         for cfg in configs():
-            src, num_warps = _source(cfg)
-            stages = cfg["config"].num_stages if "config" in cfg else 3
-            ptx, regs, spill_st, spill_ld = compile_ptx(src, arch, num_warps=num_warps, num_stages=stages)
+            src, options = _source(cfg)
+            ptx, regs, spill_st, spill_ld = compile_ptx(src, arch, **options)
             row = {k: (str(v) if k == "config" else v) for k, v in cfg.items()}
             results.append(dict(row, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
                                 tensor_cores="mma.sync" in ptx or "wgmma" in ptx,
