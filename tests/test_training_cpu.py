@@ -393,6 +393,16 @@ def test_module_autograd_under_activation_checkpointing(monkeypatch, reentrant, 
         torch.testing.assert_close(bf, br, msg=name)
 
 
+def test_module_autograd_where_saved_tensor_hooks_are_disabled():
+    # (the checkpointing fix pushes hooks of its own; where none may be pushed it does without)
+    ref, fused = make_pair(48, 8, 4, "sum")
+    x, g = torch.randn(3, 48, 9, 13), torch.randn(3, 48, 9, 13)
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        out_r, out_f, xr, xf = run_both(ref, fused, x, g)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_second_derivative_under_activation_checkpointing():
     # A gradient penalty through a non-reentrant checkpoint: the reference's gradients; the
     # reference's region runs three times (a recompute per backward pass), ours twice (the

@@ -207,6 +207,15 @@ def _kept(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _own_saved_tensors() -> contextlib.ExitStack:
+    """A graph built inside keeps its saved tensors itself, past any outer saved-tensor hooks;
+    where hooks are disabled (disable_saved_tensors_hooks) there are none to get past."""
+    stack = contextlib.ExitStack()
+    with contextlib.suppress(RuntimeError):  # (raised on entering while hooks are disabled)
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_kept, _kept))
+    return stack
+
+
 class _TrainingBAM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, product, reduce_w, reduce_b, *rest_params):
@@ -229,7 +238,7 @@ class _TrainingBAM(torch.autograd.Function):
         # non-reentrant torch.utils.checkpoint's, the backward's torch.autograd.grad over it (a
         # graph task of its own) ran the whole forward once more, and BatchNorm's running
         # statistics took a third update where the reference's take two.
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+        with torch.enable_grad(), _own_saved_tensors():
             y_in, m_in = y.requires_grad_(ctx.tail is None), means.requires_grad_()
             if ctx.tail is None:
                 s = y_in.to(reduce_w.dtype)
