@@ -6,6 +6,9 @@ import subprocess
 import pytest
 from helpers import run_aot
 
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
 
 @pytest.fixture(scope="module")
 def aot_results():
@@ -88,6 +91,22 @@ def test_launch_source_specialises_as_triton_does():
     assert src.constants[(names.index("n_lb"),)] == 1 and src.constants[(names.index("BLOCK_L"),)] == 256
     assert {names[i] for (i,) in src.attrs} == {"x_ptr", "row_ptr", "col_ptr", "out_ptr", "R"}  # not 196, 3
     assert options == {"num_warps": 8}
+
+
+@triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["q"])
+def _unspecialised(p, q, n, m, B: tl.constexpr):
+    pass
+
+
+def test_launch_source_keeps_do_not_specialize():
+    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
+    import torch
+
+    t = torch.empty(64)
+    src, options = gate_aot.launch_source(_unspecialised, (t, t, 32, 32), {"B": 4})
+    assert src.signature == {"p": "*fp32", "q": "*fp32", "n": "i32", "m": "i32", "B": "constexpr"}
+    assert set(src.attrs) == {(0,), (3,)}  # p and m; not q (alignment) nor n (value)
+    assert src.constants == {(4,): 4} and options == {}
 
 
 def test_recorded_launches_run_nothing_and_put_the_kernels_back():

@@ -111,7 +111,7 @@ def launch_source(fn, args: tuple, kwargs: dict) -> tuple[ASTSource, dict]:
     parameters and integers equal to 1 are constants, and 16-byte aligned pointers and integers
     divisible by 16 are marked so."""
     if not isinstance(fn, triton.runtime.JITFunction):  # the interpreter's stand-in (TRITON_INTERPRET=1)
-        fn = triton.runtime.JITFunction(fn.fn)
+        fn = triton.runtime.JITFunction(fn.fn, **fn.kwargs)
     values = dict(zip(fn.arg_names, args, strict=False)) | kwargs
     sig, const, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
@@ -119,7 +119,8 @@ def launch_source(fn, args: tuple, kwargs: dict) -> tuple[ASTSource, dict]:
         if param.is_constexpr:
             kind, spec = "constexpr", None
         else:
-            kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+            specialize, align = not param.do_not_specialize, not param.do_not_specialize_on_alignment
+            kind, spec = native_specialize_impl(BaseBackend, value, param.is_const, specialize, align)
         sig[param.name] = kind
         if kind == "constexpr":
             const[param.name] = value
