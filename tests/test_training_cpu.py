@@ -382,7 +382,7 @@ def test_module_autograd_under_activation_checkpointing(monkeypatch, reentrant, 
             assert len(calls) == 1
             fused.load_state_dict(ref.state_dict())  # (the running statistics as the reference's)
     assert len(calls) == 3  # once plain, twice under the checkpoint
-    (out_p, dx_p, dw_p), (out_c, dx_c, dw_c), (out_r, dx_r, dw_r) = results
+    (out_p, dx_p, dw_p), (out_c, dx_c, dw_c), (out_r, dx_r, _) = results
     torch.testing.assert_close(out_c, out_p, rtol=0, atol=0)
     torch.testing.assert_close(dx_c, dx_p, rtol=0, atol=0)
     for a, b in zip(dw_c, dw_p, strict=True):
