@@ -4,10 +4,12 @@ GPU, with zero register spills and 16-byte vector loads where rows are 16-elemen
 import subprocess
 
 import pytest
+import torch
 from helpers import run_aot
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
+from bam_fused.ops import gate_aot, gate_triton  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,6 @@ def test_vector_loads_on_aligned_rows(aot_results):
 
 def test_refuses_to_compile_under_the_interpreter(monkeypatch):
     # TRITON_INTERPRET=1 replaces the kernels with Python: nothing would reach ptxas.
-    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
         gate_aot.compile_ptx(None, 80)
@@ -50,7 +51,6 @@ def test_refuses_to_compile_under_the_interpreter(monkeypatch):
 def test_spill_figures_are_read_from_ptxas(monkeypatch):
     # ptxas -v's report (its words, from a run of the pass kernel with maxnreg=32 on sm_80): each
     # figure from its own field, and the target's name as ptxas spells it.
-    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
     log = (
         "ptxas info    : 0 bytes gmem\n"
         "ptxas info    : Compiling entry function '_pass_kernel' for 'sm_80'\n"
@@ -74,11 +74,6 @@ def test_spill_figures_are_read_from_ptxas(monkeypatch):
 def test_launch_source_specialises_as_triton_does():
     # Triton's launcher compiles integers equal to 1 as constants and marks 16-byte aligned
     # pointers and integers divisible by 16; the AOT sources are built by the same rule.
-    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
-    import torch
-
-    from bam_fused.ops import gate_triton
-
     x, row, col = (torch.empty(s, device="meta") for s in ((2, 48, 196), (2, 48), (2, 196)))
     const = dict(PRODUCT=False, BLOCK_R=16, BLOCK_L=256, L_DIV=4, INT64=False)
     src, options = gate_aot.launch_source(
@@ -99,9 +94,6 @@ def _unspecialised(p, q, n, m, B: tl.constexpr):
 
 
 def test_launch_source_keeps_do_not_specialize():
-    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
-    import torch
-
     t = torch.empty(64)
     src, options = gate_aot.launch_source(_unspecialised, (t, t, 32, 32), {"B": 4})
     assert src.signature == {"p": "*fp32", "q": "*fp32", "n": "i32", "m": "i32", "B": "constexpr"}
@@ -110,11 +102,6 @@ def test_launch_source_keeps_do_not_specialize():
 
 
 def test_recorded_launches_run_nothing_and_put_the_kernels_back():
-    gate_aot = pytest.importorskip("bam_fused.ops.gate_aot")
-    import torch
-
-    from bam_fused.ops import gate_triton
-
     kernel = gate_triton._gate_fwd_kernel
     x, row, col = (torch.empty(s, device="meta") for s in ((1, 4, 16), (1, 4), (1, 16)))
     with pytest.raises(ValueError), gate_aot.recorded_launches((gate_triton, "_gate_fwd_kernel")) as launches:
