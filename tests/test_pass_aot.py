@@ -8,7 +8,7 @@ import torch
 from helpers import run_aot, run_python
 
 pytest.importorskip("triton")
-from bam_fused.ops import gate_aot, mlp_triton, pass_aot, pass_triton, spatial_triton  # noqa: E402
+from bam_fused.ops import gate_aot, pass_aot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +17,26 @@ def aot_results():
 
 
 def test_every_variant_compiles_for_both_archs(aot_results):
-    seen = {(r["arch"], r["dtype"], r["x_cl"], r["y_cl"], r["cr_pad"], r["hw"])
-            for r in aot_results if r["kernel"] == "pass"}  # fmt: skip
-    assert len(seen) == 2 * 3 * 2 * 2 * 3 * 2  # HW divisible by 16, and 14x14's 196
-    assert {(r["arch"], r["row"]) for r in aot_results if r["kernel"] == "pass" and not r["x_cl"]} == {
-        (a, row) for a in (80, 90) for row in (0, 196)
+    resnet = [r for r in aot_results if r["resnet"]]
+    passes = {
+        (r["arch"], r["dtype"], r["x_cl"], r["y_cl"], r["cr_pad"], r["hw"]) for r in resnet if r["kernel"] == "pass"
     }
-    assert {(r["arch"], r["y_cl"], r["hw"]) for r in aot_results if r["kernel"] == "finish"} == {
-        (a, c, hw) for a in (80, 90) for c in (False, True) for hw in (3136, 196)
+    assert passes == set(
+        itertools.product((80, 90), ("fp32", "fp16", "bf16"), (False, True), (False, True), (16, 32, 64), (3136, 196))
+    )
+    # 14x14's rows as the constant ROW, in either layout of x
+    assert {(r["arch"], r["x_cl"], r["row"]) for r in resnet if r["kernel"] == "pass"} == set(
+        itertools.product((80, 90), (False, True), (0, 196))
+    )
+    assert {(r["arch"], r["channels_last"], r["hw"]) for r in resnet if r["kernel"] == "finish"} == set(
+        itertools.product((80, 90), (False, True), (3136, 196))
+    )
+    # The odd shape and the 64-bit sizes (y's size of the split sums passed as i64)
+    assert {(r["arch"], r["dtype"]) for r in aot_results if r["kernel"] == "pass" and r["i64"] == ["sy_split"]} == set(
+        itertools.product((80, 90), ("fp32", "fp16", "bf16"))
+    )
+    assert {(r["arch"], r["hw"]) for r in aot_results if r["kernel"] == "pass" and not r["resnet"]} == {
+        (a, hw) for a in (80, 90) for hw in (63, 3136)
     }
 
 
@@ -40,8 +52,8 @@ def test_spills_are_seen():
     loads."""
     code = (
         "from bam_fused.ops import gate_aot, pass_aot; "
-        "cfg = next(c for c in pass_aot.configs() if c['kernel'] == 'pass'); src, options = pass_aot._source(cfg); "
-        "print(*gate_aot.compile_ptx(src, 80, **options, maxnreg=32)[1:])"
+        "cfg = next(c for c in pass_aot.configs() if c['kernel'] == 'pass'); "
+        "print(*gate_aot.compile_ptx(cfg['source'], 80, **cfg['options'], maxnreg=32)[1:])"
     )
     out = run_python("-c", code, timeout=600, triton_interpret=False)
     registers, spill_stores, spill_loads = map(int, out.split())
@@ -49,15 +61,17 @@ def test_spills_are_seen():
 
 
 def test_convs_compile_for_both_archs(aot_results):
-    seen = {(r["arch"], r["cr_pad"], r["final"]) for r in aot_results if r["kernel"] == "conv"}
-    assert len(seen) == 2 * 3 * 2
+    # (dilation 1 and 16: Triton makes the first a constant and marks the second divisible)
+    seen = {(r["arch"], r["cr_pad"], r["final"], r["dilation"]) for r in aot_results if r["kernel"] == "conv"}
+    assert seen == set(itertools.product((80, 90), (16, 32, 64), (False, True), (4, 1, 16)))
 
 
 def test_no_4_byte_copies(aot_results):
     # The pass stages its tiles in 16-byte (8-byte for 16-bit 14x14 rows) copies, in both
     # layouts, and so do the convs on channels_last y (as the Triton path writes it); 4-byte
     # copies (Triton unable to prove alignment) made the NCHW 14x14 pass twice as slow.
-    rows = [r for r in aot_results if r["kernel"] in ("pass", "conv")]
+    # (At ResNet's shapes: the odd shape's rows of 63 pixels cannot be read 16 bytes at a time.)
+    rows = [r for r in aot_results if r["kernel"] in ("pass", "conv") and r["resnet"]]
     assert rows and all(r["narrow_copies"] == 0 for r in rows), [r for r in rows if r["narrow_copies"]]
 
 
@@ -65,7 +79,7 @@ def test_pass_writes_y_in_wide_stores(aot_results):
     # y (fp32, either layout) leaves in 16-byte stores: Triton proved the stride-1 dimension and
     # the alignment (a stride or Cr it cannot prove gives 4-byte stores), also for 14x14 maps,
     # whose NCHW y rows (HW = 196) take the constant ROW, whatever x's layout.
-    rows = [r for r in aot_results if r["kernel"] == "pass"]
+    rows = [r for r in aot_results if r["kernel"] == "pass" and r["resnet"]]
     assert any(r["row"] for r in rows)
     assert rows and all(r["wide_stores"] for r in rows), [r for r in rows if not r["wide_stores"]]
 
@@ -98,32 +112,25 @@ def test_relus_keep_nan(aot_results):
     assert relus and all(r["max_keeps_nan"] for r in relus), [r for r in relus if not r["max_keeps_nan"]]
 
 
-def _variant(src, options: dict) -> tuple:
-    # (Triton's defaults where a launch gives no options: 4 warps, 3 stages)
-    return src.signature, src.constants, src.attrs, options.get("num_warps", 4), options.get("num_stages", 3)
+def test_launches_records_the_whole_eval_path():
+    kernels = {fn.__name__ for fn, _, _ in pass_aot.launches((8, 1024, 14, 14), 64, torch.float16, x_cl=True)}
+    assert kernels == {getattr(module, name).__name__ for module, name in pass_aot.KERNELS.values()}
+    # the triton-pass path's NCHW y as well as the all-Triton path's channels_last y
+    pass_launches = [k for fn, _, k in pass_aot.launches((2, 256, 56, 56), 16, torch.float32, False) if "Y_CL" in k]
+    assert [k["Y_CL"] for k in pass_launches] == [True, False]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_aot_compiles_what_the_launchers_launch(monkeypatch, dtype):
-    """The AOT checks are only as good as their mirror of the runtime: every Triton launch of the
-    CUDA eval path at ResNet-50's BAM shapes (N = 8, 132 multiprocessors: channel splits), both
-    x and y layouts, is one of pass_aot's variants to the letter (types, constants,
-    divisibility, warps, stages, by Triton's own specialisation rule). Nothing runs."""
-    monkeypatch.setattr(pass_triton, "_multiprocessors", lambda device: 132)
-    kernels = [(pass_triton, "_pass_kernel"), (pass_triton, "_finish_kernel"), (spatial_triton, "_dilated_conv_kernel"),
-               (mlp_triton, "_means_kernel"), (mlp_triton, "_layer_kernel")]  # fmt: skip
-    n = 8
-    with gate_aot.recorded_launches(*kernels) as launches:
-        for hw, cr in ((56, 16), (28, 32), (14, 64)):
-            c = 16 * cr
-            for x_format, y_cl in itertools.product((torch.contiguous_format, torch.channels_last), (False, True)):
-                x = torch.empty(n, c, hw, hw, dtype=dtype, memory_format=x_format)
-                part, y = pass_triton.reduce_pool(x, torch.empty(cr, c), torch.empty(cr), y_cl)
-                ws = [torch.empty(cr, cr, 3, 3, memory_format=torch.channels_last) for _ in range(2)]
-                spatial_triton.spatial_map(y, ws, [torch.empty(cr)] * 2, 4, torch.empty(cr), torch.empty(1))
-                mlp_triton.channel_mlp(part, torch.empty(cr, c), torch.empty(cr), torch.empty(c, cr), torch.empty(c))
-    assert {fn.__name__ for fn, _, _ in launches} == {getattr(m, name).__name__ for m, name in kernels}
-    compiled = [_variant(*pass_aot._source(cfg)) for cfg in pass_aot.configs()]
-    missing = [(fn.__name__, kwargs) for fn, args, kwargs in launches
-               if _variant(*gate_aot.launch_source(fn, args, kwargs)) not in compiled]  # fmt: skip
+def test_compiled_variants_stand_for_every_batch(dtype):
+    """The variants compiled (batches 1, 8 and 32) are every variant launched at ResNet-50's BAM
+    shapes whatever the batch: Triton specialises integers on divisibility by 16 and equality
+    to 1, and the channel split depends on the grid's size."""
+    compiled = {gate_aot.variant_key(c["source"], c["options"]) for c in pass_aot.configs()}
+    missing = []
+    for n, (size, cr), x_cl in itertools.product(
+        (2, 3, 16, 17, 48, 64, 256), ((56, 16), (28, 32), (14, 64)), (False, True)
+    ):
+        for fn, args, kwargs in pass_aot.launches((n, 16 * cr, size, size), cr, dtype, x_cl):
+            if gate_aot.variant_key(*gate_aot.launch_source(fn, args, kwargs)) not in compiled:
+                missing.append((n, size, fn.__name__, kwargs))  # fmt: skip
     assert not missing, missing

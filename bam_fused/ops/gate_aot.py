@@ -130,6 +130,13 @@ def launch_source(fn, args: tuple, kwargs: dict) -> tuple[ASTSource, dict]:
     return src, {k: v for k, v in kwargs.items() if k in _OPTIONS}
 
 
+def variant_key(src: ASTSource, options: dict) -> tuple:
+    """What makes two launches one compiled kernel: the function, its parameters' types,
+    constants and divisibility, and the options (Triton's defaults where a launch gives none)."""
+    types = (repr(src.signature), repr(src.constants), repr(src.attrs))  # (dicts: not hashable)
+    return src.fn.__name__, *types, options.get("num_warps", 4), options.get("num_stages", 3)
+
+
 def configs() -> list[dict]:
     """Each distinct kernel variant the launchers compile for SHAPES, in both layouts, every
     dtype, sum and product, and with 64-bit offsets for one shape: the launches themselves,
@@ -148,7 +155,7 @@ def configs() -> list[dict]:
                     gt.gate_backward(x, x, row, col, product)
                 for (fn, args, kwargs), kernel in zip(launches, ("fwd", "bwd"), strict=True):
                     src, options = launch_source(fn, args, kwargs)
-                    key = (kernel, dtype, repr(src.signature), repr(src.constants), repr(src.attrs), repr(options))
+                    key = variant_key(src, options)
                     if key in seen:
                         continue
                     seen.add(key)

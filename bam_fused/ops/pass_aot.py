@@ -1,8 +1,8 @@
 """Compiles the Triton kernels of the CUDA eval path ahead of time for real GPU targets (no GPU
 needed): the pass over x (ops/pass_triton.py), the spatial convs (ops/spatial_triton.py) and
-the channel MLP (ops/mlp_triton.py), in every variant their launchers can pick. Reports
-registers, spills, whether the tensor cores are used (mma/wgmma in the PTX), 4-byte copies, wide
-stores and float max instructions (the ReLUs must keep NaN).
+the channel MLP (ops/mlp_triton.py), in every variant their launchers launch at the shapes
+below. Reports registers, spills, whether the tensor cores are used (mma/wgmma in the PTX),
+4-byte copies, wide stores and float max instructions (the ReLUs must keep NaN).
 
     python -m bam_fused.ops.pass_aot [--arch 80 90]
 
@@ -11,14 +11,18 @@ Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels).
 
 from __future__ import annotations
 
+import itertools
 import re
+from unittest import mock
 
-from triton.compiler import ASTSource
+import torch
 
+from ..modules import BAM
+from . import attention_cuda
 from . import mlp_triton as mt
 from . import pass_triton as pt
 from . import spatial_triton as sp
-from .gate_aot import compile_ptx, main_for
+from .gate_aot import DTYPES, compile_ptx, launch_source, main_for, recorded_launches, variant_key
 
 # Global-to-shared copies of fewer than 16 bytes (Triton stages tiles with cp.async).
 _NARROW = re.compile(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x4[,;]")
@@ -27,115 +31,80 @@ _MAX_DROPS_NAN = re.compile(r"\bmax(?:\.ftz)?\.(?:f32|f16|bf16|f16x2|bf16x2)\b")
 _MAX_KEEPS_NAN = re.compile(r"\bmax(?:\.ftz)?\.NaN\.")
 # Stores to global memory of 2, 4 or 8 elements at once (st.global.v4.b32: 16 bytes of fp32).
 _WIDE_STORE = re.compile(r"\bst\.global(?:\.[a-z]+)*\.v[248]\.")
-DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+KERNELS = {"pass": (pt, "_pass_kernel"), "finish": (pt, "_finish_kernel"), "conv": (sp, "_dilated_conv_kernel"),
+           "means": (mt, "_means_kernel"), "layer": (mt, "_layer_kernel")}  # fmt: skip
+# The shapes launched: ResNet's BAMs (C = 16 Cr: every Cr pad the kernels have) on maps whose
+# HW is a multiple of 16 (56x56; 28x28 specialises alike) and on 14x14 maps (HW = 196: the
+# constant ROW); batches of 1, 8 (on MULTIPROCESSORS, the channels split and the finishing
+# kernel runs) and 32 (no split; and Triton specialises integers equal to 1 and those divisible
+# by 16); dilations 4 (the paper's), 1 and 16 (likewise). Also an odd shape (C = 37, 7x9), and
+# one batch whose y passes 2^31 elements (64-bit sizes); both are left out of the "resnet" rows.
+RESNET = [((n, 16 * cr, size, size), cr) for n in (1, 8, 32) for size in (56, 14) for cr in (16, 32, 64)]
+ODD = ((2, 37, 7, 9), 2)
+HUGE = ((2**31 // (16 * 56 * 56) + 1, 256, 56, 56), 16)
+DILATIONS = (4, 1, 16)
+MULTIPROCESSORS = 132  # an H100's or H200's
 
 
-# Pixels per map: HW divisible by 16 (56x56, 28x28) and not (14x14: 196, a multiple of 4).
-HWS = (3136, 196)
+def launches(shape: tuple, cr: int, dtype: torch.dtype, x_cl: bool, dilation: int = 4) -> list[tuple]:
+    """The Triton launches of the CUDA eval path for x of shape (N, C, H, W) of a BAM with cr reduced
+    channels, as gate_aot.recorded_launches lists them: the all-Triton path (its y
+    channels_last) and the triton-pass path's pass with NCHW y (for an op tail that reads it).
+    Meta tensors: nothing is allocated or run."""
+    with torch.device("meta"):
+        folded = BAM(shape[1], shape[1] // cr, dilation).eval().folded()
+        x = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last if x_cl else torch.contiguous_format)
+    with (
+        mock.patch.object(pt, "_multiprocessors", lambda device: MULTIPROCESSORS),
+        recorded_launches(*KERNELS.values()) as recorded,
+    ):
+        attention_cuda._run_triton(x, folded, dilation)
+        pt.reduce_pool(x, folded["red_w"], folded["red_b"], y_channels_last=False)
+    return recorded
+
+
+def _labels(name: str, fn, args: tuple, kwargs: dict, src) -> dict:
+    """What tells a variant apart: its constexprs (lower-cased), the launch's options, x's dtype,
+    HW and the dilation where the kernel takes them, and the parameters Triton made constants
+    (equal to 1), marked divisible by 16, or passed as 64-bit."""
+    values = dict(zip(fn.arg_names, args, strict=False))
+    row = {"kernel": name, **{k.lower(): v for k, v in kwargs.items()}}
+    if "x_ptr" in values:
+        row["dtype"] = next(k for k, v in DTYPES.items() if v == values["x_ptr"].dtype)
+    row |= {k.lower(): values[k] for k in ("HW", "dilation") if k in values}
+    names = fn.arg_names
+    row["equal_to_1"] = [names[i[0]] for i in src.constants if names[i[0]] not in kwargs]
+    row["divisible"] = [names[i[0]] for i in src.attrs]
+    return dict(row, i64=[name for name, kind in src.signature.items() if kind == "i64"])
 
 
 def configs() -> list[dict]:
-    """The launcher's configuration (DEFAULTS) in every dtype, x layout, y layout, Cr pad and
-    kind of HW (14x14's as the constant ROW); the finishing kernel in both layouts."""
-    out = []
-    for dtype in DTYPES:
-        for x_cl in (False, True):
-            for y_cl in (False, True):
-                for pad in (16, 32, 64):
-                    for hw in HWS:
-                        row = hw if hw % 16 else 0
-                        out.append(dict(kernel="pass", dtype=dtype, x_cl=x_cl, y_cl=y_cl, cr_pad=pad, hw=hw, row=row,
-                                        config=pt.DEFAULTS[(x_cl, pad)]))  # fmt: skip
-    out += [dict(kernel="finish", y_cl=y_cl, hw=hw) for y_cl in (False, True) for hw in HWS]
-    # The convs read channels_last y (spatial_map makes it so) and channels_last weights (the fold's).
-    out += [dict(kernel="conv", y_cl=True, cr_pad=pad, final=final) for pad in sp.CONFIGS for final in (False, True)]
-    # The channel MLP: the means, and each layer (hidden units per program: BLOCK_H or BLOCK_C;
-    # the second layer's K, the hidden units, is Cr: BLOCK_K 16, 32 or 64).
-    out += [dict(kernel="means"), dict(kernel="layer", relu=True, block_k=64)]
-    out += [dict(kernel="layer", relu=False, block_k=k) for k in (16, 32, 64)]
+    """Each distinct variant launched at the shapes above in every dtype and layout: its labels
+    (_labels), "resnet" (first launched at a ResNet shape), and its "source" and "options"."""
+    out, seen = [], set()
+    shapes = [(s, d, True) for s in RESNET for d in DILATIONS] + [(ODD, 4, False), (HUGE, 4, False)]
+    for ((shape, cr), dilation, resnet), dtype, x_cl in itertools.product(shapes, DTYPES, (False, True)):
+        for fn, args, kwargs in launches(shape, cr, DTYPES[dtype], x_cl, dilation):
+            src, options = launch_source(fn, args, kwargs)
+            key = variant_key(src, options)
+            if key in seen:
+                continue
+            seen.add(key)
+            name = next(k for k, (module, attr) in KERNELS.items() if getattr(module, attr) is fn)
+            constexprs = {k: v for k, v in kwargs.items() if k not in options}
+            out.append(dict(_labels(name, fn, args, constexprs, src), resnet=resnet, source=src, options=options))
     return out
-
-
-def _options(num_warps: int, num_stages: int = 3) -> dict:
-    """A launch's compile options; 3 stages is Triton's default, which the launchers keep."""
-    return {"num_warps": num_warps, "num_stages": num_stages}
-
-
-def _source(cfg: dict) -> tuple[ASTSource, dict]:
-    """The kernel source of cfg as its launcher specialises it, and the launch's options."""
-    if cfg["kernel"] == "finish":
-        sig = {"part_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "numel": "i32", "CR": "i32", "HW": "i32",
-               "splits": "i32", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
-        const = {"CHANNELS_LAST": cfg["y_cl"], "BLOCK": 1024}
-        # Pointers, y's size (a multiple of Cr) and Cr; HW where it is a multiple of 16.
-        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4) + ((5,) if cfg["hw"] % 16 == 0 else ())}
-        return ASTSource(fn=pt._finish_kernel, signature=sig, constexprs=const, attrs=attrs), _options(4)
-    if cfg["kernel"] == "means":
-        sig = {"part_ptr": "*fp32", "mean_ptr": "*fp32", "N": "i32", "P": "i32", "C": "i32",
-               "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
-        attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]]}
-        const = {"BLOCK_N": mt.BLOCK_N, "BLOCK_C": mt.BLOCK_C}
-        return ASTSource(fn=mt._means_kernel, signature=sig, constexprs=const, attrs=attrs), _options(4)
-    if cfg["kernel"] == "layer":
-        sig = {"a_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "K": "i32",
-               "M": "i32", "RELU": "constexpr", "BLOCK_N": "constexpr", "BLOCK_M": "constexpr",
-               "BLOCK_K": "constexpr", "PRECISION": "constexpr"}  # fmt: skip
-        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)}
-        const = {"RELU": cfg["relu"], "BLOCK_N": mt.BLOCK_N, "BLOCK_M": mt.BLOCK_H if cfg["relu"] else mt.BLOCK_C,
-                 "BLOCK_K": cfg["block_k"], "PRECISION": "tf32x3"}  # fmt: skip
-        return ASTSource(fn=mt._layer_kernel, signature=sig, constexprs=const, attrs=attrs), _options(4)
-    if cfg["kernel"] == "conv":
-        sig = {"y_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "wf_ptr": "*fp32", "bf_ptr": "*fp32",
-               "out_ptr": "*fp32", "H": "i32", "W": "i32", "CR": "i32", "n_pb": "i32", "dilation": "i32",
-               "sy_n": "i32", "sy_c": "i32", "sy_h": "i32", "sy_w": "i32", "sw_o": "i32", "sw_i": "i32",
-               "sw_h": "i32", "sw_w": "i32", "so_n": "i32", "so_c": "i32", "so_p": "i32"}  # fmt: skip
-        block_p, warps = sp.CONFIGS[cfg["cr_pad"]]
-        const = {"sy_c" if cfg["y_cl"] else "sy_w": 1, "sw_i": 1, "CR_PAD": cfg["cr_pad"], "BLOCK_P": block_p,
-                 "BLOCK_K": min(cfg["cr_pad"], sp.BLOCK_K), "FINAL": cfg["final"], "PRECISION": "tf32x3"}  # fmt: skip
-        if not cfg["final"]:
-            const["so_c"] = 1
-        for k in const:
-            sig[k] = "constexpr"
-        # As the runtime specialises them for Cr a multiple of 16: channel counts and strides.
-        names = list(sig)
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
-        for name in ("CR", "sy_n", "sy_c", "sy_h", "sy_w", "sw_o", "sw_h", "sw_w", "so_n", "so_c", "so_p"):
-            if name not in const:
-                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-        return ASTSource(fn=sp._dilated_conv_kernel, signature=sig, constexprs=const, attrs=attrs), _options(warps)
-    c = cfg["config"]
-    sig = {"x_ptr": DTYPES[cfg["dtype"]], "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "part_ptr": "*fp32",
-           "C": "i32", "HW": "i32", "CR": "i32", "n_pb": "i32", "c_split": "i32", "inv_hw": "fp32",
-           "sx_n": "i32", "sx_c": "i32", "sx_p": "i32", "sy_n": "i32", "sy_c": "i32", "sy_p": "i32",
-           "sy_split": "i32", "raw": "u1"}  # fmt: skip
-    names = list(sig)
-    # What the runtime specialises on: stride 1 along the contiguous dimension (a constexpr),
-    # 16-byte aligned pointers, and C, HW and the other strides divisible by 16 (ResNet shapes).
-    const = {"sx_c" if cfg["x_cl"] else "sx_p": 1, "sy_c" if cfg["y_cl"] else "sy_p": 1,
-             "CR_PAD": cfg["cr_pad"], "BLOCK_P": c.block_p, "BLOCK_C": c.block_c, "PRECISION": "tf32x3",
-             "ROW": cfg["row"], "C_DIV": 16, "X_CL": cfg["x_cl"], "Y_CL": cfg["y_cl"]}  # fmt: skip
-    for k in const:
-        sig[k] = "constexpr"
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    # By 16 (c_split always: whole 64-channel slices; CR as ResNet-50's 16, 32 and 64; the sample
-    # strides C * HW and Cr * HW); HW and the NCHW channel strides (HW too) unless the case is 14x14.
-    hw_bound = {"HW", "sx_c", "sy_c"} if cfg["hw"] % 16 else set()
-    for name in ("C", "HW", "CR", "c_split", "sx_n", "sx_c", "sx_p", "sy_n", "sy_c", "sy_p", "sy_split"):
-        if name not in const and name not in hw_bound:
-            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=pt._pass_kernel, signature=sig, constexprs=const, attrs=attrs)
-    return src, _options(c.num_warps, c.num_stages)
 
 
 def compile_all(archs=(80, 90)) -> list[dict]:
     results = []
     for arch in archs:
         for cfg in configs():
-            src, options = _source(cfg)
-            ptx, regs, spill_st, spill_ld = compile_ptx(src, arch, **options)
-            row = {k: (str(v) if k == "config" else v) for k, v in cfg.items()}
-            results.append(dict(row, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
-                                tensor_cores="mma.sync" in ptx or "wgmma" in ptx,
+            row = {k: v for k, v in cfg.items() if k not in ("source", "options")}
+            ptx, regs, spill_st, spill_ld = compile_ptx(cfg["source"], arch, **cfg["options"])
+            results.append(dict(row, **cfg["options"], arch=arch, registers=regs, spill_stores=spill_st,
+                                spill_loads=spill_ld, tensor_cores="mma.sync" in ptx or "wgmma" in ptx,
                                 narrow_copies=len(_NARROW.findall(ptx)), wide_stores=len(_WIDE_STORE.findall(ptx)),
                                 max_drops_nan=len(_MAX_DROPS_NAN.findall(ptx)),
                                 max_keeps_nan=len(_MAX_KEEPS_NAN.findall(ptx))))  # fmt: skip
