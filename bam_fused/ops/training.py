@@ -196,11 +196,11 @@ def _second_order_backward(ctx, grad: torch.Tensor, x: torch.Tensor) -> tuple:
             combine = "product" if ctx.product else "sum"
             out = bam_gate_reference(xf, ch.float(), s.float(), combine).to(x.dtype)
     inputs = (x, *params)
-    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
     wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
     grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
     dx, dw, db, *rest_grads = (next(grads) if need else None for need in needs)
-    return dx, None, None, dw, db, *rest_grads
+    return dx, None, None, None, dw, db, *rest_grads
 
 
 def _kept(t: torch.Tensor) -> torch.Tensor:
@@ -218,7 +218,7 @@ def _own_saved_tensors() -> contextlib.ExitStack:
 
 class _TrainingBAM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, module, product, reduce_w, reduce_b, *rest_params):
+    def forward(ctx, x, module, product, graph, reduce_w, reduce_b, *rest_params):
         # What a backward with create_graph=True needs to run this forward again (all cheap).
         ctx.module, ctx.reduce_b, ctx.rng = module, reduce_b, torch.get_rng_state()
         ctx.autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
@@ -237,8 +237,10 @@ class _TrainingBAM(torch.autograd.Function):
         # keeps its own saved tensors: under an outer pair of saved-tensor hooks, the
         # non-reentrant torch.utils.checkpoint's, the backward's torch.autograd.grad over it (a
         # graph task of its own) ran the whole forward once more, and BatchNorm's running
-        # statistics took a third update where the reference's take two.
-        with torch.enable_grad(), _own_saved_tensors():
+        # statistics took a third update where the reference's take two. Without graph (the caller
+        # has gradients off: a training-mode forward under no_grad, as BatchNorm recalibration and
+        # the reentrant checkpoint's first pass run) nothing is recorded.
+        with torch.enable_grad() if graph else contextlib.nullcontext(), _own_saved_tensors():
             y_in, m_in = y.requires_grad_(ctx.tail is None), means.requires_grad_()
             if ctx.tail is None:
                 s = y_in.to(reduce_w.dtype)
@@ -282,7 +284,7 @@ class _TrainingBAM(torch.autograd.Function):
             )
         dy = torch.zeros_like(y_in) if dy is None else dy
         dmean = torch.zeros(n, c) if dmean is None else dmean
-        want_dx, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        want_dx, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         dw = db = None
         if want_dx or want_w or want_b:
             dw, db = load_op("reduce_pool_backward")(
@@ -292,7 +294,7 @@ class _TrainingBAM(torch.autograd.Function):
         rest_out = [(tail_grads[p] if p in tail_grads else next(it)) if p.requires_grad else None for p in rest_params]
         w_like = ctx.w_like.detach()
         return (
-            dx if want_dx else None, None, None,
+            dx if want_dx else None, None, None, None,
             dw.view(w_like.shape).to(w_like.dtype) if want_w else None,
             db.to(w_like.dtype) if want_b else None, *rest_out,
         )  # fmt: skip
@@ -317,4 +319,5 @@ def training_bam(module: nn.Module, x: torch.Tensor, combine: str) -> torch.Tens
     rest = [p for layer in _rest_of_spatial(module.spatial_att.gate_s) for p in layer.parameters()]
     rest += list(module.channel_att.gate_c.parameters())
     x = x.contiguous(memory_format=memory_format(x))
-    return _TrainingBAM.apply(x, module, combine == "product", red.weight, red.bias, *rest)
+    graph = torch.is_grad_enabled()  # (inside forward, gradients are always off)
+    return _TrainingBAM.apply(x, module, combine == "product", graph, red.weight, red.bias, *rest)
