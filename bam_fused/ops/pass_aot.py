@@ -65,9 +65,9 @@ def launches(shape: tuple, cr: int, dtype: torch.dtype, x_cl: bool, dilation: in
 
 
 def _labels(name: str, fn, args: tuple, kwargs: dict, src) -> dict:
-    """What tells a variant apart: its constexprs (lower-cased), the launch's options, x's dtype,
-    HW and the dilation where the kernel takes them, and the parameters Triton made constants
-    (equal to 1), marked divisible by 16, or passed as 64-bit."""
+    """What tells a variant apart, beside the launch's options: its constexprs (lower-cased),
+    x's dtype, HW and the dilation where the kernel takes them, and the parameters Triton made
+    constants (equal to 1), marked divisible by 16, or passed as 64-bit."""
     values = dict(zip(fn.arg_names, args, strict=False))
     row = {"kernel": name, **{k.lower(): v for k, v in kwargs.items()}}
     if "x_ptr" in values:
