@@ -62,8 +62,11 @@ def test_spills_are_seen():
 
 def test_convs_compile_for_both_archs(aot_results):
     # (dilation 1 and 16: Triton makes the first a constant and marks the second divisible)
-    seen = {(r["arch"], r["cr_pad"], r["final"], r["dilation"]) for r in aot_results if r["kernel"] == "conv"}
+    convs = [r for r in aot_results if r["kernel"] == "conv"]
+    seen = {(r["arch"], r["cr_pad"], r["final"], r["dilation"]) for r in convs}
     assert seen == set(itertools.product((80, 90), (16, 32, 64), (False, True), (4, 1, 16)))
+    assert all(("dilation" in r["equal_to_1"]) == (r["dilation"] == 1) for r in convs)
+    assert all(("dilation" in r["divisible"]) == (r["dilation"] == 16) for r in convs)
 
 
 def test_no_4_byte_copies(aot_results):
