@@ -135,5 +135,5 @@ def test_compiled_variants_stand_for_every_batch(dtype):
     ):
         for fn, args, kwargs in pass_aot.launches((n, 16 * cr, size, size), cr, dtype, x_cl):
             if gate_aot.variant_key(*gate_aot.launch_source(fn, args, kwargs)) not in compiled:
-                missing.append((n, size, fn.__name__, kwargs))  # fmt: skip
+                missing.append((n, size, fn.__name__, kwargs))
     assert not missing, missing
