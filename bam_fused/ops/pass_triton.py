@@ -51,8 +51,8 @@ class PassConfig:
 
 # What the launcher uses, by x's layout (channels_last?) and padded Cr: of the configurations
 # timed on an H200 (2026-11-26, N = 32, fp32, ResNet-50 stages, GPU time as CUDA graphs;
-# benchmarks/results/nvidia-h200/probe-configs.log), the fastest that compiles with zero
-# spills for sm_80 and sm_90 in every dtype (pass_aot.py).
+# benchmarks/results/nvidia-h200/probe-configs.log at commit 8656bab), the fastest that
+# compiles with zero spills for sm_80 and sm_90 in every dtype (pass_aot.py).
 DEFAULTS = {
     (False, 16): PassConfig(64, 32, 4, 3),  # 56x56: 47.8 us, against 51.1 for 128/32/4/3
     (False, 32): PassConfig(64, 32, 4, 3),  # 28x28: 39.5 against 44.8 (128/32/8/3)
