@@ -5,6 +5,7 @@
     python benchmarks/gpu_probe.py errors    # bad arguments to the ops raise, not crash
     python benchmarks/gpu_probe.py sanitize  # small odd-shaped workloads for compute-sanitizer
     python benchmarks/gpu_probe.py overhead  # where the CPU time of a gate forward+backward and an eval BAM go
+    python benchmarks/gpu_probe.py gate      # the gate's kernels alone per dtype, in other tiles too
 
 `profile` prints, per ResNet-50 BAM shape: the copy bandwidth of that tensor, the branch op
 alone, the gate alone and the whole fused BAM (eval), each timed plainly and as a CUDA-graph
@@ -24,6 +25,7 @@ import triton.testing
 import bam_fused
 from bam_fused.bench import graph_ms
 from bam_fused.ops import bam_branches, bam_gate
+from bam_fused.ops import gate as gate_module
 from bam_fused.testing import as_layout, randomize_
 
 SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14)]
@@ -182,6 +184,64 @@ def passes() -> None:
               + "  ".join(cells), flush=True)  # fmt: skip
 
 
+def _graph_us(fn) -> float | None:
+    """GPU time of fn in us (graph replays, 0.15 s of them), None where it fails (a tile the GPU
+    cannot hold)."""
+    try:
+        return graph_ms(fn, 0.15) * 1e3
+    except Exception:
+        return None
+
+
+def gate() -> None:
+    """The gate's Triton kernels alone, per dtype and layout, in their default tiles and others
+    (CUDA-graph replays, % of a copy of x timed in the same run), and forward + backward through
+    autograd with and without accumulating into .grad. In the H100 and H200 runs the bf16
+    forward + backward took as long as fp32's (0.384 against 0.241 ms at 56x56 on the H200): this
+    says which kernel, and whether other tiles help."""
+    from bam_fused.ops import gate_triton as gt
+
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print("us (graph replays) and % of copy bandwidth (fwd moves 2|x|, bwd 3|x|); tiles: "
+          "rows x columns / warps (bwd: / rows per chunk), the launcher's default first")  # fmt: skip
+    for shape in SHAPES:
+        n, c, h, w = shape
+        for dtype in (torch.float32, torch.bfloat16):  # (fp16 stores as many bytes as bf16)
+            for layout in ("nchw", "channels_last"):
+                x = as_layout(torch.randn(shape, device="cuda", dtype=dtype), layout)
+                g = torch.randn_like(x)
+                ca, sa = torch.randn(n, c, device="cuda"), torch.randn(n, h * w, device="cuda")
+                x3, row, col, _ = gate_module._as_rows(x, ca, sa)
+                g3 = gate_module._as_rows(g, ca, sa)[0]
+                r, l = x3.shape[1:]
+                dst = torch.empty_like(x)
+                read_us = graph_ms(lambda: dst.copy_(x)) * 1e3 / 2  # noqa: B023
+                f0, b0 = gt.fwd_config(r, l), gt.bwd_config(n, r, l, x.device.index)
+                fwds = [f0] + [gt.FwdConfig(f0.block_r * k, f0.block_l, 8) for k in (2, 4)]
+                bwds = [b0]
+                for k, warps in ((1, 8), (2, 4), (2, 8), (4, 8)):
+                    rows = b0.block_r * k
+                    bwds.append(gt.BwdConfig(rows, b0.block_l, -(-b0.rows_per_chunk // rows) * rows, warps))
+                cells = []
+                for cfg in fwds:
+                    us = _graph_us(lambda: gt.gate_forward(x3, row, col, False, cfg))  # noqa: B023
+                    cost = "fail" if us is None else f"{us:5.1f} {200 * read_us / us:3.0f}%"
+                    cells.append(f"fwd {cfg.block_r}x{cfg.block_l}/{cfg.num_warps} {cost}")
+                for cfg in bwds:
+                    us = _graph_us(lambda: gt.gate_backward(g3, x3, row, col, False, cfg))  # noqa: B023
+                    cost = "fail" if us is None else f"{us:5.1f} {300 * read_us / us:3.0f}%"
+                    cells.append(f"bwd {cfg.block_r}x{cfg.block_l}/{cfg.num_warps}/{cfg.rows_per_chunk} {cost}")
+                xg = x.detach().requires_grad_()
+                cg = torch.randn(n, c, device="cuda", dtype=dtype, requires_grad=True)
+                sg = torch.randn(n, h, w, device="cuda", dtype=dtype, requires_grad=True)
+                acc = graph_ms(lambda: bam_gate(xg, cg, sg).backward(g)) * 1e3  # noqa: B023
+                grads = graph_ms(lambda: torch.autograd.grad(bam_gate(xg, cg, sg), (xg, cg, sg), g)) * 1e3  # noqa: B023
+                head = f"{str(shape):18s} {str(dtype)[6:]:8s} {layout:13s} |x| {read_us:5.1f}"
+                print(
+                    f"{head}  fwd+bwd .backward {acc:5.1f} autograd.grad {grads:5.1f}  " + "  ".join(cells), flush=True
+                )
+
+
 # Bad arguments to the extension's ops: each must raise RuntimeError, not crash. On the H200
 # machine (its torch 2.11, GCC 13.3; 2026-11-26) every check whose message streamed sizes or
 # numbers segfaulted; the checks now build their messages as strings (csrc/check.h).
@@ -295,5 +355,6 @@ def eval_overhead() -> None:
 
 
 if __name__ == "__main__":
-    steps = {"profile": profile, "passes": passes, "errors": errors, "sanitize": sanitize, "overhead": overhead}
+    steps = {"profile": profile, "passes": passes, "errors": errors, "sanitize": sanitize, "overhead": overhead,
+             "gate": gate}  # fmt: skip
     steps[sys.argv[1]]()

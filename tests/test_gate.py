@@ -477,6 +477,48 @@ def test_triton_tiles_cover_the_rows_in_chunks_of_whole_tiles():
             assert n * column_blocks * (chunks - 1) < 512, (n, r, l)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_kernels_take_other_tiles(dtype):
+    # gpu_probe.py times tiles other than the defaults: any of them computes the same gate
+    # (the forward bit for bit; the backward's partial sums in another order).
+    from bam_fused.ops import gate_aot
+    from bam_fused.ops import gate_triton as gt
+
+    n, r, l = 2, 37, 63
+    torch.manual_seed(0)
+    x, g = torch.randn(n, r, l).to(dtype), torch.randn(n, r, l).to(dtype)
+    row, col = torch.randn(n, r), torch.randn(n, l)
+    for product in (False, True):
+        want = gt.gate_forward(x, row, col, product)
+        want_dx, want_drow, want_dcol = gt.gate_backward(g, x, row, col, product)
+        fwd_tiles = [gt.FwdConfig(1, 16, 4), gt.FwdConfig(8, 64, 8), gt.FwdConfig(64, 128, 4)]
+        bwd_tiles = [gt.BwdConfig(1, 16, 5, 4), gt.BwdConfig(8, 64, 16, 8), gt.BwdConfig(2, 128, 64, 4)]
+        for fwd, bwd in zip(fwd_tiles, bwd_tiles, strict=True):
+            assert fwd != gt.fwd_config(r, l) and bwd != gt.bwd_config(n, r, l)
+            assert torch.equal(gt.gate_forward(x, row, col, product, fwd), want), fwd
+            dx, drow, dcol = gt.gate_backward(g, x, row, col, product, bwd)
+            assert torch.equal(dx, want_dx), bwd
+            torch.testing.assert_close(drow, want_drow, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(dcol, want_dcol, rtol=1e-5, atol=1e-5)
+            # ... and launches the tiles it was given.
+            kernels = (gt, "_gate_fwd_kernel"), (gt, "_gate_bwd_kernel")
+            with gate_aot.recorded_launches(*kernels) as launches:
+                gt.gate_forward(x, row, col, product, fwd)
+                gt.gate_backward(g, x, row, col, product, bwd)
+            (_, _, fwd_kw), (_, bwd_args, bwd_kw) = launches
+            assert (fwd_kw["BLOCK_R"], fwd_kw["BLOCK_L"], fwd_kw["num_warps"]) == (
+                fwd.block_r,
+                fwd.block_l,
+                fwd.num_warps,
+            )
+            assert (bwd_kw["BLOCK_R"], bwd_kw["BLOCK_L"], bwd_kw["num_warps"]) == (
+                bwd.block_r,
+                bwd.block_l,
+                bwd.num_warps,
+            )
+            assert bwd_args[-1] == bwd.rows_per_chunk
+
+
 def test_triton_backward_fills_the_gpu_it_runs_on(monkeypatch):
     """On CUDA the backward aims at 8 programs a multiprocessor (asked once a device); off it, 512."""
     import types

@@ -210,13 +210,16 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def gate_forward(x3: torch.Tensor, row: torch.Tensor, col: torch.Tensor, product: bool) -> torch.Tensor:
-    """x3: (N, R, L) contiguous; row: (N, R) and col: (N, L) fp32 contiguous."""
+def gate_forward(
+    x3: torch.Tensor, row: torch.Tensor, col: torch.Tensor, product: bool, cfg: FwdConfig | None = None
+) -> torch.Tensor:
+    """x3: (N, R, L) contiguous; row: (N, R) and col: (N, L) fp32 contiguous. cfg: the tiles
+    (default fwd_config's; benchmarks/gpu_probe.py times others)."""
     N, R, L = x3.shape
     out = torch.empty_like(x3)
     if x3.numel() == 0:
         return out
-    cfg = fwd_config(R, L)
+    cfg = cfg or fwd_config(R, L)
     n_rb, n_lb = _cdiv(R, cfg.block_r), _cdiv(L, cfg.block_l)
     with on_device_of(x3):
         _gate_fwd_kernel[(N * n_rb * n_lb,)](
@@ -228,14 +231,19 @@ def gate_forward(x3: torch.Tensor, row: torch.Tensor, col: torch.Tensor, product
 
 
 def gate_backward(
-    g3: torch.Tensor, x3: torch.Tensor, row: torch.Tensor, col: torch.Tensor, product: bool
+    g3: torch.Tensor,
+    x3: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    product: bool,
+    cfg: BwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dx (like x3), drow (N, R) and dcol (N, L) in fp32."""
+    """Returns dx (like x3), drow (N, R) and dcol (N, L) in fp32. cfg: as gate_forward's."""
     N, R, L = x3.shape
     dx = torch.empty_like(x3)
     if x3.numel() == 0:
         return dx, torch.zeros_like(row), torch.zeros_like(col)
-    cfg = bwd_config(N, R, L, _device_index(x3))
+    cfg = cfg or bwd_config(N, R, L, _device_index(x3))
     n_lb = _cdiv(L, cfg.block_l)
     n_rc = _cdiv(R, cfg.rows_per_chunk)
     drow_part = torch.empty((N, n_lb, R), device=x3.device, dtype=torch.float32)
