@@ -184,6 +184,10 @@ def passes() -> None:
               + "  ".join(cells), flush=True)  # fmt: skip
 
 
+# The gate backward's other tiles gpu_probe.py gate times: (the default's rows times k, warps, ACC_2D).
+GATE_BWD_VARIANTS = ((1, 4, True), (1, 8, False), (2, 4, False), (2, 8, False), (2, 8, True), (4, 8, True))
+
+
 def _graph_us(fn) -> float | None:
     """GPU time of fn in us (graph replays, 0.15 s of them), None where it fails (a tile the GPU
     cannot hold)."""
@@ -203,7 +207,8 @@ def gate() -> None:
 
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print("us (graph replays) and % of copy bandwidth (fwd moves 2|x|, bwd 3|x|); tiles: "
-          "rows x columns / warps (bwd: / rows per chunk), the launcher's default first")  # fmt: skip
+          "rows x columns / warps (bwd: / rows per chunk, +2d: column sums kept per tile position, ACC_2D), "
+          "the launcher's default first")  # fmt: skip
     for shape in SHAPES:
         n, c, h, w = shape
         for dtype in (torch.float32, torch.bfloat16):  # (fp16 stores as many bytes as bf16)
@@ -219,9 +224,10 @@ def gate() -> None:
                 f0, b0 = gt.fwd_config(r, l), gt.bwd_config(n, r, l, x.device.index)
                 fwds = [f0] + [gt.FwdConfig(f0.block_r * k, f0.block_l, 8) for k in (2, 4)]
                 bwds = [b0]
-                for k, warps in ((1, 8), (2, 4), (2, 8), (4, 8)):
+                for k, warps, acc_2d in GATE_BWD_VARIANTS:
                     rows = b0.block_r * k
-                    bwds.append(gt.BwdConfig(rows, b0.block_l, -(-b0.rows_per_chunk // rows) * rows, warps))
+                    chunk = -(-b0.rows_per_chunk // rows) * rows
+                    bwds.append(gt.BwdConfig(rows, b0.block_l, chunk, warps, acc_2d))
                 cells = []
                 for cfg in fwds:
                     us = _graph_us(lambda: gt.gate_forward(x3, row, col, False, cfg))  # noqa: B023
@@ -230,7 +236,8 @@ def gate() -> None:
                 for cfg in bwds:
                     us = _graph_us(lambda: gt.gate_backward(g3, x3, row, col, False, cfg))  # noqa: B023
                     cost = "fail" if us is None else f"{us:5.1f} {300 * read_us / us:3.0f}%"
-                    cells.append(f"bwd {cfg.block_r}x{cfg.block_l}/{cfg.num_warps}/{cfg.rows_per_chunk} {cost}")
+                    tiles = f"{cfg.block_r}x{cfg.block_l}/{cfg.num_warps}/{cfg.rows_per_chunk}{'+2d' * cfg.acc_2d}"
+                    cells.append(f"bwd {tiles} {cost}")
                 xg = x.detach().requires_grad_()
                 cg = torch.randn(n, c, device="cuda", dtype=dtype, requires_grad=True)
                 sg = torch.randn(n, h, w, device="cuda", dtype=dtype, requires_grad=True)

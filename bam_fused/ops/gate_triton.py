@@ -76,7 +76,7 @@ def _gate_bwd_kernel(
     g_ptr, x_ptr, row_ptr, col_ptr, dx_ptr, drow_part_ptr, dcol_part_ptr,
     R, L, n_lb, n_rc, rows_per_chunk,
     PRODUCT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-    L_DIV: tl.constexpr, INT64: tl.constexpr,
+    L_DIV: tl.constexpr, INT64: tl.constexpr, ACC_2D: tl.constexpr,
 ):  # fmt: skip
     if L_DIV > 1:
         L = tl.multiple_of(L, L_DIV)
@@ -86,7 +86,13 @@ def _gate_bwd_kernel(
     l_idx = lb * BLOCK_L + tl.arange(0, BLOCK_L)
     l_ok = l_idx < L
     cv = tl.load(col_ptr + n * L + l_idx, mask=l_ok, other=0.0)
-    dcol = tl.zeros([BLOCK_L], dtype=tl.float32)
+    # The column gradient: summed over each tile's rows every iteration (a reduction across
+    # warps, through shared memory, each time), or with ACC_2D kept per tile position in
+    # registers and summed over the rows once at the end.
+    if ACC_2D:
+        dcol_2d = tl.zeros([BLOCK_R, BLOCK_L], dtype=tl.float32)
+    else:
+        dcol = tl.zeros([BLOCK_L], dtype=tl.float32)
     r_begin = rc * rows_per_chunk
     r_end = tl.minimum(r_begin + rows_per_chunk, R)
     for r0 in tl.range(r_begin, r_end, BLOCK_R):
@@ -105,11 +111,17 @@ def _gate_bwd_kernel(
         dz = g * xv * s * (1.0 - s)
         if PRODUCT:
             drow = tl.sum(dz * cv[None, :], axis=1)
-            dcol += tl.sum(dz * rv[:, None], axis=0)
+            dz_col = dz * rv[:, None]
         else:
             drow = tl.sum(dz, axis=1)
-            dcol += tl.sum(dz, axis=0)
+            dz_col = dz
+        if ACC_2D:
+            dcol_2d += dz_col
+        else:
+            dcol += tl.sum(dz_col, axis=0)
         tl.store(drow_part_ptr + (n * n_lb + lb) * R + r, drow, mask=r_ok)
+    if ACC_2D:
+        dcol = tl.sum(dcol_2d, axis=0)
     tl.store(dcol_part_ptr + (n * n_rc + rc) * L + l_idx, dcol, mask=l_ok)
 
 
@@ -144,6 +156,7 @@ class BwdConfig:
     block_l: int
     rows_per_chunk: int
     num_warps: int
+    acc_2d: bool = False  # the kernel's ACC_2D (gpu_probe.py's gate step times both)
 
 
 def _block_l(L: int, largest: int) -> int:
@@ -252,6 +265,6 @@ def gate_backward(
         _gate_bwd_kernel[(N * n_rc * n_lb,)](
             g3, x3, row, col, dx, drow_part, dcol_part, R, L, n_lb, n_rc, cfg.rows_per_chunk,
             PRODUCT=product, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l,
-            L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, num_warps=cfg.num_warps,
+            L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, ACC_2D=cfg.acc_2d, num_warps=cfg.num_warps,
         )  # fmt: skip
     return dx, drow_part.sum(dim=1), dcol_part.sum(dim=1)
