@@ -507,17 +507,10 @@ def test_triton_kernels_take_other_tiles(dtype):
                 gt.gate_forward(x, row, col, product, fwd)
                 gt.gate_backward(g, x, row, col, product, bwd)
             (_, _, fwd_kw), (_, bwd_args, bwd_kw) = launches
-            assert (fwd_kw["BLOCK_R"], fwd_kw["BLOCK_L"], fwd_kw["num_warps"]) == (
-                fwd.block_r,
-                fwd.block_l,
-                fwd.num_warps,
-            )
-            assert (bwd_kw["BLOCK_R"], bwd_kw["BLOCK_L"], bwd_kw["num_warps"]) == (
-                bwd.block_r,
-                bwd.block_l,
-                bwd.num_warps,
-            )
-            assert bwd_args[-1] == bwd.rows_per_chunk and bwd_kw["ACC_2D"] == bwd.acc_2d
+            launched_fwd = gt.FwdConfig(fwd_kw["BLOCK_R"], fwd_kw["BLOCK_L"], fwd_kw["num_warps"])
+            launched_bwd = gt.BwdConfig(bwd_kw["BLOCK_R"], bwd_kw["BLOCK_L"], bwd_args[-1], bwd_kw["num_warps"],
+                                        bwd_kw["ACC_2D"])  # fmt: skip
+            assert launched_fwd == fwd and launched_bwd == bwd
 
 
 def test_triton_backward_fills_the_gpu_it_runs_on(monkeypatch):
