@@ -344,7 +344,8 @@ def overhead() -> None:
 def eval_overhead() -> None:
     """Host time of a plain eval BAM call and of its pieces, per eval path, at a batch small
     enough that the GPU waits for the host (1 x 1024 x 14 x 14 fp32): back-to-back calls, wall
-    time per call. Plain calls ran 0.4-1 ms where their GPU time was 0.1-0.17 ms (H100, N = 32)."""
+    time per call. Plain calls ran 0.4-1 ms where their GPU time was 0.1-0.17 ms (H100, N = 32).
+    Then a cProfile of the module's plain calls."""
     from bam_fused.ops import attention_cuda
 
     x = torch.randn(1, 1024, 14, 14, device="cuda")
@@ -360,6 +361,19 @@ def eval_overhead() -> None:
                 whole = attention_cuda._plain_ms(lambda: m(x), calls=200) * 1e3
                 maps = attention_cuda._plain_ms(lambda: attention_cuda.attention(x, f, 4), calls=200) * 1e3
             print(f"{impl:12s} module {whole:6.1f}  attention maps {maps:6.1f}")
+        # Where the module's own Python goes (100-270 us a call beyond the maps and the gate on
+        # the H200 of 2026-11-29): the kernel path's plain calls under cProfile.
+        import cProfile
+        import pstats
+
+        with eval_impl("kernel"):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(200):
+                m(x)
+            torch.cuda.synchronize()
+            prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(16)
 
 
 if __name__ == "__main__":
