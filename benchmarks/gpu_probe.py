@@ -227,7 +227,7 @@ def gate() -> None:
                 bwds = [b0]
                 for k, warps, acc_2d in GATE_BWD_VARIANTS:
                     rows = b0.block_r * k
-                    chunk = -(-b0.rows_per_chunk // rows) * rows
+                    chunk = gt._cdiv(b0.rows_per_chunk, rows) * rows
                     bwds.append(gt.BwdConfig(rows, b0.block_l, chunk, warps, acc_2d))
                 cells = []
                 for cfg in fwds:
@@ -312,12 +312,24 @@ def sanitize() -> None:
     print("sanitize workload done")
 
 
-def overhead() -> None:
-    """cProfile of 200 fused gate forward+backward calls at 14x14 bf16 (GPU time ~70 us,
-    plain call time several times that on the first H100 run)."""
+def print_cprofile(step, rows: int, calls: int = 200) -> None:
+    """cProfile of `calls` back-to-back calls of step (the GPU synchronized at the end), its
+    top rows by own time."""
     import cProfile
     import pstats
 
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
+
+
+def overhead() -> None:
+    """cProfile of 200 fused gate forward+backward calls at 14x14 bf16 (GPU time ~70 us,
+    plain call time several times that on the first H100 run)."""
     n, c, h, w = 32, 1024, 14, 14
     x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ca = torch.randn(n, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -330,13 +342,7 @@ def overhead() -> None:
     for _ in range(20):
         step()
     torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        step()
-    torch.cuda.synchronize()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    print_cprofile(step, rows=14)
     print(f"fwd+bwd plain: {ms(step) * 1e3:.1f} us, graphed: {graph_ms(step) * 1e3:.1f} us")
     eval_overhead()
 
@@ -363,17 +369,8 @@ def eval_overhead() -> None:
             print(f"{impl:12s} module {whole:6.1f}  attention maps {maps:6.1f}")
         # Where the module's own Python goes (100-270 us a call beyond the maps and the gate on
         # the H200 of 2026-11-29): the kernel path's plain calls under cProfile.
-        import cProfile
-        import pstats
-
         with eval_impl("kernel"):
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(200):
-                m(x)
-            torch.cuda.synchronize()
-            prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(16)
+            print_cprofile(lambda: m(x), rows=16)
 
 
 if __name__ == "__main__":
