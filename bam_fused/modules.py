@@ -4,7 +4,8 @@ Data path (backend "fused", or "auto" where the kernels are available):
 - eval mode without autograd: attention op = branch op (one pass over x: pooled means and
   spatial map, with BatchNorm folded into the weights) -> channel MLP on (N, C), then the
   fused gate; on the CPU all of it in one op (bam_fused_C::bam_eval); on CUDA,
-  ops/attention_cuda.py picks that op or the Triton kernels (BAM_FUSED_CUDA_EVAL);
+  ops/attention_cuda.py picks that op or the Triton kernels (BAM_FUSED_CUDA_EVAL), then the
+  Triton gate (eval_forward). A repeated eager call skips the routing (BAM._eval_again);
 - with autograd (training, or gradients wanted), on the CPU: ops/training.py (one pass over x
   for the reduce conv and the means, the rest of the branches as the module's layers or, when
   they are the stock ones, two C++ ops; the fused gate; dx accumulated in place backward);
@@ -30,7 +31,15 @@ from .ops.branches import BRANCH_DTYPES, bam_eval_flexible, load_op
 from .ops.gate import bam_gate, memory_format
 
 MODULE_BACKENDS = ("auto", "fused", "reference")
-_STRIDED = torch.strided  # (a global: _cpu_eval_again reads it on every call)
+_STRIDED = torch.strided  # (a global: _eval_again reads it on every call)
+
+
+def _triton_eval_route(x: torch.Tensor, impl: str) -> bool:
+    """Whether an eval call that the branch op can compute runs attention_cuda.eval_forward: on
+    CUDA, where the gate is Triton's, and eagerly (under torch.compile or a dispatch mode the ops
+    with fake kernels run instead). tests/test_eval_fast_path.py points it at CPU tensors too,
+    which the Triton interpreter runs."""
+    return impl == "triton" and x.is_cuda and not (torch.compiler.is_compiling() or _backends.dispatch_mode())
 
 
 class _FoldState(NamedTuple):
@@ -40,7 +49,9 @@ class _FoldState(NamedTuple):
     folded: dict  # BAM.folded()'s result
     key: list  # _fold.fold_key's key at the fold
     src: torch.Tensor | list[torch.Tensor] | None  # _fold.snapshot of the layers' tensors (None off the CPU)
-    call: tuple | None = None  # the CPU eval op and its weight arguments once forward has chosen it
+    # Once forward has chosen it for an eager eval call: (x's device, the eval op or function,
+    # its arguments between x and the combine flag), which _eval_again calls next time.
+    call: tuple | None = None
 
 
 def _warn_layers(why: str) -> None:
@@ -58,7 +69,7 @@ class BAM(reference.BAM):
 
     # The cached fold (a _FoldState), else None; a class default for modules pickled before it existed.
     _fold_state: _FoldState | None = None
-    # RemovableHandle.next_id when _cpu_eval_again last found no hooks: every module hook, global or
+    # RemovableHandle.next_id when _eval_again last found no hooks: every module hook, global or
     # on a layer, is registered with a new handle, so while the id stands no hook has come.
     _hook_stamp = -1
 
@@ -181,17 +192,19 @@ class BAM(reference.BAM):
         w = next(self.parameters(), None) if w is None else w
         return None if w is None else w.device
 
-    def _cpu_eval_again(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The eager CPU eval op call that forward's routing below last chose, again, with fewer
-        Python steps, while nothing it depends on has changed: the folded weights and layers
-        (the fold key and the layers' bytes), no hooks, no autograd, no transform or dispatch
-        mode, an x that forward would route there (else None, and forward decides as usual,
+    def _eval_again(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The eager eval call that forward's routing below last chose (the CPU's eval op, or on
+        CUDA the attention maps and the Triton gate), again, with fewer Python steps, while
+        nothing it depends on has changed: the folded weights and layers (the fold key, and on
+        the CPU the layers' bytes), no hooks, no autograd, no transform or dispatch mode, an x on
+        the same device that forward would route there (else None, and forward decides as usual,
         raising what it raises).
 
-        After a large call the interpreter's objects are out of cache, and every step costs a
-        miss or more: the full routing took 0.46 ms more than the op itself at 8 x 256 x 56x56
-        (7% of the call); this path saves about 0.2 ms of it (paired, 2-core AVX2 CPU,
-        2026-11-27)."""
+        On the CPU, after a large call the interpreter's objects are out of cache, and every
+        step costs a miss or more: the full routing took 0.46 ms more than the op itself at
+        8 x 256 x 56x56 (7% of the call); this path saves about 0.2 ms of it (paired, 2-core AVX2
+        CPU, 2026-11-27). On CUDA, plain calls are bound by the host: the routing took 100-270 us
+        of a 0.6 ms call at 1 x 1024 x 14x14 on the H200's host (2026-11-29)."""
         if torch.compiler.is_compiling():  # first: Dynamo then reads (and guards on) none of this
             return None
         state = self._fold_state  # read once: another thread may replace it meanwhile
@@ -207,13 +220,13 @@ class BAM(reference.BAM):
             or _C._functorch.maybe_current_level() is not None
             or _C._len_torch_dispatch_stack()
             or getattr(forward_ad, "_current_level", -1) >= 0
-            or not x.is_cpu
             or x.layout is not _STRIDED  # (sparse, mkldnn: forward's checks say why not)
             or x.dtype not in BRANCH_DTYPES
         ):
             return None
+        device, op, weights = state.call
         shape = x.shape
-        if len(shape) != 4 or shape[1] != self.gate_channels or shape[2] == 0 or shape[3] == 0:
+        if x.device != device or len(shape) != 4 or shape[1] != self.gate_channels or shape[2] == 0 or shape[3] == 0:
             return None
         stamp = RemovableHandle.next_id
         if stamp != self._hook_stamp:
@@ -223,9 +236,15 @@ class BAM(reference.BAM):
         key, tensors = _fold.fold_key(self)
         if key != state.key or not _fold.unchanged(tensors, state.src):
             return None
-        op, weights = state.call
         xc = x if x.is_contiguous() else x.contiguous(memory_format=memory_format(x))
         return op(xc, *weights, self.combine == "product")
+
+    def _remember_call(self, f: dict, device: torch.device, op, weights: tuple) -> None:
+        """Keeps forward's choice, op(x, *weights, product), for _eval_again's next calls, when f
+        is the cached fold (not one made under a trace, which is not cached)."""
+        state = self._fold_state
+        if state is not None and state.folded is f and state.call is None:
+            self._fold_state = state._replace(call=(device, op, weights))
 
     def _op_weights(self, f: dict) -> tuple:
         """The attention and eval ops' arguments after x, from the folded weights f."""
@@ -233,7 +252,7 @@ class BAM(reference.BAM):
                 f["fc0_w"], f["fc0_b"], f["fc1_w"], f["fc1_b"])  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._cpu_eval_again(x)
+        out = self._eval_again(x)
         if out is not None:
             return out
         if _backends.fx_traced(self.backend, x):
@@ -264,10 +283,13 @@ class BAM(reference.BAM):
             use_op = False
         if use_op:
             xc = x.contiguous(memory_format=memory_format(x))
-            if x.is_cuda and not (torch.compiler.is_compiling() or _backends.dispatch_mode()):
-                # The extension's op or the Triton kernels (attention_cuda.py, BAM_FUSED_CUDA_EVAL).
-                channel, spatial = attention_cuda.attention(xc, f, self.dilation)
-            elif x.device.type == "cpu":
+            if _triton_eval_route(x, impl):
+                # The attention maps by the extension's op or the Triton kernels (attention_cuda.py,
+                # BAM_FUSED_CUDA_EVAL), then the Triton gate, with no autograd to record.
+                out = attention_cuda.eval_forward(xc, f, self.dilation, self.combine == "product")
+                self._remember_call(f, x.device, attention_cuda.eval_forward, (f, self.dilation))
+                return out
+            if x.device.type == "cpu":
                 # The whole forward in one op (bam_eval): the attention op, then the gate, with no
                 # Python between them.
                 # Under torch.compile the same op, taking x in Inductor's layout; exported programs
@@ -278,10 +300,7 @@ class BAM(reference.BAM):
                     op = bam_eval_flexible
                 else:
                     op = load_op("bam_eval")
-                    state = self._fold_state
-                    if state is not None and state.folded is f and state.call is None:
-                        # The cached fold (not under a trace): _cpu_eval_again calls it next time.
-                        self._fold_state = state._replace(call=(op, self._op_weights(f)))
+                    self._remember_call(f, x.device, op, self._op_weights(f))
                 return op(xc, *self._op_weights(f), self.combine == "product")
             else:
                 # The folded weights are known-good: call the op itself, not bam_branches's checks.

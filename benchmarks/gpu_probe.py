@@ -362,13 +362,22 @@ def eval_overhead() -> None:
         print("\nus per back-to-back plain call, 1x1024x14x14 fp32 (the GPU time is small here)")
         print(f"folded() {attention_cuda._plain_ms(m.folded, calls=200) * 1e3:.1f}  "
               f"bam_gate {attention_cuda._plain_ms(lambda: bam_gate(x, ca, sa), calls=200) * 1e3:.1f}")  # fmt: skip
+        short_path = bam_fused.BAM._eval_again
         for impl in EVAL_IMPLS:
             with eval_impl(impl):
                 whole = attention_cuda._plain_ms(lambda: m(x), calls=200) * 1e3
+                bam_fused.BAM._eval_again = lambda self, x: None  # every call through the full routing
+                try:
+                    routed = attention_cuda._plain_ms(lambda: m(x), calls=200) * 1e3
+                finally:
+                    bam_fused.BAM._eval_again = short_path
+                fwd = attention_cuda._plain_ms(lambda: attention_cuda.eval_forward(x, f, 4, False), calls=200) * 1e3
                 maps = attention_cuda._plain_ms(lambda: attention_cuda.attention(x, f, 4), calls=200) * 1e3
-            print(f"{impl:12s} module {whole:6.1f}  attention maps {maps:6.1f}")
+            print(f"{impl:12s} module {whole:6.1f}  (full routing {routed:6.1f})  "
+                  f"eval_forward {fwd:6.1f}  attention maps {maps:6.1f}")  # fmt: skip
         # Where the module's own Python goes (100-270 us a call beyond the maps and the gate on
-        # the H200 of 2026-11-29): the kernel path's plain calls under cProfile.
+        # the H200 of 2026-11-29, before the short path for repeated calls): the kernel path's
+        # plain calls under cProfile.
         with eval_impl("kernel"):
             print_cprofile(lambda: m(x), rows=16)
 

@@ -206,6 +206,70 @@ def test_channel_mlp_beside_the_convs(eval_impl, c, monkeypatch, tmp_path):
             m(xs[0])
 
 
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="extension built without CUDA kernels")
+@pytest.mark.parametrize("eval_impl", ["kernel", "triton"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_repeated_eval_calls_skip_the_routing_on_gpu(eval_impl, layout, monkeypatch):
+    # BAM._eval_again on CUDA (tests/test_eval_fast_path.py runs the rest of its cases through
+    # the Triton interpreter): repeated plain eval calls skip the routing (counted at _gate_impl)
+    # with the same bits, and every change the routing would see sends a call through it again.
+    from bam_fused.ops import attention_cuda
+    from bam_fused.ops.gate import memory_format
+
+    monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", eval_impl)
+    routed = []
+    full = bam_fused.BAM._gate_impl
+    monkeypatch.setattr(bam_fused.BAM, "_gate_impl", lambda self, x: routed.append(1) or full(self, x))
+    torch.manual_seed(0)
+    ref = randomize_(bam_fused.reference.BAM(48, 8, 2)).cuda().eval()
+    m = bam_fused.BAM(48, 8, 2, backend="fused").cuda().eval()
+    m.load_state_dict(ref.state_dict())
+    x = make_layout(torch.randn(2, 48, 9, 13, device="cuda"), layout)
+
+    def check(out, tol=1e-3):  # against float64 (no TF32) with the weights as they are now
+        twin = bam_fused.reference.BAM(48, 8, 2).cuda().double().eval()
+        twin.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(out.double(), twin(x.double()), rtol=tol, atol=tol)
+        assert out.is_contiguous(memory_format=memory_format(x))
+
+    with torch.no_grad():
+        first = m(x)
+        assert m._fold_state.call[1] is attention_cuda.eval_forward
+        again = m(x)
+        assert len(routed) == 1 and torch.equal(first, again)
+        check(first)
+        # An optimizer step's in-place update (a new version): routed again, the new weights used.
+        for mm in (m, ref):
+            mm.spatial_att.gate_s.gate_s_conv_di_1.weight.mul_(1.5)
+        check(m(x))
+        m(x)
+        assert len(routed) == 2
+        # A write through .data bumps no version: .eval() is how it reaches the fold off the CPU (README).
+        for mm in (m, ref):
+            mm.channel_att.gate_c.gate_c_fc_0.weight.data.mul_(0.5)
+        m.eval()
+        check(m(x))
+        assert len(routed) == 3
+        # A hook: the branches run as modules (cuDNN's convs, TF32 by default), and it fires.
+        seen = []
+        handle = m.spatial_att.gate_s.gate_s_conv_final.register_forward_hook(lambda *_: seen.append(1))
+        check(m(x), tol=1e-2)
+        handle.remove()
+        assert seen == [1] and len(routed) == 4
+        # x on another device: the full routing's error. Another dtype: the same call serves it.
+        with pytest.raises(ValueError, match="x is on cpu but this BAM's parameters are on cuda"):
+            m(x.cpu())
+        assert len(routed) == 4  # (raised before the routing)
+        half = m(x.half())
+        assert half.dtype == torch.float16 and len(routed) == 4
+        torch.testing.assert_close(half.float(), m(x.half().float()), rtol=1e-2, atol=1e-2)
+        now = m(x)
+    # Autograd on: routed every call (to the same kernels where nothing wants gradients).
+    m.requires_grad_(False)
+    with torch.enable_grad():
+        assert torch.equal(m(x), now) and torch.equal(m(x), now) and len(routed) == 6
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_second_derivatives_on_gpu(mode):
     """A gradient penalty through a CUDA BAM (its layers and the Triton gate, whose backward runs

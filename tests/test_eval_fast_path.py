@@ -1,6 +1,8 @@
-"""BAM.forward's short path for a repeated eager CPU eval call (BAM._cpu_eval_again): taken when
-nothing has changed since the full routing chose the eval op, and stepped aside from on every
-change that routing would see."""
+"""BAM.forward's short path for a repeated eager eval call (BAM._eval_again): taken when nothing
+has changed since the full routing chose the eval call, and stepped aside from on every change
+that routing would see. Each test runs both calls the routing can choose: the CPU's eval op, and
+CUDA's (attention_cuda.eval_forward: the attention maps, then the Triton gate) pointed at CPU
+tensors, which the Triton interpreter runs; tests/test_cuda.py runs the latter on a GPU."""
 
 import copy
 import pickle
@@ -13,7 +15,10 @@ from test_branches import make_pair
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bam_fused
+from bam_fused import _backends, modules
+from bam_fused.ops import attention_cuda
 from bam_fused.ops.branches import load_op
+from bam_fused.ops.gate import memory_format
 
 pytestmark = pytest.mark.skipif(bam_fused._ext.reason() is not None, reason="needs the extension")
 
@@ -32,11 +37,39 @@ def routed(monkeypatch):
     return calls
 
 
+def _interpreted_triton_route(x, impl):
+    """modules._triton_eval_route as on CUDA, for CPU tensors: eager calls whose gate is fused."""
+    return impl != "reference" and not (
+        torch.compiler.is_compiling() or _backends.dispatch_mode() or torch.jit.is_tracing()
+    )
+
+
+@pytest.fixture(params=["op", "triton"])
+def route(request, monkeypatch):
+    """The eval call the routing chooses: "op", the CPU's eval op; "triton", CUDA's
+    attention_cuda.eval_forward on CPU tensors. Returns (the name, eval_forward's calls)."""
+    calls = []
+    monkeypatch.setattr(_backends, "_warned", set())  # (a test may expect a once-only warning)
+    if request.param == "triton":
+        if not _backends.triton_interpreted():
+            pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1 before import)")
+        run = attention_cuda.eval_forward
+
+        def counted(*args):
+            calls.append(1)
+            return run(*args)
+
+        monkeypatch.setattr(attention_cuda, "eval_forward", counted)
+        monkeypatch.setattr(modules, "_triton_eval_route", _interpreted_triton_route)
+    return request.param, calls
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [0, 1, 3])
-def test_repeated_calls_take_the_short_path_with_the_same_bits(routed, layout, dtype, n):
-    _, fused = make_pair(37, 2, 8, backend="fused")
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_repeated_calls_take_the_short_path_with_the_same_bits(routed, route, layout, dtype, n, combine):
+    ref, fused = make_pair(37, 2, 8, combine, backend="fused")
     fused.to(dtype)
     x = make_layout(torch.randn(n, 37, 7, 9).to(dtype), layout)
     with torch.inference_mode():
@@ -44,8 +77,13 @@ def test_repeated_calls_take_the_short_path_with_the_same_bits(routed, layout, d
         assert len(routed) == 1 and fused._fold_state.call is not None
         again = fused(x)
         other = fused(make_layout(torch.randn(n, 37, 5, 4).to(dtype), layout))  # any H, W, N take it too
+        want = ref.to(dtype).double()(x.double())  # (the weights rounded as the fused module's)
     assert len(routed) == 1
+    assert route[1] == ([1, 1, 1] if route[0] == "triton" else [])
     assert torch.equal(first, again) and again.stride() == first.stride() and other.shape == (n, 37, 5, 4)
+    assert first.dtype == dtype and first.is_contiguous(memory_format=memory_format(x))
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(first.double(), want, rtol=tol, atol=tol)
 
 
 def _hook_fires(fused, ref, x, routed):
@@ -226,12 +264,13 @@ def _jit_trace(fused, ref, x, routed):
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
-def test_the_short_path_steps_aside_on_any_change(routed, change):
+def test_the_short_path_steps_aside_on_any_change(routed, route, change):
     ref, fused = make_pair(48, 2, 8)
     x = torch.randn(2, 48, 9, 13)
     with torch.no_grad():
         fused(x), fused(x)
         assert len(routed) == 1  # warmed up: the short path is in use
+        assert len(route[1]) == (2 if route[0] == "triton" else 0)
         got, want = change(fused, ref, x, routed)
     assert len(routed) >= 2 or change in (_deep_copy, _pickled), "the change went unseen"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -243,9 +282,10 @@ def test_the_short_path_steps_aside_on_any_change(routed, change):
         (torch.randn(2, 47, 9, 13), "must have 48 channels"),
         (torch.randn(2, 48, 0, 13), "H, W >= 1"),
         (torch.randn(48, 9, 13), "must be 4-D"),
+        (torch.randn(2, 48, 9, 13, device="meta"), "x is on meta but this BAM's parameters are on cpu"),
     ],
 )
-def test_bad_x_after_warm_up_gets_the_full_paths_error(x, match):
+def test_bad_x_after_warm_up_gets_the_full_paths_error(route, x, match):
     _, fused = make_pair(48, 2, 8)
     with torch.no_grad():
         fused(torch.randn(2, 48, 9, 13))

@@ -33,6 +33,7 @@ import torch
 
 from .. import _backends, env
 from .branches import load_op
+from .gate import _forward as gate_forward
 
 MODES = ("auto", "kernel", "triton-pass", "triton")
 
@@ -262,3 +263,13 @@ def attention(x: torch.Tensor, f: dict, dilation: int) -> tuple[torch.Tensor, to
     """The channel MLP's output (N, C) and the spatial map (N, H, W), fp32, of an eval-mode BAM
     with folded weights f (BAM.folded()) on x (NCHW- or channels_last-contiguous)."""
     return _RUNS[choice(x, f, dilation)](x, f, dilation)
+
+
+def eval_forward(x: torch.Tensor, f: dict, dilation: int, product: bool) -> torch.Tensor:
+    """A whole eval-mode BAM forward with no autograd to record (BAM.forward's route on CUDA, and
+    its short path for repeated calls): the attention maps, then the Triton gate's forward kernel
+    on them, without bam_gate's checks (the maps are ours: fp32, the right shapes and device).
+    x NCHW- or channels_last-contiguous; the result in x's dtype and layout."""
+    channel, spatial = attention(x, f, dilation)
+    n, _, h, w = x.shape
+    return gate_forward(x, channel.contiguous(), spatial.reshape(n, h * w).contiguous(), product, "triton")
