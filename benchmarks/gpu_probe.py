@@ -184,11 +184,6 @@ def passes() -> None:
               + "  ".join(cells), flush=True)  # fmt: skip
 
 
-# The gate backward's other tiles gpu_probe.py gate times: (the default's rows times k, warps,
-# ACC_2D). Each is a compile per row of the table (about a second): few, to fit its time box.
-GATE_BWD_VARIANTS = ((1, 4, True), (2, 4, False), (2, 8, True), (4, 8, True))
-
-
 def _graph_us(fn) -> float | None:
     """GPU time of fn in us (graph replays, 0.15 s of them), None where it fails (a tile the GPU
     cannot hold)."""
@@ -208,8 +203,8 @@ def gate() -> None:
 
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print("us (graph replays) and % of copy bandwidth (fwd moves 2|x|, bwd 3|x|); tiles: "
-          "rows x columns / warps (bwd: / rows per chunk, +2d: column sums kept per tile position, ACC_2D), "
-          "the launcher's default first")  # fmt: skip
+          "rows x columns / warps (bwd: / rows per chunk, +2d: column sums kept per tile position, ACC_2D, "
+          "sN: the loop's loads pipelined N deep, STAGES), the launcher's default first")  # fmt: skip
     for shape in SHAPES:
         n, c, h, w = shape
         for dtype in (torch.float32, torch.bfloat16):  # (fp16 stores as many bytes as bf16)
@@ -224,11 +219,9 @@ def gate() -> None:
                 read_us = graph_ms(lambda: dst.copy_(x)) * 1e3 / 2  # noqa: B023
                 f0, b0 = gt.fwd_config(r, l), gt.bwd_config(n, r, l, x.device.index)
                 fwds = [f0, gt.FwdConfig(f0.block_r * 2, f0.block_l, 8)]
-                bwds = [b0]
-                for k, warps, acc_2d in GATE_BWD_VARIANTS:
-                    rows = b0.block_r * k
-                    chunk = gt._cdiv(b0.rows_per_chunk, rows) * rows
-                    bwds.append(gt.BwdConfig(rows, b0.block_l, chunk, warps, acc_2d))
+                # The other backward tiles (gate_triton.BWD_CANDIDATES): each a compile per row of
+                # the table (about a second), so few, to fit the step's time box.
+                bwds = [b0, *gt.candidate_bwd_configs(n, r, l, x.device.index)]
                 cells = []
                 for cfg in fwds:
                     us = _graph_us(lambda: gt.gate_forward(x3, row, col, False, cfg))  # noqa: B023
@@ -237,7 +230,8 @@ def gate() -> None:
                 for cfg in bwds:
                     us = _graph_us(lambda: gt.gate_backward(g3, x3, row, col, False, cfg))  # noqa: B023
                     cost = "fail" if us is None else f"{us:5.1f} {300 * read_us / us:3.0f}%"
-                    tiles = f"{cfg.block_r}x{cfg.block_l}/{cfg.num_warps}/{cfg.rows_per_chunk}{'+2d' * cfg.acc_2d}"
+                    extra = f"{'+2d' * cfg.acc_2d}{f' s{cfg.stages}' * (cfg.stages > 1)}"
+                    tiles = f"{cfg.block_r}x{cfg.block_l}/{cfg.num_warps}/{cfg.rows_per_chunk}{extra}"
                     cells.append(f"bwd {tiles} {cost}")
                 xg = x.detach().requires_grad_()
                 cg = torch.randn(n, c, device="cuda", dtype=dtype, requires_grad=True)

@@ -479,9 +479,10 @@ def test_triton_tiles_cover_the_rows_in_chunks_of_whole_tiles():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_kernels_take_other_tiles(dtype):
-    # gpu_probe.py times tiles other than the defaults, and the backward's column sums kept per
-    # tile position (acc_2d): any of them computes the same gate (the forward bit for bit; the
-    # backward's partial sums in another order).
+    # gpu_probe.py times tiles other than the defaults, the backward's column sums kept per tile
+    # position (acc_2d) and its loop's loads pipelined (stages; the interpreter runs the loop
+    # plainly, the AOT test below compiles it): any of them computes the same gate (the forward
+    # bit for bit; the backward's partial sums in another order).
     from bam_fused.ops import gate_aot
     from bam_fused.ops import gate_triton as gt
 
@@ -493,7 +494,8 @@ def test_triton_kernels_take_other_tiles(dtype):
         want = gt.gate_forward(x, row, col, product)
         want_dx, want_drow, want_dcol = gt.gate_backward(g, x, row, col, product)
         fwd_tiles = [gt.FwdConfig(1, 16, 4), gt.FwdConfig(8, 64, 8), gt.FwdConfig(64, 128, 4)]
-        bwd_tiles = [gt.BwdConfig(1, 16, 5, 4), gt.BwdConfig(8, 64, 16, 8, True), gt.BwdConfig(2, 128, 64, 4, True)]
+        bwd_tiles = [gt.BwdConfig(1, 16, 5, 4, stages=3), gt.BwdConfig(8, 64, 16, 8, True),
+                     gt.BwdConfig(2, 128, 64, 4, True, 2)]  # fmt: skip
         for fwd, bwd in zip(fwd_tiles, bwd_tiles, strict=True):
             assert fwd != gt.fwd_config(r, l) and bwd != gt.bwd_config(n, r, l)
             assert torch.equal(gt.gate_forward(x, row, col, product, fwd), want), fwd
@@ -509,7 +511,7 @@ def test_triton_kernels_take_other_tiles(dtype):
             (_, _, fwd_kw), (_, bwd_args, bwd_kw) = launches
             launched_fwd = gt.FwdConfig(fwd_kw["BLOCK_R"], fwd_kw["BLOCK_L"], fwd_kw["num_warps"])
             launched_bwd = gt.BwdConfig(bwd_kw["BLOCK_R"], bwd_kw["BLOCK_L"], bwd_args[-1], bwd_kw["num_warps"],
-                                        bwd_kw["ACC_2D"])  # fmt: skip
+                                        bwd_kw["ACC_2D"], bwd_kw["STAGES"])  # fmt: skip
             assert launched_fwd == fwd and launched_bwd == bwd
 
 

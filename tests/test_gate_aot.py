@@ -26,6 +26,20 @@ def test_every_config_compiles_for_both_archs(aot_results):
                     assert (arch, kernel, dtype, product) in seen
 
 
+def test_the_backward_candidates_compile(aot_results):
+    # The tiles gpu_probe.py's gate step times against the launcher's (gate_triton.BWD_CANDIDATES)
+    # compile too, with zero spills and 16-byte loads (the tests below cover every row): a GPU
+    # session's minutes go to timing them, not to a compile error.
+    candidates = [r for r in aot_results if r["candidate"]]
+    for arch in (80, 90):
+        for dtype in ("fp32", "bf16"):
+            mine = [r for r in candidates if r["arch"] == arch and r["dtype"] == dtype]
+            assert {(r["constexprs"]["ACC_2D"], r["constexprs"]["STAGES"]) for r in mine} == {
+                (acc_2d, stages) for _, _, acc_2d, stages in gate_triton.BWD_CANDIDATES
+            }
+    assert all(r["constexprs"]["STAGES"] == 1 for r in aot_results if r["kernel"] == "bwd" and not r["candidate"])
+
+
 def test_64_bit_offsets_compile(aot_results):
     assert {r["arch"] for r in aot_results if r["constexprs"]["INT64"]} == {80, 90}
 

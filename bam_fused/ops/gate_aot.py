@@ -30,6 +30,9 @@ from . import gate_triton as gt
 
 # The shapes the launchers are tuned for (ResNet BAM stages) plus odd ones.
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (2, 37, 7, 9), (1, 5, 1, 1)]
+# Where the backward's candidate tiles (gate_triton.BWD_CANDIDATES) are compiled too: the shapes
+# gpu_probe.py's gate step times them at, fp32 and bf16, the sum.
+CANDIDATE_SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -139,9 +142,10 @@ def variant_key(src: ASTSource, options: dict) -> tuple:
 
 def configs() -> list[dict]:
     """Each distinct kernel variant the launchers compile for SHAPES, in both layouts, every
-    dtype, sum and product, and with 64-bit offsets for one shape: the launches themselves,
-    recorded with meta tensors (nothing runs; the backward chunks its rows for the interpreter's
-    512 programs, which changes only integer arguments)."""
+    dtype, sum and product, and with 64-bit offsets for one shape, then the backward's candidate
+    tiles at CANDIDATE_SHAPES ("candidate": True): the launches themselves, recorded with meta
+    tensors (nothing runs; the backward chunks its rows for the interpreter's 512 programs, which
+    changes only integer arguments)."""
     out, seen = [], set()
     for n, c, h, w in SHAPES:
         for R, L in ((c, h * w), (h * w, c)):  # NCHW, channels_last
@@ -159,12 +163,35 @@ def configs() -> list[dict]:
                     if key in seen:
                         continue
                     seen.add(key)
-                    names = fn.arg_names
-                    out.append(dict(kernel=kernel, dtype=dtype, R=R, L=L, **options, l_div16=L % 16 == 0,
-                                    constexprs={k: v for k, v in kwargs.items() if k not in _OPTIONS},
-                                    equal_to_1=[names[i[0]] for i in src.constants if names[i[0]] not in kwargs],
-                                    divisible=[names[i[0]] for i in src.attrs], source=src))  # fmt: skip
+                    out.append(_row(kernel, dtype, R, L, fn, src, kwargs, options))
+    for n, c, h, w in CANDIDATE_SHAPES:
+        for (R, L), dtype in itertools.product(((c, h * w), (h * w, c)), ("fp32", "bf16")):
+            x = torch.empty(n, R, L, dtype=DTYPES[dtype], device="meta")
+            row, col = torch.empty(n, R, device="meta"), torch.empty(n, L, device="meta")
+            with recorded_launches((gt, "_gate_bwd_kernel")) as launches:
+                for cfg in gt.candidate_bwd_configs(n, R, L):
+                    gt.gate_backward(x, x, row, col, False, cfg)
+            for fn, args, kwargs in launches:
+                src, options = launch_source(fn, args, kwargs)
+                if variant_key(src, options) not in seen:
+                    seen.add(variant_key(src, options))
+                    out.append(_row("bwd", dtype, R, L, fn, src, kwargs, options, candidate=True))
     return out
+
+
+def _row(kernel, dtype, R, L, fn, src, kwargs, options, candidate: bool = False) -> dict:
+    """configs()'s entry for one recorded launch."""
+    names = fn.arg_names
+    return dict(kernel=kernel, dtype=dtype, R=R, L=L, **options, l_div16=L % 16 == 0, candidate=candidate,
+                constexprs={k: v for k, v in kwargs.items() if k not in _OPTIONS},
+                equal_to_1=[names[i[0]] for i in src.constants if names[i[0]] not in kwargs],
+                divisible=[names[i[0]] for i in src.attrs], source=src)  # fmt: skip
+
+
+def _vector_loads(ptx: str) -> bool:
+    """Whether the kernel reads x in 16-byte vectors: plain loads, or a pipelined loop's cp.async."""
+    pipelined = re.search(r"cp\.async\.\w+\.shared\.global[^;]*0x10,", ptx)
+    return "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx or pipelined is not None
 
 
 def compile_all(archs=(80, 90)) -> list[dict]:
@@ -174,7 +201,7 @@ def compile_all(archs=(80, 90)) -> list[dict]:
             src, row = cfg["source"], {k: v for k, v in cfg.items() if k != "source"}
             ptx, regs, spill_st, spill_ld = compile_ptx(src, arch, num_warps=cfg["num_warps"])
             results.append(dict(row, arch=arch, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
-                                vector_loads="ld.global.v4" in ptx or "ld.global.nc.v4" in ptx))  # fmt: skip
+                                vector_loads=_vector_loads(ptx)))  # fmt: skip
     return results
 
 

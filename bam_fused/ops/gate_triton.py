@@ -76,7 +76,7 @@ def _gate_bwd_kernel(
     g_ptr, x_ptr, row_ptr, col_ptr, dx_ptr, drow_part_ptr, dcol_part_ptr,
     R, L, n_lb, n_rc, rows_per_chunk,
     PRODUCT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-    L_DIV: tl.constexpr, INT64: tl.constexpr, ACC_2D: tl.constexpr,
+    L_DIV: tl.constexpr, INT64: tl.constexpr, ACC_2D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     if L_DIV > 1:
         L = tl.multiple_of(L, L_DIV)
@@ -95,7 +95,7 @@ def _gate_bwd_kernel(
         dcol = tl.zeros([BLOCK_L], dtype=tl.float32)
     r_begin = rc * rows_per_chunk
     r_end = tl.minimum(r_begin + rows_per_chunk, R)
-    for r0 in tl.range(r_begin, r_end, BLOCK_R):
+    for r0 in tl.range(r_begin, r_end, BLOCK_R, num_stages=STAGES):
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < r_end
         rv = tl.load(row_ptr + n * R + r, mask=r_ok, other=0.0)
@@ -157,6 +157,10 @@ class BwdConfig:
     rows_per_chunk: int
     num_warps: int
     acc_2d: bool = False  # the kernel's ACC_2D (gpu_probe.py's gate step times both)
+    # The kernel's STAGES: its loop's loads pipelined this deep (tl.range's num_stages: cp.async
+    # into shared memory); 1 compiles the loop as before the option (the same SASS, checked for
+    # 48 configurations on sm_80 and sm_90), which the launcher uses until a GPU has timed it.
+    stages: int = 1
 
 
 def _block_l(L: int, largest: int) -> int:
@@ -209,6 +213,24 @@ def bwd_config(N: int, R: int, L: int, device_index: int | None = None) -> BwdCo
     n_rc = min(max(_cdiv(_target_programs(device_index), max(N * n_lb, 1)), 1), row_tiles)
     rows_per_chunk = _cdiv(row_tiles, n_rc) * block_r
     return BwdConfig(block_r, block_l, rows_per_chunk, num_warps=4)
+
+
+# Backward tiles other than bwd_config's, which benchmarks/gpu_probe.py's gate step times against
+# it on a GPU (the bf16 backward's open question, README): (bwd_config's rows times k, warps,
+# acc_2d, stages). gate_aot compiles them too, so that a GPU session finds none that fails.
+BWD_CANDIDATES = ((1, 4, True, 1), (2, 4, False, 1), (1, 4, False, 2), (1, 4, False, 3), (2, 4, False, 3),
+                  (1, 4, True, 3))  # fmt: skip
+
+
+def candidate_bwd_configs(N: int, R: int, L: int, device_index: int | None = None) -> list[BwdConfig]:
+    """BWD_CANDIDATES as configs for this problem: bwd_config's, with the changes each names (the
+    chunks rounded up to whole tiles)."""
+    b0 = bwd_config(N, R, L, device_index)
+    configs = []
+    for k, warps, acc_2d, stages in BWD_CANDIDATES:
+        rows = b0.block_r * k
+        configs.append(BwdConfig(rows, b0.block_l, _cdiv(b0.rows_per_chunk, rows) * rows, warps, acc_2d, stages))
+    return configs
 
 
 def _device_index(t: torch.Tensor) -> int | None:
@@ -265,6 +287,7 @@ def gate_backward(
         _gate_bwd_kernel[(N * n_rc * n_lb,)](
             g3, x3, row, col, dx, drow_part, dcol_part, R, L, n_lb, n_rc, cfg.rows_per_chunk,
             PRODUCT=product, BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l,
-            L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, ACC_2D=cfg.acc_2d, num_warps=cfg.num_warps,
+            L_DIV=_pow2_divisor(L), INT64=x3.numel() > INT32_LIMIT, ACC_2D=cfg.acc_2d, STAGES=cfg.stages,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
     return dx, drow_part.sum(dim=1), dcol_part.sum(dim=1)
