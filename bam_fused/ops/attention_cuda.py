@@ -33,7 +33,7 @@ import torch
 
 from .. import _backends, env
 from .branches import load_op
-from .gate import _forward as gate_forward
+from .gate import _forward as _gate_forward  # (the gate's kernels on x and its maps, no autograd)
 
 MODES = ("auto", "kernel", "triton-pass", "triton")
 
@@ -272,4 +272,4 @@ def eval_forward(x: torch.Tensor, f: dict, dilation: int, product: bool) -> torc
     x NCHW- or channels_last-contiguous; the result in x's dtype and layout."""
     channel, spatial = attention(x, f, dilation)
     n, _, h, w = x.shape
-    return gate_forward(x, channel.contiguous(), spatial.reshape(n, h * w).contiguous(), product, "triton")
+    return _gate_forward(x, channel.contiguous(), spatial.reshape(n, h * w).contiguous(), product, "triton")

@@ -173,8 +173,9 @@ def configs() -> list[dict]:
                     gt.gate_backward(x, x, row, col, False, cfg)
             for fn, args, kwargs in launches:
                 src, options = launch_source(fn, args, kwargs)
-                if variant_key(src, options) not in seen:
-                    seen.add(variant_key(src, options))
+                key = variant_key(src, options)
+                if key not in seen:
+                    seen.add(key)
                     out.append(_row("bwd", dtype, R, L, fn, src, kwargs, options, candidate=True))
     return out
 
