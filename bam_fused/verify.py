@@ -95,8 +95,9 @@ def check_gate(impl: str, device, shape, dtype_name: str, layout: str, combine: 
 
 
 def check_bam(device, shape, dtype_name: str, layout: str, combine: str) -> list[Row]:
-    """Eval forward (branch op + gate); eval-mode gradients of x; train forward, and its
-    gradient of x where a switched ReLU is improbable (TRAIN_GRAD_MAX_RELU_INPUTS)."""
+    """Eval forward (branch op + gate), and again (the module's short path for repeated calls,
+    which must give the same bits); eval-mode gradients of x; train forward, and its gradient of
+    x where a switched ReLU is improbable (TRAIN_GRAD_MAX_RELU_INPUTS)."""
     dtype = DTYPES[dtype_name]
     n, c, h, w = shape
     r = 16 if c >= 32 else 1
@@ -109,8 +110,11 @@ def check_bam(device, shape, dtype_name: str, layout: str, combine: str) -> list
     modules = {"fused": fused, "truth": truth, "eager": eager}
     with torch.no_grad():
         outs = {k: m.eval()(x.to(torch.float64 if k == "truth" else dtype)) for k, m in modules.items()}
+        second = fused(x)
+    again = compare(second, outs["truth"], outs["eager"])
+    again.passed = again.passed and torch.equal(second, outs["fused"])  # the same bits as the first call
     rows = _rows("bam[eval]", shape, dtype_name, layout, combine,
-                 [("out", compare(outs["fused"], outs["truth"], outs["eager"]))])  # fmt: skip
+                 [("out", compare(outs["fused"], outs["truth"], outs["eager"])), ("out again", again)])  # fmt: skip
     g = torch.randn(shape, device=device)
 
     def forward_backward(train: bool) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import bench_row, run_python
 
+import bam_fused
 from bam_fused import _backends, cli
 from bam_fused.ops import gate as gate_module
 from bam_fused.ops import gate_cpp
@@ -79,6 +80,21 @@ def test_verify_fails_on_a_broken_kernel(monkeypatch, capsys):
     monkeypatch.setattr(gate_cpp, "gate_forward", off_by_a_little)
     assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "fp32"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_verify_fails_when_a_repeated_eval_call_differs(monkeypatch, capsys):
+    """The module's short path for repeated eval calls one ulp off: within every tolerance, so only
+    the "out again" rows' same-bits check sees it."""
+    real = bam_fused.BAM._eval_again
+
+    def one_ulp_up(self, x):
+        out = real(self, x)
+        return None if out is None else torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    monkeypatch.setattr(bam_fused.BAM, "_eval_again", one_ulp_up)
+    assert cli.main(["verify", "--device", "cpu", "--quick", "--dtype", "fp32"]) == 1
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.endswith("FAIL")]
+    assert failed and all(" out again " in line for line in failed)
 
 
 def test_verify_fails_on_a_wrong_second_derivative(monkeypatch, capsys):
