@@ -147,37 +147,41 @@ def configs() -> list[dict]:
     tensors (nothing runs; the backward chunks its rows for the interpreter's 512 programs, which
     changes only integer arguments)."""
     out, seen = [], set()
+
+    def add(launches, kernels, dtype: str, R: int, L: int, candidate: bool = False) -> None:
+        """Each recorded launch whose compiled kernel is not in out yet, as a row."""
+        for (fn, args, kwargs), kernel in zip(launches, kernels, strict=True):
+            src, options = launch_source(fn, args, kwargs)
+            key = variant_key(src, options)
+            if key not in seen:
+                seen.add(key)
+                out.append(_row(kernel, dtype, R, L, fn, src, kwargs, options, candidate))
+
     for n, c, h, w in SHAPES:
         for R, L in ((c, h * w), (h * w, c)):  # NCHW, channels_last
             # 64-bit offsets (tensors past 2^31 elements) for one shape: same code path.
             batches = (n, gt.INT32_LIMIT // (R * L) + 1) if (n, c, h, w) == SHAPES[1] else (n,)
             for dtype, batch, product in itertools.product(DTYPES, batches, (False, True)):
-                x = torch.empty(batch, R, L, dtype=DTYPES[dtype], device="meta")
-                row, col = torch.empty(batch, R, device="meta"), torch.empty(batch, L, device="meta")
+                x, row, col = _meta_problem(batch, R, L, dtype)
                 with recorded_launches((gt, "_gate_fwd_kernel"), (gt, "_gate_bwd_kernel")) as launches:
                     gt.gate_forward(x, row, col, product)
                     gt.gate_backward(x, x, row, col, product)
-                for (fn, args, kwargs), kernel in zip(launches, ("fwd", "bwd"), strict=True):
-                    src, options = launch_source(fn, args, kwargs)
-                    key = variant_key(src, options)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    out.append(_row(kernel, dtype, R, L, fn, src, kwargs, options))
+                add(launches, ("fwd", "bwd"), dtype, R, L)
     for n, c, h, w in CANDIDATE_SHAPES:
         for (R, L), dtype in itertools.product(((c, h * w), (h * w, c)), ("fp32", "bf16")):
-            x = torch.empty(n, R, L, dtype=DTYPES[dtype], device="meta")
-            row, col = torch.empty(n, R, device="meta"), torch.empty(n, L, device="meta")
+            x, row, col = _meta_problem(n, R, L, dtype)
+            candidates = gt.candidate_bwd_configs(n, R, L)
             with recorded_launches((gt, "_gate_bwd_kernel")) as launches:
-                for cfg in gt.candidate_bwd_configs(n, R, L):
+                for cfg in candidates:
                     gt.gate_backward(x, x, row, col, False, cfg)
-            for fn, args, kwargs in launches:
-                src, options = launch_source(fn, args, kwargs)
-                key = variant_key(src, options)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(_row("bwd", dtype, R, L, fn, src, kwargs, options, candidate=True))
+            add(launches, ["bwd"] * len(candidates), dtype, R, L, candidate=True)
     return out
+
+
+def _meta_problem(n: int, R: int, L: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (N, R, L) in dtype, row (N, R) and col (N, L) in fp32: meta tensors, for recorded launches."""
+    x = torch.empty(n, R, L, dtype=DTYPES[dtype], device="meta")
+    return x, torch.empty(n, R, device="meta"), torch.empty(n, L, device="meta")
 
 
 def _row(kernel, dtype, R, L, fn, src, kwargs, options, candidate: bool = False) -> dict:
