@@ -33,6 +33,23 @@ def no_extension(monkeypatch):
     monkeypatch.setattr(_backends, "_warned", set())
 
 
+@pytest.fixture
+def routed(monkeypatch):
+    """Counts the BAM calls that went through the full routing (BAM._gate_impl runs there only,
+    not on the short path for repeated eval calls)."""
+    import bam_fused
+
+    calls = []
+    full = bam_fused.BAM._gate_impl
+
+    def counted(self, x):
+        calls.append(1)
+        return full(self, x)
+
+    monkeypatch.setattr(bam_fused.BAM, "_gate_impl", counted)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Every test compiles from a fresh Dynamo state. Its recompile limit counts per code object

@@ -209,7 +209,7 @@ def test_channel_mlp_beside_the_convs(eval_impl, c, monkeypatch, tmp_path):
 @pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="extension built without CUDA kernels")
 @pytest.mark.parametrize("eval_impl", ["kernel", "triton"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_repeated_eval_calls_skip_the_routing_on_gpu(eval_impl, layout, monkeypatch):
+def test_repeated_eval_calls_skip_the_routing_on_gpu(eval_impl, layout, routed, monkeypatch):
     # BAM._eval_again on CUDA (tests/test_eval_fast_path.py runs the rest of its cases through
     # the Triton interpreter): repeated plain eval calls skip the routing (counted at _gate_impl)
     # with the same bits, and every change the routing would see sends a call through it again.
@@ -217,9 +217,6 @@ def test_repeated_eval_calls_skip_the_routing_on_gpu(eval_impl, layout, monkeypa
     from bam_fused.ops.gate import memory_format
 
     monkeypatch.setenv("BAM_FUSED_CUDA_EVAL", eval_impl)
-    routed = []
-    full = bam_fused.BAM._gate_impl
-    monkeypatch.setattr(bam_fused.BAM, "_gate_impl", lambda self, x: routed.append(1) or full(self, x))
     torch.manual_seed(0)
     ref = randomize_(bam_fused.reference.BAM(48, 8, 2)).cuda().eval()
     m = bam_fused.BAM(48, 8, 2, backend="fused").cuda().eval()

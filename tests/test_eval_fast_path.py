@@ -23,20 +23,6 @@ from bam_fused.ops.gate import memory_format
 pytestmark = pytest.mark.skipif(bam_fused._ext.reason() is not None, reason="needs the extension")
 
 
-@pytest.fixture
-def routed(monkeypatch):
-    """Counts the calls that went through the full routing (BAM._gate_impl runs there only)."""
-    calls = []
-    full = bam_fused.BAM._gate_impl
-
-    def counted(self, x):
-        calls.append(1)
-        return full(self, x)
-
-    monkeypatch.setattr(bam_fused.BAM, "_gate_impl", counted)
-    return calls
-
-
 def _interpreted_triton_route(x, impl):
     """modules._triton_eval_route as on CUDA, for CPU tensors: eager calls whose gate is fused."""
     return impl != "reference" and not (
